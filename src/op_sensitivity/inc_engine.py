@@ -1,0 +1,381 @@
+"""The one module that knows Intel Neural Compressor's internals (neural-compressor 3.7.1, 2.x API).
+
+What it does: a forced, bounded ``mse_v2`` sensitivity pass. ``quantization.fit`` would only
+call the per-op sensitivity helpers when a config misses the accuracy goal, and then only
+as far as its tuning loop needs; we prepare ``MSE_V2TuneStrategy`` ourselves, build its
+initial tuning config and call the adaptor's ``calculate_op_sensitivity`` exactly twice:
+
+* ``fallback=True`` (INC's ``get_mse_order_per_fp32``): for each op, all other ops int8 and this
+  op fp32; value = sum of squared differences at the output of the last op in the config
+  (lm_head: the logits). LOW value = the op is MORE sensitive. When min >= 0.8 * max INC adds
+  a "double check" pass over <= 5 ops with the worst op also fp32; we keep it apart.
+* ``fallback=False`` (``get_mse_order_per_int8``) from an all-fp32 config: INC quantizes the ops
+  one after another in config order and never reverts, so the values are a cumulative curve.
+  (``requantize_cfgs`` is accepted but unused by INC 3.7.1: the int8 qconfigs come from the
+  module-global ``op_cfg_mapping`` that the fallback phase fills, so fallback runs first.)
+
+How values are read: the helpers keep ``(op_name, op_type) -> mse`` in a local dict and return
+only the keys, sorted with ``key=`` reading that dict; ``sorted`` is looked up in the module's
+globals. :func:`capture_mse` wraps both helpers and, only while one runs, shadows that
+``sorted`` with one that records ``key(k)`` for every key and then sorts exactly as the builtin.
+INC's return value is passed through unchanged; originals are restored on exit, exceptions
+included. INC aggregates ranks across confidence batches (and resets the accumulator wrongly),
+so we record every call's raw map and aggregate ourselves (see ``sensitivity_report``).
+
+Housekeeping done per op (from the wrapped ``tqdm`` iterator INC drives its loop with):
+torch's unbounded ``functools.cache`` on ``assert_and_get_unique_device`` pins every per-op
+deep copy; we clear it and collect. INC leaves a forward hook on the caller's fp32 model per
+call; we remove the hooks a call added.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import copy
+import gc
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm as std_tqdm
+
+from .errors import CaptureError, InputError
+
+log = logging.getLogger(__name__)
+
+REQUIRED_INC = "3.7.1"
+PATCH_EMBED_NOTE = (
+    "Conv3d quantized: Qwen2_5_VisionPatchEmbed.forward is patched during the pass so it no "
+    "longer reads proj.weight.dtype (a method on a quantized Conv3d); fp32 numerics unchanged"
+)
+
+OpKey = tuple[str, str]  # (INC op name, INC op type)
+
+
+def inc_util():
+    """INC's adaptor helpers module, or a clear error when this INC lacks the 2.x API."""
+    try:
+        import neural_compressor
+        from neural_compressor.adaptor.torch_utils import util
+        from neural_compressor.strategy.mse_v2 import MSE_V2TuneStrategy  # noqa: F401
+    except ImportError as e:
+        raise InputError(
+            f"neural-compressor: the 2.x API (mse_v2 strategy, adaptor.torch_utils.util) is needed; "
+            f"install neural-compressor=={REQUIRED_INC} ({e})"
+        ) from e
+    for name in ("get_mse_order_per_fp32", "get_mse_order_per_int8", "get_fallback_order", "op_cfg_mapping"):
+        if not hasattr(util, name):
+            raise InputError(
+                f"neural-compressor {neural_compressor.__version__}: "
+                f"adaptor.torch_utils.util.{name} not found; expected neural-compressor=={REQUIRED_INC}"
+            )
+    return util
+
+
+@dataclass
+class HelperCall:
+    """One call of an INC per-op helper = one confidence batch of one phase."""
+
+    phase: str  # "fallback" | "requant"
+    batch: int
+    main: list[tuple[OpKey, float]] = field(default_factory=list)  # INC iteration order
+    double_check: list[tuple[OpKey, float]] | None = None
+    returned: list[OpKey] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class Capture:
+    calls: list[HelperCall] = field(default_factory=list)
+
+    def phase(self, name: str) -> list[HelperCall]:
+        return [c for c in self.calls if c.phase == name]
+
+
+def _hook_ids(model: nn.Module) -> dict[nn.Module, set[int]]:
+    return {m: set(m._forward_hooks) for m in model.modules()}
+
+
+def _remove_new_hooks(model: nn.Module, before: dict[nn.Module, set[int]]) -> None:
+    for m in model.modules():
+        for hook_id in set(m._forward_hooks) - before.get(m, set()):
+            del m._forward_hooks[hook_id]
+
+
+def release_quantization_caches() -> None:
+    """Drop torch's per-module device cache (it keeps every per-op model copy alive) and collect."""
+    from torch.ao.quantization.fx import utils as fx_utils
+
+    cache_clear = getattr(fx_utils.assert_and_get_unique_device, "cache_clear", None)
+    if cache_clear is not None:
+        cache_clear()
+    gc.collect()
+
+
+def _op_loop(desc: str) -> Callable[[Iterable], Iterator]:
+    """Stand-in for INC's ``tqdm``: a labelled progress bar that frees each op's copy before the next."""
+
+    def loop(items: Iterable) -> Iterator:
+        for item in std_tqdm(items, desc=desc, leave=False):
+            yield item
+            release_quantization_caches()
+
+    return loop
+
+
+@contextlib.contextmanager
+def capture_mse(on_call: Callable[[Capture], None] | None = None) -> Iterator[Capture]:
+    """Record every per-op MSE map INC's sensitivity helpers compute; restore INC on exit.
+
+    ``on_call`` runs after each helper call (one phase x one confidence batch), e.g. to persist
+    partial results of a long pass.
+    """
+    util = inc_util()
+    capture = Capture()
+    originals = {"fallback": util.get_mse_order_per_fp32, "requant": util.get_mse_order_per_int8}
+    original_tqdm = util.tqdm
+
+    def wrap(phase: str, original: Callable) -> Callable:
+        def wrapper(adaptor, model, example_inp, tune_cfg):
+            call = HelperCall(phase, batch=len(capture.phase(phase)))
+            maps: list[list[tuple[OpKey, float]]] = []
+
+            def recording_sorted(iterable, key=None, reverse=False):
+                items = list(iterable)
+                if key is not None:
+                    maps.append([(k, float(key(k))) for k in items])
+                return builtins.sorted(items, key=key, reverse=reverse)
+
+            hooks = _hook_ids(model)
+            util.sorted = recording_sorted
+            util.tqdm = _op_loop(f"{phase} batch {call.batch}")
+            start = time.perf_counter()
+            try:
+                result = original(adaptor, model, example_inp, tune_cfg)
+            finally:
+                del util.sorted
+                util.tqdm = original_tqdm
+                _remove_new_hooks(model, hooks)
+                release_quantization_caches()
+            call.seconds = time.perf_counter() - start
+            call.returned = list(result)
+            if maps:
+                call.main = maps[0]
+                call.double_check = maps[1] if len(maps) > 1 else None
+            capture.calls.append(call)
+            if on_call is not None:
+                on_call(capture)
+            log.info("%s batch %d: %d ops scored in %.1fs", phase, call.batch, len(call.main), call.seconds)
+            return result
+
+        return wrapper
+
+    util.get_mse_order_per_fp32 = wrap("fallback", originals["fallback"])
+    util.get_mse_order_per_int8 = wrap("requant", originals["requant"])
+    try:
+        yield capture
+    finally:
+        util.get_mse_order_per_fp32 = originals["fallback"]
+        util.get_mse_order_per_int8 = originals["requant"]
+        util.tqdm = original_tqdm
+        if "sorted" in vars(util):
+            del util.sorted
+
+
+@contextlib.contextmanager
+def patch_embed_compat() -> Iterator[str]:
+    """Let INC quantize Qwen2.5-VL's patch-embedding Conv3d (scoped to the pass)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
+
+    original = Qwen2_5_VisionPatchEmbed.forward
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # Same as transformers' forward minus the `.to(self.proj.weight.dtype)`: inputs are
+        # already cast to the model dtype by the calibration loader.
+        hidden_states = hidden_states.view(
+            -1, self.in_channels, self.temporal_patch_size, self.patch_size, self.patch_size
+        )
+        return self.proj(hidden_states).view(-1, self.embed_dim)
+
+    Qwen2_5_VisionPatchEmbed.forward = forward
+    try:
+        yield PATCH_EMBED_NOTE
+    finally:
+        Qwen2_5_VisionPatchEmbed.forward = original
+
+
+@dataclass
+class ExcludedOp:
+    op_name: str
+    op_type: str
+    reason: str
+
+
+@dataclass
+class PassResult:
+    capture: Capture
+    op_order: list[OpKey]  # config order = module order; the last op is where error is measured
+    excluded: list[ExcludedOp]
+    measured_at: str
+    seconds: dict[str, float]
+    conv3d_handling: str
+
+
+def _is_fp32(cfg: dict) -> bool:
+    part = cfg.get("weight") or cfg["activation"]
+    return part["dtype"] == "fp32"
+
+
+def _exclusion_reason(key: OpKey, op_type_dict: dict, op_name_dict: dict) -> str:
+    import re
+
+    for pattern in op_name_dict:
+        if key[0] == pattern or re.fullmatch(pattern, key[0]):
+            return f"kept fp32 by sensitivity.op_name_dict[{pattern!r}]"
+    if key[1] in op_type_dict:
+        return f"kept fp32 by sensitivity.op_type_dict[{key[1]!r}]"
+    return "INC capability offers no int8 config for this op"
+
+
+def _module_order(ops: dict[OpKey, Any], module_order: list[str]) -> list[OpKey]:
+    """Config order INC will use: model module order, so the measuring hook sits on the last module.
+
+    INC appends ops forced to fp32 by op_type_dict/op_name_dict at the end of its config; left
+    there, the "last op" (where the error is measured) would be e.g. the patch embedding.
+    """
+    from .inventory import module_name
+
+    index = {name: i for i, name in enumerate(module_order)}
+    unknown = [k for k in ops if module_name(k[0]) not in index]
+    if unknown:
+        raise CaptureError(f"INC reports ops that are not modules of the model: {unknown[:5]}")
+    return sorted(ops, key=lambda k: index[module_name(k[0])])
+
+
+def build_strategy(
+    model: nn.Module,
+    loader,
+    confidence_batches: int,
+    tolerable_loss: float,
+    op_type_dict: dict,
+    op_name_dict: dict,
+    workspace: Path,
+):
+    """Prepare MSE_V2TuneStrategy as ``quantization.fit`` would, without starting its tuning loop."""
+    inc_util()
+    from neural_compressor import PostTrainingQuantConfig
+    from neural_compressor.config import AccuracyCriterion, TuningCriterion, _Config, options
+    from neural_compressor.model import Model
+    from neural_compressor.strategy.mse_v2 import MSE_V2TuneStrategy
+
+    options.workspace = str(workspace)
+    conf = PostTrainingQuantConfig(
+        approach="static",
+        tuning_criterion=TuningCriterion(
+            strategy="mse_v2", strategy_kwargs={"confidence_batches": confidence_batches}, max_trials=1
+        ),
+        accuracy_criterion=AccuracyCriterion(criterion="relative", tolerable_loss=tolerable_loss),
+        op_type_dict=copy.deepcopy(op_type_dict) or None,
+        op_name_dict=copy.deepcopy(op_name_dict) or None,
+        calibration_sampling_size=[len(loader) * loader.batch_size],
+    )
+    config = _Config(quantization=conf, benchmark=None, pruning=None, distillation=None, nas=None)
+    strategy = MSE_V2TuneStrategy(
+        model=Model(model, conf=conf), conf=config, q_dataloader=loader, eval_func=lambda _model: 1.0
+    )
+    strategy._prepare_tuning()
+    return strategy
+
+
+def run_forced_pass(
+    model: nn.Module,
+    loader,
+    *,
+    confidence_batches: int,
+    tolerable_loss: float,
+    op_type_dict: dict,
+    op_name_dict: dict,
+    max_ops: int,
+    module_order: list[str],
+    workspace: Path,
+    on_call: Callable[[Capture], None] | None = None,
+) -> PassResult:
+    """Both phases, once each, through INC's own ``calculate_op_sensitivity``; values captured."""
+    util = inc_util()
+    if confidence_batches > len(loader):
+        raise InputError(
+            f"params.yaml: sensitivity.confidence_batches: expected at most {len(loader)} "
+            f"(calibration batches), got {confidence_batches}"
+        )
+    strategy = build_strategy(
+        model, loader, confidence_batches, tolerable_loss, op_type_dict, op_name_dict, workspace
+    )
+    _, _, initial = strategy.initial_tuning_cfg()
+    # _tune_cfg_converter reads it; fit() sets it from the tuning space.
+    initial["calib_sampling_size"] = len(loader) * loader.batch_size
+    tune_cfg = strategy._tune_cfg_converter(initial)
+    order = _module_order(tune_cfg["op"], module_order)
+    tune_cfg["op"] = {k: tune_cfg["op"][k] for k in order}
+    excluded = [
+        ExcludedOp(k[0], k[1], _exclusion_reason(k, op_type_dict, op_name_dict))
+        for k in order
+        if _is_fp32(tune_cfg["op"][k])
+    ]
+    scored = len(order) - len(excluded)
+    if scored == 0:
+        raise InputError(
+            "params.yaml: sensitivity: every op is kept fp32 (op_type_dict/op_name_dict); nothing to score"
+        )
+    if scored > max_ops:
+        raise InputError(
+            f"params.yaml: sensitivity.max_ops: the pass would score {scored} ops per phase, more "
+            f"than max_ops={max_ops}; raise it or keep ops fp32 with op_name_dict/op_type_dict"
+        )
+    all_fp32 = copy.deepcopy(tune_cfg)
+    for cfg in all_fp32["op"].values():
+        for part in ("weight", "activation"):
+            if part in cfg:
+                cfg[part]["dtype"] = "fp32"
+    util.op_cfg_mapping.clear()  # module-global int8 qconfigs; stale entries from an earlier model would leak
+    seconds = {}
+    log.info(
+        "forced mse_v2 pass: %d ops scored per phase, %d kept fp32, %d confidence batches",
+        scored,
+        len(excluded),
+        confidence_batches,
+    )
+    with capture_mse(on_call) as capture, patch_embed_compat() as conv_note:
+        for phase, cfg, extra in (
+            ("fallback", tune_cfg, {}),
+            ("requant", all_fp32, {"requantize_cfgs": tune_cfg["op"]}),
+        ):
+            start = time.perf_counter()
+            strategy.adaptor.calculate_op_sensitivity(
+                strategy.model,
+                loader,
+                copy.deepcopy(cfg),
+                None,
+                confidence_batches,
+                fallback=phase == "fallback",
+                **extra,
+            )
+            seconds[phase] = time.perf_counter() - start
+    for phase in ("fallback", "requant"):
+        calls = capture.phase(phase)
+        if len(calls) != confidence_batches or not all(c.main for c in calls):
+            raise CaptureError(
+                f"INC {phase} phase: captured {len(calls)} helper calls with values, expected "
+                f"{confidence_batches}; the INC helpers or their use of sorted() changed "
+                f"(expected neural-compressor=={REQUIRED_INC})"
+            )
+    conv_types = {k[1] for k in order}
+    conv_handling = conv_note if "Conv3d" in conv_types else "no Conv3d in the config"
+    if any(e.op_type == "Conv3d" for e in excluded):
+        conv_handling = "Conv3d kept fp32 by params (not scored)"
+    return PassResult(capture, order, excluded, order[-1][0], seconds, conv_handling)

@@ -1,0 +1,248 @@
+"""Typed, validated view of ``params.yaml`` (one block per stage).
+
+Why: DVC hands stages raw YAML; a wrong type or an out-of-range value should stop a stage
+with a message naming ``params.yaml: block.field`` and what was expected, before any work
+(a sensitivity pass can take hours), not as a traceback deep inside INC or transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InputError
+
+CALIBRATION_MODES = ("image_caption", "text_only")
+CAPTIONS_PER_IMAGE = ("one", "all")
+MODEL_SOURCES = ("tiny", "hf_dir")
+PHASES = ("fallback", "requant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+_MISSING = object()
+
+
+class _Block:
+    """Reads typed fields of one params block and reports errors with the full dotted path."""
+
+    def __init__(self, data: Any, path: str, source: str):
+        if not isinstance(data, dict):
+            raise InputError(f"{source}: {path}: expected a mapping, got {type(data).__name__}")
+        self.data, self.path, self.source = data, path, source
+
+    def where(self, key: str) -> str:
+        return f"{self.source}: {self.path}.{key}"
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+        if key not in self.data:
+            if default is _MISSING:
+                raise InputError(f"{self.where(key)}: missing (expected {_kind_name(kind)})")
+            return default
+        value = self.data[key]
+        # bool is an int subclass: reject it where a number is expected, and vice versa.
+        bad_bool = isinstance(value, bool) and bool not in _as_tuple(kind)
+        if bad_bool or not isinstance(value, kind):
+            raise InputError(f"{self.where(key)}: expected {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def int_in(self, key: str, lo: int, hi: int | None = None, default: Any = _MISSING) -> int:
+        value = self.get(key, int, default)
+        if value < lo or (hi is not None and value > hi):
+            span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise InputError(f"{self.where(key)}: expected an integer {span}, got {value!r}")
+        return value
+
+    def choice(self, key: str, options: tuple[str, ...], default: Any = _MISSING) -> str:
+        value = self.get(key, str, default)
+        if value not in options:
+            raise InputError(f"{self.where(key)}: expected one of {', '.join(options)}, got {value!r}")
+        return value
+
+    def block(self, key: str) -> _Block:
+        return _Block(self.data.get(key, {}), f"{self.path}.{key}", self.source)
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true/false",
+        dict: "a mapping",
+        list: "a list",
+        type(None): "null",
+    }
+    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+
+
+@dataclass(frozen=True)
+class CaptionsParams:
+    """Where the COCO captions live and how the calibration sample is drawn."""
+
+    annotations: Path
+    images_dir: Path
+    count: int
+    seed: int
+    captions_per_image: str
+    max_side: int
+    mode: str
+
+
+@dataclass(frozen=True)
+class TinyModelParams:
+    """Reduced Qwen2.5-VL sizes for the embedded default (same architecture, seeded weights)."""
+
+    text: dict[str, int]
+    vision: dict[str, int]
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    source: str
+    hf_dir: Path
+    seed: int
+    tiny: TinyModelParams
+    min_pixels: int | None
+    max_pixels: int | None
+
+
+@dataclass(frozen=True)
+class SensitivityParams:
+    confidence_batches: int
+    batch_size: int
+    max_ops: int
+    tolerable_loss: float
+    op_type_dict: dict[str, Any] = field(default_factory=dict)
+    op_name_dict: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Params:
+    captions: CaptionsParams
+    model: ModelParams
+    sensitivity: SensitivityParams
+
+
+TINY_TEXT_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+TINY_VISION_KEYS = ("depth", "hidden_size", "intermediate_size", "num_heads")
+
+
+def _captions(b: _Block) -> CaptionsParams:
+    return CaptionsParams(
+        annotations=Path(b.get("annotations", str)),
+        images_dir=Path(b.get("images_dir", str)),
+        count=b.int_in("count", 1),
+        seed=b.get("seed", int),
+        captions_per_image=b.choice("captions_per_image", CAPTIONS_PER_IMAGE),
+        max_side=b.int_in("max_side", 0),
+        mode=b.choice("mode", CALIBRATION_MODES),
+    )
+
+
+def _sizes(b: _Block, keys: tuple[str, ...]) -> dict[str, int]:
+    return {k: b.int_in(k, 1) for k in keys}
+
+
+def _tiny(b: _Block) -> TinyModelParams:
+    text = _sizes(b.block("text"), TINY_TEXT_KEYS)
+    vision = _sizes(b.block("vision"), TINY_VISION_KEYS)
+    where = f"{b.source}: {b.path}"
+    if text["hidden_size"] % text["num_attention_heads"]:
+        raise InputError(
+            f"{where}.text.hidden_size: expected a multiple of num_attention_heads "
+            f"({text['num_attention_heads']}), got {text['hidden_size']}"
+        )
+    if text["num_attention_heads"] % text["num_key_value_heads"]:
+        raise InputError(
+            f"{where}.text.num_attention_heads: expected a multiple of num_key_value_heads "
+            f"({text['num_key_value_heads']}), got {text['num_attention_heads']}"
+        )
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    if head_dim % 4 or head_dim < 8:
+        raise InputError(
+            f"{where}.text: head size hidden_size/num_attention_heads must be a multiple of 4 "
+            f"and >= 8 for the 3-axis rotary embedding, got {head_dim}"
+        )
+    if vision["hidden_size"] % vision["num_heads"] or (vision["hidden_size"] // vision["num_heads"]) % 4:
+        raise InputError(
+            f"{where}.vision.hidden_size: expected num_heads * a multiple of 4, "
+            f"got {vision['hidden_size']} with num_heads {vision['num_heads']}"
+        )
+    return TinyModelParams(text=text, vision=vision, vocab_size=b.int_in("vocab_size", 300, 1_000_000))
+
+
+def _model(b: _Block) -> ModelParams:
+    proc = b.block("processor")
+    min_px = proc.get("min_pixels", (int, type(None)), None)
+    max_px = proc.get("max_pixels", (int, type(None)), None)
+    if min_px is not None and min_px < 28 * 28:
+        raise InputError(
+            f"{proc.where('min_pixels')}: expected >= 784 (one 28x28 merged patch), got {min_px}"
+        )
+    if min_px is not None and max_px is not None and max_px < min_px:
+        raise InputError(f"{proc.where('max_pixels')}: expected >= min_pixels ({min_px}), got {max_px}")
+    return ModelParams(
+        source=b.choice("source", MODEL_SOURCES),
+        hf_dir=Path(b.get("hf_dir", str)),
+        seed=b.get("seed", int),
+        tiny=_tiny(b.block("tiny")),
+        min_pixels=min_px,
+        max_pixels=max_px,
+    )
+
+
+def _op_dict(b: _Block, key: str) -> dict[str, Any]:
+    value = b.get(key, (dict, type(None)), None) or {}
+    for name, cfg in value.items():
+        if not isinstance(cfg, dict) or not set(cfg) <= {"weight", "activation"}:
+            raise InputError(
+                f"{b.where(key)}.{name}: expected a mapping with 'weight' and/or 'activation' "
+                f"entries (INC op-wise config), got {cfg!r}"
+            )
+    return value
+
+
+def _sensitivity(b: _Block) -> SensitivityParams:
+    loss = b.get("tolerable_loss", (int, float))
+    if not 0 < loss < 1:
+        raise InputError(f"{b.where('tolerable_loss')}: expected a relative loss in (0, 1), got {loss!r}")
+    return SensitivityParams(
+        confidence_batches=b.int_in("confidence_batches", 1),
+        batch_size=b.int_in("batch_size", 1),
+        max_ops=b.int_in("max_ops", 1),
+        tolerable_loss=float(loss),
+        op_type_dict=_op_dict(b, "op_type_dict"),
+        op_name_dict=_op_dict(b, "op_name_dict"),
+    )
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Read and validate the whole params file; raise :class:`InputError` on the first problem."""
+    source = str(path)
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise InputError(f"{source}: params file not found") from e
+    except yaml.YAMLError as e:
+        raise InputError(f"{source}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: expected a mapping with captions, model and sensitivity blocks")
+    return Params(
+        captions=_captions(_Block(data.get("captions"), "captions", source)),
+        model=_model(_Block(data.get("model"), "model", source)),
+        sensitivity=_sensitivity(_Block(data.get("sensitivity"), "sensitivity", source)),
+    )
