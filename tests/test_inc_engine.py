@@ -1,0 +1,144 @@
+"""The capture against INC's own numbers, on a real INC run over a real (small) Qwen2.5-VL."""
+
+import math
+import sys
+
+import pytest
+import torch
+
+from op_sensitivity.calibration import CalibrationLoader, build_batches
+from op_sensitivity.coco_captions import load_calibration
+from op_sensitivity.errors import InputError
+from op_sensitivity.inc_engine import capture_mse, inc_util, run_forced_pass
+from op_sensitivity.inventory import read_inventory
+from op_sensitivity.model_source import load_model_dir
+from op_sensitivity.sensitivity_report import build_report, validate
+
+FP32 = {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}}
+EXCLUDE = {r"model\.visual\.blocks\.0\.mlp\..*": FP32}
+
+
+def _loader(model_dir, calibration_dir, n):
+    _, processor, _ = load_model_dir(model_dir)
+    _, records = load_calibration(calibration_dir)
+    return CalibrationLoader(build_batches(records[:n], calibration_dir, processor, "image_caption", 1), 1)
+
+
+class InccOracle:
+    """Reads INC's own local ``(op, type) -> mse`` dicts at the helpers' return (sys.setprofile).
+
+    Independent of the capture: it never touches INC's module, it observes the unmodified
+    functions' frames.
+    """
+
+    def __init__(self, util):
+        self.codes = {
+            util.get_mse_order_per_fp32.__code__: "fallback",
+            util.get_mse_order_per_int8.__code__: "requant",
+        }
+        self.seen: list[tuple[str, dict, dict | None, list]] = []
+
+    def __call__(self, frame, event, arg):
+        if event == "return" and frame.f_code in self.codes:
+            loc = frame.f_locals
+            main = {k: float(v) for k, v in loc["fallback_order"].items()}
+            dc = loc.get("new_fallback_order")
+            self.seen.append(
+                (self.codes[frame.f_code], main, dc and {k: float(v) for k, v in dc.items()}, list(arg))
+            )
+
+
+@pytest.fixture(scope="module")
+def forced(small_model_dir, calibration_dir, tmp_path_factory):
+    model, _, card = load_model_dir(small_model_dir)
+    loader = _loader(small_model_dir, calibration_dir, 2)
+    inventory = read_inventory(small_model_dir.parent / "op_inventory.json")
+    util = inc_util()
+    originals = (util.get_mse_order_per_fp32, util.get_mse_order_per_int8)
+    oracle = InccOracle(util)
+    sys.setprofile(oracle)
+    try:
+        result = run_forced_pass(
+            model,
+            loader,
+            confidence_batches=2,
+            tolerable_loss=0.99,
+            op_type_dict={},
+            op_name_dict=EXCLUDE,
+            max_ops=64,
+            module_order=[o.name for o in inventory],
+            workspace=tmp_path_factory.mktemp("ws"),
+        )
+    finally:
+        sys.setprofile(None)
+    return model, result, oracle, inventory, originals, util
+
+
+def test_captured_values_equal_inc_own_computation(forced):
+    _, result, oracle, *_ = forced
+    calls = result.capture.calls
+    assert [c.phase for c in calls] == ["fallback", "fallback", "requant", "requant"]
+    assert len(oracle.seen) == len(calls)
+    for call, (phase, main, dc, returned) in zip(calls, oracle.seen, strict=True):
+        assert call.phase == phase
+        assert dict(call.main) == main  # exact: same floats INC held
+        assert [k for k, _ in call.main] == list(main)  # INC's iteration order kept
+        assert call.returned == returned  # INC's result passed through unchanged
+        assert (call.double_check and dict(call.double_check)) == dc
+        assert all(math.isfinite(v) for v in main.values())
+
+
+def test_inc_is_restored_and_model_left_clean(forced):
+    model, _, _, _, originals, util = forced
+    assert (util.get_mse_order_per_fp32, util.get_mse_order_per_int8) == originals
+    assert "sorted" not in vars(util)
+    assert not any(m._forward_hooks for m in model.modules())  # INC's per-call hooks removed
+
+
+def test_phase_semantics_and_exclusions(forced):
+    _, result, _, inventory, *_ = forced
+    assert result.measured_at == "lm_head.module"  # error measured at the logits
+    excluded = {e.op_name for e in result.excluded}
+    assert excluded == {f"model.visual.blocks.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert all("op_name_dict" in e.reason for e in result.excluded)
+    report = validate(build_report(result, inventory, {}), "built report")
+    fb, rq = report["phases"]["fallback"], report["phases"]["requant"]
+    scored = len(inventory) - 3
+    assert len(fb["ops"]) == scored and len(rq["ops"]) == scored
+    assert not excluded & {o["op_name"] for o in fb["ops"] + rq["ops"]}
+    assert rq["cumulative"] and not fb["cumulative"]
+    # Requant is cumulative from all-fp32: its last point is the all-int8 error, which every
+    # fallback value (one op restored to fp32) should not exceed by much.
+    all_int8 = rq["ops"][-1]["mse"]
+    assert rq["ops"][0]["mse"] < all_int8
+    assert min(o["mse"] for o in fb["ops"]) < all_int8
+    assert sorted(o["rank"] for o in fb["ops"]) == list(range(1, scored + 1))
+    by_rank = sorted(fb["ops"], key=lambda o: o["rank"])
+    assert [o["mse"] for o in by_rank] == sorted(o["mse"] for o in fb["ops"])
+    assert all(len(o["mse_per_batch"]) == 2 for o in fb["ops"])
+    assert [o["position"] for o in rq["ops"]] == sorted(o["position"] for o in rq["ops"])
+
+
+def test_capture_restores_inc_on_exception():
+    util = inc_util()
+    originals = (util.get_mse_order_per_fp32, util.get_mse_order_per_int8, util.tqdm)
+    with pytest.raises(RuntimeError, match="boom"), capture_mse():
+        assert util.get_mse_order_per_fp32 is not originals[0]
+        raise RuntimeError("boom")
+    assert (util.get_mse_order_per_fp32, util.get_mse_order_per_int8, util.tqdm) == originals
+    # An exception inside INC's helper itself: the shadowed sorted/tqdm are removed too.
+    with pytest.raises(KeyError), capture_mse() as capture:
+        util.get_mse_order_per_fp32(None, torch.nn.Linear(2, 2), torch.zeros(1, 2), {"op": {}})
+    assert "sorted" not in vars(util) and util.tqdm is originals[2]
+    assert capture.calls == []
+
+
+def test_bounds_are_checked_before_any_work(small_model_dir, calibration_dir, tmp_path):
+    model, _, _ = load_model_dir(small_model_dir)
+    loader = _loader(small_model_dir, calibration_dir, 1)
+    names = [o.name for o in read_inventory(small_model_dir.parent / "op_inventory.json")]
+    kw = dict(tolerable_loss=0.99, op_type_dict={}, op_name_dict={}, module_order=names, workspace=tmp_path)
+    with pytest.raises(InputError, match="sensitivity.max_ops: the pass would score 17 ops"):
+        run_forced_pass(model, loader, confidence_batches=1, max_ops=5, **kw)
+    with pytest.raises(InputError, match="sensitivity.confidence_batches: expected at most 1"):
+        run_forced_pass(model, loader, confidence_batches=2, max_ops=64, **kw)
