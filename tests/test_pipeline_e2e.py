@@ -10,12 +10,16 @@ import yaml
 
 from tests.conftest import SMALL_TINY, copy_repo, run
 
-STAGES = ("prepare_captions", "load_model", "sensitivity")
+STAGES = ("prepare_captions", "load_model", "sensitivity", "rank_report", "fallback_list")
 OUTPUTS = (
     "data/calibration/manifest.jsonl",
     "models/qwen2_5_vl/model.safetensors",
     "reports/model/op_inventory.json",
     "reports/sensitivity/op_sensitivity.json",
+    "reports/op_sensitivity.md",
+    "reports/plots/spectrum.png",
+    "reports/fallback/fallback_ops.json",
+    "reports/fallback/inc_op_name_dict.json",
 )
 
 
@@ -71,13 +75,13 @@ def test_repro_runs_all_stages_and_writes_both_phases(repo):
     assert metrics["requant"]["mse_max"] == max(o["mse"] for o in report["phases"]["requant"]["ops"])
 
 
-def test_second_repro_reruns_nothing_and_param_change_reruns_only_sensitivity(repo):
+def test_second_repro_reruns_nothing_and_param_change_reruns_from_sensitivity(repo):
     root, _ = repo
     assert _ran(run(["dvc", "repro"], root).stdout) == set()
     before = {rel: _digest(root, rel) for rel in OUTPUTS[:3]}
     _set_params(root, sensitivity={"tolerable_loss": 0.5})
     out = run(["dvc", "repro"], root).stdout
-    assert _ran(out) == {"sensitivity"}
+    assert _ran(out) == {"sensitivity", "rank_report", "fallback_list"}
     assert {rel: _digest(root, rel) for rel in OUTPUTS[:3]} == before
     params = json.loads(run(["dvc", "params", "diff", "--json"], root).stdout)["params.yaml"]
     assert (params["sensitivity.tolerable_loss"]["old"], params["sensitivity.tolerable_loss"]["new"]) == (
@@ -89,6 +93,27 @@ def test_second_repro_reruns_nothing_and_param_change_reruns_only_sensitivity(re
     changed = metrics.get("reports/sensitivity/metrics.json", {})
     assert "fallback.seconds" in changed
     assert not {"fallback.mse_min", "fallback.mse_max", "requant.mse_min", "requant.mse_max"} & set(changed)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "looser criterion"], root)
+
+
+def test_fallback_param_change_reruns_only_the_fallback_stage(repo):
+    root, _ = repo
+    report_before = _digest(root, "reports/op_sensitivity.md")
+    _set_params(root, fallback={"policy": "top_k", "top_k": {"k": 5}, "always_keep": []})
+    assert _ran(run(["dvc", "repro"], root).stdout) == {"fallback_list"}
+    assert _digest(root, "reports/op_sensitivity.md") == report_before
+    doc = json.loads((root / "reports/fallback/fallback_ops.json").read_text())
+    assert [o["rank"] for o in doc["ops"]] == [1, 2, 3, 4, 5]
+    inc = json.loads((root / "reports/fallback/inc_op_name_dict.json").read_text())
+    assert list(inc) == [o["op_name"] for o in doc["ops"]]
+    changed = json.loads(run(["dvc", "metrics", "diff", "--json"], root).stdout)[
+        "reports/fallback_metrics.json"
+    ]
+    assert changed["policy"]["new"] == "top_k" and changed["policy"]["old"] == "error_budget"
+    assert changed["ops_kept"]["new"] == 5
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "top 5"], root)
 
 
 def test_push_clone_pull_gives_identical_artifacts(repo, tmp_path):

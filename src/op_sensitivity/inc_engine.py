@@ -227,9 +227,19 @@ class PassResult:
     conv3d_handling: str
 
 
-def _is_fp32(cfg: dict) -> bool:
-    part = cfg.get("weight") or cfg["activation"]
-    return part["dtype"] == "fp32"
+def initial_tune_cfg(strategy, calib_samples: int) -> dict:
+    """INC's initial (all-int8 where allowed) tuning config in the adaptor's dict form."""
+    _, _, initial = strategy.initial_tuning_cfg()
+    # _tune_cfg_converter reads it; fit() sets it from the tuning space.
+    initial["calib_sampling_size"] = calib_samples
+    return strategy._tune_cfg_converter(initial)
+
+
+def kept_fp32(tune_cfg: dict) -> list[OpKey]:
+    """Ops the config keeps in fp32 (weight dtype, or activation dtype for weight-less ops)."""
+    return [
+        k for k, cfg in tune_cfg["op"].items() if (cfg.get("weight") or cfg["activation"])["dtype"] == "fp32"
+    ]
 
 
 def _exclusion_reason(key: OpKey, op_type_dict: dict, op_name_dict: dict) -> str:
@@ -316,16 +326,11 @@ def run_forced_pass(
     strategy = build_strategy(
         model, loader, confidence_batches, tolerable_loss, op_type_dict, op_name_dict, workspace
     )
-    _, _, initial = strategy.initial_tuning_cfg()
-    # _tune_cfg_converter reads it; fit() sets it from the tuning space.
-    initial["calib_sampling_size"] = len(loader) * loader.batch_size
-    tune_cfg = strategy._tune_cfg_converter(initial)
+    tune_cfg = initial_tune_cfg(strategy, len(loader) * loader.batch_size)
     order = _module_order(tune_cfg["op"], module_order)
     tune_cfg["op"] = {k: tune_cfg["op"][k] for k in order}
     excluded = [
-        ExcludedOp(k[0], k[1], _exclusion_reason(k, op_type_dict, op_name_dict))
-        for k in order
-        if _is_fp32(tune_cfg["op"][k])
+        ExcludedOp(k[0], k[1], _exclusion_reason(k, op_type_dict, op_name_dict)) for k in kept_fp32(tune_cfg)
     ]
     scored = len(order) - len(excluded)
     if scored == 0:

@@ -1,0 +1,43 @@
+"""Stage fallback_list: ranked spectrum + fallback policy -> reports/fallback/ (canonical list + exports)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import yaml
+
+from op_sensitivity.cli import run_stage
+from op_sensitivity.fallback_list import build_fallback, write_fallback
+from op_sensitivity.fallback_policy import parse_fallback_params
+from op_sensitivity.inventory import read_inventory
+from op_sensitivity.sensitivity_report import read_report
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--sensitivity", default="reports/sensitivity/op_sensitivity.json", type=Path)
+    ap.add_argument("--inventory", default="reports/model/op_inventory.json", type=Path)
+    ap.add_argument("--out-dir", default="reports/fallback", type=Path)
+    ap.add_argument("--metrics", default="reports/fallback_metrics.json", type=Path)
+    args = ap.parse_args(argv)
+    raw = (yaml.safe_load(Path(args.params).read_text()) or {}).get("fallback")
+    params = parse_fallback_params(raw, f"{args.params}: fallback")
+    inventory = read_inventory(args.inventory)
+    doc = build_fallback(read_report(args.sensitivity), args.sensitivity, inventory, params)
+    write_fallback(doc, inventory, params.onnx_model, args.out_dir, args.metrics)
+    logging.getLogger("fallback_list").info(
+        "%s/%s on %s: keep %d ops in fp32 (%s) -> %s",
+        params.policy,
+        params.settings,
+        params.phase,
+        len(doc["ops"]),
+        doc["totals"],
+        args.out_dir,
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)
