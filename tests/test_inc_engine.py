@@ -8,8 +8,15 @@ import torch
 
 from op_sensitivity.calibration import CalibrationLoader, build_batches
 from op_sensitivity.coco_captions import load_calibration
-from op_sensitivity.errors import InputError
-from op_sensitivity.inc_engine import capture_mse, inc_util, run_forced_pass
+from op_sensitivity.errors import CaptureError, InputError
+from op_sensitivity.inc_engine import (
+    Capture,
+    HelperCall,
+    capture_mse,
+    check_capture,
+    inc_util,
+    run_forced_pass,
+)
 from op_sensitivity.inventory import read_inventory
 from op_sensitivity.model_source import load_model_dir
 from op_sensitivity.sensitivity_report import build_report, validate
@@ -142,3 +149,22 @@ def test_bounds_are_checked_before_any_work(small_model_dir, calibration_dir, tm
         run_forced_pass(model, loader, confidence_batches=1, max_ops=5, **kw)
     with pytest.raises(InputError, match="sensitivity.confidence_batches: expected at most 1"):
         run_forced_pass(model, loader, confidence_batches=2, max_ops=64, **kw)
+
+
+def test_empty_or_short_capture_is_an_error():
+    with pytest.raises(CaptureError, match="fallback phase: captured 0 helper calls with values, expected 2"):
+        check_capture(Capture(), 2)
+    call = HelperCall("fallback", 0, main=[(("lm_head", "Linear"), 1.0)])
+    empty_requant = HelperCall("requant", 0)  # INC returned without scoring anything
+    with pytest.raises(CaptureError, match="requant phase: captured 0 helper calls"):
+        check_capture(Capture([call, empty_requant]), 1)
+    check_capture(Capture([call, HelperCall("requant", 0, main=[(("lm_head", "Linear"), 2.0)])]), 1)
+
+
+def test_inc_without_the_2x_helpers_is_named(monkeypatch):
+    util = inc_util()
+    monkeypatch.delattr(util, "get_mse_order_per_int8")  # what a renamed/removed helper looks like
+    with pytest.raises(
+        InputError, match=r"get_mse_order_per_int8 not found; expected neural-compressor==3.7.1"
+    ):
+        inc_util()

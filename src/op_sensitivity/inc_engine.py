@@ -268,6 +268,18 @@ def _module_order(ops: dict[OpKey, Any], module_order: list[str]) -> list[OpKey]
     return sorted(ops, key=lambda k: index[module_name(k[0])])
 
 
+def check_capture(capture: Capture, confidence_batches: int) -> None:
+    """Refuse a pass whose capture is empty or short: never report part of a pass as the whole."""
+    for phase in ("fallback", "requant"):
+        calls = capture.phase(phase)
+        if len(calls) != confidence_batches or not all(c.main for c in calls):
+            raise CaptureError(
+                f"INC {phase} phase: captured {sum(bool(c.main) for c in calls)} helper calls with values, "
+                f"expected {confidence_batches}; the INC helpers or their use of sorted() changed "
+                f"(expected neural-compressor=={REQUIRED_INC})"
+            )
+
+
 def build_strategy(
     model: nn.Module,
     loader,
@@ -371,14 +383,7 @@ def run_forced_pass(
                 **extra,
             )
             seconds[phase] = time.perf_counter() - start
-    for phase in ("fallback", "requant"):
-        calls = capture.phase(phase)
-        if len(calls) != confidence_batches or not all(c.main for c in calls):
-            raise CaptureError(
-                f"INC {phase} phase: captured {len(calls)} helper calls with values, expected "
-                f"{confidence_batches}; the INC helpers or their use of sorted() changed "
-                f"(expected neural-compressor=={REQUIRED_INC})"
-            )
+    check_capture(capture, confidence_batches)
     conv_types = {k[1] for k in order}
     conv_handling = conv_note if "Conv3d" in conv_types else "no Conv3d in the config"
     if any(e.op_type == "Conv3d" for e in excluded):
