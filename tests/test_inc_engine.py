@@ -105,6 +105,16 @@ def test_inc_is_restored_and_model_left_clean(forced):
 def test_phase_semantics_and_exclusions(forced):
     _, result, _, inventory, *_ = forced
     assert result.measured_at == "lm_head.module"  # error measured at the logits
+    linear = result.quantization["by_op_type"]["Linear"]
+    assert linear["weight"] == {
+        "dtype": "int8",
+        "scheme": "sym",
+        "granularity": "per_channel",
+        "algorithm": "minmax",
+    }
+    assert linear["activation"]["dtype"] == "uint8" and linear["activation"]["algorithm"] == "kl"
+    assert result.quantization["by_op_type"]["Embedding"]["weight"]["scheme"] == "asym_float"
+    assert isinstance(result.quantization["reduce_range"], bool)
     excluded = {e.op_name for e in result.excluded}
     assert excluded == {f"model.visual.blocks.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
     assert all("op_name_dict" in e.reason for e in result.excluded)

@@ -225,6 +225,26 @@ class PassResult:
     measured_at: str
     seconds: dict[str, float]
     conv3d_handling: str
+    quantization: dict[str, Any]
+
+
+def quantization_scheme(tune_cfg: dict) -> dict[str, Any]:
+    """The int8 scheme INC applies, per op type, as read from its own config (what a reader must know).
+
+    ``reduce_range`` is decided by INC from the CPU (no VNNI -> 7-bit activations), so the same
+    model can score differently on another machine; the report records it.
+    """
+    from neural_compressor.adaptor.pytorch import REDUCE_RANGE
+
+    by_type: dict[str, Any] = {}
+    for (_, op_type), cfg in tune_cfg["op"].items():
+        if op_type not in by_type and not _is_fp32(cfg):
+            by_type[op_type] = {
+                part: {k: v for k, v in cfg[part].items() if k != "quant_mode"}
+                for part in ("weight", "activation")
+                if part in cfg
+            }
+    return {"approach": tune_cfg["approach"], "reduce_range": bool(REDUCE_RANGE), "by_op_type": by_type}
 
 
 def initial_tune_cfg(strategy, calib_samples: int) -> dict:
@@ -235,11 +255,13 @@ def initial_tune_cfg(strategy, calib_samples: int) -> dict:
     return strategy._tune_cfg_converter(initial)
 
 
+def _is_fp32(cfg: dict) -> bool:
+    return (cfg.get("weight") or cfg["activation"])["dtype"] == "fp32"
+
+
 def kept_fp32(tune_cfg: dict) -> list[OpKey]:
     """Ops the config keeps in fp32 (weight dtype, or activation dtype for weight-less ops)."""
-    return [
-        k for k, cfg in tune_cfg["op"].items() if (cfg.get("weight") or cfg["activation"])["dtype"] == "fp32"
-    ]
+    return [k for k, cfg in tune_cfg["op"].items() if _is_fp32(cfg)]
 
 
 def _exclusion_reason(key: OpKey, op_type_dict: dict, op_name_dict: dict) -> str:
@@ -388,4 +410,6 @@ def run_forced_pass(
     conv_handling = conv_note if "Conv3d" in conv_types else "no Conv3d in the config"
     if any(e.op_type == "Conv3d" for e in excluded):
         conv_handling = "Conv3d kept fp32 by params (not scored)"
-    return PassResult(capture, order, excluded, order[-1][0], seconds, conv_handling)
+    return PassResult(
+        capture, order, excluded, order[-1][0], seconds, conv_handling, quantization_scheme(tune_cfg)
+    )

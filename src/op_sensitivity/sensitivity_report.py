@@ -12,6 +12,7 @@ Document (``schema_version`` 1)::
       measure, aggregation: how to read the numbers
       excluded_ops: [{op_name, op_type, reason}]    ops kept fp32, never scored
       conv3d_handling: str
+      quantization: {approach, reduce_range, by_op_type: {Linear: {weight: {...}, activation: {...}}, ...}}
       seconds: {fallback, requant}
     phases:
       fallback | requant:
@@ -132,6 +133,7 @@ def build_report(result: PassResult, inventory: list[OpInfo], metadata: dict[str
         "aggregation": AGGREGATION,
         "excluded_ops": [asdict(e) for e in result.excluded],
         "conv3d_handling": result.conv3d_handling,
+        "quantization": result.quantization,
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
     }
     return {"schema_version": SCHEMA_VERSION, "engine": "inc", "metadata": meta, "phases": phases}
