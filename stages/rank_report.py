@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -30,11 +31,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--sensitivity", default="reports/sensitivity/op_sensitivity.json", type=Path)
     ap.add_argument("--inventory", default="reports/model/op_inventory.json", type=Path)
+    ap.add_argument(
+        "--crosscheck", default=None, type=Path, help="crosscheck.json to summarise in the report"
+    )
     ap.add_argument("--out-dir", default="reports", type=Path)
     args = ap.parse_args(argv)
     top, plot_top = _report_params(args.params)
+    check = json.loads(args.crosscheck.read_text()) if args.crosscheck else None
     m = write_rank_report(
-        read_report(args.sensitivity), read_inventory(args.inventory), args.out_dir, top, plot_top
+        read_report(args.sensitivity), read_inventory(args.inventory), args.out_dir, top, plot_top, check
     )
     logging.getLogger("rank_report").info(
         "report written to %s: spearman %.3f, most sensitive %s",

@@ -10,8 +10,6 @@ from op_sensitivity.calibration import CalibrationLoader, build_batches
 from op_sensitivity.coco_captions import load_calibration
 from op_sensitivity.errors import CaptureError, InputError
 from op_sensitivity.inc_engine import (
-    Capture,
-    HelperCall,
     capture_mse,
     check_capture,
     inc_util,
@@ -19,6 +17,7 @@ from op_sensitivity.inc_engine import (
 )
 from op_sensitivity.inventory import read_inventory
 from op_sensitivity.model_source import load_model_dir
+from op_sensitivity.pass_result import Capture, HelperCall
 from op_sensitivity.sensitivity_report import build_report, validate
 
 FP32 = {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}}

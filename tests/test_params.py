@@ -56,6 +56,19 @@ def test_repo_params_load_with_expected_defaults():
         ),
         (lambda d: d.pop("sensitivity"), "sensitivity: expected a mapping"),
         (lambda d: d["captions"].pop("seed"), "captions.seed: missing"),
+        (lambda d: d["sensitivity"].update(engine="onnx"), "sensitivity.engine: expected one of inc, native"),
+        (
+            lambda d: d["sensitivity"]["native"].update(device="tpu"),
+            "sensitivity.native.device: expected one of",
+        ),
+        (
+            lambda d: d["sensitivity"]["native"].update(reduce_range="maybe"),
+            "native.reduce_range: expected auto",
+        ),
+        (
+            lambda d: d["sensitivity"]["native"].update(requant_mode="x"),
+            "native.requant_mode: expected one of",
+        ),
     ],
 )
 def test_bad_params_name_the_field(tmp_path, mutate, message):

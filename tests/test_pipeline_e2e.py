@@ -10,7 +10,7 @@ import yaml
 
 from tests.conftest import SMALL_TINY, copy_repo, run
 
-STAGES = ("prepare_captions", "load_model", "sensitivity", "rank_report", "fallback_list")
+STAGES = ("prepare_captions", "load_model", "sensitivity", "crosscheck", "rank_report", "fallback_list")
 OUTPUTS = (
     "data/calibration/manifest.jsonl",
     "models/qwen2_5_vl/model.safetensors",
@@ -70,6 +70,10 @@ def test_repro_runs_all_stages_and_writes_both_phases(repo):
     assert report["metadata"]["measured_at"] == "lm_head.module"
     assert report["metadata"]["calibration"]["samples_used"] == 1
     assert report["metadata"]["model"]["random_weights"] is True
+    check = json.loads((root / "reports/sensitivity/crosscheck.json").read_text())
+    assert check["passes_bar"] and check["candidate"]["engine"] == "native"  # int8 kernels: INC to the bit
+    assert check["phases"]["fallback"]["spearman"] == 1.0
+    assert "## Engine crosscheck" in (root / "reports/op_sensitivity.md").read_text()
     metrics = json.loads((root / "reports/sensitivity/metrics.json").read_text())
     assert metrics["fallback"]["ops_scored"] == n_ops
     assert metrics["requant"]["mse_max"] == max(o["mse"] for o in report["phases"]["requant"]["ops"])
@@ -81,7 +85,7 @@ def test_second_repro_reruns_nothing_and_param_change_reruns_from_sensitivity(re
     before = {rel: _digest(root, rel) for rel in OUTPUTS[:3]}
     _set_params(root, sensitivity={"tolerable_loss": 0.5})
     out = run(["dvc", "repro"], root).stdout
-    assert _ran(out) == {"sensitivity", "rank_report", "fallback_list"}
+    assert _ran(out) == {"sensitivity", "crosscheck", "rank_report", "fallback_list"}
     assert {rel: _digest(root, rel) for rel in OUTPUTS[:3]} == before
     params = json.loads(run(["dvc", "params", "diff", "--json"], root).stdout)["params.yaml"]
     assert (params["sensitivity.tolerable_loss"]["old"], params["sensitivity.tolerable_loss"]["new"]) == (

@@ -37,7 +37,6 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm as std_tqdm
 
 from .errors import CaptureError, InputError
+from .pass_result import Capture, ExcludedOp, HelperCall, OpKey, PassResult
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,6 @@ PATCH_EMBED_NOTE = (
     "Conv3d quantized: Qwen2_5_VisionPatchEmbed.forward is patched during the pass so it no "
     "longer reads proj.weight.dtype (a method on a quantized Conv3d); fp32 numerics unchanged"
 )
-
-OpKey = tuple[str, str]  # (INC op name, INC op type)
 
 
 def inc_util():
@@ -76,26 +74,6 @@ def inc_util():
                 f"adaptor.torch_utils.util.{name} not found; expected neural-compressor=={REQUIRED_INC}"
             )
     return util
-
-
-@dataclass
-class HelperCall:
-    """One call of an INC per-op helper = one confidence batch of one phase."""
-
-    phase: str  # "fallback" | "requant"
-    batch: int
-    main: list[tuple[OpKey, float]] = field(default_factory=list)  # INC iteration order
-    double_check: list[tuple[OpKey, float]] | None = None
-    returned: list[OpKey] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-@dataclass
-class Capture:
-    calls: list[HelperCall] = field(default_factory=list)
-
-    def phase(self, name: str) -> list[HelperCall]:
-        return [c for c in self.calls if c.phase == name]
 
 
 def _hook_ids(model: nn.Module) -> dict[nn.Module, set[int]]:
@@ -208,24 +186,6 @@ def patch_embed_compat() -> Iterator[str]:
         yield PATCH_EMBED_NOTE
     finally:
         Qwen2_5_VisionPatchEmbed.forward = original
-
-
-@dataclass
-class ExcludedOp:
-    op_name: str
-    op_type: str
-    reason: str
-
-
-@dataclass
-class PassResult:
-    capture: Capture
-    op_order: list[OpKey]  # config order = module order; the last op is where error is measured
-    excluded: list[ExcludedOp]
-    measured_at: str
-    seconds: dict[str, float]
-    conv3d_handling: str
-    quantization: dict[str, Any]
 
 
 def quantization_scheme(tune_cfg: dict) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Stage load_model: materialize a loadable HF directory (model + processor) from a source.
 
 Sources: ``tiny`` (embedded default: tokenizer trained on the calibration captions, seeded
-random weights) or ``hf_dir`` (a local Qwen2.5-VL snapshot, e.g. Qwen2.5-VL-3B-Instruct).
+random weights), ``full_size_random`` (the published Qwen2.5-VL-3B architecture, seeded random
+weights: for speed/memory measurements) or ``hf_dir`` (a local Qwen2.5-VL snapshot, e.g.
+Qwen2.5-VL-3B-Instruct).
 Either way the output has the same layout plus ``op_sensitivity_model.json`` (ModelCard), so
 later stages never care where the model came from.
 """
@@ -73,14 +75,19 @@ def check_hf_dir(path: Path) -> None:
 
 
 def _from_tiny(
-    params: ModelParams, calibration_dir: Path
+    params: ModelParams, calibration_dir: Path, full_size: bool = False
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageTextProcessor]:
+    """Tokenizer trained on the captions + seeded random weights: tiny sizes, or the full 3B architecture."""
     _, records = load_calibration(calibration_dir)
     tokenizer = train_tokenizer((r.caption for r in records), params.tiny.vocab_size)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     bounds = {k: v for k, v in (("min_pixels", params.min_pixels), ("max_pixels", params.max_pixels)) if v}
     processor = ImageTextProcessor(tokenizer, Qwen2VLImageProcessorPil(**bounds), CHAT_TEMPLATE)
+    if full_size:
+        from .full_size import build_full_size_model
+
+        return build_full_size_model(tokenizer, params.seed), processor
     return build_tiny_model(params.tiny, tokenizer, params.seed), processor
 
 
@@ -100,9 +107,14 @@ def materialize_model(
     params: ModelParams, calibration_dir: Path, out_dir: Path
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, ModelCard]:
     """Write the model directory atomically and return the in-memory model with its card."""
-    if params.source == "tiny":
-        model, processor = _from_tiny(params, calibration_dir)
-        origin, seed = "embedded tiny Qwen2.5-VL (seeded random weights)", params.seed
+    if params.source in ("tiny", "full_size_random"):
+        model, processor = _from_tiny(params, calibration_dir, full_size=params.source == "full_size_random")
+        origin = (
+            "full-size Qwen2.5-VL-3B-Instruct architecture (seeded random weights)"
+            if params.source == "full_size_random"
+            else "embedded tiny Qwen2.5-VL (seeded random weights)"
+        )
+        seed = params.seed
     else:
         model, processor = _from_hf_dir(params)
         origin, seed = str(params.hf_dir), None
@@ -112,7 +124,7 @@ def materialize_model(
         card = ModelCard(
             params.source,
             origin,
-            params.source == "tiny",
+            params.source != "hf_dir",
             seed,
             dir_sha256(tmp),
             sum(p.numel() for p in model.parameters()),

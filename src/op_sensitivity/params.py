@@ -18,9 +18,10 @@ from .errors import InputError
 
 CALIBRATION_MODES = ("image_caption", "text_only")
 CAPTIONS_PER_IMAGE = ("one", "all")
-MODEL_SOURCES = ("tiny", "hf_dir")
+MODEL_SOURCES = ("tiny", "hf_dir", "full_size_random")
 PHASES = ("fallback", "requant")
 DTYPES = ("float32", "bfloat16", "float16")
+ENGINES = ("inc", "native")
 
 _MISSING = object()
 
@@ -115,6 +116,18 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
+class NativeParams:
+    """The native engine's knobs (see ``native_engine``)."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    arithmetic: str = "auto"  # auto | int8_kernels (cpu, bit-exact with INC) | fake_quant (any device)
+    reduce_range: str = "auto"  # auto (as INC decides from the CPU) | true | false
+    requant_mode: str = "cumulative"  # cumulative (INC's curve) | isolated (only this op int8)
+    allow_tf32: bool = False
+
+
+@dataclass(frozen=True)
 class SensitivityParams:
     confidence_batches: int
     batch_size: int
@@ -122,6 +135,8 @@ class SensitivityParams:
     tolerable_loss: float
     op_type_dict: dict[str, Any] = field(default_factory=dict)
     op_name_dict: dict[str, Any] = field(default_factory=dict)
+    engine: str = "inc"
+    native: NativeParams = field(default_factory=NativeParams)
 
 
 @dataclass(frozen=True)
@@ -227,6 +242,24 @@ def _sensitivity(b: _Block) -> SensitivityParams:
         tolerable_loss=float(loss),
         op_type_dict=_op_dict(b, "op_type_dict"),
         op_name_dict=_op_dict(b, "op_name_dict"),
+        engine=b.choice("engine", ENGINES, "inc"),
+        native=_native(b.block("native")),
+    )
+
+
+def _native(b: _Block) -> NativeParams:
+    reduce_range = b.get("reduce_range", (str, bool), "auto")
+    if isinstance(reduce_range, bool):
+        reduce_range = str(reduce_range).lower()
+    if reduce_range not in ("auto", "true", "false"):
+        raise InputError(f"{b.where('reduce_range')}: expected auto, true or false, got {reduce_range!r}")
+    return NativeParams(
+        device=b.choice("device", ("auto", "cpu", "cuda"), "auto"),
+        dtype=b.choice("dtype", DTYPES, "float32"),
+        arithmetic=b.choice("arithmetic", ("auto", "int8_kernels", "fake_quant"), "auto"),
+        reduce_range=reduce_range,
+        requant_mode=b.choice("requant_mode", ("cumulative", "isolated"), "cumulative"),
+        allow_tf32=b.get("allow_tf32", bool, False),
     )
 
 

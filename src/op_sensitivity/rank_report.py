@@ -20,8 +20,9 @@ import pandas as pd
 
 from . import plots
 from .atomic import atomic_file, dump_json
+from .crosscheck import summary_lines
 from .inventory import TOWERS, OpInfo
-from .scores import ALL_INT8_SOURCE, PHASES, agreement, phase_scores
+from .scores import PHASES, agreement, all_int8_error, all_int8_source, phase_scores
 
 SCORE_DOC = {
     "fallback": "score = (E - mse) / E: share of the all-int8 error E removed by keeping only this op fp32",
@@ -39,10 +40,7 @@ def top_share(df: pd.DataFrame, fraction: float = 0.05) -> float:
 
 def metrics(scores: dict[str, pd.DataFrame], rho: float) -> dict[str, Any]:
     """What `dvc metrics diff` should show across commits: size, concentration, agreement, the leaders."""
-    out: dict[str, Any] = {
-        "all_int8_mse": float(scores["requant"].sort_values("position")["mse"].iloc[-1]),
-        "phase_spearman": round(rho, 6),
-    }
+    out: dict[str, Any] = {"phase_spearman": round(rho, 6)}
     for phase, df in scores.items():
         out[phase] = {
             "ops": len(df),
@@ -72,7 +70,12 @@ def _summary(df: pd.DataFrame, by: str) -> str:
 
 
 def render_markdown(
-    report: dict[str, Any], scores: dict[str, pd.DataFrame], rho: float, worst: pd.DataFrame, top: int | None
+    report: dict[str, Any],
+    scores: dict[str, pd.DataFrame],
+    rho: float,
+    worst: pd.DataFrame,
+    top: int | None,
+    check: dict[str, Any] | None = None,
 ) -> str:
     meta = report["metadata"]
     model = meta["model"]
@@ -87,8 +90,8 @@ def render_markdown(
         f"Model: {model['origin']} ({model['params']:,} params, sha256 `{model['sha256'][:12]}`). "
         f"Engine: {report['engine']}. Error measured at `{meta['measured_at']}`.",
         "",
-        f"All-int8 error E = {scores['requant'].sort_values('position')['mse'].iloc[-1]:.6g} "
-        f"(source: {ALL_INT8_SOURCE}: requant starts from all-fp32). Higher score = more sensitive.",
+        f"All-int8 error E = {all_int8_error(report):.6g} (source: {all_int8_source(report)}). "
+        "Higher score = more sensitive.",
         "",
     ]
     for phase in PHASES:
@@ -121,6 +124,7 @@ def render_markdown(
         "",
         worst.to_markdown(index=False),
         "",
+        *(["## Engine crosscheck", "", *summary_lines(check), ""] if check else []),
         "## Plots",
         "",
         "![spectrum](plots/spectrum.png)",
@@ -159,7 +163,12 @@ def render_markdown(
 
 
 def write_rank_report(
-    report: dict[str, Any], inventory: list[OpInfo], out_dir: Path, top: int | None, plot_top: int
+    report: dict[str, Any],
+    inventory: list[OpInfo],
+    out_dir: Path,
+    top: int | None,
+    plot_top: int,
+    check: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     scores = phase_scores(report, inventory)
     rho, worst = agreement(scores)
@@ -190,7 +199,7 @@ def write_rank_report(
     plots.cumulative(scores, plot_dir / "cumulative_share.png")
     plots.requant_curve(scores["requant"], plot_dir / "requant_curve.png")
     with atomic_file(out_dir / "op_sensitivity.md") as tmp:
-        tmp.write_text(render_markdown(report, scores, rho, worst, top))
-    m = metrics(scores, rho)
+        tmp.write_text(render_markdown(report, scores, rho, worst, top, check))
+    m = {"all_int8_mse": all_int8_error(report), **metrics(scores, rho)}
     dump_json(m, rank_dir / "metrics.json")
     return m

@@ -8,6 +8,8 @@ which starts from all-fp32 in this pipeline's forced pass; ``all_int8_source`` s
   negative (noise: restoring the op changed nothing or made it worse).
 * requant: ``score = (c_i - c_{i-1}) / E`` with ``c_0 = 0`` (all fp32) - the increment the op
   adds to INC's cumulative curve, as a share of the all-int8 error. These sum to 1 exactly.
+  With the native engine's ``isolated`` requant mode: ``score = mse / E`` (only this op int8), and
+  ``E`` is the all-int8 error the native engine measured directly (``all_int8_source: measured``).
 * both: ``score`` = mean of the two phase scores; ``rank`` by the mean of the two phase ranks.
 
 ``rank`` 1 = most sensitive (ties broken by module position). Raw values stay beside the scores.
@@ -45,12 +47,24 @@ def _with_ranks(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def all_int8_error(report: dict[str, Any]) -> float:
+    """E: measured directly when the engine did (native), else the requant curve's last point."""
+    if "all_int8_mse" in report["metadata"]:
+        return float(report["metadata"]["all_int8_mse"])
+    ops = sorted(report["phases"]["requant"]["ops"], key=lambda o: o["position"])
+    return float(ops[-1]["mse"])
+
+
+def all_int8_source(report: dict[str, Any]) -> str:
+    return "measured" if "all_int8_mse" in report["metadata"] else ALL_INT8_SOURCE
+
+
 def phase_scores(report: dict[str, Any], inventory: list[OpInfo]) -> dict[str, pd.DataFrame]:
     """Per phase: a DataFrame sorted most-sensitive first with raw ``mse``, ``score`` and ``rank``."""
     inv = {op.name: op for op in inventory}
     raw = {p: pd.DataFrame(report["phases"][p]["ops"]) for p in PHASES}
-    requant = raw["requant"].sort_values("position")
-    all_int8 = float(requant["mse"].iloc[-1])
+    cumulative = report["phases"]["requant"].get("cumulative", True)
+    all_int8 = all_int8_error(report)
     if not all_int8 > 0:
         raise InputError(
             f"sensitivity report: all-int8 error (last requant point) is {all_int8}; "
@@ -71,8 +85,10 @@ def phase_scores(report: dict[str, Any], inventory: list[OpInfo]) -> dict[str, p
         )
         if phase == "fallback":
             df["score"] = (all_int8 - df["mse"]) / all_int8
-        else:
+        elif cumulative:
             df["score"] = df["mse"].diff().fillna(df["mse"].iloc[0]) / all_int8
+        else:  # isolated requant (native engine): the error with only this op int8
+            df["score"] = df["mse"] / all_int8
         df["params"] = [inv[m].params for m in df["module"]]
         df["depth"] = [depth_of(m, t, n_layers) for m, t in zip(df["module"], df["tower"], strict=True)]
         df["phase"] = phase

@@ -3,7 +3,7 @@
 Document (``schema_version`` 1)::
 
     schema_version: 1
-    engine: "inc"
+    engine: "inc" | "native"
     metadata:
       versions: {neural_compressor, torch, transformers, python}
       model: ModelCard fields (source, origin, random_weights, seed, sha256, params, model_type)
@@ -14,6 +14,9 @@ Document (``schema_version`` 1)::
       conv3d_handling: str
       quantization: {approach, reduce_range, by_op_type: {Linear: {weight: {...}, activation: {...}}, ...}}
       seconds: {fallback, requant}
+      requant_mode: "cumulative" | "isolated" (native only)
+      all_int8_mse: float           native engine: the all-int8 error, measured directly
+      engine_details: {...}         native engine: device, dtype, arithmetic, peak memory, seconds_per_op
     phases:
       fallback | requant:
         semantics: str; direction: str; cumulative: bool
@@ -41,8 +44,8 @@ from typing import Any
 
 from .atomic import dump_json
 from .errors import InputError
-from .inc_engine import HelperCall, PassResult
 from .inventory import OpInfo, module_name
+from .pass_result import HelperCall, PassResult
 
 SCHEMA_VERSION = 1
 PHASES = ("fallback", "requant")
@@ -56,6 +59,10 @@ REQUANT_SEMANTICS = (
     "order and never reverts; each value is the error with this op and all earlier positions int8. The "
     "per-op effect is the increment over the previous position. rank orders the cumulative values "
     "(INC's own return order), which is NOT a sensitivity ranking."
+)
+REQUANT_ISOLATED_SEMANTICS = (
+    "ISOLATED (native engine): only this op int8, every other op fp32; sum of squared differences of the "
+    "last op's output against fp32. HIGH value = the op is MORE sensitive. A true per-op measure INC lacks."
 )
 MEASURE = "sum (not mean) of squared differences at the measured op's output vs fp32, per confidence batch"
 AGGREGATION = "mse = mean over confidence batches of the raw per-batch values (mse_per_batch)"
@@ -109,15 +116,23 @@ def build_report(result: PassResult, inventory: list[OpInfo], metadata: dict[str
     towers = {op.name: op.tower for op in inventory}
     excluded = {e.op_name for e in result.excluded}
     phases = {}
-    for phase, semantics in (("fallback", FALLBACK_SEMANTICS), ("requant", REQUANT_SEMANTICS)):
+    isolated = result.requant_mode == "isolated"
+    for phase, semantics, direction in (
+        ("fallback", FALLBACK_SEMANTICS, "lower_is_more_sensitive"),
+        (
+            "requant",
+            REQUANT_ISOLATED_SEMANTICS if isolated else REQUANT_SEMANTICS,
+            "higher_is_more_sensitive" if isolated else "cumulative_increasing",
+        ),
+    ):
         calls = result.capture.phase(phase)
         ops = _phase_scores(calls, result.op_order, excluded, towers)
         if not ops:
-            raise InputError(f"INC {phase} phase scored no op: refusing to write an empty report")
+            raise InputError(f"{result.engine} {phase} phase scored no op: refusing to write an empty report")
         phases[phase] = {
             "semantics": semantics,
-            "direction": "lower_is_more_sensitive" if phase == "fallback" else "cumulative_increasing",
-            "cumulative": phase == "requant",
+            "direction": direction,
+            "cumulative": phase == "requant" and not isolated,
             "ops": [asdict(o) for o in ops],
         }
     phases["fallback"]["double_check"] = [
@@ -134,9 +149,12 @@ def build_report(result: PassResult, inventory: list[OpInfo], metadata: dict[str
         "excluded_ops": [asdict(e) for e in result.excluded],
         "conv3d_handling": result.conv3d_handling,
         "quantization": result.quantization,
+        "requant_mode": result.requant_mode,
+        **({"all_int8_mse": result.all_int8_mse} if result.all_int8_mse is not None else {}),
+        **({"engine_details": result.extra} if result.extra else {}),
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
     }
-    return {"schema_version": SCHEMA_VERSION, "engine": "inc", "metadata": meta, "phases": phases}
+    return {"schema_version": SCHEMA_VERSION, "engine": result.engine, "metadata": meta, "phases": phases}
 
 
 def _versions() -> dict[str, str]:
