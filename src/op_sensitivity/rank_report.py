@@ -124,7 +124,11 @@ def render_markdown(
         "",
         worst.to_markdown(index=False),
         "",
-        *(["## Engine crosscheck", "", *summary_lines(check), ""] if check else []),
+        *(
+            ["## Engine crosscheck", "", summary_lines(check)[0], "", *summary_lines(check)[1:], ""]
+            if check
+            else []
+        ),
         "## Plots",
         "",
         "![spectrum](plots/spectrum.png)",
