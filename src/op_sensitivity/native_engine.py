@@ -382,8 +382,11 @@ def run_native_pass(
     dev = resolve_device(device)
     rr = resolve_reduce_range(reduce_range)
     if dtype != "float32":
-        log.warning("native engine in %s: its rounding is as large as int8 noise (on the tiny model bf16 gave "
-                    "fallback Spearman 0.61 vs INC); crosscheck against float32 before trusting it", dtype)
+        log.warning(
+            "native engine in %s: its rounding is as large as int8 noise (on the tiny model bf16 gave "
+            "fallback Spearman 0.61 vs INC); crosscheck against float32 before trusting it",
+            dtype,
+        )
     if arithmetic == "auto":
         arithmetic = "int8_kernels" if dev.type == "cpu" and dtype == "float32" else "fake_quant"
     if arithmetic == "int8_kernels" and (dev.type != "cpu" or dtype != "float32"):
