@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
-from op_sensitivity.cli import run_stage
+from op_sensitivity.cli import pass_input_parser, run_stage
 from op_sensitivity.crosscheck import run_crosscheck, summary_lines
 from op_sensitivity.params import load_params
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--calibration", default="data/calibration", type=Path)
-    ap.add_argument("--model", default="models/qwen2_5_vl", type=Path)
-    ap.add_argument("--inventory", default="reports/model/op_inventory.json", type=Path)
+    ap = pass_input_parser(__doc__)
     ap.add_argument("--sensitivity", default="reports/sensitivity/op_sensitivity.json", type=Path)
     ap.add_argument("--out", default="reports/sensitivity/crosscheck.json", type=Path)
     ap.add_argument("--workspace", default=".op_sensitivity_work/crosscheck", type=Path)

@@ -1,21 +1,16 @@
-"""Stage sensitivity: forced INC mse_v2 pass -> reports/sensitivity/op_sensitivity.json + metrics."""
+"""Stage sensitivity: INC mse_v2 (or native) pass -> reports/sensitivity/op_sensitivity.json + metrics."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from op_sensitivity.cli import run_stage
+from op_sensitivity.cli import pass_input_parser, run_stage
 from op_sensitivity.params import load_params
 from op_sensitivity.sensitivity import run_sensitivity
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--calibration", default="data/calibration", type=Path)
-    ap.add_argument("--model", default="models/qwen2_5_vl", type=Path)
-    ap.add_argument("--inventory", default="reports/model/op_inventory.json", type=Path)
+    ap = pass_input_parser(__doc__)
     ap.add_argument("--out", default="reports/sensitivity/op_sensitivity.json", type=Path)
     ap.add_argument("--metrics", default="reports/sensitivity/metrics.json", type=Path)
     ap.add_argument(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from .errors import PipelineError
 
@@ -23,3 +25,13 @@ def run_stage(main: Callable[[], None]) -> None:
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def pass_input_parser(doc: str | None) -> argparse.ArgumentParser:
+    """Arguments every stage that runs a sensitivity pass reads (the same files, the same defaults)."""
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--calibration", default="data/calibration", type=Path)
+    ap.add_argument("--model", default="models/qwen2_5_vl", type=Path)
+    ap.add_argument("--inventory", default="reports/model/op_inventory.json", type=Path)
+    return ap
