@@ -272,3 +272,29 @@ def test_full_size_architecture_matches_the_published_counts():
     assert config.text_config.hidden_size == 2048 and config.vision_config.depth == 32
     assert config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
     assert json.loads(json.dumps(config.to_dict()))["text_config"]["vocab_size"] == 151936
+
+
+def test_text_only_calibration_scores_text_ops_only(small_model_dir, calibration_dir, tmp_path):
+    """Mode text_only: no image in the inputs; the vision tower is kept fp32 and both engines agree."""
+    runs = {}
+    for engine in ("inc", "native"):
+        p = _params()
+        model, _, inventory, meta = load_inputs(
+            p, calibration_dir, small_model_dir, small_model_dir.parent / "op_inventory.json"
+        )
+        _, processor, _ = load_model_dir(small_model_dir)
+        from op_sensitivity.calibration import CalibrationLoader, build_batches
+        from op_sensitivity.coco_captions import load_calibration
+
+        _, records = load_calibration(calibration_dir)
+        loader = CalibrationLoader(build_batches(records[:1], calibration_dir, processor, "text_only", 1), 1)
+        assert "pixel_values" not in loader.batches[0]
+        runs[engine] = build_report(
+            run_engine(engine, p, model, loader, inventory, "text_only", tmp_path / engine), inventory, meta
+        )
+    for rep in runs.values():
+        scored = {o["module"] for o in rep["phases"]["fallback"]["ops"]}
+        assert scored and not any(m.startswith("model.visual.") for m in scored)
+        assert all("op_name_dict" in e["reason"] for e in rep["metadata"]["excluded_ops"])
+        assert len(rep["metadata"]["excluded_ops"]) == 8  # Conv3d + 5 block Linear + 2 merger Linear
+    _check_exact(runs["native"], runs["inc"])

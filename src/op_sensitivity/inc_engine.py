@@ -19,8 +19,9 @@ only the keys, sorted with ``key=`` reading that dict; ``sorted`` is looked up i
 globals. :func:`capture_mse` wraps both helpers and, only while one runs, shadows that
 ``sorted`` with one that records ``key(k)`` for every key and then sorts exactly as the builtin.
 INC's return value is passed through unchanged; originals are restored on exit, exceptions
-included. INC aggregates ranks across confidence batches (and resets the accumulator wrongly),
-so we record every call's raw map and aggregate ourselves (see ``sensitivity_report``).
+included. INC aggregates confidence batches by summing rank points (and in the requant phase
+returns only the last batch's order), so we record every call's raw map and aggregate ourselves
+(mean of the raw values, see ``sensitivity_report``).
 
 Housekeeping done per op (from the wrapped ``tqdm`` iterator INC drives its loop with):
 torch's unbounded ``functools.cache`` on ``assert_and_get_unique_device`` pins every per-op
