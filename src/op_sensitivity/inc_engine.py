@@ -46,7 +46,8 @@ from torch import nn
 from tqdm.auto import tqdm as std_tqdm
 
 from .errors import CaptureError, InputError
-from .pass_result import Capture, ExcludedOp, HelperCall, OpKey, PassResult
+from .inventory import module_name
+from .pass_result import Capture, ExcludedOp, HelperCall, OpKey, PassResult, params_exclusion
 
 log = logging.getLogger(__name__)
 
@@ -225,25 +226,12 @@ def kept_fp32(tune_cfg: dict) -> list[OpKey]:
     return [k for k, cfg in tune_cfg["op"].items() if _is_fp32(cfg)]
 
 
-def _exclusion_reason(key: OpKey, op_type_dict: dict, op_name_dict: dict) -> str:
-    import re
-
-    for pattern in op_name_dict:
-        if key[0] == pattern or re.fullmatch(pattern, key[0]):
-            return f"kept fp32 by sensitivity.op_name_dict[{pattern!r}]"
-    if key[1] in op_type_dict:
-        return f"kept fp32 by sensitivity.op_type_dict[{key[1]!r}]"
-    return "INC capability offers no int8 config for this op"
-
-
 def _module_order(ops: dict[OpKey, Any], module_order: list[str]) -> list[OpKey]:
     """Config order INC will use: model module order, so the measuring hook sits on the last module.
 
     INC appends ops forced to fp32 by op_type_dict/op_name_dict at the end of its config; left
     there, the "last op" (where the error is measured) would be e.g. the patch embedding.
     """
-    from .inventory import module_name
-
     index = {name: i for i, name in enumerate(module_order)}
     unknown = [k for k in ops if module_name(k[0]) not in index]
     if unknown:
@@ -325,7 +313,13 @@ def run_forced_pass(
     order = _module_order(tune_cfg["op"], module_order)
     tune_cfg["op"] = {k: tune_cfg["op"][k] for k in order}
     excluded = [
-        ExcludedOp(k[0], k[1], _exclusion_reason(k, op_type_dict, op_name_dict)) for k in kept_fp32(tune_cfg)
+        ExcludedOp(
+            k[0],
+            k[1],
+            params_exclusion(module_name(k[0]), k[1], op_type_dict, op_name_dict)
+            or "INC capability offers no int8 config for this op",
+        )
+        for k in kept_fp32(tune_cfg)
     ]
     scored = len(order) - len(excluded)
     if scored == 0:

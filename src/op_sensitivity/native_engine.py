@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import re
 import resource
 import time
 from collections.abc import Iterator
@@ -54,7 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import InputError
-from .pass_result import Capture, ExcludedOp, HelperCall, PassResult
+from .pass_result import Capture, ExcludedOp, HelperCall, PassResult, params_exclusion
 
 log = logging.getLogger(__name__)
 
@@ -329,25 +328,9 @@ def _vision_cache(model: nn.Module, fq: FakeQuantModel, batch_key: list[int]) ->
 def excluded_by_params(
     names: list[str], types: dict[str, str], op_type_dict: dict, op_name_dict: dict
 ) -> dict[str, str]:
-    """Same exclusions INC applies: op_name_dict regexes (on the module path, or INC's ``.module`` name)
-    and op_type_dict types, when they ask for fp32."""
-
-    def wants_fp32(cfg: dict) -> bool:
-        return any("fp32" in (cfg.get(part, {}).get("dtype") or []) for part in ("weight", "activation"))
-
-    out = {}
-    for name in names:
-        for pattern, cfg in op_name_dict.items():
-            if wants_fp32(cfg) and any(
-                re.fullmatch(pattern, n) or n == pattern for n in (name, name + ".module")
-            ):
-                out[name] = f"kept fp32 by sensitivity.op_name_dict[{pattern!r}]"
-                break
-        else:
-            cfg = op_type_dict.get(types[name])
-            if cfg is not None and wants_fp32(cfg):
-                out[name] = f"kept fp32 by sensitivity.op_type_dict[{types[name]!r}]"
-    return out
+    """The ops params keep fp32, with the reason (the same rule the INC engine reports)."""
+    reasons = {n: params_exclusion(n, types[n], op_type_dict, op_name_dict) for n in names}
+    return {n: r for n, r in reasons.items() if r is not None}
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:
