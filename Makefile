@@ -18,11 +18,15 @@ $(VENV)/.installed: pyproject.toml
 repro: setup
 	$(BIN)/dvc repro
 
+# Two workers (CI and the reference machine have 2 cores); tests that share an expensive
+# fixture are kept on one worker (tests/conftest.py), so each INC pass still runs once.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-all: setup
-	$(BIN)/python -m pytest -q -m ''
+	$(PYTEST) -m ''
 
 lint: setup
 	$(BIN)/ruff check src stages tests scripts benchmarks

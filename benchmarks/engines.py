@@ -14,33 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from op_sensitivity.calibration import CalibrationLoader
+from op_sensitivity.engines.contract import build_spec
+from op_sensitivity.engines.runner import host_facts, load_inputs, run_engine
 from op_sensitivity.params import load_params
-from op_sensitivity.sensitivity import load_inputs, run_engine
 
 
 def _machine() -> str:
-    cpu = (
-        next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")
-            ),
-            platform.machine(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.machine()
+    h = host_facts()
+    return (
+        f"{h['cpu']}, {h['torch_threads']} torch threads, {h['gpu'] or 'no GPU'}, torch {torch.__version__}"
     )
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
 
 
 def full_size_inputs(batch: int, seed: int):
@@ -49,10 +38,10 @@ def full_size_inputs(batch: int, seed: int):
     from PIL import Image
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from op_sensitivity.full_size import build_full_size_model
     from op_sensitivity.inventory import op_inventory
-    from op_sensitivity.processor import CHAT_TEMPLATE, ImageTextProcessor
-    from op_sensitivity.tokenizer import train_tokenizer
+    from op_sensitivity.model.full_size import build_full_size_model
+    from op_sensitivity.model.processor import CHAT_TEMPLATE, ImageTextProcessor
+    from op_sensitivity.model.tokenizer import train_tokenizer
 
     captions = ["A red circle on a blue background, drawn with care by a patient hand."] * batch
     tokenizer = train_tokenizer(captions, 400)
@@ -62,7 +51,7 @@ def full_size_inputs(batch: int, seed: int):
     rng = np.random.default_rng(seed)
     images = [Image.fromarray(rng.integers(0, 255, (448, 448, 3), dtype=np.uint8)) for _ in captions]
     model = build_full_size_model(tokenizer, seed)
-    return model, CalibrationLoader([processor.encode(captions, images)], batch), op_inventory(model)
+    return model, [processor.encode(captions, images)], op_inventory(model)
 
 
 def main() -> None:
@@ -87,36 +76,38 @@ def main() -> None:
         native=replace(params.native, device=args.device, dtype=args.dtype, allow_tf32=args.allow_tf32),
     )
     if args.full_size:
-        model, loader, inventory = full_size_inputs(args.full_size_batch, 0)
-        mode = "image_caption"
+        model, batches, inventory = full_size_inputs(args.full_size_batch, 0)
+        params = replace(params, batch_size=args.full_size_batch)
+        spec = build_spec(params, inventory, batches, "image_caption")
     else:
-        model, loader, inventory, meta = load_inputs(
+        model, spec, inventory, _ = load_inputs(
             params,
             Path("data/calibration"),
             Path("models/qwen2_5_vl"),
             Path("reports/model/op_inventory.json"),
         )
-        mode = meta["calibration"]["mode"]
     rows = []
-    for spec in args.engines.split(","):
-        engine, _, arithmetic = spec.partition("-")
-        run_params = replace(params, native=replace(params.native, arithmetic=arithmetic or "auto"))
+    for name in args.engines.split(","):
+        engine, _, arithmetic = name.partition("-")
+        native = replace(spec.params.native, arithmetic=arithmetic or "auto")
+        run_spec = replace(spec, params=replace(spec.params, native=native))
         start = time.perf_counter()
-        result = run_engine(
-            engine, run_params, model, loader, inventory, mode, Path(".op_sensitivity_work/bench")
-        )
+        result = run_engine(engine, model, run_spec, Path(".op_sensitivity_work/bench"))
         total = time.perf_counter() - start
         n_ops = len(result.capture.phase("fallback")[0].main)
         trials = n_ops * 2 * params.confidence_batches
+        seconds = result.runtime["seconds"]
+        memory = {k: v for k, v in result.runtime.items() if k.startswith("peak")}
         rows.append(
             {
-                "engine": spec,
+                "engine": name,
                 "ops": n_ops,
-                "fallback_s": round(result.seconds["fallback"], 3),
-                "requant_s": round(result.seconds["requant"], 3),
+                "fallback_s": round(seconds["fallback"], 3),
+                "requant_s": round(seconds["requant"], 3),
                 "total_s": round(total, 3),
-                "s_per_op": sum(result.seconds.values()) / trials,
-                **result.extra,
+                "s_per_op": sum(seconds.values()) / trials,
+                **result.details,
+                **memory,
             }
         )
         model = model.cpu().float()

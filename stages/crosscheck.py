@@ -6,19 +6,31 @@ import logging
 from pathlib import Path
 
 from op_sensitivity.cli import pass_input_parser, run_stage
-from op_sensitivity.crosscheck import run_crosscheck, summary_lines
 from op_sensitivity.params import load_params
+from op_sensitivity.report.comparison import summary_lines
+from op_sensitivity.report.crosscheck import run_crosscheck
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = pass_input_parser(__doc__)
     ap.add_argument("--sensitivity", default="reports/sensitivity/op_sensitivity.json", type=Path)
     ap.add_argument("--out", default="reports/sensitivity/crosscheck.json", type=Path)
+    ap.add_argument(
+        "--runtime", default=None, type=Path, help="the rerun's seconds and memory (a DVC metric)"
+    )
     ap.add_argument("--workspace", default=".op_sensitivity_work/crosscheck", type=Path)
     args = ap.parse_args(argv)
     params = load_params(args.params).sensitivity
     result = run_crosscheck(
-        params, args.calibration, args.model, args.inventory, args.sensitivity, args.out, args.workspace
+        params,
+        args.calibration,
+        args.model,
+        args.inventory,
+        args.sensitivity,
+        args.out,
+        args.runtime,
+        args.workspace,
+        source=str(args.params),
     )
     for line in summary_lines(result):
         logging.getLogger("crosscheck").info(line)

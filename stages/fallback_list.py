@@ -6,13 +6,11 @@ import argparse
 import logging
 from pathlib import Path
 
-import yaml
-
 from op_sensitivity.cli import run_stage
-from op_sensitivity.fallback_list import build_fallback, write_fallback
-from op_sensitivity.fallback_policy import parse_fallback_params
+from op_sensitivity.engines.artifact import read_report
+from op_sensitivity.fallback.keep_list import build_fallback, write_fallback
 from op_sensitivity.inventory import read_inventory
-from op_sensitivity.sensitivity_report import read_report
+from op_sensitivity.params import load_params
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,8 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", default="reports/fallback", type=Path)
     ap.add_argument("--metrics", default="reports/fallback_metrics.json", type=Path)
     args = ap.parse_args(argv)
-    raw = (yaml.safe_load(Path(args.params).read_text()) or {}).get("fallback")
-    params = parse_fallback_params(raw, f"{args.params}: fallback")
+    params = load_params(args.params).fallback
     inventory = read_inventory(args.inventory)
     doc = build_fallback(read_report(args.sensitivity), args.sensitivity, inventory, params)
     write_fallback(doc, inventory, params.onnx_model, args.out_dir, args.metrics)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from op_sensitivity.cli import run_stage
 from op_sensitivity.inventory import op_inventory, write_inventory
-from op_sensitivity.model_source import materialize_model
+from op_sensitivity.model.source import materialize_model
 from op_sensitivity.params import load_params
 
 

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from op_sensitivity.cli import run_stage
-from op_sensitivity.coco_captions import prepare_calibration
+from op_sensitivity.data.calibration import prepare_calibration
 from op_sensitivity.params import load_params
 
 

@@ -1,35 +1,41 @@
-"""Shared fixtures: small real artifacts built with the library itself (no mocks)."""
+"""Session fixtures: small real artifacts built with the library itself (no mocks), and each
+expensive INC pass run once per test session, shared by the test modules that read it."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
-from op_sensitivity.coco_captions import prepare_calibration
-from op_sensitivity.inventory import op_inventory, write_inventory
-from op_sensitivity.model_source import materialize_model
+from op_sensitivity.data.calibration import prepare_calibration
+from op_sensitivity.engines.artifact import build_report
+from op_sensitivity.engines.contract import PassResult
+from op_sensitivity.engines.inc import inc_util
+from op_sensitivity.engines.runner import load_inputs, run_engine
+from op_sensitivity.inventory import OpInfo, op_inventory, write_inventory
+from op_sensitivity.model.source import materialize_model
 from op_sensitivity.params import load_params
+from tests.helpers import (
+    EXCLUDE,
+    REPO,
+    SAMPLE_ANNOTATIONS,
+    SAMPLE_IMAGES,
+    SMALL_TINY,
+    IncOracle,
+    engine_reports,
+    sensitivity_params,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE_ANNOTATIONS = REPO / "data/coco-sample/annotations/captions_sample2017.json"
-SAMPLE_IMAGES = REPO / "data/coco-sample/sample2017"
-# Smallest sizes that keep every op kind: 1 vision block (window = full attention), 1 decoder layer.
-SMALL_TINY = {
-    "text": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-    },
-    "vision": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2},
-}
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share two cores: one thread each (and in the stage subprocesses they start),
+    # or OpenMP spin-waits double the CPU time. Comparisons stay within one worker's settings.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -52,40 +58,71 @@ def small_model_params(repo_params):
     return replace(repo_params.model, tiny=tiny)
 
 
-@pytest.fixture(scope="session")
-def small_model_dir(tmp_path_factory, calibration_dir, small_model_params) -> Path:
-    out = tmp_path_factory.mktemp("model") / "qwen2_5_vl"
-    model, card = materialize_model(small_model_params, calibration_dir, out)
+def _materialized(out: Path, params, calibration_dir: Path) -> Path:
+    model, card = materialize_model(params, calibration_dir, out)
     write_inventory(op_inventory(model), card.model_type, out.parent / "op_inventory.json")
     return out
 
 
-def venv_env() -> dict[str, str]:
-    """Environment for subprocesses: this interpreter's bin first, so `python` and `dvc` are ours."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("GIT_AUTHOR_NAME", "test")
-    env.setdefault("GIT_AUTHOR_EMAIL", "test@example.com")
-    env.setdefault("GIT_COMMITTER_NAME", "test")
-    env.setdefault("GIT_COMMITTER_EMAIL", "test@example.com")
-    return env
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory, calibration_dir, small_model_params) -> Path:
+    """1 vision block, 1 decoder layer: 17 ops."""
+    return _materialized(tmp_path_factory.mktemp("model") / "qwen2_5_vl", small_model_params, calibration_dir)
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=venv_env(), capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+@pytest.fixture(scope="session")
+def default_model_dir(tmp_path_factory, calibration_dir, repo_params) -> Path:
+    """The embedded default's sizes (29 ops)."""
+    return _materialized(
+        tmp_path_factory.mktemp("default") / "qwen2_5_vl", repo_params.model, calibration_dir
+    )
 
 
-def copy_repo(dest: Path) -> Path:
-    """A fresh git repo holding the tracked files of this checkout (what a clone would have)."""
-    files = run(["git", "ls-files"], REPO).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    run(["git", "init", "-q"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "commit", "-qm", "copy"], dest)
-    return dest
+@dataclass
+class IncRun:
+    """One real INC pass with INC's own values read beside the capture."""
+
+    model: Any
+    result: PassResult
+    report: dict
+    oracle: IncOracle
+    inventory: list[OpInfo]
+    originals: tuple
+    util: Any
+
+
+@pytest.fixture(scope="session")
+def inc_small_run(small_model_dir, calibration_dir, tmp_path_factory) -> IncRun:
+    """INC on the small model: 2 confidence batches, the vision block's MLP kept fp32 by params."""
+    params = sensitivity_params(confidence_batches=2, op_name_dict=EXCLUDE)
+    model, spec, inventory, meta = load_inputs(
+        params, calibration_dir, small_model_dir, small_model_dir.parent / "op_inventory.json"
+    )
+    util = inc_util()
+    originals = (util.get_mse_order_per_fp32, util.get_mse_order_per_int8)
+    oracle = IncOracle(util)
+    sys.settrace(oracle)
+    try:
+        result = run_engine("inc", model, spec, tmp_path_factory.mktemp("ws"))
+    finally:
+        sys.settrace(None)
+    return IncRun(model, result, build_report(result, inventory, meta), oracle, inventory, originals, util)
+
+
+@pytest.fixture(scope="session")
+def inc_default_run(default_model_dir, calibration_dir, tmp_path_factory) -> dict:
+    """INC's report on the embedded default's sizes, one confidence batch."""
+    return engine_reports(
+        default_model_dir, calibration_dir, sensitivity_params(), ["inc"], tmp_path_factory.mktemp("runs")
+    )["inc"]
+
+
+# Tests that read one of these fixtures run on the same xdist worker, so the fixture is built once.
+SHARED_FIXTURES = ("inc_small_run", "inc_default_run", "default_native", "repo")
+
+
+def pytest_itemcollected(item):
+    """Mark as each item is collected: xdist's loadgroup reads the marks in its modifyitems hook."""
+    shared = next((f for f in SHARED_FIXTURES if f in item.fixturenames), None)
+    if shared is not None:
+        item.add_marker(pytest.mark.xdist_group(shared))

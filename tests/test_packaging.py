@@ -3,7 +3,7 @@ import re
 
 import tomllib
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _name(req: str) -> str:

@@ -4,8 +4,9 @@ import pytest
 import yaml
 
 from op_sensitivity.errors import InputError
-from op_sensitivity.params import load_params
-from tests.conftest import REPO
+from op_sensitivity.params import NativeParams, ReportParams, load_params
+from tests.handmade import fallback_params
+from tests.helpers import REPO
 
 
 def _write(tmp_path: Path, mutate) -> Path:
@@ -22,6 +23,23 @@ def test_repo_params_load_with_expected_defaults():
     assert p.model.source == "tiny"
     assert p.sensitivity.confidence_batches == 2
     assert p.model.tiny.text["num_hidden_layers"] == 2
+    assert (p.report.table_top, p.report.plot_top) == (None, 30)
+    assert (p.fallback.policy, p.fallback.settings, p.fallback.always_keep) == (
+        "error_budget",
+        {"percent": 50},
+        ["lm_head"],
+    )
+
+
+def test_omitted_optional_fields_take_the_dataclass_defaults(tmp_path):
+    def strip(d):
+        d.pop("report")
+        d["sensitivity"].pop("engine")
+        d["sensitivity"]["native"] = {}
+
+    p = load_params(_write(tmp_path, strip))
+    assert p.report == ReportParams() and p.sensitivity.native == NativeParams()
+    assert p.sensitivity.engine == "inc"
 
 
 @pytest.mark.parametrize(
@@ -69,6 +87,25 @@ def test_repo_params_load_with_expected_defaults():
             lambda d: d["sensitivity"]["native"].update(requant_mode="x"),
             "native.requant_mode: expected one of",
         ),
+        (
+            lambda d: d["sensitivity"].update(op_name_dict={"model[": {"weight": {"dtype": ["fp32"]}}}),
+            "sensitivity.op_name_dict.model[: expected a module name or a regular expression",
+        ),
+        (
+            lambda d: d["sensitivity"].update(op_name_dict={"lm_head": {"weight": "fp32"}}),
+            "sensitivity.op_name_dict.lm_head: expected a mapping with 'weight' and/or 'activation'",
+        ),
+        (lambda d: d.update(report="oops"), "report: expected a mapping, got str"),
+        (
+            lambda d: d["report"].update(table_top=0),
+            "report.table_top: expected an integer >= 1 or null (all ops), got 0",
+        ),
+        (lambda d: d["report"].update(plot_top=True), "report.plot_top: expected an integer, got True"),
+        (lambda d: d.pop("fallback"), "fallback: expected a mapping"),
+        (
+            lambda d: d["fallback"].update(onnx_model=3),
+            "fallback.onnx_model: expected a string or null, got 3",
+        ),
     ],
 )
 def test_bad_params_name_the_field(tmp_path, mutate, message):
@@ -85,3 +122,26 @@ def test_missing_and_malformed_params_file(tmp_path):
     bad.write_text("captions: [unclosed\n")
     with pytest.raises(InputError, match="not valid YAML"):
         load_params(bad)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"policy": "random"},
+            "fallback.policy: expected one of top_k, top_fraction, threshold, error_budget",
+        ),
+        (
+            {"policy": "error_budget", "error_budget": {"percent": 0}},
+            "error_budget.percent: expected a percentage",
+        ),
+        ({"policy": "error_budget", "error_budget": {"percent": 150}}, "in (0, 100]"),
+        ({"policy": "top_fraction", "top_fraction": {"fraction": 1.5}}, "top_fraction.fraction"),
+        ({"policy": "top_k", "top_k": {"k": 0}}, "top_k.k: expected an integer >= 1"),
+        ({"phase": "all"}, "fallback.phase: expected one of fallback, requant, both"),
+        ({"always_keep": "lm_head"}, "fallback.always_keep: expected a list"),
+    ],
+)
+def test_bad_fallback_params(raw, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        fallback_params(**raw)

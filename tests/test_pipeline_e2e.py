@@ -1,5 +1,6 @@
 """The real DAG with real DVC in a throwaway copy of the repo: repro, no-op rerun, partial rerun,
-push / clone / pull round trip, and a bad-input stage failure."""
+a fresh clone's repro giving the same bytes and lock, push / clone / pull round trip, and a
+bad-input stage failure."""
 
 import hashlib
 import json
@@ -8,7 +9,7 @@ import shutil
 import pytest
 import yaml
 
-from tests.conftest import SMALL_TINY, copy_repo, run
+from tests.helpers import SMALL_TINY, copy_repo, run
 
 STAGES = ("prepare_captions", "load_model", "sensitivity", "crosscheck", "rank_report", "fallback_list")
 OUTPUTS = (
@@ -77,26 +78,61 @@ def test_repro_runs_all_stages_and_writes_both_phases(repo):
     metrics = json.loads((root / "reports/sensitivity/metrics.json").read_text())
     assert metrics["fallback"]["ops_scored"] == n_ops
     assert metrics["requant"]["mse_max"] == max(o["mse"] for o in report["phases"]["requant"]["ops"])
+    runtime = json.loads((root / "reports/runtime/sensitivity.json").read_text())
+    assert runtime["engine"] == "inc" and runtime["seconds"]["fallback"] > 0
+    assert json.loads((root / "reports/runtime/crosscheck.json").read_text())["engine"] == "native"
+
+
+def _artifacts(root):
+    """Every file the DAG writes except the runtime metrics (seconds and host facts)."""
+    tops = ("data/calibration", "models", "reports")
+    return {
+        str(p.relative_to(root)): _digest(root, p.relative_to(root))
+        for top in tops
+        for p in sorted((root / top).rglob("*"))
+        if p.is_file() and "runtime" not in p.parts and p.name != ".gitignore"
+    }
+
+
+def test_fresh_clone_repro_gives_the_same_bytes_and_lock(repo, tmp_path):
+    """Same params, inputs and machine kind: byte-identical artifacts and an unchanged dvc.lock."""
+    root, _ = repo
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(root), str(clone)], tmp_path)
+    # No cache: every stage with a cached output recomputes it. crosscheck's only output is a
+    # git-tracked metric whose inputs come back byte-identical, so DVC rightly leaves it be.
+    assert _ran(run(["dvc", "repro"], clone).stdout) == set(STAGES) - {"crosscheck"}
+    assert run(["git", "diff", "--stat", "dvc.lock"], clone).stdout == ""
+    changed = {line[3:] for line in run(["git", "status", "--porcelain"], clone).stdout.splitlines()}
+    assert changed <= {"reports/runtime/sensitivity.json", "reports/runtime/crosscheck.json"}, changed
+    assert _artifacts(clone) == _artifacts(root)
+    assert len(_artifacts(root)) > 20
 
 
 def test_second_repro_reruns_nothing_and_param_change_reruns_from_sensitivity(repo):
     root, _ = repo
     assert _ran(run(["dvc", "repro"], root).stdout) == set()
     before = {rel: _digest(root, rel) for rel in OUTPUTS[:3]}
+    report_before = _digest(root, "reports/sensitivity/op_sensitivity.json")
     _set_params(root, sensitivity={"tolerable_loss": 0.5})
+    check_before = _digest(root, "reports/sensitivity/crosscheck.json")
     out = run(["dvc", "repro"], root).stdout
-    assert _ran(out) == {"sensitivity", "crosscheck", "rank_report", "fallback_list"}
+    # Both passes rerun; their outputs come back byte-identical, so nothing downstream reruns.
+    assert _ran(out) == {"sensitivity", "crosscheck"}
+    assert _digest(root, "reports/sensitivity/crosscheck.json") == check_before
     assert {rel: _digest(root, rel) for rel in OUTPUTS[:3]} == before
     params = json.loads(run(["dvc", "params", "diff", "--json"], root).stdout)["params.yaml"]
     assert (params["sensitivity.tolerable_loss"]["old"], params["sensitivity.tolerable_loss"]["new"]) == (
         0.99,
         0.5,
     )
-    # The criterion does not enter a forced pass: same MSE values bit for bit, only timings move.
+    # The criterion does not enter a forced pass: same MSE values bit for bit, only timings move,
+    # and they move in the runtime file, not in a stage's output.
     metrics = json.loads(run(["dvc", "metrics", "diff", "--json"], root).stdout)
-    changed = metrics.get("reports/sensitivity/metrics.json", {})
-    assert "fallback.seconds" in changed
-    assert not {"fallback.mse_min", "fallback.mse_max", "requant.mse_min", "requant.mse_max"} & set(changed)
+    assert "seconds.fallback" in metrics["reports/runtime/sensitivity.json"]
+    assert "reports/sensitivity/metrics.json" not in metrics
+    assert "reports/sensitivity/crosscheck.json" not in metrics
+    assert _digest(root, "reports/sensitivity/op_sensitivity.json") == report_before
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "looser criterion"], root)
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import copy_repo, run
+from tests.helpers import copy_repo, run
 
 
 @pytest.mark.slow

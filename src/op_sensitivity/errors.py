@@ -13,3 +13,9 @@ class InputError(PipelineError):
 
 class CaptureError(PipelineError):
     """The sensitivity capture recorded nothing or too little: never write such a report as whole."""
+
+
+def require(cond: bool, where: object, what: str) -> None:
+    """Raise :class:`InputError` ``"<where>: <what>"`` unless ``cond``: one shape for every input check."""
+    if not cond:
+        raise InputError(f"{where}: {what}")

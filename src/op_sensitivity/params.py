@@ -7,7 +7,9 @@ with a message naming ``params.yaml: block.field`` and what was expected, before
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,18 @@ from typing import Any
 import yaml
 
 from .errors import InputError
+from .phases import SELECTABLE_PHASES
 
 CALIBRATION_MODES = ("image_caption", "text_only")
 CAPTIONS_PER_IMAGE = ("one", "all")
 MODEL_SOURCES = ("tiny", "hf_dir", "full_size_random")
-PHASES = ("fallback", "requant")
 DTYPES = ("float32", "bfloat16", "float16")
 ENGINES = ("inc", "native")
+DEVICES = ("auto", "cpu", "cuda")
+ARITHMETICS = ("auto", "int8_kernels", "fake_quant")
+REQUANT_MODES = ("cumulative", "isolated")
+POLICIES = ("top_k", "top_fraction", "threshold", "error_budget")
+BLOCKS = ("captions", "model", "sensitivity", "report", "fallback")
 
 _MISSING = object()
 
@@ -117,7 +124,7 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class NativeParams:
-    """The native engine's knobs (see ``native_engine``)."""
+    """The native engine's knobs (see ``engines.native``); the defaults are the ones params.yaml may omit."""
 
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 | float16
@@ -140,10 +147,28 @@ class SensitivityParams:
 
 
 @dataclass(frozen=True)
+class ReportParams:
+    table_top: int | None = None  # rows per phase table; None = every op
+    plot_top: int = 30  # ops in the spectrum plot and in the dvc-plots CSVs
+
+
+@dataclass(frozen=True)
+class FallbackParams:
+    phase: str
+    policy: str
+    settings: dict[str, Any]  # the chosen policy's own block
+    always_keep: list[str] = field(default_factory=list)
+    never_keep: list[str] = field(default_factory=list)
+    onnx_model: str | None = None
+
+
+@dataclass(frozen=True)
 class Params:
     captions: CaptionsParams
     model: ModelParams
     sensitivity: SensitivityParams
+    report: ReportParams
+    fallback: FallbackParams
 
 
 TINY_TEXT_KEYS = (
@@ -223,11 +248,28 @@ def _model(b: _Block) -> ModelParams:
 def _op_dict(b: _Block, key: str) -> dict[str, Any]:
     value = b.get(key, (dict, type(None)), None) or {}
     for name, cfg in value.items():
-        if not isinstance(cfg, dict) or not set(cfg) <= {"weight", "activation"}:
-            raise InputError(
-                f"{b.where(key)}.{name}: expected a mapping with 'weight' and/or 'activation' "
-                f"entries (INC op-wise config), got {cfg!r}"
+        parts_ok = isinstance(cfg, dict) and bool(cfg) and set(cfg) <= {"weight", "activation"}
+        if parts_ok:
+            parts_ok = all(
+                isinstance(part, dict)
+                and (
+                    "dtype" not in part
+                    or (isinstance(part["dtype"], list) and all(isinstance(d, str) for d in part["dtype"]))
+                )
+                for part in cfg.values()
             )
+        if not isinstance(name, str) or not parts_ok:
+            raise InputError(
+                f"{b.where(key)}.{name}: expected a mapping with 'weight' and/or 'activation' entries, each "
+                f"a mapping like {{dtype: [fp32]}} (INC op-wise config), got {cfg!r}"
+            )
+        if key == "op_name_dict":
+            try:
+                re.compile(name)
+            except re.error as e:
+                raise InputError(
+                    f"{b.where(key)}.{name}: expected a module name or a regular expression ({e})"
+                ) from e
     return value
 
 
@@ -242,29 +284,93 @@ def _sensitivity(b: _Block) -> SensitivityParams:
         tolerable_loss=float(loss),
         op_type_dict=_op_dict(b, "op_type_dict"),
         op_name_dict=_op_dict(b, "op_name_dict"),
-        engine=b.choice("engine", ENGINES, "inc"),
+        engine=b.choice("engine", ENGINES, SensitivityParams.engine),
         native=_native(b.block("native")),
     )
 
 
 def _native(b: _Block) -> NativeParams:
-    reduce_range = b.get("reduce_range", (str, bool), "auto")
+    d = NativeParams
+    reduce_range = b.get("reduce_range", (str, bool), d.reduce_range)
     if isinstance(reduce_range, bool):
         reduce_range = str(reduce_range).lower()
     if reduce_range not in ("auto", "true", "false"):
         raise InputError(f"{b.where('reduce_range')}: expected auto, true or false, got {reduce_range!r}")
     return NativeParams(
-        device=b.choice("device", ("auto", "cpu", "cuda"), "auto"),
-        dtype=b.choice("dtype", DTYPES, "float32"),
-        arithmetic=b.choice("arithmetic", ("auto", "int8_kernels", "fake_quant"), "auto"),
+        device=b.choice("device", DEVICES, d.device),
+        dtype=b.choice("dtype", DTYPES, d.dtype),
+        arithmetic=b.choice("arithmetic", ARITHMETICS, d.arithmetic),
         reduce_range=reduce_range,
-        requant_mode=b.choice("requant_mode", ("cumulative", "isolated"), "cumulative"),
-        allow_tf32=b.get("allow_tf32", bool, False),
+        requant_mode=b.choice("requant_mode", REQUANT_MODES, d.requant_mode),
+        allow_tf32=b.get("allow_tf32", bool, d.allow_tf32),
     )
 
 
+def _report(b: _Block) -> ReportParams:
+    table_top = b.get("table_top", (int, type(None)), ReportParams.table_top)
+    if table_top is not None and table_top < 1:
+        raise InputError(
+            f"{b.where('table_top')}: expected an integer >= 1 or null (all ops), got {table_top!r}"
+        )
+    return ReportParams(table_top=table_top, plot_top=b.int_in("plot_top", 1, default=ReportParams.plot_top))
+
+
+def _finite(b: _Block, key: str) -> float:
+    value = b.get(key, (int, float))
+    if not math.isfinite(value):
+        raise InputError(f"{b.where(key)}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _policy_settings(b: _Block, policy: str) -> dict[str, Any]:
+    """Check the chosen policy's block; the other policies' blocks may hold anything."""
+    if policy == "top_k":
+        b.int_in("k", 1)
+    elif policy == "top_fraction":
+        if not 0 < _finite(b, "fraction") <= 1:
+            raise InputError(
+                f"{b.where('fraction')}: expected a fraction in (0, 1], got {b.data['fraction']!r}"
+            )
+    elif policy == "threshold":
+        _finite(b, "value")
+        b.get("relative", bool, False)
+    elif not 0 < _finite(b, "percent") <= 100:
+        raise InputError(
+            f"{b.where('percent')}: expected a percentage in (0, 100], got {b.data['percent']!r}"
+        )
+    return dict(b.data)
+
+
+def _globs(b: _Block, key: str) -> list[str]:
+    value = b.get(key, (list, type(None)), None) or []
+    if not all(isinstance(v, str) for v in value):
+        raise InputError(f"{b.where(key)}: expected a list of glob patterns, got {value!r}")
+    return value
+
+
+def _fallback(b: _Block) -> FallbackParams:
+    policy = b.choice("policy", POLICIES)
+    return FallbackParams(
+        phase=b.choice("phase", SELECTABLE_PHASES),
+        policy=policy,
+        settings=_policy_settings(_Block(b.data.get(policy), f"{b.path}.{policy}", b.source), policy),
+        always_keep=_globs(b, "always_keep"),
+        never_keep=_globs(b, "never_keep"),
+        onnx_model=b.get("onnx_model", (str, type(None)), None),
+    )
+
+
+def parse_fallback(raw: Any, source: str = "params.yaml") -> FallbackParams:
+    """The ``fallback`` block alone (a keep-list can be re-derived with other policies in a notebook)."""
+    return _fallback(_Block(raw, "fallback", source))
+
+
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
-    """Read and validate the whole params file; raise :class:`InputError` on the first problem."""
+    """Read and validate every block of the params file; raise :class:`InputError` on the first problem.
+
+    Every stage validates the whole file, so a typo in a later block stops the first stage that
+    runs, before hours of work upstream of it.
+    """
     source = str(path)
     try:
         data = yaml.safe_load(Path(path).read_text())
@@ -273,9 +379,11 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     except yaml.YAMLError as e:
         raise InputError(f"{source}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
-        raise InputError(f"{source}: expected a mapping with captions, model and sensitivity blocks")
+        raise InputError(f"{source}: expected a mapping with the blocks {', '.join(BLOCKS)}")
     return Params(
         captions=_captions(_Block(data.get("captions"), "captions", source)),
         model=_model(_Block(data.get("model"), "model", source)),
         sensitivity=_sensitivity(_Block(data.get("sensitivity"), "sensitivity", source)),
+        report=_report(_Block(data.get("report", {}), "report", source)),
+        fallback=_fallback(_Block(data.get("fallback"), "fallback", source)),
     )

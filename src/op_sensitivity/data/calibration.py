@@ -1,0 +1,163 @@
+"""The calibration sample directory (stage ``prepare_captions``): write it, read it back validated.
+
+Artifact (the output directory of stage ``prepare_captions``)::
+
+    <out>/meta.json        CalibrationMeta: where the sample came from and how it was drawn
+    <out>/manifest.jsonl   one CalibrationRecord per line, in sample order
+    <out>/images/<file>    the chosen images (RGB JPEG; resized copies when max_side > 0)
+
+Why a copy of the images: the sensitivity stage then depends only on this directory, so
+DVC can cache and share the exact calibration inputs without the 18 GB COCO train set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from ..atomic import atomic_dir
+from ..errors import InputError, require
+from ..params import CaptionsParams
+from .coco import draw_sample, load_coco
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.jsonl"
+META = "meta.json"
+IMAGES = "images"
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    """One image+caption pair; ``image`` is relative to the calibration directory."""
+
+    index: int
+    image_id: int
+    annotation_id: int
+    caption: str
+    image: str
+    width: int
+    height: int
+    source_file_name: str
+
+
+@dataclass(frozen=True)
+class CalibrationMeta:
+    schema_version: int
+    annotations: str
+    annotations_sha256: str
+    images_dir: str
+    count: int
+    seed: int
+    captions_per_image: str
+    max_side: int
+    mode: str
+
+
+def _open_rgb(path: Path, annotations: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError as e:
+        raise InputError(
+            f"{path}: image listed in {annotations} is missing (check captions.images_dir)"
+        ) from e
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"{path}: image listed in {annotations} does not open as an image ({e})") from e
+
+
+def _resized(image: Image.Image, max_side: int) -> Image.Image:
+    if max_side == 0 or max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prepare_calibration(params: CaptionsParams, out_dir: Path) -> list[CalibrationRecord]:
+    """Draw the sample, check every chosen image opens, and write the artifact atomically."""
+    coco = load_coco(params.annotations)
+    if not params.images_dir.is_dir():
+        raise InputError(f"params.yaml: captions.images_dir: {params.images_dir} is not a directory")
+    pairs = draw_sample(coco, params.count, params.seed, params.captions_per_image)
+    records = []
+    with atomic_dir(out_dir) as tmp:
+        (tmp / IMAGES).mkdir()
+        for index, (img, ann) in enumerate(pairs):
+            image = _resized(
+                _open_rgb(params.images_dir / img["file_name"], params.annotations), params.max_side
+            )
+            rel = f"{IMAGES}/{Path(img['file_name']).stem}.jpg"
+            if not (tmp / rel).exists():
+                image.save(tmp / rel, quality=95)
+            records.append(
+                CalibrationRecord(
+                    index,
+                    img["id"],
+                    ann["id"],
+                    ann["caption"].strip(),
+                    rel,
+                    image.width,
+                    image.height,
+                    img["file_name"],
+                )
+            )
+        meta = CalibrationMeta(
+            SCHEMA_VERSION,
+            str(params.annotations),
+            _sha256(params.annotations),
+            str(params.images_dir),
+            params.count,
+            params.seed,
+            params.captions_per_image,
+            params.max_side,
+            params.mode,
+        )
+        (tmp / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+        with (tmp / MANIFEST).open("w") as f:
+            for r in records:
+                f.write(json.dumps(asdict(r)) + "\n")
+    return records
+
+
+def _typed(cls: type, raw: Any, where: str) -> Any:
+    fields = cls.__dataclass_fields__
+    if not isinstance(raw, dict) or set(raw) != set(fields):
+        raise InputError(f"{where}: expected fields {sorted(fields)}, got {raw!r}")
+    for name, f in fields.items():
+        kind = {"int": int, "str": str}[f.type]
+        if not isinstance(raw[name], kind) or isinstance(raw[name], bool):
+            raise InputError(f"{where}: field '{name}' expected {f.type}, got {raw[name]!r}")
+    return cls(**raw)
+
+
+def load_calibration(cal_dir: Path) -> tuple[CalibrationMeta, list[CalibrationRecord]]:
+    """Read and validate a calibration directory written by :func:`prepare_calibration`."""
+    meta_path, manifest = cal_dir / META, cal_dir / MANIFEST
+    for p in (meta_path, manifest):
+        require(p.is_file(), p, "missing (run the prepare_captions stage first)")
+    try:
+        meta = _typed(CalibrationMeta, json.loads(meta_path.read_text()), str(meta_path))
+        lines = [ln for ln in manifest.read_text().splitlines() if ln.strip()]
+        records = [
+            _typed(CalibrationRecord, json.loads(ln), f"{manifest}:{i + 1}") for i, ln in enumerate(lines)
+        ]
+    except json.JSONDecodeError as e:
+        raise InputError(f"{cal_dir}: manifest or meta is not valid JSON ({e})") from e
+    require(meta.schema_version == SCHEMA_VERSION, meta_path, f"schema_version {SCHEMA_VERSION} expected")
+    require(bool(records), manifest, "no records")
+    for r in records:
+        require((cal_dir / r.image).is_file(), cal_dir / r.image, f"image of record {r.index} is missing")
+    return meta, records

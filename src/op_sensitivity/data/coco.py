@@ -1,0 +1,85 @@
+"""COCO 2017 captions: validate the file, index it with pycocotools, draw a deterministic sample.
+
+Why validate before pycocotools: it indexes whatever JSON it is given and fails later with a
+KeyError; a wrong file (instances instead of captions, a truncated download) should be named
+with the field that is off.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from pycocotools.coco import COCO
+
+from ..errors import InputError, require
+
+
+def load_coco(path: Path) -> COCO:
+    """Validate the COCO 2017 captions schema, then index it with pycocotools."""
+    require(path.is_file(), path, "annotation file not found (expected a COCO captions_*.json)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+    require(isinstance(data, dict), path, "expected a JSON object with 'images' and 'annotations'")
+    for key in ("images", "annotations"):
+        require(
+            isinstance(data.get(key), list),
+            path,
+            f"field '{key}' missing or not a list (COCO captions schema)",
+        )
+    for i, img in enumerate(data["images"]):
+        ok = (
+            isinstance(img, dict) and isinstance(img.get("id"), int) and isinstance(img.get("file_name"), str)
+        )
+        require(
+            ok, path, f"images[{i}]: expected an object with integer 'id' and string 'file_name', got {img!r}"
+        )
+    for i, ann in enumerate(data["annotations"]):
+        ok = (
+            isinstance(ann, dict)
+            and isinstance(ann.get("id"), int)
+            and isinstance(ann.get("image_id"), int)
+            and isinstance(ann.get("caption"), str)
+        )
+        require(
+            ok,
+            path,
+            f"annotations[{i}]: expected an object with integer 'id', integer 'image_id' and "
+            f"string 'caption' (a captions file, not instances/keypoints), got {ann!r}",
+        )
+    coco = COCO()
+    coco.dataset = data
+    coco.createIndex()
+    known = set(coco.imgs)
+    orphans = [a["id"] for a in data["annotations"] if a["image_id"] not in known]
+    require(not orphans, path, f"annotations {orphans[:5]} refer to image ids missing from 'images'")
+    return coco
+
+
+def draw_sample(coco: COCO, count: int, seed: int, captions_per_image: str) -> list[tuple[dict, dict]]:
+    """Pick ``count`` (image, annotation) pairs; the same file, seed and mode always give the same pairs."""
+    rng = random.Random(seed)
+    image_ids = sorted(i for i in coco.getImgIds() if coco.getAnnIds(imgIds=[i]))
+    pairs: list[tuple[dict, dict]] = []
+    if captions_per_image == "one":
+        if count > len(image_ids):
+            raise InputError(
+                f"params.yaml: captions.count: expected at most {len(image_ids)} "
+                f"(images with captions), got {count}"
+            )
+        for image_id in rng.sample(image_ids, count):
+            anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[image_id])), key=lambda a: a["id"])
+            pairs.append((coco.imgs[image_id], rng.choice(anns)))
+        return pairs
+    order = rng.sample(image_ids, len(image_ids))
+    for image_id in order:
+        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[image_id])), key=lambda a: a["id"])
+        pairs.extend((coco.imgs[image_id], ann) for ann in anns[: count - len(pairs)])
+        if len(pairs) == count:
+            return pairs
+    raise InputError(
+        f"params.yaml: captions.count: expected at most {len(pairs)} (captions in file), got {count}"
+    )

@@ -1,0 +1,243 @@
+"""Schema of ``op_sensitivity.json`` (the sensitivity stage's artifact): build, write, read, validate.
+
+Document (``schema_version`` 1)::
+
+    schema_version: 1
+    engine: "inc" | "native"
+    metadata:
+      versions: {neural_compressor, torch, transformers, python}
+      model: ModelCard fields (source, origin, random_weights, seed, sha256, params, model_type)
+      calibration: {mode, manifest_records, samples_used, batch_size, confidence_batches, annotations}
+      measured_at: INC op name whose output the error is measured at (lm_head: the logits)
+      measure, aggregation: how to read the numbers
+      excluded_ops: [{op_name, op_type, reason}]    ops kept fp32, never scored
+      conv3d_handling: str
+      quantization: {approach, reduce_range, by_op_type: {Linear: {weight: {...}, activation: {...}}, ...}}
+      requant_mode: "cumulative" | "isolated" (native only)
+      all_int8_mse: float           native engine: the all-int8 error, measured directly
+      engine_details: {...}         native engine: device, dtype, allow_tf32, arithmetic
+    phases:
+      fallback | requant:
+        semantics: str; direction: str; cumulative: bool
+        ops: [OpScore]          in config (module) order
+        double_check: [{batch, ops: [{op_name, op_type, mse}]}]    fallback only, INC's second pass
+
+OpScore: op_name (INC name), module (model module path), op_type, tower, position (1-based config
+order = quantization order in requant), mse (mean over confidence batches of INC's raw value: a
+*sum* of squared differences at the logits), mse_per_batch, rank (1 = lowest mean mse, ties by
+position; this is the order INC itself returns).
+
+Reading direction: fallback - LOW mse = MORE sensitive (with only this op back in fp32 the error
+left is smallest, so this op carried the most of it). requant - values are CUMULATIVE; the per-op
+effect is the increment over the previous position, not the value itself.
+
+The document is a function of the pass's inputs only: the same params, calibration sample,
+model and software give the same bytes. Seconds and peak memory go to the runtime file
+(``engines.runner.RUNTIME_DOC``), which no stage hashes or reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..atomic import dump_json
+from ..errors import InputError
+from ..inventory import OpInfo, module_name
+from ..phases import FALLBACK, PHASES, REQUANT
+from .contract import HelperCall, OpKey, PassResult
+
+SCHEMA_VERSION = 1
+FALLBACK_SEMANTICS = (
+    "Each value: every other scored op int8, only this op fp32; sum of squared differences of the last op's "
+    "output (logits) against the fp32 model. LOW value = keeping this op in fp32 removes the most error = "
+    "the op is MORE sensitive. rank 1 = most sensitive."
+)
+REQUANT_SEMANTICS = (
+    "CUMULATIVE, not per-op: starting from all ops fp32, INC quantizes the ops one after another in position "
+    "order and never reverts; each value is the error with this op and all earlier positions int8. The "
+    "per-op effect is the increment over the previous position. rank orders the cumulative values "
+    "(INC's own return order), which is NOT a sensitivity ranking."
+)
+REQUANT_ISOLATED_SEMANTICS = (
+    "ISOLATED (native engine): only this op int8, every other op fp32; sum of squared differences of the "
+    "last op's output against fp32. HIGH value = the op is MORE sensitive. A true per-op measure INC lacks."
+)
+MEASURE = "sum (not mean) of squared differences at the measured op's output vs fp32, per confidence batch"
+AGGREGATION = "mse = mean over confidence batches of the raw per-batch values (mse_per_batch)"
+
+
+@dataclass(frozen=True)
+class OpScore:
+    op_name: str
+    module: str
+    op_type: str
+    tower: str
+    position: int
+    mse: float
+    mse_per_batch: list[float]
+    rank: int
+
+
+def _phase_scores(
+    calls: list[HelperCall], order: list[OpKey], excluded: set[str], towers: dict[str, str]
+) -> list[OpScore]:
+    per_batch: dict[tuple[str, str], list[float]] = {}
+    for call in calls:
+        for key, value in call.main:
+            if key[0] not in excluded:
+                per_batch.setdefault(key, []).append(value)
+    incomplete = [k for k, v in per_batch.items() if len(v) != len(calls)]
+    if incomplete:
+        raise InputError(f"the engine scored ops in some confidence batches only: {incomplete[:5]}")
+    position = {k: i + 1 for i, k in enumerate(order)}
+    keys = sorted(per_batch, key=lambda k: position[k])
+    means = {k: sum(per_batch[k]) / len(per_batch[k]) for k in keys}
+    ranked = sorted(keys, key=lambda k: (means[k], position[k]))
+    rank = {k: i + 1 for i, k in enumerate(ranked)}
+    return [
+        OpScore(
+            k[0],
+            module_name(k[0]),
+            k[1],
+            towers.get(module_name(k[0]), "text"),
+            position[k],
+            means[k],
+            per_batch[k],
+            rank[k],
+        )
+        for k in keys
+    ]
+
+
+def build_report(result: PassResult, inventory: list[OpInfo], metadata: dict[str, Any]) -> dict[str, Any]:
+    """Assemble the artifact from an engine's raw values; refuse an empty phase."""
+    towers = {op.name: op.tower for op in inventory}
+    excluded = {e.op_name for e in result.excluded}
+    phases = {}
+    isolated = result.requant_mode == "isolated"
+    for phase, semantics, direction in (
+        (FALLBACK, FALLBACK_SEMANTICS, "lower_is_more_sensitive"),
+        (
+            REQUANT,
+            REQUANT_ISOLATED_SEMANTICS if isolated else REQUANT_SEMANTICS,
+            "higher_is_more_sensitive" if isolated else "cumulative_increasing",
+        ),
+    ):
+        calls = result.capture.phase(phase)
+        ops = _phase_scores(calls, result.op_order, excluded, towers)
+        if not ops:
+            raise InputError(f"{result.engine} {phase} phase scored no op: refusing to write an empty report")
+        phases[phase] = {
+            "semantics": semantics,
+            "direction": direction,
+            "cumulative": phase == REQUANT and not isolated,
+            "ops": [asdict(o) for o in ops],
+        }
+    phases[FALLBACK]["double_check"] = [
+        {"batch": c.batch, "ops": [{"op_name": k[0], "op_type": k[1], "mse": v} for k, v in c.double_check]}
+        for c in result.capture.phase(FALLBACK)
+        if c.double_check
+    ]
+    meta = {
+        "versions": _versions(),
+        **metadata,
+        "measured_at": result.measured_at,
+        "measure": MEASURE,
+        "aggregation": AGGREGATION,
+        "excluded_ops": [asdict(e) for e in result.excluded],
+        "conv3d_handling": result.conv3d_handling,
+        "quantization": result.quantization,
+        "requant_mode": result.requant_mode,
+        **({"all_int8_mse": result.all_int8_mse} if result.all_int8_mse is not None else {}),
+        **({"engine_details": result.details} if result.details else {}),
+    }
+    return {"schema_version": SCHEMA_VERSION, "engine": result.engine, "metadata": meta, "phases": phases}
+
+
+def _versions() -> dict[str, str]:
+    import neural_compressor
+    import torch
+    import transformers
+
+    return {
+        "neural_compressor": neural_compressor.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """Small, diffable numbers for ``dvc metrics diff``."""
+    out: dict[str, Any] = {}
+    for phase in PHASES:
+        values = [op["mse"] for op in report["phases"][phase]["ops"]]
+        out[phase] = {
+            "ops_scored": len(values),
+            "mse_min": min(values),
+            "mse_max": max(values),
+        }
+    out["excluded_ops"] = len(report["metadata"]["excluded_ops"])
+    return out
+
+
+def write_report(report: dict[str, Any], path: Path, metrics_path: Path) -> None:
+    validate(report, str(path))
+    dump_json(report, path)
+    dump_json(metrics(report), metrics_path)
+
+
+_OP_FIELDS = {
+    "op_name": str,
+    "module": str,
+    "op_type": str,
+    "tower": str,
+    "position": int,
+    "mse": float,
+    "mse_per_batch": list,
+    "rank": int,
+}
+
+
+def validate(doc: Any, where: str) -> dict[str, Any]:
+    """Check the schema and that every value is a finite float; raise InputError naming the field."""
+
+    def fail(msg: str) -> None:
+        raise InputError(f"{where}: {msg}")
+
+    if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
+        fail(f"expected an op sensitivity report with schema_version {SCHEMA_VERSION}")
+    for key in ("engine", "metadata", "phases"):
+        if key not in doc:
+            fail(f"field '{key}' missing")
+    for phase in PHASES:
+        ph = doc["phases"].get(phase)
+        if not isinstance(ph, dict) or not isinstance(ph.get("ops"), list) or not ph["ops"]:
+            fail(f"phases.{phase}.ops: expected a non-empty list")
+        for i, op in enumerate(ph["ops"]):
+            for name, kind in _OP_FIELDS.items():
+                value = op.get(name) if isinstance(op, dict) else None
+                if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                    value = float(value)
+                if not isinstance(value, kind):
+                    fail(f"phases.{phase}.ops[{i}].{name}: expected {kind.__name__}, got {value!r}")
+            if not all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in [op["mse"], *op["mse_per_batch"]]
+            ):
+                fail(f"phases.{phase}.ops[{i}] ({op['op_name']}): mse values must be finite numbers")
+    return doc
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: sensitivity report missing (run the sensitivity stage first)") from e
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+    return validate(doc, str(path))

@@ -1,0 +1,168 @@
+"""The contract both engines fulfil: one validated pass specification in, raw per-call values out.
+
+Why one contract: the INC engine and the native engine must score the same ops in the same
+order under the same exclusions, or their spectra cannot be compared. :func:`build_spec`
+validates everything once (bounds, exclusions and their reasons, the text-only vision rule)
+and hands the same :class:`PassSpec` to whichever engine runs; an engine is a function
+``run_pass(model, spec, workspace=..., on_call=...) -> PassResult``. ``engines.artifact``
+turns a :class:`PassResult` into the same JSON whichever engine made it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..inventory import OpInfo
+from ..params import SensitivityParams
+
+OpKey = tuple[str, str]  # (op name, op type)
+FP32 = {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}}
+# Mode text_only feeds no image: the vision tower never runs, so its observers would see nothing.
+VISION_FP32 = {r"model\.visual\..*": FP32}
+
+
+@dataclass
+class HelperCall:
+    """One phase x one confidence batch: every op's raw value in trial order."""
+
+    phase: str  # "fallback" | "requant"
+    batch: int
+    main: list[tuple[OpKey, float]] = field(default_factory=list)
+    double_check: list[tuple[OpKey, float]] | None = None  # INC's second fallback pass, if it ran
+    returned: list[OpKey] = field(default_factory=list)  # the engine's own ordering (INC: its return value)
+    seconds: float = 0.0
+
+
+@dataclass
+class Capture:
+    calls: list[HelperCall] = field(default_factory=list)
+
+    def phase(self, name: str) -> list[HelperCall]:
+        return [c for c in self.calls if c.phase == name]
+
+
+@dataclass(frozen=True)
+class ExcludedOp:
+    op_name: str
+    op_type: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """What to score and on which inputs; built and checked by :func:`build_spec` only.
+
+    ``params.op_name_dict`` is the effective one (the text-only vision rule merged in), so an
+    engine hands it to INC as it is.
+    """
+
+    ops: tuple[OpKey, ...]  # every quantizable op in module order; the last is where error is measured
+    excluded: tuple[ExcludedOp, ...]  # kept fp32 by params, with the reason
+    batches: tuple[dict[str, torch.Tensor], ...]  # one per confidence batch, in use order
+    params: SensitivityParams
+
+    @property
+    def module_order(self) -> list[str]:
+        return [name for name, _ in self.ops]
+
+    @property
+    def scored(self) -> list[OpKey]:
+        skip = {e.op_name for e in self.excluded}
+        return [k for k in self.ops if k[0] not in skip]
+
+    @property
+    def confidence_batches(self) -> int:
+        return len(self.batches)
+
+
+@dataclass
+class PassResult:
+    capture: Capture
+    op_order: list[OpKey]  # config order = module order; the last op is where error is measured
+    excluded: list[ExcludedOp]
+    measured_at: str
+    conv3d_handling: str
+    quantization: dict[str, Any]
+    engine: str = "inc"
+    requant_mode: str = "cumulative"  # "cumulative" (INC) | "isolated" (native only)
+    all_int8_mse: float | None = None  # measured directly by engines that can (native)
+    details: dict[str, Any] = field(default_factory=dict)  # settings that shape the numbers (device, dtype)
+    runtime: dict[str, Any] = field(default_factory=dict)  # seconds and memory: never in a versioned artifact
+
+
+class Engine(Protocol):
+    def __call__(
+        self,
+        model: nn.Module,
+        spec: PassSpec,
+        *,
+        workspace: Path,
+        on_call: Callable[[Capture], None] | None = None,
+    ) -> PassResult: ...
+
+
+def _wants_fp32(cfg: dict) -> bool:
+    return any("fp32" in (cfg.get(part, {}).get("dtype") or []) for part in ("weight", "activation"))
+
+
+def exclusion_reason(module: str, op_type: str, op_type_dict: dict, op_name_dict: dict) -> str | None:
+    """Why params keep this op fp32 (None if they do not): the one rule both engines report.
+
+    op_name_dict keys are matched (exactly or as a regex) against the module path and INC's
+    ``<path>.module`` name; op_type_dict by type. Only entries asking for fp32 exclude.
+    """
+    for pattern, cfg in op_name_dict.items():
+        if _wants_fp32(cfg) and any(
+            n == pattern or re.fullmatch(pattern, n) for n in (module, module + ".module")
+        ):
+            return f"kept fp32 by sensitivity.op_name_dict[{pattern!r}]"
+    cfg = op_type_dict.get(op_type)
+    if cfg is not None and _wants_fp32(cfg):
+        return f"kept fp32 by sensitivity.op_type_dict[{op_type!r}]"
+    return None
+
+
+def build_spec(
+    params: SensitivityParams,
+    inventory: list[OpInfo],
+    batches: list[dict[str, torch.Tensor]],
+    mode: str,
+    source: str = "params.yaml",
+) -> PassSpec:
+    """Validate a pass before any work (a pass can take hours); raise :class:`InputError` naming the param."""
+    if params.confidence_batches > len(batches):
+        raise InputError(
+            f"{source}: sensitivity.confidence_batches: expected at most {len(batches)} "
+            f"(calibration batches), got {params.confidence_batches}"
+        )
+    op_name_dict = dict(params.op_name_dict)
+    if mode == "text_only":
+        for pattern, cfg in VISION_FP32.items():
+            op_name_dict.setdefault(pattern, cfg)
+    params = replace(params, op_name_dict=op_name_dict)
+    ops = tuple((op.name, op.type) for op in inventory)
+    excluded = []
+    for name, op_type in ops:
+        reason = exclusion_reason(name, op_type, params.op_type_dict, op_name_dict)
+        if reason is not None:
+            excluded.append(ExcludedOp(name, op_type, reason))
+    spec = PassSpec(ops, tuple(excluded), tuple(batches[: params.confidence_batches]), params)
+    scored = len(spec.scored)
+    if scored == 0:
+        raise InputError(
+            f"{source}: sensitivity: every op is kept fp32 (op_type_dict/op_name_dict); nothing to score"
+        )
+    if scored > params.max_ops:
+        raise InputError(
+            f"{source}: sensitivity.max_ops: the pass would score {scored} ops per phase, more "
+            f"than max_ops={params.max_ops}; raise it or keep ops fp32 with op_name_dict/op_type_dict"
+        )
+    return spec

@@ -1,0 +1,482 @@
+"""Native sensitivity engine: INC's mse_v2 measurements in plain PyTorch, on CPU or GPU.
+
+Why: INC deep-copies the model and re-runs ``prepare_fx``/``convert_fx`` for every op (~1 s/op on
+the tiny model, ~45 s/op at 3B width on CPU, no GPU). Here observers are calibrated once per
+confidence batch and each trial only toggles fake-quantization on modules: no copy, no tracing.
+
+What is replicated (INC 3.7.1 PyTorch FX defaults on CPU, read from ``pytorch_cpu.yaml``,
+``_cfg_to_qconfig`` / ``_observer`` and from the converted sub-graphs it produces for Qwen2.5-VL):
+
+* Linear / Conv3d: weight int8 symmetric per output channel from min/max
+  (``PerChannelMinMaxObserver(qint8, per_channel_symmetric)``); input and output activations uint8
+  asymmetric per tensor from ``HistogramObserver`` (INC's ``kl`` default), ``reduce_range`` as INC
+  decides it (7-bit activations on CPUs without AVX512-VNNI). INC's converted sub-graphs are
+  ``quantize(input) -> quantized op -> dequantize`` per module, so each module fake-quantizes its
+  input, weight and output; modules reading the same tensor (gate_proj/up_proj) get identical
+  input qparams, as INC's shared observer gives them.
+* Embedding: weight-only, uint8 per row with float qparams
+  (``per_channel_affine_float_qparams``); output fp32.
+* Calibration: INC prepares each trial with observers and runs the same batch through a model
+  that is still fp32 while observing, so every trial sees fp32 statistics; we observe once per
+  batch and reuse the qparams for all trials of that batch.
+* Measurement: sum of squared differences at the output of the last op (lm_head) vs fp32.
+  ``fallback``: all scored ops quantized but one. ``requant`` ``cumulative``: INC's curve (ops
+  quantized one after another in module order, never reverted). ``isolated`` (INC lacks it):
+  only this op quantized, a true per-op measure.
+
+Arithmetic (``arithmetic``): ``int8_kernels`` (CPU) runs each enabled op through torch's own
+quantized modules (``torch.ao.nn.quantized.Linear`` / ``Conv3d`` on the x86 engine) built from the
+same qparams - the kernels INC's converted model calls, so values match INC to the bit where the
+inputs match. ``fake_quant`` (any device, the GPU path) quantize-dequantizes input, weight and
+output in float: the only difference is the rounding of the int32 -> uint8 requantization step,
+measured at 1 LSB in about 0.2 % of a Linear's outputs. INC's "double check" second pass is not
+replicated.
+
+Reuse: while only text ops are toggled, the vision tower's output is the same for every trial,
+so it is cached per (batch, vision on/off state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from ..phases import FALLBACK, REQUANT
+from .contract import Capture, HelperCall, PassResult, PassSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_avx512_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """What INC checks (CPUID leaf 7, ECX bit 11) to decide ``reduce_range``, read from Linux's flags."""
+    try:
+        return "avx512_vnni" in cpuinfo.read_text().split()
+    except OSError:
+        return False
+
+
+def resolve_reduce_range(setting: str) -> bool:
+    if setting == "auto":
+        return not cpu_has_avx512_vnni()
+    return setting == "true"
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            "params.yaml: sensitivity.native.device: cuda requested but no CUDA device is available"
+        )
+    return torch.device(setting)
+
+
+def _fq_tensor(x: torch.Tensor, qp: tuple[torch.Tensor, torch.Tensor, int, int]) -> torch.Tensor:
+    scale, zero_point, qmin, qmax = qp
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+
+
+def fake_quant_weight(weight: torch.Tensor, op_type: str) -> torch.Tensor:
+    """The weight INC's quantized module computes with, dequantized (same observer, same rounding)."""
+    w = weight.detach().float()
+    if op_type == "Embedding":
+        # Read the table back through torch's own quantized Embedding kernel (CPU): its row-wise
+        # dequantization (q * scale + bias) differs from (q - zp) * scale in the last float bit,
+        # and such a bit flips rounding downstream.
+        cpu = w.cpu()
+        obs = torch.ao.quantization.PerChannelMinMaxObserver(
+            ch_axis=0, dtype=torch.quint8, qscheme=torch.per_channel_affine_float_qparams
+        )
+        obs(cpu)
+        scale, zero_point = obs.calculate_qparams()
+        qweight = torch.quantize_per_channel(cpu, scale, zero_point, 0, torch.quint8)
+        table = torch.ao.nn.quantized.Embedding(cpu.shape[0], cpu.shape[1], _weight=qweight)
+        return table(torch.arange(cpu.shape[0])).to(weight.device, weight.dtype)
+    obs = torch.ao.quantization.PerChannelMinMaxObserver(
+        ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric
+    ).to(w.device)
+    obs(w)
+    scale, zero_point = obs.calculate_qparams()
+    return torch.fake_quantize_per_channel_affine(
+        w, scale.float(), zero_point.to(torch.int32), 0, -128, 127
+    ).to(weight.dtype)
+
+
+def _act_observer(reduce_range: bool) -> torch.ao.quantization.HistogramObserver:
+    return torch.ao.quantization.HistogramObserver(
+        dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=reduce_range
+    )
+
+
+def _qparams(obs) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    scale, zero_point = obs.calculate_qparams()
+    qmin, qmax = obs.quant_min, obs.quant_max
+    return scale.float().reshape(()), zero_point.to(torch.int32).reshape(()), int(qmin), int(qmax)
+
+
+def _quantized_module(op: _Op) -> nn.Module:
+    """torch's quantized Linear/Conv3d with INC's weight observer and this op's output qparams."""
+    mod = op.module
+    obs = torch.ao.quantization.PerChannelMinMaxObserver(
+        ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric
+    )
+    w = op.w_fp32.detach().float().cpu()
+    obs(w)
+    scale, zero_point = obs.calculate_qparams()
+    qweight = torch.quantize_per_channel(w, scale, zero_point, 0, torch.qint8)
+    bias = None if mod.bias is None else mod.bias.detach().float().cpu()
+    if isinstance(mod, nn.Linear):
+        q = torch.ao.nn.quantized.Linear(mod.in_features, mod.out_features, bias_=bias is not None)
+    elif isinstance(mod, nn.Conv3d):
+        q = torch.ao.nn.quantized.Conv3d(
+            mod.in_channels,
+            mod.out_channels,
+            mod.kernel_size,
+            mod.stride,
+            mod.padding,
+            mod.dilation,
+            mod.groups,
+            bias is not None,
+        )
+    else:
+        raise InputError(
+            f"native engine: int8_kernels arithmetic has no quantized kernel for {op.type} "
+            f"({op.name}); use arithmetic fake_quant"
+        )
+    q.set_weight_bias(qweight, bias)
+    q.scale, q.zero_point = float(op.out_qp[0]), int(op.out_qp[1])
+    return q
+
+
+def _int8_forward(op: _Op):
+    scale, zero_point = float(op.in_qp[0]), int(op.in_qp[1])
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return op.qmodule(torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8)).dequantize()
+
+    return forward
+
+
+@dataclass
+class _Op:
+    name: str
+    type: str
+    module: nn.Module
+    w_fp32: torch.Tensor
+    w_q: torch.Tensor
+    weight_only: bool
+    in_qp: tuple | None = None
+    out_qp: tuple | None = None
+    qmodule: nn.Module | None = None  # int8_kernels arithmetic: torch's quantized module for this op
+    enabled: bool = False
+    observers: dict[str, Any] = field(default_factory=dict)
+
+
+class FakeQuantModel:
+    """Hooks on every scored module; ``set(name, on)`` toggles that op's fake-quant in O(1)."""
+
+    def __init__(
+        self, model: nn.Module, op_names: list[str], reduce_range: bool, arithmetic: str = "fake_quant"
+    ):
+        modules = dict(model.named_modules())
+        self.model = model
+        self.reduce_range = reduce_range
+        self.arithmetic = arithmetic
+        self.observing = False
+        self.ops: dict[str, _Op] = {}
+        self._untie(modules, op_names)
+        for name in op_names:
+            mod = modules[name]
+            op_type = type(mod).__name__
+            weight = mod.weight.data
+            self.ops[name] = _Op(
+                name,
+                op_type,
+                mod,
+                weight,
+                fake_quant_weight(weight, op_type),
+                weight_only=op_type == "Embedding",
+            )
+        self.handles = []
+        for op in self.ops.values():
+            self.handles.append(op.module.register_forward_pre_hook(self._pre_hook(op)))
+            self.handles.append(op.module.register_forward_hook(self._post_hook(op)))
+
+    @staticmethod
+    def _untie(modules: dict[str, nn.Module], op_names: list[str]) -> None:
+        """Give tied weights (lm_head / embed_tokens) their own storage: each op toggles alone."""
+        seen: set[int] = set()
+        for name in op_names:
+            mod = modules[name]
+            if id(mod.weight) in seen:
+                mod.weight = nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
+            seen.add(id(mod.weight))
+
+    def _pre_hook(self, op: _Op):
+        def hook(_module, args):
+            if op.weight_only or not args:
+                return None
+            if self.observing:
+                op.observers["in"](args[0].detach().float())
+                return None
+            if op.enabled and op.qmodule is None:
+                return (_fq_tensor(args[0], op.in_qp), *args[1:])
+            return None
+
+        return hook
+
+    def _post_hook(self, op: _Op):
+        def hook(_module, _args, output):
+            if op.weight_only:
+                return None
+            if self.observing:
+                op.observers["out"](output.detach().float())
+                return None
+            return _fq_tensor(output, op.out_qp) if op.enabled and op.qmodule is None else None
+
+        return hook
+
+    def set(self, name: str, on: bool) -> None:
+        op = self.ops[name]
+        op.enabled = on
+        op.module.weight.data = op.w_q if on else op.w_fp32
+        if op.qmodule is not None:
+            if on:
+                op.module.forward = _int8_forward(op)
+            elif "forward" in vars(op.module):
+                del op.module.forward
+
+    def set_all(self, on: bool) -> None:
+        for name in self.ops:
+            self.set(name, on)
+
+    def state(self, names: list[str]) -> tuple[bool, ...]:
+        return tuple(self.ops[n].enabled for n in names)
+
+    @torch.no_grad()
+    def calibrate(self, batch: dict[str, torch.Tensor]) -> None:
+        """One fp32 forward with fresh observers (what every INC trial sees), then fix the qparams."""
+        self.set_all(False)
+        for op in self.ops.values():
+            if not op.weight_only:
+                dev = op.w_fp32.device
+                op.observers = {
+                    "in": _act_observer(self.reduce_range).to(dev),
+                    "out": _act_observer(self.reduce_range).to(dev),
+                }
+        self.observing = True
+        try:
+            self.model(**batch)
+        finally:
+            self.observing = False
+        for op in self.ops.values():
+            if not op.weight_only:
+                if op.observers["in"].min_val.numel() == 0 or not torch.isfinite(op.observers["in"].min_val):
+                    raise InputError(
+                        f"native engine: op {op.name} did not run on the calibration batch "
+                        "(keep it fp32 with sensitivity.op_name_dict)"
+                    )
+                op.in_qp, op.out_qp = _qparams(op.observers["in"]), _qparams(op.observers["out"])
+                op.observers = {}
+                if self.arithmetic == "int8_kernels":
+                    op.qmodule = _quantized_module(op)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.set_all(False)
+
+
+@contextlib.contextmanager
+def _vision_cache(model: nn.Module, fq: FakeQuantModel, batch_key: list[int]) -> Iterator[dict]:
+    """Reuse the vision tower's output while its fake-quant state does not change."""
+    visual = getattr(getattr(model, "model", model), "visual", None)
+    cache: dict = {}
+    if visual is None:
+        yield cache
+        return
+    vision_ops = [n for n in fq.ops if n.startswith(("model.visual.", "visual."))]
+    original = visual.forward
+
+    def forward(*args, **kwargs):
+        key = (batch_key[0], fq.state(vision_ops))
+        if key not in cache:
+            cache.clear()  # one entry: bounded memory
+            cache[key] = original(*args, **kwargs)
+        return copy.copy(cache[key])  # callers reassign fields of the output object
+
+    visual.forward = forward
+    try:
+        yield cache
+    finally:
+        del visual.forward
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
+    return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+
+
+def _resolve_arithmetic(arithmetic: str, dev: torch.device, dtype: str) -> str:
+    if arithmetic == "auto":
+        return "int8_kernels" if dev.type == "cpu" and dtype == "float32" else "fake_quant"
+    if arithmetic == "int8_kernels" and (dev.type != "cpu" or dtype != "float32"):
+        raise InputError(
+            "params.yaml: sensitivity.native.arithmetic: int8_kernels runs on cpu in float32 only "
+            f"(device {dev.type}, dtype {dtype}); use fake_quant"
+        )
+    return arithmetic
+
+
+def run_pass(
+    model: nn.Module,
+    spec: PassSpec,
+    *,
+    workspace: Path | None = None,
+    on_call: Callable[[Capture], None] | None = None,
+) -> PassResult:
+    """Both phases over the spec's confidence batches; same op set and order as the INC engine.
+
+    ``workspace`` is unused (nothing to spill); ``on_call`` runs after each phase x batch.
+    """
+    n = spec.params.native
+    dev = resolve_device(n.device)
+    rr = resolve_reduce_range(n.reduce_range)
+    arithmetic = _resolve_arithmetic(n.arithmetic, dev, n.dtype)
+    if n.dtype != "float32":
+        log.warning(
+            "native engine in %s: its rounding is as large as int8 noise (on the tiny model bf16 gave "
+            "fallback Spearman 0.61 vs INC); crosscheck against float32 before trusting it",
+            n.dtype,
+        )
+    op_types = dict(spec.ops)
+    scored = [name for name, _ in spec.scored]
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = n.allow_tf32
+        torch.backends.cudnn.allow_tf32 = n.allow_tf32
+        torch.cuda.reset_peak_memory_stats(dev)
+    dtype = DTYPES[n.dtype]
+    model = model.to(device=dev, dtype=dtype).eval()
+    last = spec.module_order[-1]
+    fq = FakeQuantModel(model, scored, rr, arithmetic)
+    captured: dict[str, torch.Tensor] = {}
+    last_module = dict(model.named_modules())[last]
+    grab = last_module.register_forward_hook(lambda _m, _a, out: captured.__setitem__("out", out.detach()))
+    capture, seconds, all_int8 = Capture(), {FALLBACK: 0.0, REQUANT: 0.0}, []
+    batch_key = [0]
+
+    def error(batch, ref) -> float:
+        model(**batch)
+        return float((captured["out"].float() - ref).pow(2).sum())
+
+    def record(phase: str, b: int, values: list, start: float) -> None:
+        elapsed = time.perf_counter() - start
+        seconds[phase] += elapsed
+        capture.calls.append(_call(phase, b, values, elapsed))
+        if on_call is not None:
+            on_call(capture)
+
+    try:
+        with torch.no_grad(), _vision_cache(model, fq, batch_key):
+            for b, raw in enumerate(spec.batches):
+                batch = {
+                    k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev)) for k, v in raw.items()
+                }
+                batch_key[0] = b
+                start = time.perf_counter()  # calibration counts: INC pays it in every trial
+                fq.calibrate(batch)
+                fq.set_all(False)
+                model(**batch)
+                ref = captured["out"].float()
+                fq.set_all(True)
+                all_int8.append(error(batch, ref))
+                values = []
+                for name in tqdm(scored, desc=f"native fallback batch {b}", leave=False):
+                    fq.set(name, False)
+                    values.append(((name, op_types[name]), error(batch, ref)))
+                    fq.set(name, True)
+                record(FALLBACK, b, values, start)
+                start = time.perf_counter()
+                fq.set_all(False)
+                values = []
+                for name in tqdm(scored, desc=f"native requant ({n.requant_mode}) batch {b}", leave=False):
+                    fq.set(name, True)
+                    values.append(((name, op_types[name]), error(batch, ref)))
+                    if n.requant_mode == "isolated":
+                        fq.set(name, False)
+                record(REQUANT, b, values, start)
+                log.info(
+                    "native batch %d: %d ops x 2 phases in %.2fs",
+                    b,
+                    len(scored),
+                    sum(c.seconds for c in capture.calls[-2:]),
+                )
+    finally:
+        grab.remove()
+        fq.remove()
+    types_used = sorted({op_types[name] for name in scored})
+    conv = (
+        "Conv3d quantized (fake-quant; no forward patch needed)"
+        if "Conv3d" in types_used
+        else "no Conv3d scored"
+    )
+    return PassResult(
+        capture,
+        list(spec.ops),
+        list(spec.excluded),
+        last,
+        conv,
+        {"reduce_range": rr, "by_op_type": {t: _scheme(t) for t in types_used}},
+        engine="native",
+        requant_mode=n.requant_mode,
+        all_int8_mse=sum(all_int8) / len(all_int8),
+        details={"device": str(dev), "dtype": n.dtype, "allow_tf32": n.allow_tf32, "arithmetic": arithmetic},
+        runtime={
+            "seconds": seconds,
+            "seconds_per_op": sum(seconds.values()) / (2 * spec.confidence_batches * len(scored)),
+            **_peak_memory(dev),
+        },
+    )
+
+
+def _call(phase: str, batch: int, values: list, seconds: float) -> HelperCall:
+    return HelperCall(
+        phase,
+        batch,
+        main=values,
+        returned=[k for k, _ in sorted(values, key=lambda kv: kv[1])],
+        seconds=seconds,
+    )
+
+
+def _scheme(op_type: str) -> dict[str, Any]:
+    act = {"dtype": "uint8", "scheme": "asym", "granularity": "per_tensor", "algorithm": "kl"}
+    if op_type == "Embedding":
+        return {
+            "weight": {
+                "dtype": "uint8",
+                "scheme": "asym_float",
+                "granularity": "per_channel",
+                "algorithm": "minmax",
+            },
+            "activation": {"dtype": "fp32"},
+        }
+    return {
+        "weight": {"dtype": "int8", "scheme": "sym", "granularity": "per_channel", "algorithm": "minmax"},
+        "activation": act,
+    }

@@ -1,0 +1,151 @@
+"""The pass runner: stage inputs -> a validated :class:`PassSpec` -> the chosen engine -> artifacts.
+
+Glue only. Each phase x batch's values are persisted as they land (a long run that dies keeps
+what it measured in ``<workspace>/partial_capture.json``); the report is written atomically.
+
+Runtime file (``--runtime``, e.g. ``reports/runtime/sensitivity.json``), a DVC metric that no
+stage hashes or reads, so timings never change a versioned artifact::
+
+    {"engine": str, "seconds": {fallback, requant}, "seconds_per_op": float | null,
+     "peak_rss_gib" | "peak_gpu_memory_gib": float, "host": {machine, cpu, cpu_count, torch_threads, gpu}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..atomic import dump_json
+from ..data.calibration import load_calibration
+from ..errors import InputError
+from ..inventory import OpInfo, read_inventory
+from ..model.batches import build_batches
+from ..model.source import load_model_dir
+from ..params import SensitivityParams
+from .artifact import build_report, write_report
+from .contract import Capture, Engine, PassResult, PassSpec, build_spec
+
+log = logging.getLogger(__name__)
+
+PARTIAL = "partial_capture.json"
+
+
+def engine(name: str) -> Engine:
+    """The engine's ``run_pass``; imported on demand (INC is heavy, and the native path needs no INC)."""
+    if name == "inc":
+        from .inc import run_pass
+    else:
+        from .native import run_pass
+    return run_pass
+
+
+def run_engine(name: str, model: nn.Module, spec: PassSpec, workspace: Path) -> PassResult:
+    """One pass of engine ``name``, persisting each phase x batch's values under ``workspace``."""
+    workspace.mkdir(parents=True, exist_ok=True)
+    partial = workspace / PARTIAL
+
+    def persist(capture: Capture) -> None:
+        dump_json([asdict(c) for c in capture.calls], partial)
+
+    return engine(name)(model, spec, workspace=workspace, on_call=persist)
+
+
+def load_inputs(
+    params: SensitivityParams,
+    cal_dir: Path,
+    model_dir: Path,
+    inventory_path: Path,
+    source: str = "params.yaml",
+) -> tuple[nn.Module, PassSpec, list[OpInfo], dict[str, Any]]:
+    """Model, validated pass spec (first confidence_batches x batch_size records), inventory, metadata."""
+    meta, records = load_calibration(cal_dir)
+    inventory = read_inventory(inventory_path)
+    needed = params.confidence_batches * params.batch_size
+    if len(records) < needed:
+        raise InputError(
+            f"{source}: sensitivity.confidence_batches x batch_size = {needed} samples needed, "
+            f"the calibration sample {cal_dir} has {len(records)} (raise captions.count)"
+        )
+    model, processor, card = load_model_dir(model_dir)
+    used = records[:needed]
+    batches = build_batches(used, cal_dir, processor, meta.mode, params.batch_size)
+    spec = build_spec(params, inventory, batches, meta.mode, source)
+    calibration = {
+        "mode": meta.mode,
+        "manifest_records": len(records),
+        "samples_used": len(used),
+        "batch_size": params.batch_size,
+        "confidence_batches": params.confidence_batches,
+        "annotations": meta.annotations,
+        "annotations_sha256": meta.annotations_sha256,
+    }
+    return model, spec, inventory, {"model": asdict(card), "calibration": calibration}
+
+
+def host_facts() -> dict[str, Any]:
+    """Where a runtime was measured: a number means little without the machine."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return {
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def runtime_doc(result: PassResult) -> dict[str, Any]:
+    seconds = {k: round(v, 3) for k, v in result.runtime.get("seconds", {}).items()}
+    doc: dict[str, Any] = {"engine": result.engine, "seconds": seconds}
+    per_op = result.runtime.get("seconds_per_op")
+    doc["seconds_per_op"] = round(per_op, 6) if per_op is not None else None
+    for key in ("peak_rss_gib", "peak_gpu_memory_gib"):
+        if key in result.runtime:
+            doc[key] = result.runtime[key]
+    doc.setdefault("peak_rss_gib", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3))
+    doc["host"] = host_facts()
+    return doc
+
+
+def run_sensitivity(
+    params: SensitivityParams,
+    cal_dir: Path,
+    model_dir: Path,
+    inventory_path: Path,
+    out_json: Path,
+    metrics_json: Path,
+    runtime_json: Path | None,
+    workspace: Path,
+    source: str = "params.yaml",
+) -> dict:
+    model, spec, inventory, metadata = load_inputs(params, cal_dir, model_dir, inventory_path, source)
+    (workspace / PARTIAL).unlink(missing_ok=True)  # never mix an earlier run's values with this one's
+    result = run_engine(params.engine, model, spec, workspace)
+    report = build_report(result, inventory, metadata)
+    write_report(report, out_json, metrics_json)
+    if runtime_json is not None:
+        dump_json(runtime_doc(result), runtime_json)
+    log.info(
+        "wrote %s (%s engine): %s",
+        out_json,
+        params.engine,
+        json.dumps({p: len(v["ops"]) for p, v in report["phases"].items()}),
+    )
+    return report

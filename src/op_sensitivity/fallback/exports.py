@@ -1,0 +1,126 @@
+"""Exports of a fallback list in each quantizer's own format (chosen ops only).
+
+* INC: ``op_name_dict`` keeping each op fp32 for weight and activation; load with
+  ``PostTrainingQuantConfig(op_name_dict=json.load(f))``. Keys are INC's op names (as INC
+  reported them, ``.module`` suffix included where INC wrapped the module).
+* NVIDIA ModelOpt: ``{"quant_cfg": {"*<module>.*": {"enable": False}}}`` - disables the module's
+  weight/input/output quantizers; merge into a config, e.g.
+  ``cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG); cfg["quant_cfg"].update(frag["quant_cfg"])``.
+* ONNX Runtime ``quantize_static(nodes_to_exclude=...)``: node names depend on the export; with
+  ``torch.onnx.export`` a module ``a.b.c`` becomes nodes named ``/a/b/c/<OpType>`` (e.g.
+  ``/model/language_model/layers/0/mlp/up_proj/MatMul``). Without an ``.onnx`` file we emit the
+  module names, the rule and the node-name prefixes; with one (``fallback.onnx_model``) we
+  resolve the real node names from the graph with the ``onnx`` package.
+* llm-compressor / compressed-tensors: an ``ignore`` list of module names; a ``re:`` pattern only
+  where a whole group (a tower, or one vision block / decoder layer) is chosen.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ..engines.contract import FP32
+from ..errors import InputError
+from ..inventory import OpInfo
+
+ORT_RULE = (
+    "torch.onnx.export names the nodes of module 'a.b.c' '/a/b/c/<OpType>' (MatMul, Gemm, Add, Conv, "
+    "Gather...); exclude every node under the prefix '/a/b/c/'"
+)
+
+
+def inc_op_name_dict(op_names: Iterable[str]) -> dict[str, Any]:
+    return {name: {k: dict(v) for k, v in FP32.items()} for name in op_names}
+
+
+def modelopt_quant_cfg(modules: Iterable[str]) -> dict[str, Any]:
+    return {"quant_cfg": {f"*{m}.*": {"enable": False} for m in modules}}
+
+
+def ort_prefix(module: str) -> str:
+    return "/" + module.replace(".", "/") + "/"
+
+
+def ort_nodes_to_exclude(modules: list[str], onnx_path: str | None) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "module_names": modules,
+        "mapping_rule": ORT_RULE,
+        "node_name_prefixes": [ort_prefix(m) for m in modules],
+        "onnx_model": onnx_path,
+        "nodes_to_exclude": None,
+    }
+    if onnx_path is None:
+        return doc
+    import onnx
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise InputError(f"params.yaml: fallback.onnx_model: {path} not found")
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:  # onnx raises DecodeError and friends for a bad file
+        raise InputError(f"{path}: not a loadable ONNX model ({e})") from e
+    names = [n.name for n in graph.node]
+    resolved, unresolved = [], []
+    for m in modules:
+        hits = [n for n in names if n.startswith(ort_prefix(m))]
+        resolved.extend(hits)
+        if not hits:
+            unresolved.append(m)
+    doc["nodes_to_exclude"] = resolved
+    doc["unresolved_modules"] = unresolved
+    return doc
+
+
+def _groups(inventory: list[OpInfo]) -> dict[str, list[str]]:
+    """Candidate groups: each tower, and each vision block / decoder layer."""
+    groups: dict[str, list[str]] = {}
+    for op in inventory:
+        groups.setdefault(f"tower:{op.tower}", []).append(op.name)
+        m = re.match(r"(.*\.(?:layers|blocks)\.\d+)\.", op.name)
+        if m:
+            groups.setdefault(m.group(1), []).append(op.name)
+    return groups
+
+
+def llmcompressor_ignore(modules: list[str], inventory: list[OpInfo]) -> list[str]:
+    """Module names, collapsing fully chosen groups into one ``re:`` pattern (largest groups first)."""
+    chosen = set(modules)
+    covered: set[str] = set()
+    patterns = []
+    for key, members in sorted(_groups(inventory).items(), key=lambda kv: -len(kv[1])):
+        if len(members) < 2 or not set(members) <= chosen or set(members) <= covered:
+            continue
+        if key.startswith("tower:"):
+            prefix = _common_prefix(members)
+            if not prefix or any(o.name.startswith(prefix) and o.name not in chosen for o in inventory):
+                continue
+        else:
+            prefix = key + "."
+        patterns.append("re:" + re.escape(prefix) + ".*")
+        covered |= set(members)
+    return patterns + [m for m in modules if m not in covered]
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    common = []
+    for tokens in zip(*parts, strict=False):
+        if len(set(tokens)) != 1:
+            break
+        common.append(tokens[0])
+    return ".".join(common) + "." if common else ""
+
+
+def llmcompressor_recipe(ignore: list[str]) -> dict[str, Any]:
+    """A W8A8 recipe fragment llm-compressor loads as YAML; ``ignore`` is what this pipeline decides."""
+    return {
+        "quant_stage": {
+            "quant_modifiers": {
+                "QuantizationModifier": {"targets": ["Linear"], "scheme": "W8A8", "ignore": ignore}
+            }
+        }
+    }

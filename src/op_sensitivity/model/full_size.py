@@ -1,0 +1,55 @@
+"""The full-size Qwen2.5-VL-3B-Instruct architecture with seeded random weights.
+
+Why: speed and memory of the sensitivity engines must be measured at the real widths (2048
+hidden, 36 layers, 32 vision blocks, 151936 vocab) without the real weights, which cannot be
+downloaded here. The published config values ship in ``configs/qwen2_5_vl_3b_instruct.json``.
+Every output built from it is labelled ``random_weights: true``.
+
+The special-token ids of the config are replaced by those of the tokenizer trained on the
+captions (the processor inserts the tokenizer's ``<|image_pad|>``); the vocabulary size stays
+151936, so the embedding and lm_head keep their real shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+CONFIG_FILE = "qwen2_5_vl_3b_instruct.json"
+TOKEN_FIELDS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+    "bos_token_id": "<|endoftext|>",
+    "eos_token_id": "<|im_end|>",
+}
+
+
+def published_config() -> dict[str, Any]:
+    text = resources.files("op_sensitivity.model").joinpath("configs", CONFIG_FILE).read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def full_size_config(tokenizer: PreTrainedTokenizerBase | None = None) -> Qwen2_5_VLConfig:
+    values = published_config()
+    if tokenizer is not None:
+        values.update({k: tokenizer.convert_tokens_to_ids(t) for k, t in TOKEN_FIELDS.items()})
+    values.pop("architectures", None)
+    values.pop("model_type", None)
+    return Qwen2_5_VLConfig(**values)
+
+
+def build_full_size_model(
+    tokenizer: PreTrainedTokenizerBase, seed: int
+) -> Qwen2_5_VLForConditionalGeneration:
+    """~3.75 B parameters: 15 GB in fp32 on the CPU; takes minutes to initialise."""
+    config = full_size_config(tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return model.eval()

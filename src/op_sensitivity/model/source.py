@@ -1,0 +1,152 @@
+"""Stage load_model: materialize a loadable HF directory (model + processor) from a source.
+
+Sources: ``tiny`` (embedded default: tokenizer trained on the calibration captions, seeded
+random weights), ``full_size_random`` (the published Qwen2.5-VL-3B architecture, seeded random
+weights: for speed/memory measurements) or ``hf_dir`` (a local Qwen2.5-VL snapshot, e.g.
+Qwen2.5-VL-3B-Instruct).
+Either way the output has the same layout plus ``op_sensitivity_model.json`` (ModelCard), so
+later stages never care where the model came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from ..atomic import atomic_dir
+from ..data.calibration import load_calibration
+from ..errors import InputError
+from ..params import ModelParams
+from .processor import CHAT_TEMPLATE, ImageTextProcessor
+from .tiny import build_tiny_model
+from .tokenizer import train_tokenizer
+
+CARD = "op_sensitivity_model.json"
+SUPPORTED_MODEL_TYPE = "qwen2_5_vl"
+WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What later stages and reports need to know about the materialized model."""
+
+    source: str
+    origin: str
+    random_weights: bool
+    seed: int | None
+    sha256: str
+    params: int
+    model_type: str
+
+
+def dir_sha256(path: Path, exclude: tuple[str, ...] = (CARD,)) -> str:
+    """Content hash of a model directory (relative names + bytes), independent of mtimes."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name not in exclude):
+        h.update(str(f.relative_to(path)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def check_hf_dir(path: Path) -> None:
+    """Fail early, naming the directory, when it is not a Qwen2.5-VL snapshot with weights."""
+    if not path.is_dir():
+        raise InputError(f"params.yaml: model.hf_dir: {path} is not a directory")
+    config = path / "config.json"
+    if not config.is_file():
+        raise InputError(f"{config}: missing (expected a Hugging Face model snapshot)")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise InputError(f"{config}: not valid JSON ({e})") from e
+    if model_type != SUPPORTED_MODEL_TYPE:
+        raise InputError(
+            f"{config}: model_type {model_type!r}, expected {SUPPORTED_MODEL_TYPE!r} (Qwen2.5-VL)"
+        )
+    if not any(any(path.glob(g)) for g in WEIGHT_GLOBS):
+        raise InputError(f"{path}: no weights (expected {' or '.join(WEIGHT_GLOBS)})")
+
+
+def _from_tiny(
+    params: ModelParams, calibration_dir: Path, full_size: bool = False
+) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageTextProcessor]:
+    """Tokenizer trained on the captions + seeded random weights: tiny sizes, or the full 3B architecture."""
+    _, records = load_calibration(calibration_dir)
+    tokenizer = train_tokenizer((r.caption for r in records), params.tiny.vocab_size)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    bounds = {k: v for k, v in (("min_pixels", params.min_pixels), ("max_pixels", params.max_pixels)) if v}
+    processor = ImageTextProcessor(tokenizer, Qwen2VLImageProcessorPil(**bounds), CHAT_TEMPLATE)
+    if full_size:
+        from .full_size import build_full_size_model
+
+        return build_full_size_model(tokenizer, params.seed), processor
+    return build_tiny_model(params.tiny, tokenizer, params.seed), processor
+
+
+def _from_hf_dir(params: ModelParams) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageTextProcessor]:
+    check_hf_dir(params.hf_dir)
+    processor = ImageTextProcessor.load(params.hf_dir, params.min_pixels, params.max_pixels)
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            params.hf_dir, dtype=torch.float32, local_files_only=True
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"{params.hf_dir}: weights do not load as Qwen2.5-VL ({e})") from e
+    return model.eval(), processor
+
+
+def materialize_model(
+    params: ModelParams, calibration_dir: Path, out_dir: Path
+) -> tuple[Qwen2_5_VLForConditionalGeneration, ModelCard]:
+    """Write the model directory atomically and return the in-memory model with its card."""
+    if params.source in ("tiny", "full_size_random"):
+        model, processor = _from_tiny(params, calibration_dir, full_size=params.source == "full_size_random")
+        origin = (
+            "full-size Qwen2.5-VL-3B-Instruct architecture (seeded random weights)"
+            if params.source == "full_size_random"
+            else "embedded tiny Qwen2.5-VL (seeded random weights)"
+        )
+        seed = params.seed
+    else:
+        model, processor = _from_hf_dir(params)
+        origin, seed = str(params.hf_dir), None
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save(tmp)
+        card = ModelCard(
+            params.source,
+            origin,
+            params.source != "hf_dir",
+            seed,
+            dir_sha256(tmp),
+            sum(p.numel() for p in model.parameters()),
+            model.config.model_type,
+        )
+        (tmp / CARD).write_text(json.dumps(asdict(card), indent=2) + "\n")
+    return model, card
+
+
+def read_card(model_dir: Path) -> ModelCard:
+    path = model_dir / CARD
+    if not path.is_file():
+        raise InputError(f"{path}: missing (run the load_model stage first)")
+    return ModelCard(**json.loads(path.read_text()))
+
+
+def load_model_dir(
+    model_dir: Path,
+) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageTextProcessor, ModelCard]:
+    """Load what :func:`materialize_model` wrote (fp32, eval mode)."""
+    card = read_card(model_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model_dir, dtype=torch.float32, local_files_only=True
+    ).eval()
+    return model, ImageTextProcessor.load(model_dir), card

@@ -1,0 +1,15 @@
+"""The two measurements of INC's mse_v2 pass, named once for engines, reports and params.
+
+* ``fallback`` (INC's ``get_mse_order_per_fp32``): every scored op int8 but one.
+* ``requant`` (INC's ``get_mse_order_per_int8``): from all-fp32, ops quantized one after another.
+
+A keep-list may also rank by ``both`` (the two phases combined by mean rank).
+"""
+
+from __future__ import annotations
+
+FALLBACK = "fallback"
+REQUANT = "requant"
+PHASES = (FALLBACK, REQUANT)
+BOTH = "both"
+SELECTABLE_PHASES = (*PHASES, BOTH)

@@ -1,0 +1,210 @@
+"""Stage rank_report: ``op_sensitivity.json`` -> a report people read and plots they look at.
+
+Outputs (under the report dir, default ``reports/``):
+
+* ``op_sensitivity.md``: per phase ``rank | op_name | op_type | tower | mse_value | score``, most
+  sensitive first; summaries per tower and per op type; phase agreement; run metadata.
+* ``plots/*.png``: spectrum, score vs depth, cumulative error share, requant curve.
+* ``rank/scores.csv``: every op x phase (the data behind the plots); ``rank/top_<phase>.csv``:
+  the top ops for ``dvc plots`` (template ``bar_horizontal_sorted``).
+* ``rank/metrics.json``: diffable numbers, see :func:`metrics`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..atomic import atomic_file, dump_json
+from ..inventory import TOWERS, OpInfo
+from ..params import ReportParams
+from ..phases import FALLBACK, PHASES, REQUANT
+from . import plots
+from .comparison import summary_lines
+from .scores import agreement, all_int8_error, all_int8_source, phase_scores
+
+SCORE_DOC = {
+    FALLBACK: "score = (E - mse) / E: share of the all-int8 error E removed by keeping only this op fp32",
+    REQUANT: "score = (mse_i - mse_{i-1}) / E: the increment this op adds to INC's cumulative curve",
+}
+
+
+def top_share(df: pd.DataFrame, fraction: float = 0.05) -> float:
+    """Share of the summed positive score held by the top ``fraction`` of ops (at least one op)."""
+    positive = df["score"].clip(lower=0)
+    k = max(1, math.ceil(fraction * len(df)))
+    total = positive.sum()
+    return float(positive.iloc[:k].sum() / total) if total > 0 else 0.0
+
+
+def metrics(scores: dict[str, pd.DataFrame], rho: float) -> dict[str, Any]:
+    """What `dvc metrics diff` should show across commits: size, concentration, agreement, the leaders."""
+    out: dict[str, Any] = {"phase_spearman": round(rho, 6)}
+    for phase, df in scores.items():
+        out[phase] = {
+            "ops": len(df),
+            "top5pct_error_share": round(top_share(df), 6),
+            "max_score": round(float(df["score"].max()), 6),
+            "most_sensitive": {
+                t: df.loc[df["tower"] == t, "module"].iloc[0] for t in TOWERS if (df["tower"] == t).any()
+            },
+        }
+    return out
+
+
+def _table(df: pd.DataFrame) -> str:
+    t = df[["rank", "op_name", "op_type", "tower", "mse", "score"]].rename(columns={"mse": "mse_value"})
+    return t.to_markdown(index=False, floatfmt=".6g")
+
+
+def _summary(df: pd.DataFrame, by: str) -> str:
+    g = df.groupby(by).agg(
+        ops=("op_name", "count"),
+        score_sum=("score", "sum"),
+        score_max=("score", "max"),
+        best_rank=("rank", "min"),
+        params=("params", "sum"),
+    )
+    return g.sort_values("score_sum", ascending=False).reset_index().to_markdown(index=False, floatfmt=".4g")
+
+
+def render_markdown(
+    report: dict[str, Any],
+    scores: dict[str, pd.DataFrame],
+    rho: float,
+    worst: pd.DataFrame,
+    top: int | None,
+    check: dict[str, Any] | None = None,
+) -> str:
+    meta = report["metadata"]
+    model = meta["model"]
+    lines = ["# Op sensitivity report", ""]
+    if model.get("random_weights"):
+        lines += [
+            "> **Random weights**: this model was built with seeded random weights; the spectrum shows the",
+            "> pipeline working, not the sensitivity of a trained model.",
+            "",
+        ]
+    lines += [
+        f"Model: {model['origin']} ({model['params']:,} params, sha256 `{model['sha256'][:12]}`). "
+        f"Engine: {report['engine']}. Error measured at `{meta['measured_at']}`.",
+        "",
+        f"All-int8 error E = {all_int8_error(report):.6g} (source: {all_int8_source(report)}). "
+        "Higher score = more sensitive.",
+        "",
+    ]
+    for phase in PHASES:
+        df = scores[phase]
+        shown = df if top is None else df.head(top)
+        lines += [
+            f"## Phase `{phase}`",
+            "",
+            SCORE_DOC[phase] + ".",
+            "",
+            f"{len(df)} ops; top {len(shown)} shown; full table in `rank/scores.csv`.",
+            "",
+            _table(shown),
+            "",
+            "### Per tower",
+            "",
+            _summary(df, "tower"),
+            "",
+            "### Per op type",
+            "",
+            _summary(df, "op_type"),
+            "",
+        ]
+    lines += [
+        "## Phase agreement",
+        "",
+        f"Spearman rank correlation of the two phases' scores: **{rho:.3f}**.",
+        "",
+        "Ops where the phases disagree most:",
+        "",
+        worst.to_markdown(index=False),
+        "",
+        *(
+            ["## Engine crosscheck", "", summary_lines(check)[0], "", *summary_lines(check)[1:], ""]
+            if check
+            else []
+        ),
+        "## Plots",
+        "",
+        "![spectrum](plots/spectrum.png)",
+        "",
+        "![depth](plots/depth.png)",
+        "",
+        "![cumulative](plots/cumulative_share.png)",
+        "",
+        "![requant curve](plots/requant_curve.png)",
+        "",
+        "## Run metadata",
+        "",
+    ]
+    cal = meta["calibration"]
+    rows = [
+        (
+            "INC / torch / transformers",
+            " / ".join(meta["versions"][k] for k in ("neural_compressor", "torch", "transformers")),
+        ),
+        (
+            "calibration",
+            f"{cal['mode']}, {cal['samples_used']} samples used of {cal['manifest_records']}, "
+            f"batch {cal['batch_size']}, {cal['confidence_batches']} confidence batches",
+        ),
+        ("measure", meta["measure"]),
+        ("aggregation", meta["aggregation"]),
+        (
+            "excluded ops",
+            ", ".join(f"{e['op_name']} ({e['reason']})" for e in meta["excluded_ops"]) or "none",
+        ),
+        ("Conv3d", meta["conv3d_handling"]),
+    ]
+    lines += [pd.DataFrame(rows, columns=["", "value"]).to_markdown(index=False), ""]
+    return "\n".join(lines)
+
+
+def write_rank_report(
+    report: dict[str, Any],
+    inventory: list[OpInfo],
+    out_dir: Path,
+    params: ReportParams,
+    check: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    top, plot_top = params.table_top, params.plot_top
+    scores = phase_scores(report, inventory)
+    rho, worst = agreement(scores)
+    rank_dir = out_dir / "rank"
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    columns = [
+        "phase",
+        "rank",
+        "op_name",
+        "module",
+        "op_type",
+        "tower",
+        "depth",
+        "position",
+        "params",
+        "mse",
+        "score",
+    ]
+    table = pd.concat([scores[p][columns] for p in PHASES], ignore_index=True)
+    with atomic_file(rank_dir / "scores.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    for phase in PHASES:
+        with atomic_file(rank_dir / f"top_{phase}.csv") as tmp:
+            scores[phase].head(plot_top)[["module", "score"]].to_csv(tmp, index=False)
+    plot_dir = out_dir / "plots"
+    plots.spectrum(scores, plot_dir / "spectrum.png", top=plot_top)
+    plots.depth(scores, plot_dir / "depth.png")
+    plots.cumulative(scores, plot_dir / "cumulative_share.png")
+    plots.requant_curve(scores[REQUANT], plot_dir / "requant_curve.png")
+    with atomic_file(out_dir / "op_sensitivity.md") as tmp:
+        tmp.write_text(render_markdown(report, scores, rho, worst, top, check))
+    m = {"all_int8_mse": all_int8_error(report), **metrics(scores, rho)}
+    dump_json(m, rank_dir / "metrics.json")
+    return m

@@ -1,0 +1,67 @@
+import json
+from dataclasses import replace
+
+import pytest
+from PIL import Image
+
+from op_sensitivity.data.calibration import load_calibration, prepare_calibration
+from op_sensitivity.data.coco import draw_sample, load_coco
+from op_sensitivity.errors import InputError
+from tests.helpers import SAMPLE_ANNOTATIONS, SAMPLE_IMAGES
+
+
+@pytest.fixture
+def cap_params(repo_params):
+    return replace(repo_params.captions, annotations=SAMPLE_ANNOTATIONS, images_dir=SAMPLE_IMAGES, count=6)
+
+
+def test_prepare_writes_manifest_images_and_meta(tmp_path, cap_params):
+    out = tmp_path / "cal"
+    records = prepare_calibration(replace(cap_params, max_side=50), out)
+    meta, loaded = load_calibration(out)
+    assert loaded == records
+    assert meta.count == 6 and meta.mode == "image_caption" and meta.max_side == 50
+    for r in records:
+        with Image.open(out / r.image) as im:
+            assert max(im.size) == 50 and im.size == (r.width, r.height)
+        assert r.caption  # caption text carried through
+    doc = json.loads(SAMPLE_ANNOTATIONS.read_text())
+    by_id = {a["id"]: a for a in doc["annotations"]}
+    assert all(by_id[r.annotation_id]["image_id"] == r.image_id for r in records)
+
+
+def test_missing_or_broken_image_fails_without_output(tmp_path, cap_params):
+    images = tmp_path / "images"
+    images.mkdir()
+    coco = load_coco(SAMPLE_ANNOTATIONS)
+    chosen = [img["file_name"] for img, _ in draw_sample(coco, 6, cap_params.seed, "one")]
+    for name in chosen[:-1]:
+        (images / name).write_bytes((SAMPLE_IMAGES / name).read_bytes())
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=f"{chosen[-1]}: image listed in .* is missing"):
+        prepare_calibration(replace(cap_params, images_dir=images), out)
+    (images / chosen[-1]).write_bytes(b"definitely not a jpeg")
+    with pytest.raises(InputError, match=f"{chosen[-1]}: image listed in .* does not open"):
+        prepare_calibration(replace(cap_params, images_dir=images), out)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dir left behind
+
+
+def test_failed_rerun_keeps_previous_output(tmp_path, cap_params):
+    out = tmp_path / "out"
+    prepare_calibration(cap_params, out)
+    before = (out / "manifest.jsonl").read_text()
+    with pytest.raises(InputError):
+        prepare_calibration(replace(cap_params, images_dir=tmp_path / "missing"), out)
+    assert (out / "manifest.jsonl").read_text() == before
+
+
+def test_load_calibration_rejects_tampered_manifest(tmp_path, cap_params):
+    out = tmp_path / "out"
+    prepare_calibration(cap_params, out)
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    rec = json.loads(lines[0])
+    rec["width"] = "wide"
+    (out / "manifest.jsonl").write_text("\n".join([json.dumps(rec), *lines[1:]]))
+    with pytest.raises(InputError, match=r"manifest.jsonl:1: field 'width' expected int"):
+        load_calibration(out)

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from op_sensitivity.errors import InputError
+from op_sensitivity.fallback.exports import (
+    inc_op_name_dict,
+    llmcompressor_ignore,
+    modelopt_quant_cfg,
+    ort_nodes_to_exclude,
+)
+from op_sensitivity.inventory import OpInfo
+from tests.handmade import DOWN, HEAD, INVENTORY, PATCH, UP
+
+
+def test_inc_export_builds_a_config_inc_honours(small_model_dir, calibration_dir, tmp_path):
+    from neural_compressor import PostTrainingQuantConfig
+
+    from op_sensitivity.data.calibration import load_calibration
+    from op_sensitivity.engines.inc import CalibrationLoader, build_strategy, initial_tune_cfg, kept_fp32
+    from op_sensitivity.model.batches import build_batches
+    from op_sensitivity.model.source import load_model_dir
+
+    keep = ["lm_head.module", "model.language_model.layers.0.mlp.down_proj"]
+    path = tmp_path / "inc_op_name_dict.json"
+    path.write_text(json.dumps(inc_op_name_dict(keep)))
+    loaded = json.loads(path.read_text())
+    PostTrainingQuantConfig(op_name_dict=loaded)  # INC accepts the file as-is
+    model, processor, _ = load_model_dir(small_model_dir)
+    _, records = load_calibration(calibration_dir)
+    loader = CalibrationLoader(build_batches(records[:1], calibration_dir, processor, "image_caption", 1), 1)
+    strategy = build_strategy(model, loader, 1, 0.99, {}, loaded, tmp_path / "ws")
+    fp32 = {name for name, _ in kept_fp32(initial_tune_cfg(strategy, 1))}
+    assert fp32 == set(keep)
+
+
+def test_ort_resolves_real_node_names_from_an_onnx_file(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node(
+            "MatMul", ["x", "w1"], ["h"], name="/model/language_model/layers/0/mlp/down_proj/MatMul"
+        ),
+        helper.make_node("MatMul", ["h", "w2"], ["y"], name="/lm_head/MatMul"),
+        helper.make_node("Relu", ["y"], ["z"], name="/model/language_model/layers/0/mlp/up_proj/Relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2]) for n in ("x", "w1", "w2")],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 2])],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), path)
+    doc = ort_nodes_to_exclude([DOWN, HEAD, "model.visual.merger.mlp.0"], str(path))
+    assert doc["nodes_to_exclude"] == [
+        "/model/language_model/layers/0/mlp/down_proj/MatMul",
+        "/lm_head/MatMul",
+    ]
+    assert doc["unresolved_modules"] == ["model.visual.merger.mlp.0"]
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"nope")
+    with pytest.raises(InputError, match="not a loadable ONNX model"):
+        ort_nodes_to_exclude([DOWN], str(bad))
+
+
+def test_llmcompressor_collapses_whole_groups_only():
+    layer = [f"model.language_model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    inv = INVENTORY + [OpInfo(n, "Linear", [2, 2], 4, "text", None) for n in layer]
+    assert llmcompressor_ignore(layer + [HEAD], inv) == [r"re:model\.language_model\.layers\.1\..*", HEAD]
+    assert llmcompressor_ignore(layer[:2], inv) == layer[:2]
+    assert llmcompressor_ignore([PATCH, UP], inv) == [r"re:model\.visual\..*"]  # whole vision tower
+    assert modelopt_quant_cfg([HEAD]) == {"quant_cfg": {"*lm_head.*": {"enable": False}}}

@@ -1,0 +1,74 @@
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+from PIL import Image
+
+from op_sensitivity.data.calibration import load_calibration
+from op_sensitivity.errors import InputError
+from op_sensitivity.inventory import op_inventory, read_inventory
+from op_sensitivity.model.processor import IMAGE_PAD
+from op_sensitivity.model.source import dir_sha256, load_model_dir, materialize_model
+
+
+def test_materialized_dir_loads_back_identically(small_model_dir, calibration_dir):
+    model, processor, card = load_model_dir(small_model_dir)
+    assert card.random_weights and card.source == "tiny" and card.sha256 == dir_sha256(small_model_dir)
+    assert card.params == sum(p.numel() for p in model.parameters())
+    inv = read_inventory(small_model_dir.parent / "op_inventory.json")
+    assert [o.name for o in inv] == [o.name for o in op_inventory(model)]
+    _, records = load_calibration(calibration_dir)
+    with Image.open(calibration_dir / records[0].image) as im:
+        batch = processor.encode([records[0].caption], [im.convert("RGB")])
+    grid = batch["image_grid_thw"][0]
+    n_image_tokens = int((batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)).sum())
+    assert n_image_tokens == int(grid.prod()) // 4
+    assert batch["pixel_values"].shape[0] == int(grid.prod())
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (1, batch["input_ids"].shape[1], len(processor.tokenizer))
+    assert torch.isfinite(logits).all()
+
+
+def test_two_materializations_hash_the_same(tmp_path, small_model_params, calibration_dir, small_model_dir):
+    _, card = materialize_model(small_model_params, calibration_dir, tmp_path / "again")
+    assert card.sha256 == dir_sha256(small_model_dir)
+
+
+def test_hf_dir_source_loads_a_snapshot(tmp_path, small_model_params, calibration_dir, small_model_dir):
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(small_model_dir, snapshot)
+    (snapshot / "op_sensitivity_model.json").unlink()  # a real snapshot has no card
+    params = replace(small_model_params, source="hf_dir", hf_dir=snapshot)
+    model, card = materialize_model(params, calibration_dir, tmp_path / "out")
+    assert card.source == "hf_dir" and not card.random_weights and card.origin == str(snapshot)
+    ref, _, _ = load_model_dir(small_model_dir)
+    assert all(
+        torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values(), strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("breaks", "message"),
+    [
+        (lambda d: (d / "config.json").unlink(), "config.json: missing"),
+        (lambda d: (d / "model.safetensors").unlink(), "no weights"),
+        (
+            lambda d: (d / "config.json").write_text(json.dumps({"model_type": "llama"})),
+            "model_type 'llama', expected 'qwen2_5_vl'",
+        ),
+        (lambda d: (d / "preprocessor_config.json").unlink(), "preprocessor_config.json missing"),
+    ],
+)
+def test_bad_hf_dir_is_a_clear_error(
+    tmp_path, small_model_params, calibration_dir, small_model_dir, breaks, message
+):
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(small_model_dir, snapshot)
+    breaks(snapshot)
+    params = replace(small_model_params, source="hf_dir", hf_dir=snapshot)
+    with pytest.raises(InputError, match=message):
+        materialize_model(params, calibration_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
