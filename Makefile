@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test test-all lint clean
+.PHONY: setup repro restore test test-all lint clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -15,8 +15,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
+# Params and the paths they name are checked first: DVC removes a stage's outputs before it
+# finds a missing dep.
 repro: setup
+	$(BIN)/python scripts/check_params.py params.yaml
 	$(BIN)/dvc repro
+
+# Back to the last committed run after a failed `dvc repro`: dvc.lock and the git-tracked
+# metrics from HEAD, the cached outputs from DVC's cache.
+restore:
+	git checkout HEAD -- dvc.lock reports
+	$(BIN)/dvc checkout
 
 # Two workers (CI and the reference machine have 2 cores); tests that share an expensive
 # fixture are kept on one worker (tests/conftest.py), so each INC pass still runs once.

@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> None:
         args.out,
         args.runtime,
         args.workspace,
-        source=str(args.params),
     )
     for line in summary_lines(result):
         logging.getLogger("crosscheck").info(line)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from op_sensitivity.cli import run_stage
 from op_sensitivity.engines.artifact import read_report
+from op_sensitivity.fallback.exports import onnx_graph
 from op_sensitivity.fallback.keep_list import build_fallback, write_fallback
 from op_sensitivity.inventory import read_inventory
 from op_sensitivity.params import load_params
@@ -22,9 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--metrics", default="reports/fallback_metrics.json", type=Path)
     args = ap.parse_args(argv)
     params = load_params(args.params).fallback
+    graph = onnx_graph(params.onnx_model, params.where("onnx_model"))
     inventory = read_inventory(args.inventory)
     doc = build_fallback(read_report(args.sensitivity), args.sensitivity, inventory, params)
-    write_fallback(doc, inventory, params.onnx_model, args.out_dir, args.metrics)
+    write_fallback(doc, inventory, graph, args.out_dir, args.metrics)
     logging.getLogger("fallback_list").info(
         "%s/%s on %s: keep %d ops in fp32 (%s) -> %s",
         params.policy,

@@ -15,12 +15,11 @@ from op_sensitivity.params import load_params
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--calibration", default="data/calibration", type=Path)
     ap.add_argument("--out", default="models/qwen2_5_vl", type=Path)
     ap.add_argument("--inventory", default="reports/model/op_inventory.json", type=Path)
     args = ap.parse_args(argv)
     params = load_params(args.params).model
-    model, card = materialize_model(params, args.calibration, args.out)
+    model, card = materialize_model(params, args.out)
     doc = write_inventory(op_inventory(model), card.model_type, args.inventory)
     logging.getLogger("load_model").info(
         "%s model (%d params, sha256 %s) -> %s; %d quantizable ops %s",

@@ -36,7 +36,6 @@ def main(argv: list[str] | None = None) -> None:
         args.metrics,
         args.runtime,
         args.workspace,
-        source=str(args.params),
     )
 
 

@@ -53,13 +53,13 @@ def calibration_dir(tmp_path_factory, repo_params) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_model_params(repo_params):
+def small_model_params(repo_params, calibration_dir):
     tiny = replace(repo_params.model.tiny, text=SMALL_TINY["text"], vision=SMALL_TINY["vision"])
-    return replace(repo_params.model, tiny=tiny)
+    return replace(repo_params.model, tiny=tiny, input=calibration_dir)
 
 
-def _materialized(out: Path, params, calibration_dir: Path) -> Path:
-    model, card = materialize_model(params, calibration_dir, out)
+def _materialized(out: Path, params) -> Path:
+    model, card = materialize_model(params, out)
     write_inventory(op_inventory(model), card.model_type, out.parent / "op_inventory.json")
     return out
 
@@ -67,15 +67,14 @@ def _materialized(out: Path, params, calibration_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def small_model_dir(tmp_path_factory, calibration_dir, small_model_params) -> Path:
     """1 vision block, 1 decoder layer: 17 ops."""
-    return _materialized(tmp_path_factory.mktemp("model") / "qwen2_5_vl", small_model_params, calibration_dir)
+    return _materialized(tmp_path_factory.mktemp("model") / "qwen2_5_vl", small_model_params)
 
 
 @pytest.fixture(scope="session")
 def default_model_dir(tmp_path_factory, calibration_dir, repo_params) -> Path:
     """The embedded default's sizes (29 ops)."""
-    return _materialized(
-        tmp_path_factory.mktemp("default") / "qwen2_5_vl", repo_params.model, calibration_dir
-    )
+    params = replace(repo_params.model, input=calibration_dir)
+    return _materialized(tmp_path_factory.mktemp("default") / "qwen2_5_vl", params)
 
 
 @dataclass

@@ -151,3 +151,12 @@ def test_every_library_module_is_used_by_some_stage():
     used = set().union(*(closure(_script(s)) for s in _stages().values()))
     unused = [str(p.relative_to(REPO)) for p in PACKAGE_DIR.rglob("*.py") if p not in used]
     assert not unused, f"library modules no stage runs (dead code, or a stage lacks its dep): {unused}"
+
+
+def test_data_deps_are_what_each_stage_reads():
+    """The model stage reads one path, which its source decides; the ONNX graph is always a dep."""
+    stages = _stages()
+    load_data = [d for d in stages["load_model"]["deps"] if not d.startswith(("src/", "stages/"))]
+    assert load_data == ["${model.input}"]
+    assert "${fallback.onnx_model}" in stages["fallback_list"]["deps"]
+    assert "--calibration" not in stages["load_model"]["cmd"]

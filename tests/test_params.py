@@ -104,7 +104,7 @@ def test_omitted_optional_fields_take_the_dataclass_defaults(tmp_path):
         (lambda d: d.pop("fallback"), "fallback: expected a mapping"),
         (
             lambda d: d["fallback"].update(onnx_model=3),
-            "fallback.onnx_model: expected a string or null, got 3",
+            "fallback.onnx_model: expected a string, got 3",
         ),
     ],
 )

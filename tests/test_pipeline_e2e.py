@@ -5,6 +5,8 @@ bad-input stage failure."""
 import hashlib
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -154,6 +156,48 @@ def test_fallback_param_change_reruns_only_the_fallback_stage(repo):
     assert changed["ops_kept"]["new"] == 5
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "top 5"], root)
+
+
+def test_a_new_onnx_export_reruns_only_the_fallback_stage(repo):
+    """fallback.onnx_model is always a dep (data/onnx by default): a new graph there is new input."""
+    root, _ = repo
+    import onnx
+    from onnx import TensorProto, helper
+
+    doc = json.loads((root / "reports/fallback/fallback_ops.json").read_text())
+    module = doc["ops"][0]["module"]
+    node = "/" + module.replace(".", "/") + "/MatMul"
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name=node)],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2]) for n in ("x", "w")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+    )
+    onnx.save(helper.make_model(graph), root / "data/onnx/model.onnx")
+    assert "fallback_list" in run(["dvc", "status"], root).stdout
+    assert _ran(run(["dvc", "repro"], root).stdout) == {"fallback_list"}
+    ort = json.loads((root / "reports/fallback/ort_nodes_to_exclude.json").read_text())
+    assert ort["onnx_model"] == "data/onnx/model.onnx" and node in ort["nodes_to_exclude"]
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "onnx export"], root)
+
+
+def test_a_failed_repro_is_undone_by_make_restore(repo):
+    """DVC removes a stage's outputs before it finds a missing dep; `make restore` brings them back."""
+    root, _ = repo
+    before = _artifacts(root)
+    _set_params(root, captions={"annotations": "data/missing.json"})
+    check = run(["python", "scripts/check_params.py", "params.yaml"], root, check=False)
+    assert (
+        check.returncode == 2
+        and "params.yaml: captions.annotations: data/missing.json is not a file" in check.stderr
+    )
+    failed = run(["dvc", "repro"], root, check=False)
+    assert failed.returncode != 0 and not (root / "data/calibration").exists()  # DVC removed it
+    run(["git", "checkout", "--", "params.yaml"], root)
+    run(["make", "restore", f"VENV={Path(sys.executable).parents[1]}"], root)
+    assert _artifacts(root) == before
+    assert json.loads(run(["dvc", "status", "--json"], root).stdout) == {}
 
 
 def test_push_clone_pull_gives_identical_artifacts(repo, tmp_path):

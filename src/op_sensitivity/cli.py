@@ -4,27 +4,56 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import PipelineError
 
+CAUGHT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(BaseException):
+    """SIGTERM / SIGHUP as an exception, so the same cleanup as for errors runs (``atomic``).
+
+    A BaseException, like KeyboardInterrupt: no ``except Exception`` may swallow a kill.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame) -> None:
+    raise Terminated(signum)
+
 
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage: log to stderr, turn :class:`PipelineError` into one clear line and exit code 2.
 
-    Other exceptions keep their traceback: they are bugs or environment failures, and hiding
-    them would make a red run look like bad input.
+    SIGTERM / SIGHUP / Ctrl-C unwind through the stage's cleanup (no temporary output is left)
+    and exit with 128 + the signal number, as a shell reports a killed command. Other
+    exceptions keep their traceback: they are bugs or environment failures, and hiding them
+    would make a red run look like bad input.
     """
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
+    previous = {signum: signal.signal(signum, _raise_terminated) for signum in CAUGHT_SIGNALS}
     try:
         main()
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (Terminated, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        name = signal.Signals(signum).name
+        print(f"error: stopped by {name}; outputs left as they were before this run", file=sys.stderr)
+        sys.exit(128 + signum)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def pass_input_parser(doc: str | None) -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -91,9 +91,22 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 @dataclass(frozen=True)
-class CaptionsParams:
+class ParamsBlock:
+    """One block of the params file; remembers the file so every later message can name it."""
+
+    BLOCK: ClassVar[str] = ""
+    params_file: str = field(default="params.yaml", compare=False, kw_only=True)
+
+    def where(self, name: str) -> str:
+        """``"<params file>: <block>.<name>"``: how every message about a param starts."""
+        return f"{self.params_file}: {self.BLOCK}.{name}"
+
+
+@dataclass(frozen=True)
+class CaptionsParams(ParamsBlock):
     """Where the COCO captions live and how the calibration sample is drawn."""
 
+    BLOCK: ClassVar[str] = "captions"
     annotations: Path
     images_dir: Path
     count: int
@@ -113,9 +126,14 @@ class TinyModelParams:
 
 
 @dataclass(frozen=True)
-class ModelParams:
+class ModelParams(ParamsBlock):
+    """Where the model comes from. ``input`` is the one path the source reads, so the one DVC dep:
+    the calibration sample for the random sources (their tokenizer is trained on its captions),
+    the snapshot directory for ``hf_dir``."""
+
+    BLOCK: ClassVar[str] = "model"
     source: str
-    hf_dir: Path
+    input: Path
     seed: int
     tiny: TinyModelParams
     min_pixels: int | None
@@ -135,7 +153,8 @@ class NativeParams:
 
 
 @dataclass(frozen=True)
-class SensitivityParams:
+class SensitivityParams(ParamsBlock):
+    BLOCK: ClassVar[str] = "sensitivity"
     confidence_batches: int
     batch_size: int
     max_ops: int
@@ -147,19 +166,21 @@ class SensitivityParams:
 
 
 @dataclass(frozen=True)
-class ReportParams:
+class ReportParams(ParamsBlock):
+    BLOCK: ClassVar[str] = "report"
     table_top: int | None = None  # rows per phase table; None = every op
     plot_top: int = 30  # ops in the spectrum plot and in the dvc-plots CSVs
 
 
 @dataclass(frozen=True)
-class FallbackParams:
+class FallbackParams(ParamsBlock):
+    BLOCK: ClassVar[str] = "fallback"
     phase: str
     policy: str
     settings: dict[str, Any]  # the chosen policy's own block
     always_keep: list[str] = field(default_factory=list)
     never_keep: list[str] = field(default_factory=list)
-    onnx_model: str | None = None
+    onnx_model: Path = Path("data/onnx")  # an .onnx file, or a directory holding at most one
 
 
 @dataclass(frozen=True)
@@ -190,6 +211,7 @@ def _captions(b: _Block) -> CaptionsParams:
         captions_per_image=b.choice("captions_per_image", CAPTIONS_PER_IMAGE),
         max_side=b.int_in("max_side", 0),
         mode=b.choice("mode", CALIBRATION_MODES),
+        params_file=b.source,
     )
 
 
@@ -225,23 +247,36 @@ def _tiny(b: _Block) -> TinyModelParams:
     return TinyModelParams(text=text, vision=vision, vocab_size=b.int_in("vocab_size", 300, 1_000_000))
 
 
+MERGED_PATCH_PIXELS = 28 * 28  # the smallest image the processor can emit: one merged 2x2 patch of 14 px
+
+
 def _model(b: _Block) -> ModelParams:
-    proc = b.block("processor")
-    min_px = proc.get("min_pixels", (int, type(None)), None)
-    max_px = proc.get("max_pixels", (int, type(None)), None)
-    if min_px is not None and min_px < 28 * 28:
+    if "hf_dir" in b.data:
         raise InputError(
-            f"{proc.where('min_pixels')}: expected >= 784 (one 28x28 merged patch), got {min_px}"
+            f"{b.where('hf_dir')}: replaced by model.input, the one path the source reads "
+            "(the snapshot directory with source hf_dir; the calibration sample with tiny / full_size_random)"
         )
+    proc = b.block("processor")
+    bounds = {}
+    for key in ("min_pixels", "max_pixels"):
+        value = proc.get(key, (int, type(None)), None)
+        if value is not None and value < MERGED_PATCH_PIXELS:
+            raise InputError(
+                f"{proc.where(key)}: expected null or >= {MERGED_PATCH_PIXELS} (one 28x28 merged patch), "
+                f"got {value}"
+            )
+        bounds[key] = value
+    min_px, max_px = bounds["min_pixels"], bounds["max_pixels"]
     if min_px is not None and max_px is not None and max_px < min_px:
         raise InputError(f"{proc.where('max_pixels')}: expected >= min_pixels ({min_px}), got {max_px}")
     return ModelParams(
         source=b.choice("source", MODEL_SOURCES),
-        hf_dir=Path(b.get("hf_dir", str)),
+        input=Path(b.get("input", str)),
         seed=b.get("seed", int),
         tiny=_tiny(b.block("tiny")),
         min_pixels=min_px,
         max_pixels=max_px,
+        params_file=b.source,
     )
 
 
@@ -286,6 +321,7 @@ def _sensitivity(b: _Block) -> SensitivityParams:
         op_name_dict=_op_dict(b, "op_name_dict"),
         engine=b.choice("engine", ENGINES, SensitivityParams.engine),
         native=_native(b.block("native")),
+        params_file=b.source,
     )
 
 
@@ -312,7 +348,11 @@ def _report(b: _Block) -> ReportParams:
         raise InputError(
             f"{b.where('table_top')}: expected an integer >= 1 or null (all ops), got {table_top!r}"
         )
-    return ReportParams(table_top=table_top, plot_top=b.int_in("plot_top", 1, default=ReportParams.plot_top))
+    return ReportParams(
+        table_top=table_top,
+        plot_top=b.int_in("plot_top", 1, default=ReportParams.plot_top),
+        params_file=b.source,
+    )
 
 
 def _finite(b: _Block, key: str) -> float:
@@ -356,7 +396,8 @@ def _fallback(b: _Block) -> FallbackParams:
         settings=_policy_settings(_Block(b.data.get(policy), f"{b.path}.{policy}", b.source), policy),
         always_keep=_globs(b, "always_keep"),
         never_keep=_globs(b, "never_keep"),
-        onnx_model=b.get("onnx_model", (str, type(None)), None),
+        onnx_model=Path(b.get("onnx_model", str, str(FallbackParams.onnx_model))),
+        params_file=b.source,
     )
 
 

@@ -31,7 +31,12 @@ def test_bounds_are_checked_before_any_work(inventory):
     with pytest.raises(InputError, match="sensitivity.max_ops: the pass would score 17 ops"):
         build_spec(sensitivity_params(max_ops=5), inventory, [{}], "image_caption")
     with pytest.raises(InputError, match=r"other.yaml: sensitivity.confidence_batches: expected at most 1"):
-        build_spec(sensitivity_params(confidence_batches=2), inventory, [{}], "image_caption", "other.yaml")
+        build_spec(
+            sensitivity_params(confidence_batches=2, params_file="other.yaml"),
+            inventory,
+            [{}],
+            "image_caption",
+        )
     everything = {".*": FP32}
     with pytest.raises(InputError, match="every op is kept fp32"):
         build_spec(sensitivity_params(op_name_dict=everything), inventory, [{}], "image_caption")

@@ -55,7 +55,9 @@ def test_sensitivity_stage_twice_gives_identical_bytes(default_model_dir, calibr
     assert runtime["engine"] == "native" and runtime["seconds"]["fallback"] > 0
     assert runtime["seconds_per_op"] > 0 and runtime["peak_rss_gib"] > 0 and runtime["host"]["cpu_count"] >= 1
     partial = json.loads((tmp_path / "work/partial_capture.json").read_text())
-    assert [(c["phase"], c["batch"]) for c in partial] == [
+    assert partial["run"]["engine"] == "native" and partial["run"]["params"]["confidence_batches"] == 2
+    assert partial["run"]["model_sha256"] == report["metadata"]["model"]["sha256"]
+    assert [(c["phase"], c["batch"]) for c in partial["calls"]] == [
         ("fallback", 0),
         ("requant", 0),
         ("fallback", 1),

@@ -53,7 +53,7 @@ def test_ort_resolves_real_node_names_from_an_onnx_file(tmp_path):
     )
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph), path)
-    doc = ort_nodes_to_exclude([DOWN, HEAD, "model.visual.merger.mlp.0"], str(path))
+    doc = ort_nodes_to_exclude([DOWN, HEAD, "model.visual.merger.mlp.0"], path)
     assert doc["nodes_to_exclude"] == [
         "/model/language_model/layers/0/mlp/down_proj/MatMul",
         "/lm_head/MatMul",
@@ -62,7 +62,7 @@ def test_ort_resolves_real_node_names_from_an_onnx_file(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"nope")
     with pytest.raises(InputError, match="not a loadable ONNX model"):
-        ort_nodes_to_exclude([DOWN], str(bad))
+        ort_nodes_to_exclude([DOWN], bad)
 
 
 def test_llmcompressor_collapses_whole_groups_only():

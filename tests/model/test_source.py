@@ -33,7 +33,7 @@ def test_materialized_dir_loads_back_identically(small_model_dir, calibration_di
 
 
 def test_two_materializations_hash_the_same(tmp_path, small_model_params, calibration_dir, small_model_dir):
-    _, card = materialize_model(small_model_params, calibration_dir, tmp_path / "again")
+    _, card = materialize_model(small_model_params, tmp_path / "again")
     assert card.sha256 == dir_sha256(small_model_dir)
 
 
@@ -41,8 +41,8 @@ def test_hf_dir_source_loads_a_snapshot(tmp_path, small_model_params, calibratio
     snapshot = tmp_path / "snapshot"
     shutil.copytree(small_model_dir, snapshot)
     (snapshot / "op_sensitivity_model.json").unlink()  # a real snapshot has no card
-    params = replace(small_model_params, source="hf_dir", hf_dir=snapshot)
-    model, card = materialize_model(params, calibration_dir, tmp_path / "out")
+    params = replace(small_model_params, source="hf_dir", input=snapshot)
+    model, card = materialize_model(params, tmp_path / "out")
     assert card.source == "hf_dir" and not card.random_weights and card.origin == str(snapshot)
     ref, _, _ = load_model_dir(small_model_dir)
     assert all(
@@ -68,7 +68,7 @@ def test_bad_hf_dir_is_a_clear_error(
     snapshot = tmp_path / "snapshot"
     shutil.copytree(small_model_dir, snapshot)
     breaks(snapshot)
-    params = replace(small_model_params, source="hf_dir", hf_dir=snapshot)
+    params = replace(small_model_params, source="hf_dir", input=snapshot)
     with pytest.raises(InputError, match=message):
-        materialize_model(params, calibration_dir, tmp_path / "out")
+        materialize_model(params, tmp_path / "out")
     assert not (tmp_path / "out").exists()

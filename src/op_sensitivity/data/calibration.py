@@ -90,8 +90,8 @@ def prepare_calibration(params: CaptionsParams, out_dir: Path) -> list[Calibrati
     """Draw the sample, check every chosen image opens, and write the artifact atomically."""
     coco = load_coco(params.annotations)
     if not params.images_dir.is_dir():
-        raise InputError(f"params.yaml: captions.images_dir: {params.images_dir} is not a directory")
-    pairs = draw_sample(coco, params.count, params.seed, params.captions_per_image)
+        raise InputError(f"{params.where('images_dir')}: {params.images_dir} is not a directory")
+    pairs = draw_sample(coco, params.count, params.seed, params.captions_per_image, params.where("count"))
     records = []
     with atomic_dir(out_dir) as tmp:
         (tmp / IMAGES).mkdir()

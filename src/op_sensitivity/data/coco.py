@@ -59,16 +59,20 @@ def load_coco(path: Path) -> COCO:
     return coco
 
 
-def draw_sample(coco: COCO, count: int, seed: int, captions_per_image: str) -> list[tuple[dict, dict]]:
-    """Pick ``count`` (image, annotation) pairs; the same file, seed and mode always give the same pairs."""
+def draw_sample(
+    coco: COCO, count: int, seed: int, captions_per_image: str, where: str = "captions.count"
+) -> list[tuple[dict, dict]]:
+    """Pick ``count`` (image, annotation) pairs; the same file, seed and mode always give the same pairs.
+
+    ``where`` names the count param in errors (``CaptionsParams.where("count")``).
+    """
     rng = random.Random(seed)
     image_ids = sorted(i for i in coco.getImgIds() if coco.getAnnIds(imgIds=[i]))
     pairs: list[tuple[dict, dict]] = []
     if captions_per_image == "one":
         if count > len(image_ids):
             raise InputError(
-                f"params.yaml: captions.count: expected at most {len(image_ids)} "
-                f"(images with captions), got {count}"
+                f"{where}: expected at most {len(image_ids)} (images with captions), got {count}"
             )
         for image_id in rng.sample(image_ids, count):
             anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[image_id])), key=lambda a: a["id"])
@@ -80,6 +84,4 @@ def draw_sample(coco: COCO, count: int, seed: int, captions_per_image: str) -> l
         pairs.extend((coco.imgs[image_id], ann) for ann in anns[: count - len(pairs)])
         if len(pairs) == count:
             return pairs
-    raise InputError(
-        f"params.yaml: captions.count: expected at most {len(pairs)} (captions in file), got {count}"
-    )
+    raise InputError(f"{where}: expected at most {len(pairs)} (captions in file), got {count}")

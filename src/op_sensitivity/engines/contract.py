@@ -135,12 +135,11 @@ def build_spec(
     inventory: list[OpInfo],
     batches: list[dict[str, torch.Tensor]],
     mode: str,
-    source: str = "params.yaml",
 ) -> PassSpec:
     """Validate a pass before any work (a pass can take hours); raise :class:`InputError` naming the param."""
     if params.confidence_batches > len(batches):
         raise InputError(
-            f"{source}: sensitivity.confidence_batches: expected at most {len(batches)} "
+            f"{params.where('confidence_batches')}: expected at most {len(batches)} "
             f"(calibration batches), got {params.confidence_batches}"
         )
     op_name_dict = dict(params.op_name_dict)
@@ -158,11 +157,11 @@ def build_spec(
     scored = len(spec.scored)
     if scored == 0:
         raise InputError(
-            f"{source}: sensitivity: every op is kept fp32 (op_type_dict/op_name_dict); nothing to score"
+            f"{params.where('op_name_dict')}: every op is kept fp32 (with op_type_dict); nothing to score"
         )
     if scored > params.max_ops:
         raise InputError(
-            f"{source}: sensitivity.max_ops: the pass would score {scored} ops per phase, more "
+            f"{params.where('max_ops')}: the pass would score {scored} ops per phase, more "
             f"than max_ops={params.max_ops}; raise it or keep ops fp32 with op_name_dict/op_type_dict"
         )
     return spec

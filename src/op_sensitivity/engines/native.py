@@ -75,13 +75,11 @@ def resolve_reduce_range(setting: str) -> bool:
     return setting == "true"
 
 
-def resolve_device(setting: str) -> torch.device:
+def resolve_device(setting: str, where: str = "sensitivity.native.device") -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if setting == "cuda" and not torch.cuda.is_available():
-        raise InputError(
-            "params.yaml: sensitivity.native.device: cuda requested but no CUDA device is available"
-        )
+        raise InputError(f"{where}: cuda requested but no CUDA device is available")
     return torch.device(setting)
 
 
@@ -332,13 +330,13 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
     return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
 
 
-def _resolve_arithmetic(arithmetic: str, dev: torch.device, dtype: str) -> str:
+def _resolve_arithmetic(arithmetic: str, dev: torch.device, dtype: str, where: str) -> str:
     if arithmetic == "auto":
         return "int8_kernels" if dev.type == "cpu" and dtype == "float32" else "fake_quant"
     if arithmetic == "int8_kernels" and (dev.type != "cpu" or dtype != "float32"):
         raise InputError(
-            "params.yaml: sensitivity.native.arithmetic: int8_kernels runs on cpu in float32 only "
-            f"(device {dev.type}, dtype {dtype}); use fake_quant"
+            f"{where}: int8_kernels runs on cpu in float32 only (device {dev.type}, dtype {dtype}); "
+            "use fake_quant"
         )
     return arithmetic
 
@@ -354,10 +352,10 @@ def run_pass(
 
     ``workspace`` is unused (nothing to spill); ``on_call`` runs after each phase x batch.
     """
-    n = spec.params.native
-    dev = resolve_device(n.device)
+    n, where = spec.params.native, spec.params.where
+    dev = resolve_device(n.device, where("native.device"))
     rr = resolve_reduce_range(n.reduce_range)
-    arithmetic = _resolve_arithmetic(n.arithmetic, dev, n.dtype)
+    arithmetic = _resolve_arithmetic(n.arithmetic, dev, n.dtype, where("native.arithmetic"))
     if n.dtype != "float32":
         log.warning(
             "native engine in %s: its rounding is as large as int8 noise (on the tiny model bf16 gave "

@@ -1,7 +1,9 @@
 """The pass runner: stage inputs -> a validated :class:`PassSpec` -> the chosen engine -> artifacts.
 
 Glue only. Each phase x batch's values are persisted as they land (a long run that dies keeps
-what it measured in ``<workspace>/partial_capture.json``); the report is written atomically.
+what it measured in ``<workspace>/partial_capture.json``, ``{"run": {...}, "calls": [...]}``, the
+run named by engine, params, model and calibration fingerprints and start time); the report is
+written atomically.
 
 Runtime file (``--runtime``, e.g. ``reports/runtime/sensitivity.json``), a DVC metric that no
 stage hashes or reads, so timings never change a versioned artifact::
@@ -18,6 +20,7 @@ import os
 import platform
 import resource
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +51,34 @@ def engine(name: str) -> Engine:
     return run_pass
 
 
-def run_engine(name: str, model: nn.Module, spec: PassSpec, workspace: Path) -> PassResult:
-    """One pass of engine ``name``, persisting each phase x batch's values under ``workspace``."""
+def run_engine(
+    name: str, model: nn.Module, spec: PassSpec, workspace: Path, run: dict[str, Any] | None = None
+) -> PassResult:
+    """One pass of engine ``name``, persisting each phase x batch's values under ``workspace``.
+
+    The partial file is replaced when the pass starts, and every version of it names the run it
+    belongs to (``run``: engine, params, model and calibration fingerprints, start time), so a
+    killed run's values are never mixed with, or taken for, another run's.
+    """
     workspace.mkdir(parents=True, exist_ok=True)
     partial = workspace / PARTIAL
+    header = {"engine": name, "started": datetime.now(timezone.utc).isoformat(), "pid": os.getpid()}
+    header.update(run or {})
 
     def persist(capture: Capture) -> None:
-        dump_json([asdict(c) for c in capture.calls], partial)
+        dump_json({"run": header, "calls": [asdict(c) for c in capture.calls]}, partial)
 
+    persist(Capture())
     return engine(name)(model, spec, workspace=workspace, on_call=persist)
+
+
+def run_fingerprint(params: SensitivityParams, metadata: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a pass's inputs: its params block, the model's hash and the calibration used."""
+    return {
+        "params": asdict(params),
+        "model_sha256": metadata["model"]["sha256"],
+        "calibration": metadata["calibration"],
+    }
 
 
 def load_inputs(
@@ -64,7 +86,6 @@ def load_inputs(
     cal_dir: Path,
     model_dir: Path,
     inventory_path: Path,
-    source: str = "params.yaml",
 ) -> tuple[nn.Module, PassSpec, list[OpInfo], dict[str, Any]]:
     """Model, validated pass spec (first confidence_batches x batch_size records), inventory, metadata."""
     meta, records = load_calibration(cal_dir)
@@ -72,13 +93,13 @@ def load_inputs(
     needed = params.confidence_batches * params.batch_size
     if len(records) < needed:
         raise InputError(
-            f"{source}: sensitivity.confidence_batches x batch_size = {needed} samples needed, "
+            f"{params.where('confidence_batches')} x batch_size = {needed} samples needed, "
             f"the calibration sample {cal_dir} has {len(records)} (raise captions.count)"
         )
     model, processor, card = load_model_dir(model_dir)
     used = records[:needed]
     batches = build_batches(used, cal_dir, processor, meta.mode, params.batch_size)
-    spec = build_spec(params, inventory, batches, meta.mode, source)
+    spec = build_spec(params, inventory, batches, meta.mode)
     calibration = {
         "mode": meta.mode,
         "manifest_records": len(records),
@@ -133,11 +154,9 @@ def run_sensitivity(
     metrics_json: Path,
     runtime_json: Path | None,
     workspace: Path,
-    source: str = "params.yaml",
 ) -> dict:
-    model, spec, inventory, metadata = load_inputs(params, cal_dir, model_dir, inventory_path, source)
-    (workspace / PARTIAL).unlink(missing_ok=True)  # never mix an earlier run's values with this one's
-    result = run_engine(params.engine, model, spec, workspace)
+    model, spec, inventory, metadata = load_inputs(params, cal_dir, model_dir, inventory_path)
+    result = run_engine(params.engine, model, spec, workspace, run_fingerprint(params, metadata))
     report = build_report(result, inventory, metadata)
     write_report(report, out_json, metrics_json)
     if runtime_json is not None:

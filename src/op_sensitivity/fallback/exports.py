@@ -9,8 +9,8 @@
 * ONNX Runtime ``quantize_static(nodes_to_exclude=...)``: node names depend on the export; with
   ``torch.onnx.export`` a module ``a.b.c`` becomes nodes named ``/a/b/c/<OpType>`` (e.g.
   ``/model/language_model/layers/0/mlp/up_proj/MatMul``). Without an ``.onnx`` file we emit the
-  module names, the rule and the node-name prefixes; with one (``fallback.onnx_model``) we
-  resolve the real node names from the graph with the ``onnx`` package.
+  module names, the rule and the node-name prefixes; with one (``fallback.onnx_model``: the file,
+  or a directory holding it) we resolve the real node names from the graph with the ``onnx`` package.
 * llm-compressor / compressed-tensors: an ``ignore`` list of module names; a ``re:`` pattern only
   where a whole group (a tower, or one vision block / decoder layer) is chosen.
 """
@@ -44,25 +44,41 @@ def ort_prefix(module: str) -> str:
     return "/" + module.replace(".", "/") + "/"
 
 
-def ort_nodes_to_exclude(modules: list[str], onnx_path: str | None) -> dict[str, Any]:
+def onnx_graph(path: Path, where: str) -> Path | None:
+    """The graph ``fallback.onnx_model`` names: the file itself, or the only ``.onnx`` in a directory.
+
+    The param is always a path (so ``dvc.yaml`` can always depend on it); a directory without a
+    graph means "no export to resolve names from".
+    """
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise InputError(f"{where}: {path} not found (expected an .onnx file or a directory holding one)")
+    graphs = sorted(path.glob("*.onnx"))
+    if len(graphs) > 1:
+        names = ", ".join(g.name for g in graphs)
+        raise InputError(
+            f"{where}: {path} holds {len(graphs)} .onnx files ({names}); point it at one of them"
+        )
+    return graphs[0] if graphs else None
+
+
+def ort_nodes_to_exclude(modules: list[str], onnx_path: Path | None) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "module_names": modules,
         "mapping_rule": ORT_RULE,
         "node_name_prefixes": [ort_prefix(m) for m in modules],
-        "onnx_model": onnx_path,
+        "onnx_model": None if onnx_path is None else str(onnx_path),
         "nodes_to_exclude": None,
     }
     if onnx_path is None:
         return doc
     import onnx
 
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise InputError(f"params.yaml: fallback.onnx_model: {path} not found")
     try:
-        graph = onnx.load(str(path), load_external_data=False).graph
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
     except Exception as e:  # onnx raises DecodeError and friends for a bad file
-        raise InputError(f"{path}: not a loadable ONNX model ({e})") from e
+        raise InputError(f"{onnx_path}: not a loadable ONNX model ({e})") from e
     names = [n.name for n in graph.node]
     resolved, unresolved = [], []
     for m in modules:

@@ -32,7 +32,7 @@ from .exports import (
     modelopt_quant_cfg,
     ort_nodes_to_exclude,
 )
-from .policy import choose
+from .policy import check_globs, choose
 
 SCHEMA_VERSION = 1
 
@@ -60,6 +60,7 @@ def totals(
 def build_fallback(
     report: dict[str, Any], report_path: Path, inventory: list[OpInfo], p: FallbackParams
 ) -> dict[str, Any]:
+    check_globs(p, [op.name for op in inventory])
     df = select_phase(phase_scores(report, inventory), p.phase)
     chosen = choose(df, p)
     excluded = {module_name(e["op_name"]) for e in report["metadata"]["excluded_ops"]}
@@ -96,11 +97,14 @@ def fallback_metrics(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_fallback(
-    doc: dict[str, Any], inventory: list[OpInfo], onnx_model: str | None, out_dir: Path, metrics_path: Path
+    doc: dict[str, Any], inventory: list[OpInfo], onnx_graph: Path | None, out_dir: Path, metrics_path: Path
 ) -> None:
-    """All files or none: the canonical list and every export land together (metrics last)."""
+    """All files or none: the canonical list and every export land together (metrics last).
+
+    ``onnx_graph``: the exported graph to resolve ONNX Runtime node names from (``exports.onnx_graph``).
+    """
     modules = [o["module"] for o in doc["ops"]]
-    ort = ort_nodes_to_exclude(modules, onnx_model)
+    ort = ort_nodes_to_exclude(modules, onnx_graph)
     with atomic_dir(out_dir) as tmp:
         dump_json(doc, tmp / "fallback_ops.json")
         dump_json(inc_op_name_dict(o["op_name"] for o in doc["ops"]), tmp / "inc_op_name_dict.json")

@@ -29,9 +29,7 @@ def _policy_choice(df: pd.DataFrame, p: FallbackParams) -> tuple[list[str], str]
     s, n = p.settings, len(df)
     if p.policy == "top_k":
         if s["k"] > n:
-            raise InputError(
-                f"params.yaml: fallback.top_k.k: expected at most {n} (ops scored), got {s['k']}"
-            )
+            raise InputError(f"{p.where('top_k.k')}: expected at most {n} (ops scored), got {s['k']}")
         return list(df["op_name"].iloc[: s["k"]]), f"top_k: rank <= {s['k']}"
     if p.policy == "top_fraction":
         k = math.ceil(s["fraction"] * n)
@@ -39,12 +37,29 @@ def _policy_choice(df: pd.DataFrame, p: FallbackParams) -> tuple[list[str], str]
     if p.policy == "threshold":
         cut = s["value"] * df["score"].max() if s.get("relative", False) else s["value"]
         label = f"{s['value']:g} x max score" if s.get("relative", False) else f"{s['value']:g}"
-        return list(df.loc[df["score"] > cut, "op_name"]), f"threshold: score > {label} ({cut:.4g})"
+        chosen = list(df.loc[df["score"] > cut, "op_name"])
+        if not chosen:
+            raise InputError(
+                f"{p.where('threshold.value')}: selects no op (score > {cut:.4g}; the highest score is "
+                f"{df['score'].max():.4g}); lower it"
+            )
+        return chosen, f"threshold: score > {label} ({cut:.4g})"
     share = cumulative_share(df)
     target = s["percent"] / 100
     reached = share[share >= target - 1e-12]
     k = int(reached.index[0]) if len(reached) else n
     return list(df["op_name"].iloc[:k]), f"error_budget: top {k} ops cover >= {s['percent']:g}% of the error"
+
+
+def check_globs(p: FallbackParams, modules: list[str]) -> None:
+    """A glob that matches no op of the model is a typo, not a choice: say so before choosing."""
+    for key, globs in (("always_keep", p.always_keep), ("never_keep", p.never_keep)):
+        for i, glob in enumerate(globs):
+            if not any(fnmatchcase(m, glob) for m in modules):
+                raise InputError(
+                    f"{p.where(key)}[{i}]: {glob!r} matches no op of the model (module names look like "
+                    f"{modules[-1]!r}; globs use fnmatch: * ? [seq])"
+                )
 
 
 def choose(df: pd.DataFrame, p: FallbackParams) -> pd.DataFrame:

@@ -117,6 +117,20 @@ class ImageTextProcessor:
             "image_grid_thw": grid,
         }
 
+    def check_bounds(self, where: str) -> None:
+        """Refuse pixel bounds that contradict each other once the snapshot's own values fill the gaps.
+
+        With min_pixels > max_pixels the image processor silently shrinks every image to one merged
+        patch; ``where`` names the params block (``model.processor``).
+        """
+        size = self.image_processor.size
+        lo, hi = size["shortest_edge"], size["longest_edge"]
+        if lo > hi:
+            raise InputError(
+                f"{where}.max_pixels: the image processor would resize to at least min_pixels {lo} and at "
+                f"most max_pixels {hi}; set max_pixels >= {lo} (or min_pixels <= {hi})"
+            )
+
     def save(self, out_dir: Path) -> None:
         self.tokenizer.save_pretrained(out_dir)
         self.image_processor.save_pretrained(out_dir)

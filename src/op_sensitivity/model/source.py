@@ -1,9 +1,10 @@
 """Stage load_model: materialize a loadable HF directory (model + processor) from a source.
 
-Sources: ``tiny`` (embedded default: tokenizer trained on the calibration captions, seeded
-random weights), ``full_size_random`` (the published Qwen2.5-VL-3B architecture, seeded random
-weights: for speed/memory measurements) or ``hf_dir`` (a local Qwen2.5-VL snapshot, e.g.
-Qwen2.5-VL-3B-Instruct).
+Sources, each reading one path, ``model.input`` (the stage's one data dep in ``dvc.yaml``):
+``tiny`` (embedded default: tokenizer trained on the captions of the calibration sample at
+``input``, seeded random weights), ``full_size_random`` (the published Qwen2.5-VL-3B
+architecture, same tokenizer, seeded random weights: for speed/memory measurements) or
+``hf_dir`` (``input`` is a local Qwen2.5-VL snapshot, e.g. Qwen2.5-VL-3B-Instruct).
 Either way the output has the same layout plus ``op_sensitivity_model.json`` (ModelCard), so
 later stages never care where the model came from.
 """
@@ -16,10 +17,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from ..atomic import atomic_dir
-from ..data.calibration import load_calibration
+from ..data.calibration import META, load_calibration
 from ..errors import InputError
 from ..params import ModelParams
 from .processor import CHAT_TEMPLATE, ImageTextProcessor
@@ -55,36 +58,59 @@ def dir_sha256(path: Path, exclude: tuple[str, ...] = (CARD,)) -> str:
     return h.hexdigest()
 
 
-def check_hf_dir(path: Path) -> None:
-    """Fail early, naming the directory, when it is not a Qwen2.5-VL snapshot with weights."""
+def _check_weights(path: Path) -> None:
+    """Open every safetensors header: a truncated or foreign file is named here, not deep in transformers."""
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{f}: not a readable safetensors file ({e}); re-copy the snapshot") from e
+
+
+def check_hf_dir(path: Path, where: str = "model.input") -> None:
+    """Fail early, naming the directory or file, when it is not a Qwen2.5-VL snapshot with weights."""
     if not path.is_dir():
-        raise InputError(f"params.yaml: model.hf_dir: {path} is not a directory")
+        raise InputError(
+            f"{where}: {path} is not a directory (expected a Qwen2.5-VL snapshot with source hf_dir)"
+        )
     config = path / "config.json"
     if not config.is_file():
         raise InputError(f"{config}: missing (expected a Hugging Face model snapshot)")
     try:
         model_type = json.loads(config.read_text()).get("model_type")
-    except json.JSONDecodeError as e:
-        raise InputError(f"{config}: not valid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise InputError(f"{config}: not a JSON object ({e})") from e
     if model_type != SUPPORTED_MODEL_TYPE:
         raise InputError(
             f"{config}: model_type {model_type!r}, expected {SUPPORTED_MODEL_TYPE!r} (Qwen2.5-VL)"
         )
     if not any(any(path.glob(g)) for g in WEIGHT_GLOBS):
         raise InputError(f"{path}: no weights (expected {' or '.join(WEIGHT_GLOBS)})")
+    _check_weights(path)
 
 
-def _from_tiny(
-    params: ModelParams, calibration_dir: Path, full_size: bool = False
-) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageTextProcessor]:
+def _processor_bounds(params: ModelParams) -> dict[str, int]:
+    return {
+        k: v
+        for k, v in (("min_pixels", params.min_pixels), ("max_pixels", params.max_pixels))
+        if v is not None
+    }
+
+
+def _from_random(params: ModelParams) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageTextProcessor]:
     """Tokenizer trained on the captions + seeded random weights: tiny sizes, or the full 3B architecture."""
-    _, records = load_calibration(calibration_dir)
+    if not (params.input / META).is_file():
+        raise InputError(
+            f"{params.where('input')}: {params.input} is not a calibration sample (with source "
+            f"{params.source} the input is the prepare_captions output, e.g. data/calibration)"
+        )
+    _, records = load_calibration(params.input)
     tokenizer = train_tokenizer((r.caption for r in records), params.tiny.vocab_size)
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    bounds = {k: v for k, v in (("min_pixels", params.min_pixels), ("max_pixels", params.max_pixels)) if v}
-    processor = ImageTextProcessor(tokenizer, Qwen2VLImageProcessorPil(**bounds), CHAT_TEMPLATE)
-    if full_size:
+    image_processor = Qwen2VLImageProcessorPil(**_processor_bounds(params))
+    processor = ImageTextProcessor(tokenizer, image_processor, CHAT_TEMPLATE)
+    processor.check_bounds(params.where("processor"))
+    if params.source == "full_size_random":
         from .full_size import build_full_size_model
 
         return build_full_size_model(tokenizer, params.seed), processor
@@ -92,23 +118,24 @@ def _from_tiny(
 
 
 def _from_hf_dir(params: ModelParams) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageTextProcessor]:
-    check_hf_dir(params.hf_dir)
-    processor = ImageTextProcessor.load(params.hf_dir, params.min_pixels, params.max_pixels)
+    check_hf_dir(params.input, params.where("input"))
+    processor = ImageTextProcessor.load(params.input, params.min_pixels, params.max_pixels)
+    processor.check_bounds(params.where("processor"))
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            params.hf_dir, dtype=torch.float32, local_files_only=True
+            params.input, dtype=torch.float32, local_files_only=True
         )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise InputError(f"{params.hf_dir}: weights do not load as Qwen2.5-VL ({e})") from e
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise InputError(f"{params.input}: weights do not load as Qwen2.5-VL ({e})") from e
     return model.eval(), processor
 
 
 def materialize_model(
-    params: ModelParams, calibration_dir: Path, out_dir: Path
+    params: ModelParams, out_dir: Path
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, ModelCard]:
     """Write the model directory atomically and return the in-memory model with its card."""
     if params.source in ("tiny", "full_size_random"):
-        model, processor = _from_tiny(params, calibration_dir, full_size=params.source == "full_size_random")
+        model, processor = _from_random(params)
         origin = (
             "full-size Qwen2.5-VL-3B-Instruct architecture (seeded random weights)"
             if params.source == "full_size_random"
@@ -117,7 +144,7 @@ def materialize_model(
         seed = params.seed
     else:
         model, processor = _from_hf_dir(params)
-        origin, seed = str(params.hf_dir), None
+        origin, seed = str(params.input), None
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save(tmp)

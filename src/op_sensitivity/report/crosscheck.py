@@ -12,7 +12,7 @@ from typing import Any
 
 from ..atomic import dump_json
 from ..engines.artifact import build_report, read_report
-from ..engines.runner import load_inputs, run_engine, runtime_doc
+from ..engines.runner import load_inputs, run_engine, run_fingerprint, runtime_doc
 from ..errors import InputError
 from ..params import SensitivityParams
 from ..phases import REQUANT
@@ -28,7 +28,6 @@ def run_crosscheck(
     out_path: Path,
     runtime_path: Path | None,
     workspace: Path,
-    source: str = "params.yaml",
 ) -> dict[str, Any]:
     """Run the engine the report was not made with on the same inputs and compare (native vs INC).
 
@@ -40,8 +39,8 @@ def run_crosscheck(
         raise InputError(f"{report_path}: made with requant_mode isolated; crosscheck needs cumulative")
     params = replace(params, native=replace(params.native, requant_mode="cumulative"))
     other = "native" if stored["engine"] == "inc" else "inc"
-    model, spec, inventory, metadata = load_inputs(params, cal_dir, model_dir, inventory_path, source)
-    result = run_engine(other, model, spec, workspace)
+    model, spec, inventory, metadata = load_inputs(params, cal_dir, model_dir, inventory_path)
+    result = run_engine(other, model, spec, workspace, run_fingerprint(params, metadata))
     fresh = build_report(result, inventory, metadata)
     native, inc = (fresh, stored) if other == "native" else (stored, fresh)
     doc = crosscheck(native, inc)

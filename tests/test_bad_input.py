@@ -1,0 +1,708 @@
+"""Bad params, bad files and killed runs, through the real stage scripts.
+
+Every case runs a stage script (in this process with ``runpy``, exactly as ``python stages/x.py``
+runs it, minus the interpreter start) inside a workspace that already holds a complete good run,
+and asserts: exit code 2, one ``error:`` line naming the param or file and what was expected, no
+traceback, and not one byte of the previous outputs changed, no stray temporary left. The kill
+cases use real subprocesses and real signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from op_sensitivity.atomic import TMP_TAG, atomic_dir
+from op_sensitivity.report.comparison import crosscheck
+from tests.helpers import REPO, SAMPLE_ANNOTATIONS, SAMPLE_IMAGES, SMALL_TINY, venv_env
+
+STAGES = REPO / "stages"
+FP32 = {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}}
+
+
+def run_script(script: Path, args: list[str], cwd: Path) -> tuple[int, str]:
+    """Run a stage script as ``__main__`` in this process; its exit code and what it wrote to stderr."""
+    old_argv, old_cwd, err = sys.argv, Path.cwd(), io.StringIO()
+    sys.argv = [str(script), *args]
+    os.chdir(cwd)
+    code = 0
+    try:
+        with contextlib.redirect_stderr(err):
+            runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+    return code, err.getvalue()
+
+
+def good_params() -> dict:
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["captions"].update(annotations=str(SAMPLE_ANNOTATIONS), images_dir=str(SAMPLE_IMAGES), count=4)
+    data["model"]["tiny"].update(copy.deepcopy(SMALL_TINY))
+    data["sensitivity"].update(engine="native", confidence_batches=1)
+    return data
+
+
+PIPELINE = (
+    ("prepare_captions", []),
+    ("load_model", []),
+    ("sensitivity", ["--runtime", "reports/runtime/sensitivity.json"]),
+    ("rank_report", ["--crosscheck", "reports/sensitivity/crosscheck.json"]),
+    ("fallback_list", []),
+)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A complete good run of every stage (native engine; crosscheck.json compares it with itself)."""
+    ws = tmp_path_factory.mktemp("ws")
+    (ws / "params.yaml").write_text(yaml.safe_dump(good_params(), sort_keys=False))
+    (ws / "data/onnx").mkdir(parents=True)
+    for stage, extra in PIPELINE:
+        if stage == "rank_report":
+            report = json.loads((ws / "reports/sensitivity/op_sensitivity.json").read_text())
+            (ws / "reports/sensitivity/crosscheck.json").write_text(json.dumps(crosscheck(report, report)))
+        code, err = run_script(STAGES / f"{stage}.py", extra, ws)
+        assert code == 0, err
+    return ws
+
+
+def snapshot(ws: Path) -> dict[str, tuple[str, int]]:
+    """Every file the stages own, with content hash and mode (scratch and case inputs left out)."""
+    skip = {"bad", "case.yaml", ".op_sensitivity_work"}
+    return {
+        str(p.relative_to(ws)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode)
+        for p in sorted(ws.rglob("*"))
+        if p.is_file() and not skip & set(p.relative_to(ws).parts)
+    }
+
+
+def strays(ws: Path) -> list[str]:
+    return [str(p.relative_to(ws)) for p in ws.rglob(f"*{TMP_TAG}*")]
+
+
+@dataclass
+class Case:
+    id: str
+    stage: str
+    expected: str  # a substring of the one error line
+    params: Callable[[dict], None] | None = None  # mutates a copy of the good params (written to case.yaml)
+    files: Callable[[Path, Path], list[str]] | None = None  # (workspace, bad dir) -> extra stage args
+    args: list[str] = field(default_factory=list)
+    names_params_file: bool = True  # the message starts with case.yaml
+
+
+def _set(block: str, **values) -> Callable[[dict], None]:
+    return lambda d: d[block].update(values)
+
+
+def _snapshot_copy(ws: Path, bad: Path, breaks: Callable[[Path], None]) -> Path:
+    """A copy of the good model directory as an HF snapshot, broken by ``breaks``."""
+    snap = bad / "snapshot"
+    shutil.copytree(ws / "models/qwen2_5_vl", snap)
+    (snap / "op_sensitivity_model.json").unlink()
+    breaks(snap)
+    return snap
+
+
+def _hf(breaks: Callable[[Path], None]) -> Callable[[Path, Path], list[str]]:
+    def setup(ws: Path, bad: Path) -> list[str]:
+        snap = _snapshot_copy(ws, bad, breaks)
+        data = yaml.safe_load((ws / "case.yaml").read_text())
+        data["model"].update(source="hf_dir", input=str(snap))
+        (ws / "case.yaml").write_text(yaml.safe_dump(data))
+        return []
+
+    return setup
+
+
+def _truncate(n: int) -> Callable[[Path], None]:
+    return lambda snap: os.truncate(snap / "model.safetensors", n)
+
+
+INSTANCES = {  # an instances file where a captions file belongs
+    "images": [{"id": 1, "file_name": "a.jpg"}],
+    "annotations": [{"id": 1, "image_id": 1, "bbox": [0, 0, 1, 1]}],
+}
+
+
+def _write(name: str, content: str) -> Callable[[Path, Path], list[str]]:
+    def setup(ws: Path, bad: Path) -> list[str]:
+        (bad / name).write_text(content)
+        return []
+
+    return setup
+
+
+def _bad_file(name: str, content: str, arg: str) -> Callable[[Path, Path], list[str]]:
+    def setup(ws: Path, bad: Path) -> list[str]:
+        (bad / name).write_text(content)
+        return [arg, str(bad / name)]
+
+    return setup
+
+
+def _truncated_copy(rel: str, arg: str, keep: int = 40) -> Callable[[Path, Path], list[str]]:
+    def setup(ws: Path, bad: Path) -> list[str]:
+        target = bad / Path(rel).name
+        target.write_bytes((ws / rel).read_bytes()[:keep])
+        return [arg, str(target)]
+
+    return setup
+
+
+def _report_with(mutate: Callable[[dict], None]) -> Callable[[Path, Path], list[str]]:
+    def setup(ws: Path, bad: Path) -> list[str]:
+        report = json.loads((ws / "reports/sensitivity/op_sensitivity.json").read_text())
+        mutate(report)
+        (bad / "op_sensitivity.json").write_text(json.dumps(report))
+        return ["--sensitivity", str(bad / "op_sensitivity.json")]
+
+    return setup
+
+
+def _onnx_dir(n: int, content: bytes = b"") -> Callable[[Path, Path], list[str]]:
+    def setup(ws: Path, bad: Path) -> list[str]:
+        for i in range(n):
+            (bad / f"m{i}.onnx").write_bytes(content)
+        data = yaml.safe_load((ws / "case.yaml").read_text())
+        data["fallback"]["onnx_model"] = str(bad / "m0.onnx") if n == 1 else str(bad)
+        (ws / "case.yaml").write_text(yaml.safe_dump(data))
+        return []
+
+    return setup
+
+
+def _not_nan(report: dict) -> None:
+    report["phases"]["fallback"]["ops"][0]["mse"] = float("nan")
+
+
+def _isolated(report: dict) -> None:
+    report["phases"]["requant"]["cumulative"] = False
+
+
+CASES = [
+    # --- any stage: the params file itself, and blocks another stage reads -----------------
+    Case(
+        "params-missing",
+        "prepare_captions",
+        "params file not found",
+        args=["--params", "nope.yaml"],
+        names_params_file=False,
+    ),
+    Case(
+        "params-not-yaml",
+        "prepare_captions",
+        "p.yaml: not valid YAML",
+        names_params_file=False,
+        files=_bad_file("p.yaml", "captions: [unclosed\n", "--params"),
+    ),
+    Case(
+        "report-not-a-mapping",
+        "prepare_captions",
+        "case.yaml: report: expected a mapping, got str",
+        params=lambda d: d.update(report="oops"),
+    ),
+    Case(
+        "fallback-missing",
+        "load_model",
+        "case.yaml: fallback: expected a mapping",
+        params=lambda d: d.pop("fallback"),
+    ),
+    # --- prepare_captions ---------------------------------------------------------------------
+    Case(
+        "count-too-large",
+        "prepare_captions",
+        "case.yaml: captions.count: expected at most 20",
+        params=_set("captions", count=999),
+    ),
+    Case(
+        "count-negative",
+        "prepare_captions",
+        "captions.count: expected an integer >= 1, got -1",
+        params=_set("captions", count=-1),
+    ),
+    Case(
+        "count-string",
+        "prepare_captions",
+        "captions.count: expected an integer, got '8'",
+        params=_set("captions", count="8"),
+    ),
+    Case(
+        "mode-unknown",
+        "prepare_captions",
+        "captions.mode: expected one of image_caption, text_only",
+        params=_set("captions", mode="video"),
+    ),
+    Case(
+        "annotations-missing",
+        "prepare_captions",
+        "annotation file not found",
+        params=_set("captions", annotations="bad/none.json"),
+        names_params_file=False,
+    ),
+    Case(
+        "annotations-not-json",
+        "prepare_captions",
+        "bad/captions.json: not valid JSON",
+        names_params_file=False,
+        params=_set("captions", annotations="bad/captions.json"),
+        files=_write("captions.json", "{not json"),
+    ),
+    Case(
+        "annotations-instances",
+        "prepare_captions",
+        "annotations[0]: expected an object with integer 'id'",
+        names_params_file=False,
+        params=_set("captions", annotations="bad/captions.json"),
+        files=_write("captions.json", json.dumps(INSTANCES)),
+    ),
+    Case(
+        "images-dir-missing",
+        "prepare_captions",
+        "case.yaml: captions.images_dir: bad/nope is not a directory",
+        params=_set("captions", images_dir="bad/nope"),
+    ),
+    # --- load_model ----------------------------------------------------------------------------
+    Case(
+        "hf-dir-legacy-key",
+        "load_model",
+        "case.yaml: model.hf_dir: replaced by model.input",
+        params=lambda d: d["model"].update(hf_dir="data/hf_snapshot"),
+    ),
+    Case(
+        "snapshot-missing",
+        "load_model",
+        "case.yaml: model.input: /does/not/exist is not a directory",
+        params=_set("model", source="hf_dir", input="/does/not/exist"),
+    ),
+    Case(
+        "safetensors-truncated",
+        "load_model",
+        "model.safetensors: not a readable safetensors file",
+        files=_hf(_truncate(50_000)),
+        names_params_file=False,
+    ),
+    Case(
+        "safetensors-empty",
+        "load_model",
+        "model.safetensors: not a readable safetensors file",
+        files=_hf(_truncate(0)),
+        names_params_file=False,
+    ),
+    Case(
+        "safetensors-garbage",
+        "load_model",
+        "model.safetensors: not a readable safetensors file",
+        files=_hf(lambda s: (s / "model.safetensors").write_bytes(b"garbage" * 999)),
+        names_params_file=False,
+    ),
+    Case(
+        "snapshot-other-model",
+        "load_model",
+        "model_type 'llama', expected 'qwen2_5_vl'",
+        files=_hf(lambda s: (s / "config.json").write_text(json.dumps({"model_type": "llama"}))),
+        names_params_file=False,
+    ),
+    Case(
+        "tiny-input-not-calibration",
+        "load_model",
+        "case.yaml: model.input: bad is not a calibration sample",
+        params=_set("model", input="bad"),
+    ),
+    Case(
+        "max-pixels-tiny",
+        "load_model",
+        "case.yaml: model.processor.max_pixels: expected null or >= 784 (one 28x28 merged patch), got 100",
+        params=lambda d: d["model"]["processor"].update(min_pixels=None, max_pixels=100),
+    ),
+    Case(
+        "max-pixels-zero",
+        "load_model",
+        "model.processor.max_pixels: expected null or >= 784 (one 28x28 merged patch), got 0",
+        params=lambda d: d["model"]["processor"].update(max_pixels=0),
+    ),
+    Case(
+        "max-pixels-below-default-min",
+        "load_model",
+        "case.yaml: model.processor.max_pixels: the image processor would resize to at least min_pixels 3136",
+        params=lambda d: d["model"]["processor"].update(min_pixels=None, max_pixels=1000),
+    ),
+    Case(
+        "heads-mismatch",
+        "load_model",
+        "text.hidden_size: expected a multiple",
+        params=lambda d: d["model"]["tiny"]["text"].update(num_attention_heads=3),
+    ),
+    # --- sensitivity ---------------------------------------------------------------------------
+    Case(
+        "op-name-bad-regex",
+        "sensitivity",
+        "case.yaml: sensitivity.op_name_dict.model[: expected a module name",
+        params=_set("sensitivity", op_name_dict={"model[": FP32}),
+    ),
+    Case(
+        "op-name-bad-shape",
+        "sensitivity",
+        "case.yaml: sensitivity.op_name_dict.lm_head: expected a mapping",
+        params=_set("sensitivity", op_name_dict={"lm_head": {"weight": "fp32"}}),
+    ),
+    Case(
+        "op-type-bad-shape",
+        "sensitivity",
+        "sensitivity.op_type_dict.Conv3d",
+        params=_set("sensitivity", op_type_dict={"Conv3d": "fp32"}),
+    ),
+    Case(
+        "everything-fp32",
+        "sensitivity",
+        "case.yaml: sensitivity.op_name_dict: every op is kept fp32",
+        params=_set("sensitivity", op_name_dict={".*": FP32}),
+    ),
+    Case(
+        "max-ops",
+        "sensitivity",
+        "case.yaml: sensitivity.max_ops: the pass would score 17 ops",
+        params=_set("sensitivity", max_ops=3),
+    ),
+    Case(
+        "too-few-samples",
+        "sensitivity",
+        "case.yaml: sensitivity.confidence_batches x batch_size = 9 samples",
+        params=_set("sensitivity", confidence_batches=9),
+    ),
+    Case(
+        "engine-unknown",
+        "sensitivity",
+        "sensitivity.engine: expected one of inc, native",
+        params=_set("sensitivity", engine="onnx"),
+    ),
+    Case(
+        "loss-range",
+        "sensitivity",
+        "sensitivity.tolerable_loss: expected a relative loss",
+        params=_set("sensitivity", tolerable_loss=2),
+    ),
+    Case(
+        "int8-kernels-bf16",
+        "sensitivity",
+        "case.yaml: sensitivity.native.arithmetic: int8_kernels runs on cpu",
+        params=lambda d: d["sensitivity"]["native"].update(dtype="bfloat16", arithmetic="int8_kernels"),
+    ),
+    Case(
+        "model-dir-without-card",
+        "sensitivity",
+        "op_sensitivity_model.json: missing (run the load_model stage",
+        args=["--model", "bad"],
+        names_params_file=False,
+    ),
+    Case(
+        "inventory-truncated",
+        "sensitivity",
+        "not an op inventory",
+        names_params_file=False,
+        files=_truncated_copy("reports/model/op_inventory.json", "--inventory"),
+    ),
+    Case(
+        "calibration-missing",
+        "sensitivity",
+        "bad/meta.json: missing (run the prepare_captions stage first)",
+        args=["--calibration", "bad"],
+        names_params_file=False,
+    ),
+    # --- crosscheck (failing before its INC rerun) ---------------------------------------------
+    Case(
+        "crosscheck-report-truncated",
+        "crosscheck",
+        "not valid JSON",
+        names_params_file=False,
+        files=_truncated_copy("reports/sensitivity/op_sensitivity.json", "--sensitivity"),
+    ),
+    Case(
+        "crosscheck-report-isolated",
+        "crosscheck",
+        "made with requant_mode isolated; crosscheck needs cumulative",
+        files=_report_with(_isolated),
+        names_params_file=False,
+    ),
+    # --- rank_report ---------------------------------------------------------------------------
+    Case(
+        "crosscheck-json-truncated",
+        "rank_report",
+        "crosscheck.json: not valid JSON",
+        names_params_file=False,
+        files=_truncated_copy("reports/sensitivity/crosscheck.json", "--crosscheck"),
+    ),
+    Case(
+        "crosscheck-json-foreign",
+        "rank_report",
+        "not a crosscheck result",
+        names_params_file=False,
+        files=_bad_file("crosscheck.json", "{}", "--crosscheck"),
+    ),
+    Case(
+        "report-nan",
+        "rank_report",
+        "mse values must be finite numbers",
+        names_params_file=False,
+        files=_report_with(_not_nan),
+    ),
+    Case(
+        "report-missing",
+        "rank_report",
+        "sensitivity report missing (run the sensitivity stage first)",
+        args=["--sensitivity", "bad/none.json"],
+        names_params_file=False,
+    ),
+    Case(
+        "table-top-zero",
+        "rank_report",
+        "case.yaml: report.table_top: expected an integer >= 1 or null",
+        params=_set("report", table_top=0),
+    ),
+    # --- fallback_list -------------------------------------------------------------------------
+    Case(
+        "always-keep-typo",
+        "fallback_list",
+        "case.yaml: fallback.always_keep[0]: 'lm_hed' matches no op",
+        params=_set("fallback", always_keep=["lm_hed"]),
+    ),
+    Case(
+        "never-keep-typo",
+        "fallback_list",
+        "case.yaml: fallback.never_keep[0]: 'nope*' matches no op",
+        params=_set("fallback", never_keep=["nope*"]),
+    ),
+    Case(
+        "threshold-selects-nothing",
+        "fallback_list",
+        "case.yaml: fallback.threshold.value: selects no op",
+        params=_set("fallback", policy="threshold", threshold={"value": 10.0, "relative": False}),
+    ),
+    Case(
+        "top-k-too-large",
+        "fallback_list",
+        "case.yaml: fallback.top_k.k: expected at most 17",
+        params=_set("fallback", policy="top_k", top_k={"k": 99}),
+    ),
+    Case(
+        "policy-unknown",
+        "fallback_list",
+        "fallback.policy: expected one of top_k, top_fraction",
+        params=_set("fallback", policy="random"),
+    ),
+    Case(
+        "onnx-missing",
+        "fallback_list",
+        "case.yaml: fallback.onnx_model: bad/none.onnx not found",
+        params=_set("fallback", onnx_model="bad/none.onnx"),
+    ),
+    Case("onnx-two-graphs", "fallback_list", "holds 2 .onnx files", files=_onnx_dir(2)),
+    Case(
+        "onnx-garbage",
+        "fallback_list",
+        "m0.onnx: not a loadable ONNX model",
+        files=_onnx_dir(1, b"nope"),
+        names_params_file=False,
+    ),
+]
+if not torch.cuda.is_available():
+    CASES.append(
+        Case(
+            "cuda-missing",
+            "sensitivity",
+            "case.yaml: sensitivity.native.device: cuda requested",
+            params=lambda d: d["sensitivity"]["native"].update(device="cuda"),
+        )
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_clear_line_and_changes_nothing(workspace, case):
+    ws, bad = workspace, workspace / "bad"
+    bad.mkdir(exist_ok=True)
+    data = good_params()
+    if case.params:
+        case.params(data)
+    (ws / "case.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    before = snapshot(ws)
+    extra = case.files(ws, bad) if case.files else []
+    args = ["--params", "case.yaml", *extra, *case.args]
+    try:
+        code, err = run_script(STAGES / f"{case.stage}.py", args, ws)
+    finally:
+        shutil.rmtree(bad, ignore_errors=True)
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and case.expected in lines[0], err
+    if case.names_params_file:
+        assert lines[0].startswith("error: case.yaml: "), lines[0]
+    assert snapshot(ws) == before
+    assert strays(ws) == []
+
+
+def test_written_files_follow_the_umask(workspace, tmp_path):
+    """An unusual umask (027) to tell "follows the umask" from "always 0644/0755" (and 0600/0700)."""
+    old = os.umask(0o027)
+    try:
+        code, err = run_script(STAGES / "prepare_captions.py", ["--out", str(tmp_path / "cal")], workspace)
+        assert code == 0, err
+        code, err = run_script(
+            STAGES / "fallback_list.py",
+            ["--out-dir", str(tmp_path / "fallback"), "--metrics", str(tmp_path / "m.json")],
+            workspace,
+        )
+        assert code == 0, err
+    finally:
+        os.umask(old)
+    for out in ("cal", "fallback"):
+        assert (tmp_path / out).stat().st_mode & 0o777 == 0o750
+        assert {p.stat().st_mode & 0o777 for p in (tmp_path / out).rglob("*") if p.is_file()} == {0o640}
+        assert {p.stat().st_mode & 0o777 for p in (tmp_path / out).rglob("*") if p.is_dir()} <= {0o750}
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o640
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_killed_runs_are_removed_at_the_next_write(workspace):
+    dead, alive = _dead_pid(), os.getpid()
+    leftover_dir = workspace / f"models/.qwen2_5_vl{TMP_TAG}{dead}-abc"
+    leftover_dir.mkdir()
+    (leftover_dir / "model.safetensors").write_bytes(b"half")
+    leftover_file = workspace / f"reports/model/.op_inventory.json{TMP_TAG}{dead}-x"
+    leftover_file.write_text("{")
+    running = workspace / f"models/.qwen2_5_vl{TMP_TAG}{alive}-mine"  # a live writer's: kept
+    running.mkdir()
+    try:
+        code, err = run_script(STAGES / "load_model.py", [], workspace)
+        assert code == 0, err
+        assert not leftover_dir.exists() and not leftover_file.exists()
+        assert running.is_dir()
+    finally:
+        running.rmdir()
+
+
+SIGNAL_SCRIPT = """
+import sys, time
+from pathlib import Path
+from op_sensitivity.atomic import atomic_dir
+from op_sensitivity.cli import run_stage
+
+def main():
+    with atomic_dir(Path(sys.argv[1])) as tmp:
+        (tmp / "half.bin").write_bytes(b"x" * 1000)
+        print("ready", flush=True)
+        time.sleep(60)
+
+run_stage(main)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_killed_stage_unwinds_through_the_same_cleanup(tmp_path, signum):
+    """A real process killed while its output is half-written: old output intact, no temporary left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "good.txt").write_text("previous run")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_SCRIPT, str(out)],
+        env=venv_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    assert len(list(tmp_path.glob(f".out{TMP_TAG}*"))) == 1  # the half-written temporary exists
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signum, err
+    assert f"stopped by {signal.Signals(signum).name}" in err and "Traceback" not in err
+    assert list(tmp_path.glob(f".out{TMP_TAG}*")) == []
+    assert [p.name for p in out.iterdir()] == ["good.txt"]
+
+
+def _wait_for(path: Path, pid_not: int | None = None, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            doc = json.loads(path.read_text())
+            if doc["run"]["pid"] != pid_not:
+                return doc
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+def test_killed_sensitivity_runs_leave_outputs_and_never_mix_partial_results(workspace):
+    """SIGTERM then SIGKILL during real INC passes, then a fresh run: each partial file is one run's."""
+    data = good_params()
+    data["sensitivity"]["engine"] = "inc"
+    (workspace / "case.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    partial = workspace / ".op_sensitivity_work/partial_capture.json"
+    partial.unlink(missing_ok=True)
+    before = snapshot(workspace)
+    cmd = [sys.executable, str(STAGES / "sensitivity.py"), "--params", "case.yaml"]
+    seen = []
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen(cmd, cwd=workspace, env=venv_env(), stderr=subprocess.PIPE, text=True)
+        doc = _wait_for(partial, pid_not=seen[-1]["run"]["pid"] if seen else None)
+        assert doc["run"]["pid"] == proc.pid and doc["run"]["engine"] == "inc"
+        assert doc["run"]["params"]["engine"] == "inc" and len(doc["run"]["model_sha256"]) == 64
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == (128 + signum if signum != signal.SIGKILL else -signum), err
+        if signum == signal.SIGTERM:
+            assert "stopped by SIGTERM" in err and "Traceback" not in err
+        seen.append(json.loads(partial.read_text()))
+        assert seen[-1]["run"]["pid"] == proc.pid  # what is left names the run that left it
+        assert snapshot(workspace) == before and strays(workspace) == []
+    code, err = run_script(STAGES / "sensitivity.py", [], workspace)  # the native run of params.yaml
+    assert code == 0, err
+    last = json.loads(partial.read_text())
+    assert last["run"]["pid"] == os.getpid() and last["run"]["engine"] == "native"
+    assert last["run"]["started"] > seen[-1]["run"]["started"]
+    assert [(c["phase"], c["batch"]) for c in last["calls"]] == [("fallback", 0), ("requant", 0)]
+    assert snapshot(workspace) == before  # same inputs, same bytes
+
+
+def test_check_params_stops_before_dvc_touches_anything(workspace):
+    data = good_params()
+    data["captions"]["annotations"] = "data/missing.json"
+    (workspace / "case.yaml").write_text(yaml.safe_dump(data))
+    code, err = run_script(REPO / "scripts/check_params.py", ["case.yaml"], workspace)
+    assert code == 2 and "error: case.yaml: captions.annotations: data/missing.json is not a file" in err
+    code, err = run_script(REPO / "scripts/check_params.py", ["params.yaml"], workspace)
+    assert code == 0, err
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path):
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        (tmp / "a").write_text("2")
+        raise RuntimeError
+    assert (out / "a").read_text() == "1" and strays(tmp_path) == []
