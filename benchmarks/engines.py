@@ -3,11 +3,27 @@
     python benchmarks/engines.py                       # tiny default model from `make repro` outputs
     python benchmarks/engines.py --full-size --engines native --device cuda
         # the full 3B architecture with random weights, native engine only
+    python benchmarks/engines.py --full-size --engines native-fake_quant --device cuda \\
+        --precisions float32,tf32,bfloat16 --results-dir bench_results
+        # one model build, one pass per precision, each pass's raw values saved
+    python benchmarks/engines.py --compare bench_results
+        # reduced precisions against float32, per phase (needs the project's full environment)
 
-Per engine: seconds per phase, seconds per op (phase seconds / (ops x confidence batches)) and
-the ratio to INC. Prints a Markdown table and writes JSON (--out). The full-size mode builds the
-Qwen2.5-VL-3B architecture with seeded random weights in memory and a synthetic batch (a 448x448
-image + a caption) - it measures speed and memory, not sensitivity.
+Per engine (and precision): seconds per phase, seconds per op (phase seconds / (ops x confidence
+batches)) and the ratio to INC. Prints a Markdown table and writes JSON (--out). The full-size mode
+builds the Qwen2.5-VL-3B architecture with seeded random weights in memory and a synthetic batch
+(a 448x448 image + a caption per sample) - it measures speed and memory, not sensitivity.
+
+Precisions (``--precisions``, native engines): ``float32``, ``tf32`` (float32 with ``allow_tf32``
+on CUDA), ``bfloat16``, ``float16``. Every pass starts from the same float32 weights: a pass in a
+reduced dtype that is not the last one is followed by a restore from a float32 copy on the CPU.
+``--results-dir`` keeps each pass's raw values (``<engine>_<precision>.json``: the engine's
+``PassResult`` and the op inventory); ``--compare DIR`` turns them into reports with
+``engines.artifact.build_report`` and compares each precision with the float32 pass of the same
+engine with ``report.comparison.compare_phase`` (Spearman, top-10 overlap, median and max relative
+difference; requant on the increments of the cumulative curve). The comparison is a separate step
+because ``build_report`` records the installed neural-compressor version, which a GPU machine may
+lack.
 """
 
 from __future__ import annotations
@@ -15,14 +31,32 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
+from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from op_sensitivity.engines.contract import build_spec
+from op_sensitivity.engines.contract import (
+    Capture,
+    ExcludedOp,
+    HelperCall,
+    PassResult,
+    build_spec,
+)
 from op_sensitivity.engines.runner import host_facts, load_inputs, run_engine
+from op_sensitivity.inventory import OpInfo
 from op_sensitivity.params import load_params
+
+# precision name -> (native dtype, allow_tf32)
+PRECISIONS = {
+    "float32": ("float32", False),
+    "tf32": ("float32", True),
+    "bfloat16": ("bfloat16", False),
+    "float16": ("float16", False),
+}
 
 
 def _machine() -> str:
@@ -54,6 +88,101 @@ def full_size_inputs(batch: int, seed: int):
     return model, [processor.encode(captions, images)], op_inventory(model)
 
 
+def _table(headers: list[str], rows: list[list[Any]]) -> None:
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row) + " |")
+
+
+def _tensors(model: nn.Module) -> chain:
+    """Every parameter and buffer under each of its names (tied weights too)."""
+    return chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+
+
+def fp32_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.detach().to("cpu", copy=True) for name, t in _tensors(model)}
+
+
+@torch.no_grad()
+def restore_fp32(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Back to float32 where the model is, with the values of ``saved`` (a bf16 round trip is lossy)."""
+    model.float()
+    for name, t in _tensors(model):
+        if name in saved:
+            t.copy_(saved[name])
+
+
+def _runs(engines: str, precisions: list[str]) -> list[tuple[str, str]]:
+    """(engine, precision) pairs; INC has no compute precision and runs once, in float32."""
+    runs = []
+    for name in engines.split(","):
+        for precision in ["float32"] if name == "inc" else precisions:
+            runs.append((name, precision))
+    return runs
+
+
+def _result_doc(name: str, precision: str, result: PassResult, inventory: list[OpInfo]) -> dict[str, Any]:
+    return {
+        "engine": name,
+        "precision": precision,
+        "result": asdict(result),
+        "inventory": [asdict(op) for op in inventory],
+    }
+
+
+def _result_from_doc(doc: dict[str, Any]) -> tuple[PassResult, list[OpInfo]]:
+    r = dict(doc["result"])
+    calls = [
+        HelperCall(
+            c["phase"],
+            c["batch"],
+            main=[(tuple(k), v) for k, v in c["main"]],
+            double_check=None if c["double_check"] is None else [(tuple(k), v) for k, v in c["double_check"]],
+            returned=[tuple(k) for k in c["returned"]],
+            seconds=c["seconds"],
+        )
+        for c in r.pop("capture")["calls"]
+    ]
+    result = PassResult(
+        Capture(calls),
+        [tuple(k) for k in r.pop("op_order")],
+        [ExcludedOp(**e) for e in r.pop("excluded")],
+        **r,
+    )
+    return result, [OpInfo(**op) for op in doc["inventory"]]
+
+
+def compare(results_dir: Path) -> list[dict[str, Any]]:
+    """Each precision's report against the float32 report of the same engine, per phase."""
+    from op_sensitivity.engines.artifact import build_report
+    from op_sensitivity.phases import PHASES
+    from op_sensitivity.report.comparison import compare_phase
+
+    docs = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    docs = [d for d in docs if isinstance(d, dict) and "result" in d]  # skip timing rows and comparisons
+    reports = {(d["engine"], d["precision"]): build_report(*_result_from_doc(d), {}) for d in docs}
+    rows = []
+    for (engine, precision), report in sorted(reports.items()):
+        reference = reports.get((engine, "float32"))
+        if precision == "float32" or reference is None:
+            continue
+        for phase in PHASES:
+            c = compare_phase(report, reference, phase)
+            rows.append({"engine": engine, "precision": precision, "phase": phase, **c})
+    _table(
+        ["engine", "precision", "phase", "compared", "ops", "Spearman", "top-10 overlap"]
+        + ["median rel. diff", "max rel. diff"],
+        [
+            [r["engine"], r["precision"], r["phase"], r["compared"], r["ops"], f"{r['spearman']:.3f}"]
+            + [f"{r['top10_overlap']:.0%}", f"{r['median_rel_diff']:.2%}", f"{r['max_rel_diff']:.2%}"]
+            for r in rows
+        ],
+    )
+    (results_dir / "comparison.json").write_text(json.dumps(rows, indent=2))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
@@ -63,17 +192,39 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--allow-tf32", action="store_true")
     ap.add_argument(
+        "--precisions",
+        default=None,
+        help=f"comma-separated, from {','.join(PRECISIONS)}: one native pass each on one model build "
+        "(overrides --dtype/--allow-tf32)",
+    )
+    ap.add_argument(
         "--full-size", action="store_true", help="full 3B architecture, random weights (native only)"
     )
     ap.add_argument("--full-size-batch", type=int, default=4)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--results-dir", type=Path, default=None, help="write each pass's raw values here (for --compare)"
+    )
+    ap.add_argument(
+        "--compare", type=Path, metavar="DIR", help="compare the passes saved in DIR, run nothing"
+    )
     args = ap.parse_args()
+    if args.compare is not None:
+        compare(args.compare)
+        return
+    if args.precisions is None:
+        precisions = ["tf32" if args.allow_tf32 and args.dtype == "float32" else args.dtype]
+    else:
+        precisions = args.precisions.split(",")
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        ap.error(f"--precisions: unknown {unknown}; choose from {list(PRECISIONS)}")
     params = load_params(args.params).sensitivity
     params = replace(
         params,
         confidence_batches=args.confidence_batches,
         max_ops=10_000,
-        native=replace(params.native, device=args.device, dtype=args.dtype, allow_tf32=args.allow_tf32),
+        native=replace(params.native, device=args.device),
     )
     if args.full_size:
         model, batches, inventory = full_size_inputs(args.full_size_batch, 0)
@@ -86,11 +237,19 @@ def main() -> None:
             Path("models/qwen2_5_vl"),
             Path("reports/model/op_inventory.json"),
         )
+    runs = _runs(args.engines, precisions)
+    lossy = [i for i, (_, p) in enumerate(runs) if PRECISIONS[p][0] != "float32"]
+    saved = fp32_copy(model) if lossy and lossy[0] < len(runs) - 1 else None
+    if args.results_dir:
+        args.results_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in args.engines.split(","):
+    for i, (name, precision) in enumerate(runs):
         engine, _, arithmetic = name.partition("-")
-        native = replace(spec.params.native, arithmetic=arithmetic or "auto")
+        dtype, tf32 = PRECISIONS[precision]
+        native = replace(spec.params.native, arithmetic=arithmetic or "auto", dtype=dtype, allow_tf32=tf32)
         run_spec = replace(spec, params=replace(spec.params, native=native))
+        if engine == "inc":
+            model = model.cpu()
         start = time.perf_counter()
         result = run_engine(engine, model, run_spec, Path(".op_sensitivity_work/bench"))
         total = time.perf_counter() - start
@@ -101,29 +260,39 @@ def main() -> None:
         rows.append(
             {
                 "engine": name,
+                "precision": precision,
                 "ops": n_ops,
                 "fallback_s": round(seconds["fallback"], 3),
                 "requant_s": round(seconds["requant"], 3),
                 "total_s": round(total, 3),
                 "s_per_op": sum(seconds.values()) / trials,
+                "all_int8_mse": result.all_int8_mse,
                 **result.details,
                 **memory,
             }
         )
-        model = model.cpu().float()
+        print(json.dumps(rows[-1]), flush=True)
+        if args.results_dir:
+            doc = _result_doc(name, precision, result, inventory)
+            (args.results_dir / f"{name}_{precision}.json").write_text(json.dumps(doc))
+        if saved is not None and dtype != "float32" and i < len(runs) - 1:
+            restore_fp32(model, saved)
     inc = next((r for r in rows if r["engine"] == "inc"), None)
     for r in rows:
         r["speedup_vs_inc"] = round(inc["s_per_op"] / r["s_per_op"], 1) if inc else None
     print(f"machine: {_machine()}")
-    print("| engine | ops | fallback s | requant s | s/op | speedup vs INC | peak memory |")
-    print("|---|---|---|---|---|---|---|")
+    table = []
     for r in rows:
         mem = r.get("peak_gpu_memory_gib", r.get("peak_rss_gib"))
-        mem_text = f"{mem} GiB" if mem is not None else "-"
-        print(
-            f"| {r['engine']} | {r['ops']} | {r['fallback_s']} | {r['requant_s']} | {r['s_per_op']:.4f} | "
-            f"{r['speedup_vs_inc'] or '-'} | {mem_text} |"
+        table.append(
+            [r["engine"], r["precision"], r["ops"], r["fallback_s"], r["requant_s"], r["total_s"]]
+            + [f"{r['s_per_op']:.4f}", r["speedup_vs_inc"] or "-", f"{mem} GiB" if mem is not None else "-"]
         )
+    _table(
+        ["engine", "precision", "ops", "fallback s", "requant s", "total s", "s/op", "speedup vs INC"]
+        + ["peak memory"],
+        table,
+    )
     if args.out:
         args.out.write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=2))
 
