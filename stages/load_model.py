@@ -8,6 +8,7 @@ from pathlib import Path
 
 from op_sensitivity.cli import run_stage
 from op_sensitivity.inventory import op_inventory, write_inventory
+from op_sensitivity.model.fused import fused_groups, probe_batch
 from op_sensitivity.model.source import materialize_model
 from op_sensitivity.params import load_params
 
@@ -19,8 +20,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--inventory", default="reports/model/op_inventory.json", type=Path)
     args = ap.parse_args(argv)
     params = load_params(args.params).model
-    model, card = materialize_model(params, args.out)
-    doc = write_inventory(op_inventory(model), card.model_type, args.inventory)
+    model, processor, card = materialize_model(params, args.out)
+    groups = fused_groups(model, probe_batch(processor))
+    doc = write_inventory(op_inventory(model, groups), card.model_type, args.inventory)
     logging.getLogger("load_model").info(
         "%s model (%d params, sha256 %s) -> %s; %d quantizable ops %s",
         card.source,

@@ -15,15 +15,18 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="data/calibration", type=Path)
+    ap.add_argument("--eval-out", default="data/eval", type=Path, help="the held-out evaluation split")
     args = ap.parse_args(argv)
     params = load_params(args.params).captions
-    records = prepare_calibration(params, args.out)
+    records = prepare_calibration(params, args.out, args.eval_out)
     logging.getLogger("prepare_captions").info(
-        "wrote %d image+caption pairs (%s, mode %s) to %s",
+        "wrote %d calibration and %d eval image+caption pairs (%s, mode %s) to %s and %s",
         len(records),
+        params.eval_count,
         params.captions_per_image,
         params.mode,
         args.out,
+        args.eval_out,
     )
 
 

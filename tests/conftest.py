@@ -18,6 +18,7 @@ from op_sensitivity.engines.contract import PassResult
 from op_sensitivity.engines.inc import inc_util
 from op_sensitivity.engines.runner import load_inputs, run_engine
 from op_sensitivity.inventory import OpInfo, op_inventory, write_inventory
+from op_sensitivity.model.fused import fused_groups, probe_batch
 from op_sensitivity.model.source import materialize_model
 from op_sensitivity.params import load_params
 from tests.helpers import (
@@ -59,8 +60,9 @@ def small_model_params(repo_params, calibration_dir):
 
 
 def _materialized(out: Path, params) -> Path:
-    model, card = materialize_model(params, out)
-    write_inventory(op_inventory(model), card.model_type, out.parent / "op_inventory.json")
+    model, processor, card = materialize_model(params, out)
+    groups = fused_groups(model, probe_batch(processor))
+    write_inventory(op_inventory(model, groups), card.model_type, out.parent / "op_inventory.json")
     return out
 
 

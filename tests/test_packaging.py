@@ -22,6 +22,16 @@ def test_pixi_lists_the_same_pinned_dependencies_as_pyproject():
     assert pixi["dependencies"]["python"] == pyproject["project"]["requires-python"]
 
 
+def test_the_modelopt_extra_is_pinned_to_0_47_in_both_manifests_and_installed_by_make():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    pixi = tomllib.loads((REPO / "pixi.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["modelopt"]
+    assert extra == ["nvidia-modelopt>=0.47,<0.48"]
+    assert pixi["feature"]["modelopt"]["pypi-dependencies"] == {_name(r): r[len(_name(r)) :] for r in extra}
+    assert pixi["environments"]["dev"] == ["dev", "modelopt"]  # like `make test`'s install
+    assert "pip install -q -e '.[dev,modelopt]'" in (REPO / "Makefile").read_text()
+
+
 def test_dvc_config_is_offline_with_a_local_default_remote():
     cfg = configparser.ConfigParser()
     cfg.read(REPO / ".dvc/config")

@@ -110,6 +110,7 @@ class CaptionsParams(ParamsBlock):
     annotations: Path
     images_dir: Path
     count: int
+    eval_count: int  # the held-out split, from images the calibration sample does not use
     seed: int
     captions_per_image: str
     max_side: int
@@ -207,6 +208,7 @@ def _captions(b: _Block) -> CaptionsParams:
         annotations=Path(b.get("annotations", str)),
         images_dir=Path(b.get("images_dir", str)),
         count=b.int_in("count", 1),
+        eval_count=b.int_in("eval_count", 1),
         seed=b.get("seed", int),
         captions_per_image=b.choice("captions_per_image", CAPTIONS_PER_IMAGE),
         max_side=b.int_in("max_side", 0),

@@ -65,3 +65,27 @@ def test_load_calibration_rejects_tampered_manifest(tmp_path, cap_params):
     (out / "manifest.jsonl").write_text("\n".join([json.dumps(rec), *lines[1:]]))
     with pytest.raises(InputError, match=r"manifest.jsonl:1: field 'width' expected int"):
         load_calibration(out)
+
+
+def test_eval_split_is_disjoint_by_image_and_deterministic(tmp_path, cap_params):
+    a, b = tmp_path / "a", tmp_path / "b"
+    cal = prepare_calibration(cap_params, a / "cal", a / "eval")
+    prepare_calibration(cap_params, b / "cal", b / "eval")
+    meta, held_out = load_calibration(a / "eval", "eval")
+    assert meta.split == "eval" and meta.count == len(held_out) == cap_params.eval_count
+    assert not {r.image_id for r in cal} & {r.image_id for r in held_out}
+    assert load_calibration(b / "eval", "eval")[1] == held_out  # same params, same split
+    assert (a / "eval/manifest.jsonl").read_bytes() == (b / "eval/manifest.jsonl").read_bytes()
+    other = prepare_calibration(replace(cap_params, seed=1), tmp_path / "c/cal", tmp_path / "c/eval")
+    assert {r.image_id for r in other} != {r.image_id for r in cal}
+    with pytest.raises(InputError, match=r"the calibration split expected, got the eval split"):
+        load_calibration(a / "eval")
+
+
+def test_eval_count_larger_than_what_calibration_leaves_is_a_param_error(tmp_path, cap_params):
+    with pytest.raises(
+        InputError,
+        match=r"captions.eval_count: expected at most 14 \(images with captions outside the calibration",
+    ):
+        prepare_calibration(replace(cap_params, eval_count=15), tmp_path / "cal", tmp_path / "eval")
+    assert not (tmp_path / "cal").exists() and not (tmp_path / "eval").exists()

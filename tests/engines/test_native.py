@@ -96,7 +96,7 @@ def test_single_linear_matches_torch_fx_quantization(arithmetic):
     prepared(x)
     expected = convert_fx(prepared)(x)
     fq = FakeQuantModel(model, ["lin"], reduce_range=False, arithmetic=arithmetic)
-    fq.calibrate({"x": x})
+    fq.calibrate([{"x": x}])
     fq.set("lin", True)
     with torch.no_grad():
         got = model(x=x)

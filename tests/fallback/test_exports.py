@@ -71,4 +71,9 @@ def test_llmcompressor_collapses_whole_groups_only():
     assert llmcompressor_ignore(layer + [HEAD], inv) == [r"re:model\.language_model\.layers\.1\..*", HEAD]
     assert llmcompressor_ignore(layer[:2], inv) == layer[:2]
     assert llmcompressor_ignore([PATCH, UP], inv) == [r"re:model\.visual\..*"]  # whole vision tower
-    assert modelopt_quant_cfg([HEAD]) == {"quant_cfg": {"*lm_head.*": {"enable": False}}}
+    modelopt = modelopt_quant_cfg([HEAD, DOWN])
+    assert modelopt["quant_cfg"] == [
+        {"quantizer_name": "lm_head.*", "enable": False},
+        {"quantizer_name": f"{DOWN}.*", "enable": False},
+    ]
+    assert modelopt["stock_config_disables"]["kept_modules"] == [HEAD]  # stock INT8 has "*lm_head*"

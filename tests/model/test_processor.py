@@ -6,7 +6,7 @@ from PIL import Image
 
 from op_sensitivity.data.calibration import load_calibration
 from op_sensitivity.errors import InputError
-from op_sensitivity.model.batches import build_batches
+from op_sensitivity.model.batches import build_batches, build_eval_batches
 from op_sensitivity.model.processor import ImageTextProcessor
 from op_sensitivity.model.source import load_model_dir
 
@@ -49,3 +49,18 @@ def test_processor_without_chat_template_is_an_error(tmp_path, small_model_dir):
     (snapshot / "chat_template.json").unlink()
     with pytest.raises(InputError, match="no chat template"):
         ImageTextProcessor.load(snapshot)
+
+
+def test_target_mask_covers_exactly_the_caption_tokens(small_model_dir, calibration_dir):
+    _, processor, _ = load_model_dir(small_model_dir)
+    _, records = load_calibration(calibration_dir)
+    for mode in ("image_caption", "text_only"):
+        (batch, mask), *_ = build_eval_batches(records[:2], calibration_dir, processor, mode, 2)
+        assert mask.shape == batch["input_ids"].shape and mask.any(dim=1).all()
+        for b, record in enumerate(records[:2]):
+            ids = batch["input_ids"][b][mask[b]]
+            assert processor.tokenizer.decode(ids) == record.caption, mode
+            # Only a contiguous run, after the prompt: position 0 never predicts a caption token.
+            positions = mask[b].nonzero().flatten()
+            assert positions.min() > 0 or mode == "text_only"
+            assert (positions.diff() == 1).all()

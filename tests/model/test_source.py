@@ -33,7 +33,7 @@ def test_materialized_dir_loads_back_identically(small_model_dir, calibration_di
 
 
 def test_two_materializations_hash_the_same(tmp_path, small_model_params, calibration_dir, small_model_dir):
-    _, card = materialize_model(small_model_params, tmp_path / "again")
+    _, _, card = materialize_model(small_model_params, tmp_path / "again")
     assert card.sha256 == dir_sha256(small_model_dir)
 
 
@@ -42,7 +42,7 @@ def test_hf_dir_source_loads_a_snapshot(tmp_path, small_model_params, calibratio
     shutil.copytree(small_model_dir, snapshot)
     (snapshot / "op_sensitivity_model.json").unlink()  # a real snapshot has no card
     params = replace(small_model_params, source="hf_dir", input=snapshot)
-    model, card = materialize_model(params, tmp_path / "out")
+    model, _, card = materialize_model(params, tmp_path / "out")
     assert card.source == "hf_dir" and not card.random_weights and card.origin == str(snapshot)
     ref, _, _ = load_model_dir(small_model_dir)
     assert all(

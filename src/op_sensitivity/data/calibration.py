@@ -1,8 +1,11 @@
-"""The calibration sample directory (stage ``prepare_captions``): write it, read it back validated.
+"""The sample directories of stage ``prepare_captions``: write them, read them back validated.
 
-Artifact (the output directory of stage ``prepare_captions``)::
+Two directories of one format: the calibration sample (``data/calibration``: observers are
+calibrated on it and the sensitivity pass measures on it) and the held-out evaluation split
+(``data/eval``: ``captions.eval_count`` pairs from images the calibration sample does not use,
+where keep-lists are validated)::
 
-    <out>/meta.json        CalibrationMeta: where the sample came from and how it was drawn
+    <out>/meta.json        CalibrationMeta: where the sample came from, how it was drawn, which split
     <out>/manifest.jsonl   one CalibrationRecord per line, in sample order
     <out>/images/<file>    the chosen images (RGB JPEG; resized copies when max_side > 0)
 
@@ -12,6 +15,7 @@ DVC can cache and share the exact calibration inputs without the 18 GB COCO trai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -23,9 +27,10 @@ from PIL import Image, UnidentifiedImageError
 from ..atomic import atomic_dir
 from ..errors import InputError, require
 from ..params import CaptionsParams
-from .coco import draw_sample, load_coco
+from .coco import draw_eval, draw_sample, load_coco
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SPLITS = ("calibration", "eval")
 MANIFEST = "manifest.jsonl"
 META = "meta.json"
 IMAGES = "images"
@@ -48,6 +53,7 @@ class CalibrationRecord:
 @dataclass(frozen=True)
 class CalibrationMeta:
     schema_version: int
+    split: str  # calibration | eval
     annotations: str
     annotations_sha256: str
     images_dir: str
@@ -86,50 +92,66 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def prepare_calibration(params: CaptionsParams, out_dir: Path) -> list[CalibrationRecord]:
-    """Draw the sample, check every chosen image opens, and write the artifact atomically."""
+def _write_split(
+    tmp: Path, pairs: list[tuple[dict, dict]], params: CaptionsParams, split: str, sha256: str
+) -> list[CalibrationRecord]:
+    (tmp / IMAGES).mkdir()
+    records = []
+    for index, (img, ann) in enumerate(pairs):
+        image = _resized(_open_rgb(params.images_dir / img["file_name"], params.annotations), params.max_side)
+        rel = f"{IMAGES}/{Path(img['file_name']).stem}.jpg"
+        if not (tmp / rel).exists():
+            image.save(tmp / rel, quality=95)
+        records.append(
+            CalibrationRecord(
+                index,
+                img["id"],
+                ann["id"],
+                ann["caption"].strip(),
+                rel,
+                image.width,
+                image.height,
+                img["file_name"],
+            )
+        )
+    meta = CalibrationMeta(
+        SCHEMA_VERSION,
+        split,
+        str(params.annotations),
+        sha256,
+        str(params.images_dir),
+        len(pairs),
+        params.seed,
+        params.captions_per_image,
+        params.max_side,
+        params.mode,
+    )
+    (tmp / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+    with (tmp / MANIFEST).open("w") as f:
+        for r in records:
+            f.write(json.dumps(asdict(r)) + "\n")
+    return records
+
+
+def prepare_calibration(
+    params: CaptionsParams, out_dir: Path, eval_dir: Path | None = None
+) -> list[CalibrationRecord]:
+    """Draw the calibration sample (and the eval split), check every chosen image opens, write atomically.
+
+    Both directories land together or not at all.
+    """
     coco = load_coco(params.annotations)
     if not params.images_dir.is_dir():
         raise InputError(f"{params.where('images_dir')}: {params.images_dir} is not a directory")
     pairs = draw_sample(coco, params.count, params.seed, params.captions_per_image, params.where("count"))
-    records = []
-    with atomic_dir(out_dir) as tmp:
-        (tmp / IMAGES).mkdir()
-        for index, (img, ann) in enumerate(pairs):
-            image = _resized(
-                _open_rgb(params.images_dir / img["file_name"], params.annotations), params.max_side
-            )
-            rel = f"{IMAGES}/{Path(img['file_name']).stem}.jpg"
-            if not (tmp / rel).exists():
-                image.save(tmp / rel, quality=95)
-            records.append(
-                CalibrationRecord(
-                    index,
-                    img["id"],
-                    ann["id"],
-                    ann["caption"].strip(),
-                    rel,
-                    image.width,
-                    image.height,
-                    img["file_name"],
-                )
-            )
-        meta = CalibrationMeta(
-            SCHEMA_VERSION,
-            str(params.annotations),
-            _sha256(params.annotations),
-            str(params.images_dir),
-            params.count,
-            params.seed,
-            params.captions_per_image,
-            params.max_side,
-            params.mode,
-        )
-        (tmp / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
-        with (tmp / MANIFEST).open("w") as f:
-            for r in records:
-                f.write(json.dumps(asdict(r)) + "\n")
-    return records
+    held_out = draw_eval(
+        coco, pairs, params.eval_count, params.seed, params.captions_per_image, params.where("eval_count")
+    )
+    sha256 = _sha256(params.annotations)
+    with contextlib.ExitStack() as stack:
+        if eval_dir is not None:
+            _write_split(stack.enter_context(atomic_dir(eval_dir)), held_out, params, "eval", sha256)
+        return _write_split(stack.enter_context(atomic_dir(out_dir)), pairs, params, "calibration", sha256)
 
 
 def _typed(cls: type, raw: Any, where: str) -> Any:
@@ -143,20 +165,29 @@ def _typed(cls: type, raw: Any, where: str) -> Any:
     return cls(**raw)
 
 
-def load_calibration(cal_dir: Path) -> tuple[CalibrationMeta, list[CalibrationRecord]]:
-    """Read and validate a calibration directory written by :func:`prepare_calibration`."""
+def load_calibration(
+    cal_dir: Path, split: str = "calibration"
+) -> tuple[CalibrationMeta, list[CalibrationRecord]]:
+    """Read and validate a directory written by :func:`prepare_calibration`; it must hold ``split``."""
     meta_path, manifest = cal_dir / META, cal_dir / MANIFEST
     for p in (meta_path, manifest):
         require(p.is_file(), p, "missing (run the prepare_captions stage first)")
     try:
-        meta = _typed(CalibrationMeta, json.loads(meta_path.read_text()), str(meta_path))
+        raw = json.loads(meta_path.read_text())
+        version = raw.get("schema_version") if isinstance(raw, dict) else None
+        require(
+            version == SCHEMA_VERSION,
+            meta_path,
+            f"schema_version {SCHEMA_VERSION} expected, got {version!r} (rerun the prepare_captions stage)",
+        )
+        meta = _typed(CalibrationMeta, raw, str(meta_path))
         lines = [ln for ln in manifest.read_text().splitlines() if ln.strip()]
         records = [
             _typed(CalibrationRecord, json.loads(ln), f"{manifest}:{i + 1}") for i, ln in enumerate(lines)
         ]
     except json.JSONDecodeError as e:
         raise InputError(f"{cal_dir}: manifest or meta is not valid JSON ({e})") from e
-    require(meta.schema_version == SCHEMA_VERSION, meta_path, f"schema_version {SCHEMA_VERSION} expected")
+    require(meta.split == split, meta_path, f"the {split} split expected, got the {meta.split} split")
     require(bool(records), manifest, "no records")
     for r in records:
         require((cal_dir / r.image).is_file(), cal_dir / r.image, f"image of record {r.index} is missing")

@@ -59,6 +59,35 @@ def load_coco(path: Path) -> COCO:
     return coco
 
 
+def _captioned_images(coco: COCO) -> list[int]:
+    return sorted(i for i in coco.getImgIds() if coco.getAnnIds(imgIds=[i]))
+
+
+def _draw(
+    coco: COCO,
+    pool: list[int],
+    count: int,
+    rng: random.Random,
+    captions_per_image: str,
+    where: str,
+    what: str,
+) -> list[tuple[dict, dict]]:
+    pairs: list[tuple[dict, dict]] = []
+    if captions_per_image == "one":
+        if count > len(pool):
+            raise InputError(f"{where}: expected at most {len(pool)} ({what}), got {count}")
+        for image_id in rng.sample(pool, count):
+            anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[image_id])), key=lambda a: a["id"])
+            pairs.append((coco.imgs[image_id], rng.choice(anns)))
+        return pairs
+    for image_id in rng.sample(pool, len(pool)):
+        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[image_id])), key=lambda a: a["id"])
+        pairs.extend((coco.imgs[image_id], ann) for ann in anns[: count - len(pairs)])
+        if len(pairs) == count:
+            return pairs
+    raise InputError(f"{where}: expected at most {len(pairs)} (captions available), got {count}")
+
+
 def draw_sample(
     coco: COCO, count: int, seed: int, captions_per_image: str, where: str = "captions.count"
 ) -> list[tuple[dict, dict]]:
@@ -66,22 +95,32 @@ def draw_sample(
 
     ``where`` names the count param in errors (``CaptionsParams.where("count")``).
     """
-    rng = random.Random(seed)
-    image_ids = sorted(i for i in coco.getImgIds() if coco.getAnnIds(imgIds=[i]))
-    pairs: list[tuple[dict, dict]] = []
-    if captions_per_image == "one":
-        if count > len(image_ids):
-            raise InputError(
-                f"{where}: expected at most {len(image_ids)} (images with captions), got {count}"
-            )
-        for image_id in rng.sample(image_ids, count):
-            anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[image_id])), key=lambda a: a["id"])
-            pairs.append((coco.imgs[image_id], rng.choice(anns)))
-        return pairs
-    order = rng.sample(image_ids, len(image_ids))
-    for image_id in order:
-        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[image_id])), key=lambda a: a["id"])
-        pairs.extend((coco.imgs[image_id], ann) for ann in anns[: count - len(pairs)])
-        if len(pairs) == count:
-            return pairs
-    raise InputError(f"{where}: expected at most {len(pairs)} (captions in file), got {count}")
+    pool = _captioned_images(coco)
+    return _draw(coco, pool, count, random.Random(seed), captions_per_image, where, "images with captions")
+
+
+def draw_eval(
+    coco: COCO,
+    calibration: list[tuple[dict, dict]],
+    count: int,
+    seed: int,
+    captions_per_image: str,
+    where: str = "captions.eval_count",
+) -> list[tuple[dict, dict]]:
+    """The held-out split: ``count`` pairs from images the calibration sample does not use.
+
+    Disjoint by image, so no picture the observers saw is scored; its own random stream, so the
+    split depends on the calibration sample only through the images it takes.
+    """
+    taken = {img["id"] for img, _ in calibration}
+    pool = [i for i in _captioned_images(coco) if i not in taken]
+    rng = random.Random(f"eval-{seed}")
+    return _draw(
+        coco,
+        pool,
+        count,
+        rng,
+        captions_per_image,
+        where,
+        "images with captions outside the calibration sample",
+    )

@@ -53,6 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..params import SensitivityParams
 from ..phases import FALLBACK, REQUANT
 from .contract import Capture, HelperCall, PassResult, PassSpec
 
@@ -266,8 +267,12 @@ class FakeQuantModel:
         return tuple(self.ops[n].enabled for n in names)
 
     @torch.no_grad()
-    def calibrate(self, batch: dict[str, torch.Tensor]) -> None:
-        """One fp32 forward with fresh observers (what every INC trial sees), then fix the qparams."""
+    def calibrate(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """fp32 forwards with fresh observers, then fix the qparams.
+
+        One batch per call in the sensitivity pass (what every INC trial sees); the whole
+        calibration sample when a keep-list is validated (what INC's PTQ sees).
+        """
         self.set_all(False)
         for op in self.ops.values():
             if not op.weight_only:
@@ -278,7 +283,8 @@ class FakeQuantModel:
                 }
         self.observing = True
         try:
-            self.model(**batch)
+            for batch in batches:
+                self.model(**batch)
         finally:
             self.observing = False
         for op in self.ops.values():
@@ -324,7 +330,7 @@ def _vision_cache(model: nn.Module, fq: FakeQuantModel, batch_key: list[int]) ->
         del visual.forward
 
 
-def _peak_memory(device: torch.device) -> dict[str, float]:
+def peak_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
     return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
@@ -341,6 +347,58 @@ def _resolve_arithmetic(arithmetic: str, dev: torch.device, dtype: str, where: s
     return arithmetic
 
 
+@dataclass(frozen=True)
+class Numerics:
+    """How the native engine computes, resolved from ``sensitivity.native`` and this machine."""
+
+    device: torch.device
+    dtype_name: str
+    reduce_range: bool
+    arithmetic: str
+    allow_tf32: bool
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    def details(self) -> dict[str, Any]:
+        """What shapes the numbers, for the report (device type, not the host's device index)."""
+        return {
+            "device": str(self.device),
+            "dtype": self.dtype_name,
+            "allow_tf32": self.allow_tf32,
+            "arithmetic": self.arithmetic,
+        }
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """The model on this device and dtype, TF32 set as asked, peak-memory counter reset."""
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
+            torch.backends.cudnn.allow_tf32 = self.allow_tf32
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return model.to(device=self.device, dtype=self.dtype).eval()
+
+    def batch(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+            for k, v in raw.items()
+        }
+
+
+def resolve_numerics(params: SensitivityParams) -> Numerics:
+    """Check ``sensitivity.native`` against this machine before any work; warn on reduced precision."""
+    n, where = params.native, params.where
+    dev = resolve_device(n.device, where("native.device"))
+    arithmetic = _resolve_arithmetic(n.arithmetic, dev, n.dtype, where("native.arithmetic"))
+    if n.dtype != "float32":
+        log.warning(
+            "native engine in %s: its rounding is as large as int8 noise (on the tiny model bf16 gave "
+            "fallback Spearman 0.61 vs INC); crosscheck against float32 before trusting it",
+            n.dtype,
+        )
+    return Numerics(dev, n.dtype, resolve_reduce_range(n.reduce_range), arithmetic, n.allow_tf32)
+
+
 def run_pass(
     model: nn.Module,
     spec: PassSpec,
@@ -352,26 +410,13 @@ def run_pass(
 
     ``workspace`` is unused (nothing to spill); ``on_call`` runs after each phase x batch.
     """
-    n, where = spec.params.native, spec.params.where
-    dev = resolve_device(n.device, where("native.device"))
-    rr = resolve_reduce_range(n.reduce_range)
-    arithmetic = _resolve_arithmetic(n.arithmetic, dev, n.dtype, where("native.arithmetic"))
-    if n.dtype != "float32":
-        log.warning(
-            "native engine in %s: its rounding is as large as int8 noise (on the tiny model bf16 gave "
-            "fallback Spearman 0.61 vs INC); crosscheck against float32 before trusting it",
-            n.dtype,
-        )
+    num = resolve_numerics(spec.params)
+    n = spec.params.native
     op_types = dict(spec.ops)
     scored = [name for name, _ in spec.scored]
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = n.allow_tf32
-        torch.backends.cudnn.allow_tf32 = n.allow_tf32
-        torch.cuda.reset_peak_memory_stats(dev)
-    dtype = DTYPES[n.dtype]
-    model = model.to(device=dev, dtype=dtype).eval()
+    model = num.prepare(model)
     last = spec.module_order[-1]
-    fq = FakeQuantModel(model, scored, rr, arithmetic)
+    fq = FakeQuantModel(model, scored, num.reduce_range, num.arithmetic)
     captured: dict[str, torch.Tensor] = {}
     last_module = dict(model.named_modules())[last]
     grab = last_module.register_forward_hook(lambda _m, _a, out: captured.__setitem__("out", out.detach()))
@@ -392,12 +437,10 @@ def run_pass(
     try:
         with torch.no_grad(), _vision_cache(model, fq, batch_key):
             for b, raw in enumerate(spec.batches):
-                batch = {
-                    k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev)) for k, v in raw.items()
-                }
+                batch = num.batch(raw)
                 batch_key[0] = b
                 start = time.perf_counter()  # calibration counts: INC pays it in every trial
-                fq.calibrate(batch)
+                fq.calibrate([batch])
                 fq.set_all(False)
                 model(**batch)
                 ref = captured["out"].float()
@@ -439,15 +482,15 @@ def run_pass(
         list(spec.excluded),
         last,
         conv,
-        {"reduce_range": rr, "by_op_type": {t: _scheme(t) for t in types_used}},
+        {"reduce_range": num.reduce_range, "by_op_type": {t: _scheme(t) for t in types_used}},
         engine="native",
         requant_mode=n.requant_mode,
         all_int8_mse=sum(all_int8) / len(all_int8),
-        details={"device": str(dev), "dtype": n.dtype, "allow_tf32": n.allow_tf32, "arithmetic": arithmetic},
+        details=num.details(),
         runtime={
             "seconds": seconds,
             "seconds_per_op": sum(seconds.values()) / (2 * spec.confidence_batches * len(scored)),
-            **_peak_memory(dev),
+            **peak_memory(num.device),
         },
     )
 

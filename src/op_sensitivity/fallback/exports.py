@@ -3,9 +3,12 @@
 * INC: ``op_name_dict`` keeping each op fp32 for weight and activation; load with
   ``PostTrainingQuantConfig(op_name_dict=json.load(f))``. Keys are INC's op names (as INC
   reported them, ``.module`` suffix included where INC wrapped the module).
-* NVIDIA ModelOpt: ``{"quant_cfg": {"*<module>.*": {"enable": False}}}`` - disables the module's
-  weight/input/output quantizers; merge into a config, e.g.
-  ``cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG); cfg["quant_cfg"].update(frag["quant_cfg"])``.
+* NVIDIA ModelOpt (0.47, list-format ``quant_cfg``): ``{"quant_cfg": [{"quantizer_name":
+  "<module>.*", "enable": False}, ...], "stock_config_disables": ..., "notes": ...}`` - each entry
+  disables one module's weight/input/output quantizers; append them after a stock config's entries
+  (the last matching entry wins), e.g. ``cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG);
+  cfg["quant_cfg"] = [*cfg["quant_cfg"], *frag["quant_cfg"]]``. ``stock_config_disables`` lists
+  what ``INT8_DEFAULT_CFG`` already leaves unquantized (the vision tower, ``lm_head``...).
 * ONNX Runtime ``quantize_static(nodes_to_exclude=...)``: node names depend on the export; with
   ``torch.onnx.export`` a module ``a.b.c`` becomes nodes named ``/a/b/c/<OpType>`` (e.g.
   ``/model/language_model/layers/0/mlp/up_proj/MatMul``). Without an ``.onnx`` file we emit the
@@ -36,8 +39,84 @@ def inc_op_name_dict(op_names: Iterable[str]) -> dict[str, Any]:
     return {name: {k: dict(v) for k, v in FP32.items()} for name in op_names}
 
 
+# What nvidia-modelopt 0.47's INT8_DEFAULT_CFG disables after enabling every "*weight_quantizer" and
+# "*input_quantizer" (modelopt_recipes/configs/ptq/units/default_disabled_quantizers.yaml):
+# quantizer-name globs, then parent module classes. tests/fallback/test_modelopt.py checks both
+# against the installed modelopt.
+MODELOPT_STOCK_DISABLED_NAMES = (
+    "*block_sparse_moe.gate*",
+    "*linear_attn.conv1d*",
+    "*self_attention.conv1d*",
+    "*linear_attn.in_proj_a*",
+    "*linear_attn.in_proj_b*",
+    "*lm_head*",
+    "*mixer.conv1d*",
+    "*mlp.gate.*",
+    "*mlp.shared_expert_gate.*",
+    "*output_layer*",
+    "*proj_out.*",
+    "*router*",
+    "mtp.*",
+    "output.*",
+    "*embed_vision*",
+    "*vision_tower*",
+    "*visual*",
+    "*vision_model*",
+    "*multi_modal_projector*",
+)
+MODELOPT_STOCK_DISABLED_CLASSES = (
+    "nn.BatchNorm1d",
+    "nn.BatchNorm2d",
+    "nn.BatchNorm3d",
+    "nn.LeakyReLU",
+    "nn.Embedding",
+)
+MODELOPT_NOTES = (
+    "nvidia-modelopt>=0.47 quant_cfg entries. ModelOpt applies a config's quant_cfg list in order and, "
+    "for each quantizer, the last entry whose quantizer_name glob (fnmatch) matches its full name wins, "
+    "so append these after the stock entries: cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG); "
+    "cfg['quant_cfg'] = [*cfg['quant_cfg'], *export['quant_cfg']] (placed before them, the stock "
+    "'*weight_quantizer'/'*input_quantizer' entries would re-enable them). '<module>.*' matches that "
+    "module's weight/input/output quantizers only: no leading '*', so 'lm_head.*' leaves "
+    "'lm_head_extra.*' and 'x.lm_head.*' alone, and the '.' keeps 'layers.1.*' off 'layers.11.*'. "
+    "Names are those of the whole Qwen2_5_VLForConditionalGeneration passed to mtq.quantize, as in "
+    "fallback_ops.json (quantizing a submodule or a wrapper changes the prefix). "
+    "The stock INT8_DEFAULT_CFG already disables, on its own, every quantizer matching "
+    "stock_config_disables.quantizer_name_patterns (for Qwen2.5-VL: the whole vision tower via "
+    "'*visual*', and lm_head) and those of modules of stock_config_disables.parent_classes (e.g. "
+    "embed_tokens, an nn.Embedding); stock_config_disables.kept_modules names the kept modules whose "
+    "names those patterns already match (their entries change nothing with the stock config but "
+    "count with one that re-enables them)."
+)
+
+
+def _glob_literal(name: str) -> str:
+    """``name`` as an fnmatch pattern that matches only itself."""
+    return re.sub(r"([*?[])", r"[\1]", name)
+
+
+def _stock_disables(module: str) -> bool:
+    from fnmatch import fnmatchcase  # ModelOpt's matcher (fnmatch; case-sensitive on POSIX)
+
+    return all(
+        any(fnmatchcase(f"{module}.{q}", p) for p in MODELOPT_STOCK_DISABLED_NAMES)
+        for q in ("weight_quantizer", "input_quantizer")
+    )
+
+
 def modelopt_quant_cfg(modules: Iterable[str]) -> dict[str, Any]:
-    return {"quant_cfg": {f"*{m}.*": {"enable": False} for m in modules}}
+    """ModelOpt 0.47 ``quant_cfg`` entries disabling each module's quantizers, with what stock disables."""
+    modules = list(modules)
+    return {
+        "quant_cfg": [{"quantizer_name": f"{_glob_literal(m)}.*", "enable": False} for m in modules],
+        "stock_config_disables": {
+            "config": "mtq.INT8_DEFAULT_CFG (nvidia-modelopt 0.47)",
+            "quantizer_name_patterns": list(MODELOPT_STOCK_DISABLED_NAMES),
+            "parent_classes": list(MODELOPT_STOCK_DISABLED_CLASSES),
+            "kept_modules": [m for m in modules if _stock_disables(m)],
+        },
+        "notes": MODELOPT_NOTES,
+    }
 
 
 def ort_prefix(module: str) -> str:

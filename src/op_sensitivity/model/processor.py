@@ -36,6 +36,7 @@ SPECIAL_TOKENS = (
     VIDEO_PAD,
 )
 CALIBRATION_PROMPT = "Describe this image."
+ASSISTANT_TURN = "<|im_start|>assistant\n"
 
 # Qwen2-VL's chat template without the video branch (we never feed video).
 CHAT_TEMPLATE = (
@@ -79,24 +80,17 @@ class ImageTextProcessor:
     def merge_size(self) -> int:
         return int(self.image_processor.merge_size)
 
-    def encode(
+    def _texts(
         self, captions: Sequence[str], images: Sequence[Image.Image] | None
-    ) -> dict[str, torch.Tensor]:
-        """Batch-encode calibration samples.
-
-        With ``images`` (mode ``image_caption``) each sample is the chat prompt with its image;
-        without (mode ``text_only``) it is the caption alone. Right padding; the model derives
-        its 3-axis rotary positions from ``attention_mask``.
-        """
+    ) -> tuple[list[str], dict[str, torch.Tensor] | None]:
+        """The model's text per sample (image pads expanded) and the image processor's output."""
         if images is None:
-            enc = self.tokenizer(list(captions), return_tensors="pt", padding=True)
-            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            return list(captions), None
         if len(images) != len(captions):
             raise ValueError(f"{len(captions)} captions but {len(images)} images")
         vis = self.image_processor(images=list(images), return_tensors="pt")
-        grid = vis["image_grid_thw"]
         texts = []
-        for caption, thw in zip(captions, grid, strict=True):
+        for caption, thw in zip(captions, vis["image_grid_thw"], strict=True):
             text = self.tokenizer.apply_chat_template(
                 calibration_messages(caption, with_image=True),
                 chat_template=self.chat_template,
@@ -109,13 +103,46 @@ class ImageTextProcessor:
                     f"got {text.count(IMAGE_PAD)}"
                 )
             texts.append(text.replace(IMAGE_PAD, IMAGE_PAD * n_tokens))
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True)
-        return {
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
-            "pixel_values": vis["pixel_values"],
-            "image_grid_thw": grid,
-        }
+        return texts, vis
+
+    def encode(
+        self, captions: Sequence[str], images: Sequence[Image.Image] | None
+    ) -> dict[str, torch.Tensor]:
+        """Batch-encode calibration samples.
+
+        With ``images`` (mode ``image_caption``) each sample is the chat prompt with its image;
+        without (mode ``text_only``) it is the caption alone. Right padding; the model derives
+        its 3-axis rotary positions from ``attention_mask``.
+        """
+        return self.encode_with_targets(captions, images)[0]
+
+    def encode_with_targets(
+        self, captions: Sequence[str], images: Sequence[Image.Image] | None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`encode` plus a mask of the caption's own tokens, for teacher-forced evaluation.
+
+        ``target_mask[b, t]`` is True where token ``t`` of sample ``b`` is part of the caption (the
+        assistant's answer; in ``text_only`` the whole text): the positions whose prediction from
+        ``t - 1`` a caption loss scores. Found from the tokenizer's character offsets, so it does
+        not depend on how the prompt tokenizes.
+        """
+        texts, vis = self._texts(captions, images)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, return_offsets_mapping=True)
+        mask = torch.zeros_like(enc["input_ids"], dtype=torch.bool)
+        for b, (text, caption) in enumerate(zip(texts, captions, strict=True)):
+            start = text.rindex(ASSISTANT_TURN) + len(ASSISTANT_TURN) if vis is not None else 0
+            if text[start : start + len(caption)] != caption:
+                raise InputError(
+                    f"chat template: the caption is not the assistant's answer in {text[-200:]!r}"
+                )
+            end = start + len(caption)
+            offsets = enc["offset_mapping"][b]
+            mask[b] = (offsets[:, 0] >= start) & (offsets[:, 1] <= end) & (offsets[:, 1] > offsets[:, 0])
+            mask[b] &= enc["attention_mask"][b].bool()
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if vis is not None:
+            batch.update(pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
+        return batch, mask
 
     def check_bounds(self, where: str) -> None:
         """Refuse pixel bounds that contradict each other once the snapshot's own values fill the gaps.

@@ -132,8 +132,8 @@ def _from_hf_dir(params: ModelParams) -> tuple[Qwen2_5_VLForConditionalGeneratio
 
 def materialize_model(
     params: ModelParams, out_dir: Path
-) -> tuple[Qwen2_5_VLForConditionalGeneration, ModelCard]:
-    """Write the model directory atomically and return the in-memory model with its card."""
+) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageTextProcessor, ModelCard]:
+    """Write the model directory atomically and return the in-memory model, its processor and card."""
     if params.source in ("tiny", "full_size_random"):
         model, processor = _from_random(params)
         origin = (
@@ -158,7 +158,7 @@ def materialize_model(
             model.config.model_type,
         )
         (tmp / CARD).write_text(json.dumps(asdict(card), indent=2) + "\n")
-    return model, card
+    return model, processor, card
 
 
 def read_card(model_dir: Path) -> ModelCard:

@@ -1,0 +1,71 @@
+"""Measure any keep-list on the eval split: calibrate once, then toggle ops per configuration.
+
+The quantization is the sensitivity pass's (the native engine's ``FakeQuantModel`` with INC's
+scheme and ``sensitivity.native``'s numerics), with one difference that makes it what a real
+PTQ run does: the observers are calibrated once over the whole calibration sample, not per
+confidence batch. A configuration is the set of ops kept in high precision; every other scored
+op is int8, ops the sensitivity params keep fp32 stay fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+
+from ..engines.native import FakeQuantModel, Numerics
+from .metrics import Reference, Totals, reference
+
+EvalBatch = tuple[dict[str, torch.Tensor], torch.Tensor]  # model inputs, caption target mask
+
+
+class Measurer(AbstractContextManager):
+    """One calibrated model; :meth:`measure` scores a configuration against the fp32 reference."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scored: list[str],
+        numerics: Numerics,
+        calibration: list[dict[str, torch.Tensor]],
+        eval_batches: list[EvalBatch],
+    ):
+        self.numerics = numerics
+        self.model = numerics.prepare(model)
+        self.scored = list(scored)
+        self.fq = FakeQuantModel(self.model, self.scored, numerics.reduce_range, numerics.arithmetic)
+        self.eval = [(numerics.batch(b), m.to(numerics.device)) for b, m in eval_batches]
+        with torch.no_grad():
+            self.fq.calibrate([numerics.batch(b) for b in calibration])
+            self.fq.set_all(False)
+            self.refs = [
+                reference(self.model(**b).logits, b["input_ids"], m, b["attention_mask"])
+                for b, m in self.eval
+            ]
+
+    def measure(self, keep: Iterable[str]) -> dict[str, float]:
+        """All scored ops int8 except ``keep``; the eval metrics against fp32."""
+        keep = set(keep)
+        unknown = keep - set(self.scored)
+        if unknown:
+            raise ValueError(f"not scored ops: {sorted(unknown)[:5]}")
+        for name in self.scored:
+            self.fq.set(name, name not in keep)
+        return self.measure_forward(lambda batch: self.model(**batch).logits)
+
+    @torch.no_grad()
+    def measure_forward(self, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> dict[str, float]:
+        """Score any model's logits (e.g. a real quantizer's output model) on the same eval split."""
+        totals = Totals()
+        for (batch, _), ref in zip(self.eval, self.refs, strict=True):
+            totals.add(ref, forward(batch))
+        return totals.values()
+
+    @property
+    def references(self) -> list[Reference]:
+        return self.refs
+
+    def __exit__(self, *exc) -> None:
+        self.fq.remove()
