@@ -10,8 +10,10 @@ from op_sensitivity.cli import run_stage
 from op_sensitivity.engines.artifact import read_report
 from op_sensitivity.fallback.exports import onnx_graph
 from op_sensitivity.fallback.keep_list import build_fallback, write_fallback
+from op_sensitivity.fallback.policy import MEASURED_POLICIES
 from op_sensitivity.inventory import read_inventory
 from op_sensitivity.params import load_params
+from op_sensitivity.validation.curve import read_curve
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,11 +23,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--inventory", default="reports/model/op_inventory.json", type=Path)
     ap.add_argument("--out-dir", default="reports/fallback", type=Path)
     ap.add_argument("--metrics", default="reports/fallback_metrics.json", type=Path)
+    ap.add_argument(
+        "--curve", default="reports/validation/curve.json", type=Path, help="read by the measured policies"
+    )
     args = ap.parse_args(argv)
     params = load_params(args.params).fallback
     graph = onnx_graph(params.onnx_model, params.where("onnx_model"))
     inventory = read_inventory(args.inventory)
-    doc = build_fallback(read_report(args.sensitivity), args.sensitivity, inventory, params)
+    measured = params.policy in MEASURED_POLICIES
+    curve = read_curve(args.curve) if measured else None
+    doc = build_fallback(
+        read_report(args.sensitivity),
+        args.sensitivity,
+        inventory,
+        params,
+        curve,
+        args.curve if measured else None,
+    )
     write_fallback(doc, inventory, graph, args.out_dir, args.metrics)
     logging.getLogger("fallback_list").info(
         "%s/%s on %s: keep %d ops in fp32 (%s) -> %s",

@@ -12,7 +12,7 @@ from op_sensitivity.inventory import read_inventory
 from op_sensitivity.params import load_params
 from op_sensitivity.phases import FALLBACK
 from op_sensitivity.report.comparison import read_crosscheck
-from op_sensitivity.report.rank import write_rank_report
+from op_sensitivity.report.rank import read_section, write_rank_report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,12 +23,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--crosscheck", default=None, type=Path, help="crosscheck.json to summarise in the report"
     )
+    ap.add_argument(
+        "--validation",
+        default=None,
+        type=Path,
+        help="the validate stage's section.md, appended to the report",
+    )
     ap.add_argument("--out-dir", default="reports", type=Path)
     args = ap.parse_args(argv)
     params = load_params(args.params).report
     check = read_crosscheck(args.crosscheck) if args.crosscheck else None
+    extra = [read_section(args.validation)] if args.validation else []
     m = write_rank_report(
-        read_report(args.sensitivity), read_inventory(args.inventory), args.out_dir, params, check
+        read_report(args.sensitivity), read_inventory(args.inventory), args.out_dir, params, check, extra
     )
     logging.getLogger("rank_report").info(
         "report written to %s: spearman %.3f, most sensitive %s",

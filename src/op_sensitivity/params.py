@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import yaml
 
 from .errors import InputError
-from .phases import SELECTABLE_PHASES
+from .phases import METRICS, RANKINGS, SELECTABLE_PHASES
 
 CALIBRATION_MODES = ("image_caption", "text_only")
 CAPTIONS_PER_IMAGE = ("one", "all")
@@ -27,8 +27,8 @@ ENGINES = ("inc", "native")
 DEVICES = ("auto", "cpu", "cuda")
 ARITHMETICS = ("auto", "int8_kernels", "fake_quant")
 REQUANT_MODES = ("cumulative", "isolated")
-POLICIES = ("top_k", "top_fraction", "threshold", "error_budget")
-BLOCKS = ("captions", "model", "sensitivity", "report", "fallback")
+POLICIES = ("top_k", "top_fraction", "threshold", "error_budget", "measured_budget", "bits_budget")
+BLOCKS = ("captions", "model", "sensitivity", "curve", "fallback", "validate", "report")
 
 _MISSING = object()
 
@@ -174,6 +174,24 @@ class ReportParams(ParamsBlock):
 
 
 @dataclass(frozen=True)
+class CurveParams(ParamsBlock):
+    """How keep-lists are measured on the eval split (stage ``curve``; ``validate`` reuses the baseline)."""
+
+    BLOCK: ClassVar[str] = "curve"
+    metric: str = "kl"  # the headline metric: orders the measured ranking, drawn in the plots
+    max_points: int | None = None  # curve sizes per ranking; None = every n from 0 to all scored ops
+    random_lists: int = 5  # random keep-lists per size: the baseline a ranking must beat
+    seed: int = 0
+    batch_size: int = 8  # eval samples per forward
+
+
+@dataclass(frozen=True)
+class ValidateParams(ParamsBlock):
+    BLOCK: ClassVar[str] = "validate"
+    inc_check: bool = True  # also quantize with INC's own PTQ from the exported op_name_dict and compare
+
+
+@dataclass(frozen=True)
 class FallbackParams(ParamsBlock):
     BLOCK: ClassVar[str] = "fallback"
     phase: str
@@ -182,6 +200,7 @@ class FallbackParams(ParamsBlock):
     always_keep: list[str] = field(default_factory=list)
     never_keep: list[str] = field(default_factory=list)
     onnx_model: Path = Path("data/onnx")  # an .onnx file, or a directory holding at most one
+    fused_groups: bool = True  # keep or quantize a fused group (q/k/v, gate/up) whole
 
 
 @dataclass(frozen=True)
@@ -189,8 +208,10 @@ class Params:
     captions: CaptionsParams
     model: ModelParams
     sensitivity: SensitivityParams
-    report: ReportParams
+    curve: CurveParams
     fallback: FallbackParams
+    validate: ValidateParams
+    report: ReportParams
 
 
 TINY_TEXT_KEYS = (
@@ -357,6 +378,27 @@ def _report(b: _Block) -> ReportParams:
     )
 
 
+def _curve(b: _Block) -> CurveParams:
+    d = CurveParams
+    max_points = b.get("max_points", (int, type(None)), d.max_points)
+    if max_points is not None and max_points < 2:
+        raise InputError(
+            f"{b.where('max_points')}: expected null (every size) or an integer >= 2, got {max_points}"
+        )
+    return CurveParams(
+        metric=b.choice("metric", METRICS, d.metric),
+        max_points=max_points,
+        random_lists=b.int_in("random_lists", 1, default=d.random_lists),
+        seed=b.get("seed", int, d.seed),
+        batch_size=b.int_in("batch_size", 1, default=d.batch_size),
+        params_file=b.source,
+    )
+
+
+def _validate(b: _Block) -> ValidateParams:
+    return ValidateParams(inc_check=b.get("inc_check", bool, ValidateParams.inc_check), params_file=b.source)
+
+
 def _finite(b: _Block, key: str) -> float:
     value = b.get(key, (int, float))
     if not math.isfinite(value):
@@ -376,10 +418,35 @@ def _policy_settings(b: _Block, policy: str) -> dict[str, Any]:
     elif policy == "threshold":
         _finite(b, "value")
         b.get("relative", bool, False)
-    elif not 0 < _finite(b, "percent") <= 100:
-        raise InputError(
-            f"{b.where('percent')}: expected a percentage in (0, 100], got {b.data['percent']!r}"
-        )
+    elif policy == "error_budget":
+        if not 0 < _finite(b, "percent") <= 100:
+            raise InputError(
+                f"{b.where('percent')}: expected a percentage in (0, 100], got {b.data['percent']!r}"
+            )
+    elif policy == "measured_budget":
+        b.choice("metric", METRICS)
+        b.choice("ranking", RANKINGS)
+        if not 0 <= _finite(b, "percent") < 100:
+            raise InputError(
+                f"{b.where('percent')}: expected the damage left, in % of all-int8's, in [0, 100), "
+                f"got {b.data['percent']!r}"
+            )
+    else:
+        b.choice("metric", METRICS)
+        budgets = [k for k in ("bits", "params_share") if k in b.data]
+        if len(budgets) != 1:
+            raise InputError(
+                f"{b.where('bits')}: expected exactly one of bits or params_share, got {budgets}"
+            )
+        if budgets == ["bits"] and not 8 < _finite(b, "bits") <= 32:
+            raise InputError(
+                f"{b.where('bits')}: expected effective weight bits in (8, 32], got {b.data['bits']!r}"
+            )
+        if budgets == ["params_share"] and not 0 < _finite(b, "params_share") <= 1:
+            raise InputError(
+                f"{b.where('params_share')}: expected a share of weight params in (0, 1], "
+                f"got {b.data['params_share']!r}"
+            )
     return dict(b.data)
 
 
@@ -399,6 +466,7 @@ def _fallback(b: _Block) -> FallbackParams:
         always_keep=_globs(b, "always_keep"),
         never_keep=_globs(b, "never_keep"),
         onnx_model=Path(b.get("onnx_model", str, str(FallbackParams.onnx_model))),
+        fused_groups=b.get("fused_groups", bool, FallbackParams.fused_groups),
         params_file=b.source,
     )
 
@@ -427,6 +495,8 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
         captions=_captions(_Block(data.get("captions"), "captions", source)),
         model=_model(_Block(data.get("model"), "model", source)),
         sensitivity=_sensitivity(_Block(data.get("sensitivity"), "sensitivity", source)),
-        report=_report(_Block(data.get("report", {}), "report", source)),
+        curve=_curve(_Block(data.get("curve", {}), "curve", source)),
         fallback=_fallback(_Block(data.get("fallback"), "fallback", source)),
+        validate=_validate(_Block(data.get("validate", {}), "validate", source)),
+        report=_report(_Block(data.get("report", {}), "report", source)),
     )

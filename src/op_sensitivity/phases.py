@@ -3,7 +3,9 @@
 * ``fallback`` (INC's ``get_mse_order_per_fp32``): every scored op int8 but one.
 * ``requant`` (INC's ``get_mse_order_per_int8``): from all-fp32, ops quantized one after another.
 
-A keep-list may also rank by ``both`` (the two phases combined by mean rank).
+A keep-list may also rank by ``both`` (the two phases combined by mean rank). The eval split
+adds a third ranking, ``measured`` (each op's own measured gain on held-out captions), and the
+quality metrics a keep-list is judged by (``validation.metrics``).
 """
 
 from __future__ import annotations
@@ -13,3 +15,6 @@ REQUANT = "requant"
 PHASES = (FALLBACK, REQUANT)
 BOTH = "both"
 SELECTABLE_PHASES = (*PHASES, BOTH)
+MEASURED = "measured"
+RANKINGS = (*PHASES, MEASURED)
+METRICS = ("kl", "top1", "nll", "logit_se")

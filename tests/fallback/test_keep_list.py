@@ -43,9 +43,10 @@ def test_fallback_document_and_exports(tmp_path, report_file):
         DOWN: {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}},
         "lm_head.module": {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}},
     }
-    assert json.loads((out / "modelopt_quant_cfg.json").read_text()) == {
-        "quant_cfg": {f"*{DOWN}.*": {"enable": False}, "*lm_head.*": {"enable": False}}
-    }
+    assert json.loads((out / "modelopt_quant_cfg.json").read_text())["quant_cfg"] == [
+        {"quantizer_name": f"{DOWN}.*", "enable": False},
+        {"quantizer_name": "lm_head.*", "enable": False},
+    ]
     assert json.loads((out / "ort_nodes_to_exclude.json").read_text())["node_name_prefixes"] == [
         "/model/language_model/layers/0/mlp/down_proj/",
         "/lm_head/",

@@ -394,3 +394,40 @@ def run_pass(
         quantization_scheme(tune_cfg),
         runtime={"seconds": seconds},
     )
+
+
+def ptq_logits(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    batch_size: int,
+    op_name_dict: dict[str, Any],
+    workspace: Path,
+) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """INC's own static PTQ (``quantization.fit``) with a keep-list, as a user of our export runs it.
+
+    Calibrates on ``batches`` (every sample), keeps the ``op_name_dict`` ops fp32, and returns the
+    quantized model's forward (logits). No accuracy loop: ``fit`` without an evaluation function
+    returns its first quantized model.
+    """
+    inc_util()
+    from neural_compressor import PostTrainingQuantConfig, quantization
+    from neural_compressor.config import options
+
+    options.workspace = str(workspace)
+    conf = PostTrainingQuantConfig(
+        approach="static",
+        op_name_dict=copy.deepcopy(op_name_dict) or None,
+        calibration_sampling_size=[len(batches) * batch_size],
+    )
+    with patch_embed_compat():
+        q = quantization.fit(model, conf, calib_dataloader=CalibrationLoader(batches, batch_size))
+    if q is None:
+        raise CaptureError("INC's quantization.fit returned no model for the keep-list's config")
+    release_quantization_caches()
+    quantized = q.model
+
+    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with patch_embed_compat():
+            return quantized(**batch).logits
+
+    return forward

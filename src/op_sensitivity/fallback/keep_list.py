@@ -1,28 +1,29 @@
 """Stage fallback_list: ranked spectrum + policy -> ``fallback_ops.json`` and per-tool exports.
 
-``fallback_ops.json`` (schema_version 1)::
+``fallback_ops.json`` (schema_version 2)::
 
-    policy: {name, params, phase, always_keep, never_keep}
+    policy: {name, params, phase, always_keep, never_keep, fused_groups}
     source: {path, sha256}                 the sensitivity report this list was derived from
-    ops: [{op_name, module, op_type, tower, score, rank, reason}]    most sensitive first
+    curve: {path, sha256} | null           the ranking curve the measured policies read
+    ops: [{op_name, module, op_type, tower, score, rank, fused_group, reason}]    most sensitive first
+    groups_widened: [{group, added: [module], params_added}]   members kept because a sibling was
     totals: {ops_kept, ops_scored, params_kept, params_total, share_params_kept, effective_weight_bits}
 
-``effective_weight_bits`` = (32 * kept params + 8 * other params) / all params, over the weights
-of every quantizable op. A tied weight (lm_head / embed_tokens) counts once per op: a quantizer
-stores each op's weight in its own precision. Ops kept fp32 by the sensitivity params count as
-32-bit too.
+The cost (``inventory.cost``) counts ops kept fp32 by the sensitivity params as kept too.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..atomic import atomic_dir, dump_json
-from ..inventory import OpInfo, module_name
+from ..errors import InputError
+from ..inventory import OpInfo, cost, module_name
 from ..params import FallbackParams
 from ..report.scores import phase_scores, select_phase
 from .exports import (
@@ -34,7 +35,7 @@ from .exports import (
 )
 from .policy import check_globs, choose
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _sha256(path: Path) -> str:
@@ -44,25 +45,38 @@ def _sha256(path: Path) -> str:
 def totals(
     chosen_modules: set[str], excluded_modules: set[str], inventory: list[OpInfo], n_scored: int
 ) -> dict[str, Any]:
-    fp32 = chosen_modules | excluded_modules
-    total = sum(op.params for op in inventory)
-    kept = sum(op.params for op in inventory if op.name in fp32)
     return {
         "ops_kept": len(chosen_modules),
         "ops_scored": n_scored,
-        "params_kept": kept,
-        "params_total": total,
-        "share_params_kept": round(kept / total, 6) if total else 0.0,
-        "effective_weight_bits": round((32 * kept + 8 * (total - kept)) / total, 4) if total else 0.0,
+        **cost(chosen_modules | excluded_modules, inventory),
     }
 
 
+def _widened(ops: list[dict[str, Any]], inventory: list[OpInfo]) -> list[dict[str, Any]]:
+    params = {op.name: op.params for op in inventory}
+    out: dict[str, dict[str, Any]] = {}
+    for o in ops:
+        if o["reason"].startswith("fused group "):
+            entry = out.setdefault(
+                o["fused_group"], {"group": o["fused_group"], "added": [], "params_added": 0}
+            )
+            entry["added"].append(o["module"])
+            entry["params_added"] += params[o["module"]]
+    return list(out.values())
+
+
 def build_fallback(
-    report: dict[str, Any], report_path: Path, inventory: list[OpInfo], p: FallbackParams
+    report: dict[str, Any],
+    report_path: Path,
+    inventory: list[OpInfo],
+    p: FallbackParams,
+    curve: dict[str, Any] | None = None,
+    curve_path: Path | None = None,
 ) -> dict[str, Any]:
     check_globs(p, [op.name for op in inventory])
     df = select_phase(phase_scores(report, inventory), p.phase)
-    chosen = choose(df, p)
+    chosen = choose(df, p, curve, inventory)
+    group = {op.name: op.fused_group for op in inventory}
     excluded = {module_name(e["op_name"]) for e in report["metadata"]["excluded_ops"]}
     ops = [
         {
@@ -72,6 +86,7 @@ def build_fallback(
             "tower": r.tower,
             "score": float(r.score),
             "rank": int(r.rank),
+            "fused_group": group.get(r.module),
             "reason": r.reason,
         }
         for r in chosen.itertuples()
@@ -84,9 +99,12 @@ def build_fallback(
             "phase": p.phase,
             "always_keep": p.always_keep,
             "never_keep": p.never_keep,
+            "fused_groups": p.fused_groups,
         },
         "source": {"path": str(report_path), "sha256": _sha256(report_path)},
+        "curve": None if curve_path is None else {"path": str(curve_path), "sha256": _sha256(curve_path)},
         "ops": ops,
+        "groups_widened": _widened(ops, inventory),
         "totals": totals({o["module"] for o in ops}, excluded, inventory, len(df)),
     }
 
@@ -115,3 +133,24 @@ def write_fallback(
         recipe = yaml.safe_dump(llmcompressor_recipe(ignore), sort_keys=False)
         (tmp / "llmcompressor_recipe.yaml").write_text(recipe)
     dump_json(fallback_metrics(doc), metrics_path)
+
+
+def read_keep_list(path: Path) -> dict[str, Any]:
+    """Read ``fallback_ops.json`` back, checking the fields a consumer of the list reads."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: keep-list missing (run the fallback_list stage first)") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+    ok = (
+        isinstance(doc, dict)
+        and doc.get("schema_version") == SCHEMA_VERSION
+        and isinstance(doc.get("ops"), list)
+    )
+    ok = ok and all(isinstance(o, dict) and isinstance(o.get("module"), str) for o in doc["ops"])
+    if not ok:
+        raise InputError(
+            f"{path}: not a keep-list of schema_version {SCHEMA_VERSION} (expected ops with module)"
+        )
+    return doc

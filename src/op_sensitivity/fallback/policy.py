@@ -6,11 +6,20 @@ Policies (``fallback.policy`` picks one; each reads its own params block):
 * ``top_fraction``: the top ``ceil(fraction * N)`` ops.
 * ``threshold``: ops with ``score > value`` (``relative: true`` -> ``score > value * max score``).
 * ``error_budget``: the fewest top ops whose cumulative share (``scores.cumulative_share``) reaches
-  ``percent`` % of the total error.
+  ``percent`` % of the summed single-op scores. Single-op effects do not add up, so this is a
+  heuristic; the measured policies below say what a list really gives back.
+* ``measured_budget``: the fewest top ops of a ranking (``fallback``, ``requant`` or ``measured``)
+  whose measured damage on the eval split is at most ``percent`` % of all-int8's, by ``metric``
+  (read from the ranking curve, ``validation.curve``).
+* ``bits_budget``: the ops whose measured single-op gains (the curve's ``single_op``) sum highest
+  within a budget of effective weight bits (``bits``) or of the share of weight params kept
+  (``params_share``): a 0/1 knapsack, as ModelOpt's and AutoRound's mixed-precision search do.
 
 Then ``always_keep`` adds and ``never_keep`` removes ops by glob on the module name (fnmatch,
-e.g. ``lm_head``, ``model.visual.patch_embed.*``); ``never_keep`` wins. Every chosen op carries
-the reason it was chosen. The params are checked by ``params.load_params`` (block ``fallback``).
+e.g. ``lm_head``, ``model.visual.patch_embed.*``); ``never_keep`` wins. With ``fused_groups`` (the
+default) a fused group (q/k/v, gate/up: ``inventory.OpInfo.fused_group``) is kept or quantized
+whole, because vLLM, SGLang and TensorRT-LLM refuse a checkpoint that splits one. Every chosen op
+carries the reason it was chosen. The params are checked by ``params.load_params``.
 """
 
 from __future__ import annotations
@@ -21,11 +30,100 @@ from fnmatch import fnmatchcase
 import pandas as pd
 
 from ..errors import InputError
+from ..inventory import OpInfo, cost
 from ..params import FallbackParams
 from ..report.scores import cumulative_share
 
+MEASURED_POLICIES = ("measured_budget", "bits_budget")  # read the ranking curve
+KNAPSACK_UNITS = 2000  # budget resolution of the knapsack: 0.05 % of the budget
 
-def _policy_choice(df: pd.DataFrame, p: FallbackParams) -> tuple[list[str], str]:
+
+def _measured_budget(p: FallbackParams, curve: dict) -> tuple[list[str], str]:
+    s = p.settings
+    target = 1 - s["percent"] / 100
+    points = sorted((q for q in curve["points"] if q["ranking"] == s["ranking"]), key=lambda q: q["n"])
+    for q in points:
+        share = q["recovered"][s["metric"]]
+        if share is None or share >= target - 1e-12:
+            left = "no" if share is None else f"{100 * (1 - share):.1f} %"
+            return q["kept"], (
+                f"measured_budget: the top {q['n']} ops of the {s['ranking']} ranking leave {left} of "
+                f"all-int8's {s['metric']} damage on the eval split (<= {s['percent']:g} %)"
+            )
+    raise InputError(f"{p.where('measured_budget.percent')}: no curve point reaches it")  # n = N always does
+
+
+def _items(modules: list[str], groups: dict[str, str | None]) -> dict[str, list[str]]:
+    """Knapsack items: fused groups whole, other ops alone."""
+    items: dict[str, list[str]] = {}
+    for m in modules:
+        items.setdefault(groups.get(m) or m, []).append(m)
+    return items
+
+
+def knapsack(values: list[float], weights: list[int], capacity: int) -> list[int]:
+    """Indices of the items with the highest total value within ``capacity`` (0/1, dynamic programming)."""
+    best = [0.0] * (capacity + 1)
+    take = [[False] * (capacity + 1) for _ in values]
+    for i, (v, w) in enumerate(zip(values, weights, strict=True)):
+        for c in range(capacity, w - 1, -1):
+            if best[c - w] + v > best[c]:
+                best[c], take[i][c] = best[c - w] + v, True
+    chosen, c = [], capacity
+    for i in range(len(values) - 1, -1, -1):
+        if take[i][c]:
+            chosen.append(i)
+            c -= weights[i]
+    return sorted(chosen)
+
+
+def _bits_budget(
+    p: FallbackParams, curve: dict, inventory: list[OpInfo], groups: dict[str, str | None]
+) -> tuple[list[str], str]:
+    s = p.settings
+    base = cost(set(curve["excluded"]), inventory)
+    total = base["params_total"]
+    limit = (s["bits"] - 8) / 24 * total if "bits" in s else s["params_share"] * total
+    room = limit - base["params_kept"]
+    label = f"{s['bits']:g} effective weight bits" if "bits" in s else f"{s['params_share']:g} of the params"
+    params = {op.name: op.params for op in inventory}
+    gain = {m: curve["single_op"][m]["recovered"][s["metric"]] or 0.0 for m in curve["ops"]}
+    items = _items(curve["ops"], groups if p.fused_groups else {})
+    names = [k for k, members in items.items() if sum(gain[m] for m in members) > 0]
+    chosen: list[str] = []
+    if room > 0 and names:
+        unit = room / KNAPSACK_UNITS
+        weights = [math.ceil(sum(params[m] for m in items[k]) / unit) for k in names]
+        values = [sum(gain[m] for m in items[k]) for k in names]
+        chosen = [m for i in knapsack(values, weights, KNAPSACK_UNITS) for m in items[names[i]]]
+    if not chosen:
+        raise InputError(
+            f"{p.where('bits_budget')}: {label} leave no room for any op with a measured gain "
+            f"(ops kept fp32 by the sensitivity params already take {100 * base['share_params_kept']:.2f} %)"
+        )
+    order = {m: i for i, m in enumerate(curve["ops"])}
+    return sorted(chosen, key=order.get), (
+        f"bits_budget: highest summed measured {s['metric']} gain within {label} (knapsack)"
+    )
+
+
+def _policy_choice(
+    df: pd.DataFrame,
+    p: FallbackParams,
+    curve: dict | None,
+    inventory: list[OpInfo],
+    groups: dict[str, str | None],
+) -> tuple[list[str], str]:
+    """The policy's own pick, as op names (INC's), before always_keep / never_keep / groups."""
+    if p.policy in MEASURED_POLICIES:
+        if curve is None:
+            raise InputError(f"{p.where('policy')}: {p.policy} needs the ranking curve (stage curve)")
+        if p.policy == "measured_budget":
+            modules, reason = _measured_budget(p, curve)
+        else:
+            modules, reason = _bits_budget(p, curve, inventory, groups)
+        op_name = dict(zip(df["module"], df["op_name"], strict=True))
+        return [op_name[m] for m in modules], reason
     s, n = p.settings, len(df)
     if p.policy == "top_k":
         if s["k"] > n:
@@ -48,7 +146,9 @@ def _policy_choice(df: pd.DataFrame, p: FallbackParams) -> tuple[list[str], str]
     target = s["percent"] / 100
     reached = share[share >= target - 1e-12]
     k = int(reached.index[0]) if len(reached) else n
-    return list(df["op_name"].iloc[:k]), f"error_budget: top {k} ops cover >= {s['percent']:g}% of the error"
+    return list(df["op_name"].iloc[:k]), (
+        f"error_budget: top {k} ops hold >= {s['percent']:g}% of the summed single-op scores"
+    )
 
 
 def check_globs(p: FallbackParams, modules: list[str]) -> None:
@@ -62,17 +162,51 @@ def check_globs(p: FallbackParams, modules: list[str]) -> None:
                 )
 
 
-def choose(df: pd.DataFrame, p: FallbackParams) -> pd.DataFrame:
+def choose(
+    df: pd.DataFrame,
+    p: FallbackParams,
+    curve: dict | None = None,
+    inventory: list[OpInfo] | None = None,
+) -> pd.DataFrame:
     """The chosen ops (most sensitive first) with a ``reason`` column."""
-    chosen, reason = _policy_choice(df, p)
+    inventory = inventory or []
+    groups = {op.name: op.fused_group for op in inventory}
+    chosen, reason = _policy_choice(df, p, curve, inventory, groups)
     reasons = dict.fromkeys(chosen, reason)
-    for op, module in zip(df["op_name"], df["module"], strict=True):
-        hit = next((g for g in p.always_keep if fnmatchcase(module, g)), None)
+    module = dict(zip(df["op_name"], df["module"], strict=True))
+    for op in df["op_name"]:
+        hit = next((g for g in p.always_keep if fnmatchcase(module[op], g)), None)
         if hit and op not in reasons:
             reasons[op] = f"always_keep: {hit}"
-    for op, module in zip(df["op_name"], df["module"], strict=True):
-        if any(fnmatchcase(module, g) for g in p.never_keep):
+    for op in df["op_name"]:
+        if any(fnmatchcase(module[op], g) for g in p.never_keep):
             reasons.pop(op, None)
+    if p.fused_groups:
+        _widen(reasons, df, p, groups)
     out = df[df["op_name"].isin(list(reasons))].copy()
     out["reason"] = [reasons[o] for o in out["op_name"]]
     return out.reset_index(drop=True)
+
+
+def _widen(
+    reasons: dict[str, str], df: pd.DataFrame, p: FallbackParams, groups: dict[str, str | None]
+) -> None:
+    """Keep every scored member of a fused group one of whose members is kept."""
+    module = dict(zip(df["op_name"], df["module"], strict=True))
+    by_group: dict[str, list[str]] = {}
+    for op, m in module.items():
+        if groups.get(m):
+            by_group.setdefault(groups[m], []).append(op)
+    for group, members in by_group.items():
+        kept = [op for op in members if op in reasons]
+        if not kept or len(kept) == len(members):
+            continue
+        blocked = [module[op] for op in members if any(fnmatchcase(module[op], g) for g in p.never_keep)]
+        if blocked:
+            raise InputError(
+                f"{p.where('never_keep')}: drops {blocked} from fused group {group} while "
+                f"{[module[o] for o in kept]} stay high precision; runtimes load a fused group whole "
+                "(set fallback.fused_groups: false to allow it)"
+            )
+        for op in members:
+            reasons.setdefault(op, f"fused group {group} (with {module[kept[0]]})")

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from ..atomic import atomic_file, dump_json
+from ..errors import InputError
 from ..inventory import TOWERS, OpInfo
 from ..params import ReportParams
 from ..phases import FALLBACK, PHASES, REQUANT
@@ -78,6 +79,7 @@ def render_markdown(
     worst: pd.DataFrame,
     top: int | None,
     check: dict[str, Any] | None = None,
+    sections: list[str] | None = None,
 ) -> str:
     meta = report["metadata"]
     model = meta["model"]
@@ -131,6 +133,7 @@ def render_markdown(
             if check
             else []
         ),
+        *[line for text in sections or [] for line in (text.rstrip("\n"), "")],
         "## Plots",
         "",
         "![spectrum](plots/spectrum.png)",
@@ -167,12 +170,26 @@ def render_markdown(
     return "\n".join(lines)
 
 
+def read_section(path: Path) -> str:
+    """A Markdown section another stage rendered (``validate``'s), to append to the report."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: report section missing (run the stage that writes it first)") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not a text file ({e})") from e
+    if not text.startswith("## "):
+        raise InputError(f"{path}: expected a Markdown section starting with '## '")
+    return text
+
+
 def write_rank_report(
     report: dict[str, Any],
     inventory: list[OpInfo],
     out_dir: Path,
     params: ReportParams,
     check: dict[str, Any] | None = None,
+    sections: list[str] | None = None,
 ) -> dict[str, Any]:
     top, plot_top = params.table_top, params.plot_top
     scores = phase_scores(report, inventory)
@@ -204,7 +221,7 @@ def write_rank_report(
     plots.cumulative(scores, plot_dir / "cumulative_share.png")
     plots.requant_curve(scores[REQUANT], plot_dir / "requant_curve.png")
     with atomic_file(out_dir / "op_sensitivity.md") as tmp:
-        tmp.write_text(render_markdown(report, scores, rho, worst, top, check))
+        tmp.write_text(render_markdown(report, scores, rho, worst, top, check, sections or []))
     m = {"all_int8_mse": all_int8_error(report), **metrics(scores, rho)}
     dump_json(m, rank_dir / "metrics.json")
     return m

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..engines.native import FakeQuantModel, Numerics
-from .metrics import Reference, Totals, reference
+from .metrics import Totals, reference
 
 EvalBatch = tuple[dict[str, torch.Tensor], torch.Tensor]  # model inputs, caption target mask
 
@@ -37,8 +37,9 @@ class Measurer(AbstractContextManager):
         self.scored = list(scored)
         self.fq = FakeQuantModel(self.model, self.scored, numerics.reduce_range, numerics.arithmetic)
         self.eval = [(numerics.batch(b), m.to(numerics.device)) for b, m in eval_batches]
+        self.calibration = [numerics.batch(b) for b in calibration]
         with torch.no_grad():
-            self.fq.calibrate([numerics.batch(b) for b in calibration])
+            self.fq.calibrate(self.calibration)
             self.fq.set_all(False)
             self.refs = [
                 reference(self.model(**b).logits, b["input_ids"], m, b["attention_mask"])
@@ -62,10 +63,6 @@ class Measurer(AbstractContextManager):
         for (batch, _), ref in zip(self.eval, self.refs, strict=True):
             totals.add(ref, forward(batch))
         return totals.values()
-
-    @property
-    def references(self) -> list[Reference]:
-        return self.refs
 
     def __exit__(self, *exc) -> None:
         self.fq.remove()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-METRICS = ("kl", "top1", "nll", "logit_se")
+from ..phases import METRICS
 
 
 @dataclass

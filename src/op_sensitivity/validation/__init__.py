@@ -1,0 +1,3 @@
+"""Measuring keep-lists on held-out captions: the metrics (``metrics``), the calibrated model that
+scores any configuration (``measure``), each ranking's curve against random lists (``curve``), the
+chosen list checked the same way and against a real INC PTQ run (``validate``)."""

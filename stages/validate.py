@@ -1,0 +1,69 @@
+"""Stage validate: the chosen keep-list on the eval split, against random lists and INC's own PTQ."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from op_sensitivity.atomic import atomic_file, dump_json
+from op_sensitivity.cli import pass_input_parser, run_stage
+from op_sensitivity.engines.artifact import read_report
+from op_sensitivity.engines.inc import ptq_logits
+from op_sensitivity.fallback.exports import inc_op_name_dict
+from op_sensitivity.fallback.keep_list import read_keep_list
+from op_sensitivity.inventory import read_inventory
+from op_sensitivity.model.source import load_model_dir
+from op_sensitivity.params import load_params
+from op_sensitivity.validation.curve import read_curve
+from op_sensitivity.validation.inputs import open_measurer, scored_and_excluded
+from op_sensitivity.validation.plots import pareto
+from op_sensitivity.validation.validate import compare_with_inc, metrics, section, validate_keep_list
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = pass_input_parser(__doc__)
+    ap.add_argument("--eval", default="data/eval", type=Path, help="the held-out split (prepare_captions)")
+    ap.add_argument("--sensitivity", default="reports/sensitivity/op_sensitivity.json", type=Path)
+    ap.add_argument("--keep-list", default="reports/fallback/fallback_ops.json", type=Path)
+    ap.add_argument("--curve", default="reports/validation/curve.json", type=Path)
+    ap.add_argument("--out-dir", default="reports/validation", type=Path)
+    ap.add_argument("--workspace", default=".op_sensitivity_work/validate", type=Path)
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    report, curve = read_report(args.sensitivity), read_curve(args.curve)
+    keep_list, inventory = read_keep_list(args.keep_list), read_inventory(args.inventory)
+    keep = [o["module"] for o in keep_list["ops"]]
+    _, excluded = scored_and_excluded(report)
+    with open_measurer(
+        params.sensitivity, params.curve.batch_size, args.calibration, args.eval, args.model, report
+    ) as measurer:
+        doc = validate_keep_list(measurer, keep, excluded, inventory, params.curve)
+        if params.validate.inc_check:
+            model, _, _ = load_model_dir(args.model)
+            forward = ptq_logits(
+                model,
+                measurer.calibration,
+                params.curve.batch_size,
+                inc_op_name_dict(o["op_name"] for o in keep_list["ops"]),
+                args.workspace,
+            )
+            compare_with_inc(doc, measurer, forward)
+    out = args.out_dir
+    dump_json(doc, out / "validation.json")
+    with atomic_file(out / "section.md") as tmp:
+        tmp.write_text(section(doc, curve))
+    with atomic_file(out / "pareto.png") as tmp:
+        pareto(curve, doc, tmp)
+    dump_json(metrics(doc), out / "metrics.json")
+    m = doc["metric"]
+    logging.getLogger("validate").info(
+        "keep-list of %d ops gives back %s of all-int8's %s damage (random lists of its size: %s)",
+        len(keep),
+        doc["chosen"]["recovered"][m],
+        m,
+        doc["random"]["recovered"][m]["mean"] if doc["random"] else None,
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)
