@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
                 model,
                 measurer.calibration,
                 params.curve.batch_size,
-                inc_op_name_dict(o["op_name"] for o in keep_list["ops"]),
+                # the keep-list, and what the sensitivity params kept fp32 (the native model keeps it too)
+                inc_op_name_dict([*keep, *excluded]),
                 args.workspace,
             )
             compare_with_inc(doc, measurer, forward)

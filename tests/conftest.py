@@ -46,11 +46,18 @@ def repo_params():
 
 @pytest.fixture(scope="session")
 def calibration_dir(tmp_path_factory, repo_params) -> Path:
+    """4 calibration pairs; the eval split (6 pairs, other images) beside it, ``eval_dir``."""
     out = tmp_path_factory.mktemp("cal") / "calibration"
-    prepare_calibration(
-        replace(repo_params.captions, annotations=SAMPLE_ANNOTATIONS, images_dir=SAMPLE_IMAGES, count=4), out
+    captions = replace(
+        repo_params.captions, annotations=SAMPLE_ANNOTATIONS, images_dir=SAMPLE_IMAGES, count=4
     )
+    prepare_calibration(captions, out, out.parent / "eval")
     return out
+
+
+@pytest.fixture(scope="session")
+def eval_dir(calibration_dir) -> Path:
+    return calibration_dir.parent / "eval"
 
 
 @pytest.fixture(scope="session")

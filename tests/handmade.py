@@ -76,6 +76,45 @@ def fallback_params(**raw) -> FallbackParams:
         "top_fraction": {"fraction": 0.5},
         "threshold": {"value": 0.5, "relative": True},
         "error_budget": {"percent": 50},
+        "measured_budget": {"metric": "kl", "percent": 10, "ranking": "fallback"},
+        "bits_budget": {"metric": "kl", "params_share": 0.25},
     }
     base.update(raw)
     return parse_fallback(base)
+
+
+# The ranking curve of the hand-made model: recovered KL share by n, the same for every ranking.
+CURVE_RECOVERED = [0.0, 0.4, 0.7, 0.92, 0.97, 1.0]
+RANKINGS = {
+    "fallback": [DOWN, HEAD, PATCH, EMBED, UP],
+    "requant": [HEAD, DOWN, EMBED, PATCH, UP],
+    "measured": [DOWN, UP, HEAD, PATCH, EMBED],
+}
+SINGLE_OP_DAMAGE = {PATCH: 0.3, UP: 0.25, EMBED: 0.1, DOWN: 0.5, HEAD: 0.2}  # share of all-int8 KL
+
+
+def make_curve() -> dict:
+    none = {"top1": None, "nll": None, "logit_se": None}
+    return {
+        "schema_version": 1,
+        "metric": "kl",
+        "ops": [op.name for op in INVENTORY],
+        "excluded": [],
+        "rankings": RANKINGS,
+        "single_op": {
+            m: {"values": {}, "damage_share": {"kl": d, **none}} for m, d in SINGLE_OP_DAMAGE.items()
+        },
+        "points": [
+            {
+                "ranking": r,
+                "n": n,
+                "kept": order[:n],
+                "cost": {},
+                "values": {},
+                "recovered": {"kl": rec, **none},
+            }
+            for r, order in RANKINGS.items()
+            for n, rec in enumerate(CURVE_RECOVERED)
+        ],
+        "random": [],
+    }

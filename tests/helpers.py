@@ -30,8 +30,10 @@ SMALL_TINY = {
     },
     "vision": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2},
 }
-EXCLUDE = {r"model\.visual\.blocks\.0\.mlp\..*": FP32}
-EXCLUDED_MLP = {f"model.visual.blocks.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+# A vision block's MLP by regex, and lm_head by name: its tied partner embed_tokens stays scored, so
+# the engines must keep lm_head's weight fp32 while the embedding table is int8.
+EXCLUDE = {r"model\.visual\.blocks\.0\.mlp\..*": FP32, "lm_head": FP32}
+EXCLUDED = {*(f"model.visual.blocks.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")), "lm_head"}
 
 
 def sensitivity_params(**kw: Any) -> SensitivityParams:

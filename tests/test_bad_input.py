@@ -66,8 +66,18 @@ PIPELINE = (
     ("prepare_captions", []),
     ("load_model", []),
     ("sensitivity", ["--runtime", "reports/runtime/sensitivity.json"]),
-    ("rank_report", ["--crosscheck", "reports/sensitivity/crosscheck.json"]),
+    ("curve", []),
     ("fallback_list", []),
+    ("validate", []),
+    (
+        "rank_report",
+        [
+            "--crosscheck",
+            "reports/sensitivity/crosscheck.json",
+            "--validation",
+            "reports/validation/section.md",
+        ],
+    ),
 )
 
 
@@ -523,6 +533,99 @@ CASES = [
         "m0.onnx: not a loadable ONNX model",
         files=_onnx_dir(1, b"nope"),
         names_params_file=False,
+    ),
+    # --- the held-out split, the curve and validate ---------------------------------------------
+    Case(
+        "eval-count-too-large",
+        "prepare_captions",
+        "case.yaml: captions.eval_count: expected at most 16",
+        params=_set("captions", eval_count=99),
+    ),
+    Case(
+        "eval-count-zero",
+        "prepare_captions",
+        "captions.eval_count: expected an integer >= 1, got 0",
+        params=_set("captions", eval_count=0),
+    ),
+    Case(
+        "curve-metric-unknown",
+        "curve",
+        "case.yaml: curve.metric: expected one of kl, top1, nll, logit_se",
+        params=_set("curve", metric="bleu"),
+    ),
+    Case(
+        "curve-max-points",
+        "curve",
+        "curve.max_points: expected null (every size) or an integer >= 2, got 1",
+        params=_set("curve", max_points=1),
+    ),
+    Case(
+        "curve-splits-swapped",
+        "curve",
+        "data/calibration/meta.json: the eval split expected, got the calibration",
+        args=["--eval", "data/calibration"],
+        names_params_file=False,
+    ),
+    Case(
+        "curve-report-of-another-model",
+        "curve",
+        "not the model the sensitivity report scored",
+        files=_report_with(lambda r: r["metadata"]["model"].update(sha256="0" * 64)),
+        names_params_file=False,
+    ),
+    Case(
+        "validate-keep-list-missing",
+        "validate",
+        "keep-list missing (run the fallback_list stage first)",
+        args=["--keep-list", "bad/none.json"],
+        names_params_file=False,
+    ),
+    Case(
+        "validate-curve-truncated",
+        "validate",
+        "curve.json: not valid JSON",
+        names_params_file=False,
+        files=_truncated_copy("reports/validation/curve.json", "--curve"),
+    ),
+    Case(
+        "inc-check-not-bool",
+        "validate",
+        "case.yaml: validate.inc_check: expected true/false",
+        params=_set("validate", inc_check="yes"),
+    ),
+    Case(
+        "section-missing",
+        "rank_report",
+        "none.md: report section missing",
+        names_params_file=False,
+        args=["--validation", "bad/none.md"],
+    ),
+    Case(
+        "measured-without-curve",
+        "fallback_list",
+        "none.json: ranking curve missing (run the curve stage first)",
+        args=["--curve", "bad/none.json"],
+        names_params_file=False,
+    ),
+    Case(
+        "measured-ranking-unknown",
+        "fallback_list",
+        "fallback.measured_budget.ranking: expected one of fallback",
+        params=_set("fallback", measured_budget={"metric": "kl", "percent": 10, "ranking": "best"}),
+    ),
+    Case(
+        "bits-budget-two-budgets",
+        "fallback_list",
+        "case.yaml: fallback.bits_budget.bits: expected exactly one of bits or params_share",
+        params=_set(
+            "fallback", policy="bits_budget", bits_budget={"metric": "kl", "bits": 9.0, "params_share": 0.1}
+        ),
+    ),
+    Case(
+        "bits-budget-no-room",
+        "fallback_list",
+        "case.yaml: fallback.bits_budget: 8.01 effective weight bits leave no room",
+        params=_set("fallback", policy="bits_budget", bits_budget={"metric": "kl", "bits": 8.01}),
     ),
 ]
 if not torch.cuda.is_available():

@@ -24,10 +24,17 @@ def test_repo_params_load_with_expected_defaults():
     assert p.sensitivity.confidence_batches == 2
     assert p.model.tiny.text["num_hidden_layers"] == 2
     assert (p.report.table_top, p.report.plot_top) == (None, 30)
-    assert (p.fallback.policy, p.fallback.settings, p.fallback.always_keep) == (
-        "error_budget",
-        {"percent": 50},
+    assert (p.fallback.policy, p.fallback.settings, p.fallback.always_keep, p.fallback.fused_groups) == (
+        "measured_budget",
+        {"metric": "kl", "percent": 50, "ranking": "fallback"},
         ["lm_head"],
+        True,
+    )
+    assert (p.curve.metric, p.curve.random_lists, p.validate.inc_check, p.captions.eval_count) == (
+        "kl",
+        5,
+        True,
+        6,
     )
 
 

@@ -11,9 +11,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+from op_sensitivity.fallback.exports import inc_pattern
 from tests.helpers import SMALL_TINY, copy_repo, run
 
-STAGES = ("prepare_captions", "load_model", "sensitivity", "crosscheck", "rank_report", "fallback_list")
+STAGES = (
+    "prepare_captions",
+    "load_model",
+    "sensitivity",
+    "crosscheck",
+    "curve",
+    "fallback_list",
+    "validate",
+    "rank_report",
+)
 OUTPUTS = (
     "data/calibration/manifest.jsonl",
     "models/qwen2_5_vl/model.safetensors",
@@ -80,6 +90,18 @@ def test_repro_runs_all_stages_and_writes_both_phases(repo):
     metrics = json.loads((root / "reports/sensitivity/metrics.json").read_text())
     assert metrics["fallback"]["ops_scored"] == n_ops
     assert metrics["requant"]["mse_max"] == max(o["mse"] for o in report["phases"]["requant"]["ops"])
+    validation = json.loads((root / "reports/validation/metrics.json").read_text())
+    assert validation["ops"] >= 1 and 0 < validation["kl"]["keep_list"] < validation["kl"]["all_int8"]
+    assert validation["kl"]["fp32"] == 0.0 and validation["inc_ptq_rel_diff"]["logit_se"] < 1e-4
+    curve = (root / "reports/validation/curve.csv").read_text().splitlines()
+    assert curve[0].startswith("n,fallback_kl_recovered") and len(curve) == 2 + n_ops  # n = 0..N
+    assert "## Validation on held-out captions" in (root / "reports/op_sensitivity.md").read_text()
+    keep = json.loads((root / "reports/fallback/fallback_ops.json").read_text())
+    kept = {o["module"] for o in keep["ops"]}
+    for op in inventory["ops"]:  # no fused group split: kept whole or quantized whole
+        if op["fused_group"]:
+            members = {o["name"] for o in inventory["ops"] if o["fused_group"] == op["fused_group"]}
+            assert members <= kept or not members & kept
     runtime = json.loads((root / "reports/runtime/sensitivity.json").read_text())
     assert runtime["engine"] == "inc" and runtime["seconds"]["fallback"] > 0
     assert json.loads((root / "reports/runtime/crosscheck.json").read_text())["engine"] == "native"
@@ -139,21 +161,26 @@ def test_second_repro_reruns_nothing_and_param_change_reruns_from_sensitivity(re
     run(["git", "commit", "-qm", "looser criterion"], root)
 
 
-def test_fallback_param_change_reruns_only_the_fallback_stage(repo):
+def test_fallback_param_change_reruns_only_what_reads_the_keep_list(repo):
+    """fallback.* reruns the keep-list, its validation and the report that shows it; nothing upstream."""
     root, _ = repo
-    report_before = _digest(root, "reports/op_sensitivity.md")
-    _set_params(root, fallback={"policy": "top_k", "top_k": {"k": 5}, "always_keep": []})
-    assert _ran(run(["dvc", "repro"], root).stdout) == {"fallback_list"}
-    assert _digest(root, "reports/op_sensitivity.md") == report_before
+    upstream = {
+        rel: _digest(root, rel) for rel in ("reports/validation/curve.json", "reports/rank/scores.csv")
+    }
+    _set_params(
+        root, fallback={"policy": "top_k", "top_k": {"k": 5}, "always_keep": [], "fused_groups": False}
+    )
+    assert _ran(run(["dvc", "repro"], root).stdout) == {"fallback_list", "validate", "rank_report"}
+    assert {rel: _digest(root, rel) for rel in upstream} == upstream
     doc = json.loads((root / "reports/fallback/fallback_ops.json").read_text())
     assert [o["rank"] for o in doc["ops"]] == [1, 2, 3, 4, 5]
     inc = json.loads((root / "reports/fallback/inc_op_name_dict.json").read_text())
-    assert list(inc) == [o["op_name"] for o in doc["ops"]]
-    changed = json.loads(run(["dvc", "metrics", "diff", "--json"], root).stdout)[
-        "reports/fallback_metrics.json"
-    ]
-    assert changed["policy"]["new"] == "top_k" and changed["policy"]["old"] == "error_budget"
+    assert list(inc) == [inc_pattern(o["module"]) for o in doc["ops"]]
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], root).stdout)
+    changed = diff["reports/fallback_metrics.json"]
+    assert changed["policy"]["new"] == "top_k" and changed["policy"]["old"] == "measured_budget"
     assert changed["ops_kept"]["new"] == 5
+    assert diff["reports/validation/metrics.json"]["ops"]["new"] == 5
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "top 5"], root)
 

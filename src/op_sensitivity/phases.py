@@ -4,8 +4,8 @@
 * ``requant`` (INC's ``get_mse_order_per_int8``): from all-fp32, ops quantized one after another.
 
 A keep-list may also rank by ``both`` (the two phases combined by mean rank). The eval split
-adds a third ranking, ``measured`` (each op's own measured gain on held-out captions), and the
-quality metrics a keep-list is judged by (``validation.metrics``).
+adds a third ranking, ``measured`` (each op's own damage when it alone is int8, by a caption
+metric), and the quality metrics a keep-list is judged by (``validation.metrics``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -25,8 +26,10 @@ def test_fallback_document_and_exports(tmp_path, report_file):
         "tower": "text",
         "score": 0.5,
         "rank": 1,
+        "fused_group": None,
         "reason": "top_k: rank <= 2",
     }
+    assert doc["groups_widened"] == [] and doc["curve"] is None
     assert doc["source"]["path"] == str(report_file) and len(doc["source"]["sha256"]) == 64
     # 700 of 1300 weight params stay fp32: (32 * 700 + 8 * 600) / 1300
     assert doc["totals"] == {
@@ -40,9 +43,18 @@ def test_fallback_document_and_exports(tmp_path, report_file):
     out = tmp_path / "fallback"
     write_fallback(doc, INVENTORY, None, out, tmp_path / "fallback_metrics.json")
     assert json.loads((out / "inc_op_name_dict.json").read_text()) == {
-        DOWN: {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}},
-        "lm_head.module": {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}},
+        r"model\.language_model\.layers\.0\.mlp\.down_proj(?:\.module)?": {
+            "weight": {"dtype": ["fp32"]},
+            "activation": {"dtype": ["fp32"]},
+        },
+        r"lm_head(?:\.module)?": {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}},
     }
+    inc_keys = json.loads((out / "inc_op_name_dict.json").read_text())
+    for key in inc_keys:  # INC full-matches keys against its names, with or without its wrapper suffix
+        assert (
+            sum(bool(re.fullmatch(key, n)) for n in (DOWN, DOWN + ".module", "lm_head", "lm_head.module"))
+            == 2
+        )
     assert json.loads((out / "modelopt_quant_cfg.json").read_text())["quant_cfg"] == [
         {"quantizer_name": f"{DOWN}.*", "enable": False},
         {"quantizer_name": "lm_head.*", "enable": False},

@@ -103,6 +103,13 @@ def inc_util():
     return util
 
 
+def inc_op_names(op_name_dict: dict[str, Any]) -> dict[str, Any]:
+    """User keys as INC must see them: INC full-matches each key against its op names, which carry
+    a ``.module`` suffix where its tracing wrapped a module; the contract's rule
+    (``engines.contract.exclusion_reason``) matches a key against both names, and so does this."""
+    return {f"(?:{key})(?:\\.module)?": copy.deepcopy(cfg) for key, cfg in op_name_dict.items()}
+
+
 def _hook_ids(model: nn.Module) -> dict[nn.Module, set[int]]:
     return {m: set(m._forward_hooks) for m in model.modules()}
 
@@ -300,7 +307,7 @@ def build_strategy(
         ),
         accuracy_criterion=AccuracyCriterion(criterion="relative", tolerable_loss=tolerable_loss),
         op_type_dict=copy.deepcopy(op_type_dict) or None,
-        op_name_dict=copy.deepcopy(op_name_dict) or None,
+        op_name_dict=inc_op_names(op_name_dict) or None,
         calibration_sampling_size=[len(loader) * loader.batch_size],
     )
     config = _Config(quantization=conf, benchmark=None, pruning=None, distillation=None, nas=None)
@@ -416,7 +423,7 @@ def ptq_logits(
     options.workspace = str(workspace)
     conf = PostTrainingQuantConfig(
         approach="static",
-        op_name_dict=copy.deepcopy(op_name_dict) or None,
+        op_name_dict=inc_op_names(op_name_dict) or None,
         calibration_sampling_size=[len(batches) * batch_size],
     )
     with patch_embed_compat():

@@ -217,13 +217,21 @@ class FakeQuantModel:
 
     @staticmethod
     def _untie(modules: dict[str, nn.Module], op_names: list[str]) -> None:
-        """Give tied weights (lm_head / embed_tokens) their own storage: each op toggles alone."""
-        seen: set[int] = set()
+        """Give every scored op whose weight is tied (lm_head / embed_tokens) its own storage.
+
+        Each op then toggles alone, and a tied partner that is not scored (kept fp32 by params)
+        keeps computing with the fp32 weight instead of the scored op's quantized one.
+        """
+        users: dict[int, int] = {}
+        for mod in modules.values():
+            weight = getattr(mod, "weight", None)
+            if isinstance(weight, torch.Tensor):
+                users[id(weight)] = users.get(id(weight), 0) + 1
         for name in op_names:
             mod = modules[name]
-            if id(mod.weight) in seen:
+            if users[id(mod.weight)] > 1:
+                users[id(mod.weight)] -= 1
                 mod.weight = nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
-            seen.add(id(mod.weight))
 
     def _pre_hook(self, op: _Op):
         def hook(_module, args):

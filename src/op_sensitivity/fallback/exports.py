@@ -27,7 +27,7 @@ from typing import Any
 
 from ..engines.contract import FP32
 from ..errors import InputError
-from ..inventory import OpInfo
+from ..inventory import OpInfo, module_name
 
 ORT_RULE = (
     "torch.onnx.export names the nodes of module 'a.b.c' '/a/b/c/<OpType>' (MatMul, Gemm, Add, Conv, "
@@ -35,8 +35,19 @@ ORT_RULE = (
 )
 
 
-def inc_op_name_dict(op_names: Iterable[str]) -> dict[str, Any]:
-    return {name: {k: dict(v) for k, v in FP32.items()} for name in op_names}
+def inc_op_name_dict(modules: Iterable[str]) -> dict[str, Any]:
+    """INC keeps these modules fp32 whatever INC calls them.
+
+    INC compiles each key as a regular expression and full-matches it against its op names, and
+    names a module ``<path>.module`` where its sub-graph tracing wrapped it (which modules depends
+    on the trace, not on the model alone), so each key matches the path with or without that
+    suffix.
+    """
+    return {inc_pattern(m): {k: dict(v) for k, v in FP32.items()} for m in modules}
+
+
+def inc_pattern(module: str) -> str:
+    return re.escape(module_name(module)) + r"(?:\.module)?"
 
 
 # What nvidia-modelopt 0.47's INT8_DEFAULT_CFG disables after enabling every "*weight_quantizer" and

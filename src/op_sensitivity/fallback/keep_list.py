@@ -125,7 +125,7 @@ def write_fallback(
     ort = ort_nodes_to_exclude(modules, onnx_graph)
     with atomic_dir(out_dir) as tmp:
         dump_json(doc, tmp / "fallback_ops.json")
-        dump_json(inc_op_name_dict(o["op_name"] for o in doc["ops"]), tmp / "inc_op_name_dict.json")
+        dump_json(inc_op_name_dict(modules), tmp / "inc_op_name_dict.json")
         dump_json(modelopt_quant_cfg(modules), tmp / "modelopt_quant_cfg.json")
         dump_json(ort, tmp / "ort_nodes_to_exclude.json")
         ignore = llmcompressor_ignore(modules, inventory)

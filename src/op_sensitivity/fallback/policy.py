@@ -11,8 +11,9 @@ Policies (``fallback.policy`` picks one; each reads its own params block):
 * ``measured_budget``: the fewest top ops of a ranking (``fallback``, ``requant`` or ``measured``)
   whose measured damage on the eval split is at most ``percent`` % of all-int8's, by ``metric``
   (read from the ranking curve, ``validation.curve``).
-* ``bits_budget``: the ops whose measured single-op gains (the curve's ``single_op``) sum highest
-  within a budget of effective weight bits (``bits``) or of the share of weight params kept
+* ``bits_budget``: the ops whose measured single-op damage (the curve's ``single_op``: the share of
+  all-int8's damage with only that op int8, on the calibration captions) sums highest within a
+  budget of effective weight bits (``bits``) or of the share of weight params kept
   (``params_share``): a 0/1 knapsack, as ModelOpt's and AutoRound's mixed-precision search do.
 
 Then ``always_keep`` adds and ``never_keep`` removes ops by glob on the module name (fnmatch,
@@ -87,7 +88,7 @@ def _bits_budget(
     room = limit - base["params_kept"]
     label = f"{s['bits']:g} effective weight bits" if "bits" in s else f"{s['params_share']:g} of the params"
     params = {op.name: op.params for op in inventory}
-    gain = {m: curve["single_op"][m]["recovered"][s["metric"]] or 0.0 for m in curve["ops"]}
+    gain = {m: curve["single_op"][m]["damage_share"][s["metric"]] or 0.0 for m in curve["ops"]}
     items = _items(curve["ops"], groups if p.fused_groups else {})
     names = [k for k, members in items.items() if sum(gain[m] for m in members) > 0]
     chosen: list[str] = []
@@ -103,7 +104,7 @@ def _bits_budget(
         )
     order = {m: i for i, m in enumerate(curve["ops"])}
     return sorted(chosen, key=order.get), (
-        f"bits_budget: highest summed measured {s['metric']} gain within {label} (knapsack)"
+        f"bits_budget: highest summed single-op {s['metric']} damage within {label} (knapsack)"
     )
 
 

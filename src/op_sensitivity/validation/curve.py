@@ -1,8 +1,12 @@
 """The ranking curve: what keeping each ranking's top-n ops in high precision buys on held-out captions.
 
-For each ranking (``fallback`` and ``requant`` from the sensitivity report, ``measured`` from
-each op's own gain on the eval split) and each size n, the top-n ops are kept in high precision,
-every other scored op is int8, and the eval metrics are measured (``validation.metrics``).
+For each ranking (``fallback`` and ``requant`` from the sensitivity report, ``measured``: each
+op's own damage when it alone is int8, by the headline metric on the calibration captions) and
+each size n, the top-n ops are kept in high precision, every other scored op is int8, and the
+metrics are measured on the held-out eval split (``validation.metrics``). No ranking has seen
+the eval split. The single-op damage catches what single-op *fallback* misses: two ops that are
+each enough to wreck the output (an outlier channel that swamps both up_proj's output and
+down_proj's input scales) each look harmless to restore alone.
 Random keep-lists of every size (seeded) are the baseline a ranking must beat. n = 0 is the
 all-int8 model, n = N (every scored op) the fp32 one.
 
@@ -12,11 +16,13 @@ Artifact ``reports/validation/curve.json`` (stage ``curve``)::
     metric: headline metric (params curve.metric)
     eval: {samples, caption_tokens}
     numerics: {device, dtype, allow_tf32, arithmetic, reduce_range}
-    reference: {all_int8: Values, fp32: Values}   Values: kl, top1, nll, nll_fp32, ppl_ratio, logit_se, tokens
+    reference: {all_int8: Values, fp32: Values, calibration_all_int8: Values}
+                                                  Values: kl, top1, nll, nll_fp32, ppl_ratio, logit_se, tokens
     ops: [module]                                        scored ops, module order
     excluded: [module]                                   kept fp32 by the sensitivity params (cost counted)
     rankings: {fallback | requant | measured: [module]}  most sensitive first
-    single_op: {module: {values: Values, recovered: {metric: share}}}   only this op kept
+    single_op: {module: {values: Values, damage_share: {metric: share}}}   only this op int8,
+                                                  calibration split, share of all-int8's damage
     points: [{ranking, n, kept: [module], cost: {params_kept, params_total, share_params_kept,
               effective_weight_bits}, values: Values, recovered: {metric: share}}]
     random: [{n, lists, cost_mean: {...}, recovered: {metric: {mean, std, min, max}}}]
@@ -43,8 +49,8 @@ from ..errors import InputError
 from ..inventory import OpInfo, cost
 from ..params import CurveParams
 from ..phases import MEASURED, METRICS, RANKINGS
-from .measure import Measurer
-from .metrics import recovered
+from .measure import CALIBRATION, Measurer
+from .metrics import damage, recovered
 
 SCHEMA_VERSION = 1
 
@@ -54,7 +60,7 @@ def curve_sizes(n_ops: int, max_points: int | None) -> list[int]:
     if max_points is None or max_points >= n_ops + 1:
         return list(range(n_ops + 1))
     sizes = {0, 1, n_ops}
-    steps = max_points - 2
+    steps = max_points - 3
     for i in range(1, steps + 1):
         sizes.add(round(math.exp(math.log(n_ops) * i / (steps + 1))))
     return sorted(sizes)
@@ -108,17 +114,18 @@ def measure_curve(
 
     sizes = curve_sizes(len(ops), params.max_points)
     inner = [n for n in sizes if 0 < n < len(ops)]
-    total = 2 + len(ops) + len(sizes) * (len(rankings) + 1) + len(inner) * params.random_lists
+    total = 3 + len(ops) + len(sizes) * (len(rankings) + 1) + len(inner) * params.random_lists
     bar = tqdm(total=total, desc="curve: configurations measured", leave=False)
     all_int8, fp32 = measurer.measure([]), measurer.measure(ops)
-    bar.update(2)
+    cal_int8 = measurer.measure([], CALIBRATION)
+    bar.update(3)
     single = {}
     for m in ops:
-        values = measurer.measure([m])
-        single[m] = {"values": values, "recovered": recovered(values, all_int8)}
+        values = measurer.measure([o for o in ops if o != m], CALIBRATION)
+        single[m] = {"values": values, "damage_share": damage_share(values, cal_int8)}
         bar.update()
-    gain = {m: single[m]["recovered"][params.metric] for m in ops}
-    order = {**rankings, MEASURED: sorted(ops, key=lambda m: (-(gain[m] or 0.0), ops.index(m)))}
+    share = {m: single[m]["damage_share"][params.metric] or 0.0 for m in ops}
+    order = {**rankings, MEASURED: sorted(ops, key=lambda m: (-share[m], ops.index(m)))}
     points = []
     for name in RANKINGS:
         for n in sizes:
@@ -143,9 +150,9 @@ def measure_curve(
     return {
         "schema_version": SCHEMA_VERSION,
         "metric": params.metric,
-        "eval": {"samples": sum(len(r.real) for r in measurer.refs), "caption_tokens": all_int8["tokens"]},
+        "eval": {"samples": measurer.samples(), "caption_tokens": all_int8["tokens"]},
         "numerics": {**measurer.numerics.details(), "reduce_range": measurer.numerics.reduce_range},
-        "reference": {"all_int8": all_int8, "fp32": fp32},
+        "reference": {"all_int8": all_int8, "fp32": fp32, "calibration_all_int8": cal_int8},
         "ops": ops,
         "excluded": sorted(excluded),
         "rankings": order,
@@ -153,6 +160,15 @@ def measure_curve(
         "points": points,
         "random": baseline,
     }
+
+
+def damage_share(values: dict[str, float], all_int8: dict[str, float]) -> dict[str, float | None]:
+    """Per metric, the share of the all-int8 damage these values carry (None if int8 did no damage)."""
+    out: dict[str, float | None] = {}
+    for metric in METRICS:
+        worst = damage(all_int8, metric)
+        out[metric] = damage(values, metric) / worst if worst > 0 else None
+    return out
 
 
 def curve_table(doc: dict[str, Any]) -> pd.DataFrame:

@@ -8,11 +8,11 @@ from ..data.calibration import load_calibration
 from ..engines.native import resolve_numerics
 from ..errors import InputError
 from ..inventory import module_name
-from ..model.batches import build_batches, build_eval_batches
+from ..model.batches import build_eval_batches
 from ..model.source import load_model_dir
 from ..params import SensitivityParams
 from ..phases import FALLBACK
-from .measure import Measurer
+from .measure import CALIBRATION, EVAL, Measurer
 
 
 def scored_and_excluded(report: dict) -> tuple[list[str], set[str]]:
@@ -39,10 +39,8 @@ def open_measurer(
             f"{report['metadata']['model']['sha256'][:12]}); rerun the sensitivity stage"
         )
     scored, _ = scored_and_excluded(report)
-    return Measurer(
-        model,
-        scored,
-        resolve_numerics(sensitivity),
-        build_batches(calibration, cal_dir, processor, meta.mode, batch_size),
-        build_eval_batches(held_out, eval_dir, processor, meta.mode, batch_size),
-    )
+    splits = {
+        CALIBRATION: build_eval_batches(calibration, cal_dir, processor, meta.mode, batch_size),
+        EVAL: build_eval_batches(held_out, eval_dir, processor, meta.mode, batch_size),
+    }
+    return Measurer(model, scored, resolve_numerics(sensitivity), splits)

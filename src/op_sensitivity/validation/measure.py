@@ -19,50 +19,62 @@ from ..engines.native import FakeQuantModel, Numerics
 from .metrics import Totals, reference
 
 EvalBatch = tuple[dict[str, torch.Tensor], torch.Tensor]  # model inputs, caption target mask
+CALIBRATION, EVAL = "calibration", "eval"
 
 
 class Measurer(AbstractContextManager):
-    """One calibrated model; :meth:`measure` scores a configuration against the fp32 reference."""
+    """One calibrated model; :meth:`measure` scores a configuration against the fp32 reference.
+
+    Two splits: ``calibration`` (the observers are calibrated on all of it; per-op damage that
+    ranks ops is measured on it, so no ranking has seen the eval data) and ``eval`` (held out:
+    every curve point and the chosen list are measured on it).
+    """
 
     def __init__(
-        self,
-        model: nn.Module,
-        scored: list[str],
-        numerics: Numerics,
-        calibration: list[dict[str, torch.Tensor]],
-        eval_batches: list[EvalBatch],
+        self, model: nn.Module, scored: list[str], numerics: Numerics, splits: dict[str, list[EvalBatch]]
     ):
         self.numerics = numerics
         self.model = numerics.prepare(model)
         self.scored = list(scored)
         self.fq = FakeQuantModel(self.model, self.scored, numerics.reduce_range, numerics.arithmetic)
-        self.eval = [(numerics.batch(b), m.to(numerics.device)) for b, m in eval_batches]
-        self.calibration = [numerics.batch(b) for b in calibration]
+        self.splits = {
+            name: [(numerics.batch(b), m.to(numerics.device)) for b, m in batches]
+            for name, batches in splits.items()
+        }
+        self.calibration = [b for b, _ in self.splits[CALIBRATION]]
         with torch.no_grad():
             self.fq.calibrate(self.calibration)
             self.fq.set_all(False)
-            self.refs = [
-                reference(self.model(**b).logits, b["input_ids"], m, b["attention_mask"])
-                for b, m in self.eval
-            ]
+            self.refs = {
+                name: [
+                    reference(self.model(**b).logits, b["input_ids"], m, b["attention_mask"])
+                    for b, m in batches
+                ]
+                for name, batches in self.splits.items()
+            }
 
-    def measure(self, keep: Iterable[str]) -> dict[str, float]:
-        """All scored ops int8 except ``keep``; the eval metrics against fp32."""
+    def measure(self, keep: Iterable[str], split: str = EVAL) -> dict[str, float]:
+        """All scored ops int8 except ``keep``; the split's metrics against fp32."""
         keep = set(keep)
         unknown = keep - set(self.scored)
         if unknown:
             raise ValueError(f"not scored ops: {sorted(unknown)[:5]}")
         for name in self.scored:
             self.fq.set(name, name not in keep)
-        return self.measure_forward(lambda batch: self.model(**batch).logits)
+        return self.measure_forward(lambda batch: self.model(**batch).logits, split)
 
     @torch.no_grad()
-    def measure_forward(self, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> dict[str, float]:
-        """Score any model's logits (e.g. a real quantizer's output model) on the same eval split."""
+    def measure_forward(
+        self, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], split: str = EVAL
+    ) -> dict[str, float]:
+        """Score any model's logits (e.g. a real quantizer's output model) on a split."""
         totals = Totals()
-        for (batch, _), ref in zip(self.eval, self.refs, strict=True):
+        for (batch, _), ref in zip(self.splits[split], self.refs[split], strict=True):
             totals.add(ref, forward(batch))
         return totals.values()
+
+    def samples(self, split: str = EVAL) -> int:
+        return sum(len(b["input_ids"]) for b, _ in self.splits[split])
 
     def __exit__(self, *exc) -> None:
         self.fq.remove()

@@ -1,0 +1,53 @@
+import math
+
+import pytest
+import torch
+
+from op_sensitivity.validation.metrics import Totals, damage, recovered, reference
+
+
+def _ref():
+    # one sample, 4 tokens, vocab 3; tokens 2 and 3 are the caption (predicted from positions 1 and 2)
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]]])
+    input_ids = torch.tensor([[0, 1, 0, 1]])
+    mask = torch.tensor([[False, False, True, True]])
+    return logits, reference(logits, input_ids, mask, torch.ones(1, 4))
+
+
+def test_fp32_against_itself_is_no_damage():
+    logits, ref = _ref()
+    t = Totals()
+    t.add(ref, logits)
+    v = t.values()
+    assert v["tokens"] == 2 and v["kl"] == 0 and v["top1"] == 1 and v["logit_se"] == 0
+    # NLL of token 0 after position 1 (logits 2,0,0) and token 1 after position 2 (0,3,0)
+    expected = -(math.log(math.exp(2) / (math.exp(2) + 2)) + math.log(math.exp(3) / (math.exp(3) + 2))) / 2
+    assert v["nll"] == pytest.approx(expected) and v["ppl_ratio"] == 1.0
+    assert all(damage(v, m) == 0 for m in ("kl", "top1", "nll", "logit_se"))
+
+
+def test_a_changed_prediction_is_counted_by_every_metric():
+    logits, ref = _ref()
+    q = logits.clone()
+    q[0, 1] = torch.tensor([0.0, 2.0, 0.0])  # position 1 now predicts token 1, not 0
+    q[0, 0, 0] = 1.0  # position 0 predicts no caption token: only the logit error sees it
+    t = Totals()
+    t.add(ref, q)
+    v = t.values()
+    assert v["top1"] == 0.5
+    p = torch.softmax(torch.tensor([2.0, 0.0, 0.0]), 0)
+    kl = float((p * (p.log() - torch.log_softmax(torch.tensor([0.0, 2.0, 0.0]), 0))).sum()) / 2
+    assert v["kl"] == pytest.approx(kl)
+    assert v["logit_se"] == pytest.approx(2**2 + 2**2 + 1)
+    assert v["ppl_ratio"] > 1
+    half = {
+        **v,
+        "kl": v["kl"] / 2,
+        "logit_se": v["logit_se"] / 4,
+        "top1": 0.75,
+        "nll": (v["nll"] + v["nll_fp32"]) / 2,
+    }
+    rec = recovered(half, v)
+    assert rec["kl"] == pytest.approx(0.5) and rec["logit_se"] == pytest.approx(0.75)
+    assert rec["top1"] == pytest.approx(0.5) and rec["nll"] == pytest.approx(0.5)
+    assert recovered(v, {**v, "kl": 0.0})["kl"] is None  # int8 did no damage: nothing to give back
