@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out_dir
     dump_json(doc, out / "validation.json")
     with atomic_file(out / "section.md") as tmp:
-        tmp.write_text(section(doc, curve))
+        tmp.write_text(section(doc, curve, keep_list.get("groups_widened")))
     with atomic_file(out / "pareto.png") as tmp:
         pareto(curve, doc, tmp)
     dump_json(metrics(doc), out / "metrics.json")

@@ -22,14 +22,16 @@ def test_pixi_lists_the_same_pinned_dependencies_as_pyproject():
     assert pixi["dependencies"]["python"] == pyproject["project"]["requires-python"]
 
 
-def test_the_modelopt_extra_is_pinned_to_0_47_in_both_manifests_and_installed_by_make():
+def test_the_tool_extras_match_in_both_manifests_and_make_test_installs_them():
+    """The quantizers whose loading of our exports the tests check: optional, but installed by `make`."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     pixi = tomllib.loads((REPO / "pixi.toml").read_text())
-    extra = pyproject["project"]["optional-dependencies"]["modelopt"]
-    assert extra == ["nvidia-modelopt>=0.47,<0.48"]
-    assert pixi["feature"]["modelopt"]["pypi-dependencies"] == {_name(r): r[len(_name(r)) :] for r in extra}
-    assert pixi["environments"]["dev"] == ["dev", "modelopt"]  # like `make test`'s install
-    assert "pip install -q -e '.[dev,modelopt]'" in (REPO / "Makefile").read_text()
+    extras = {k: v for k, v in pyproject["project"]["optional-dependencies"].items() if k != "dev"}
+    assert extras["modelopt"] == ["nvidia-modelopt>=0.47,<0.48"] and set(extras) == {"modelopt", "ort"}
+    for name, reqs in extras.items():
+        assert pixi["feature"][name]["pypi-dependencies"] == {_name(r): r[len(_name(r)) :] for r in reqs}
+    assert pixi["environments"]["dev"] == ["dev", *extras]  # like `make test`'s install
+    assert f"pip install -q -e '.[dev,{','.join(extras)}]'" in (REPO / "Makefile").read_text()
 
 
 def test_dvc_config_is_offline_with_a_local_default_remote():

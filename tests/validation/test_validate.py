@@ -47,6 +47,9 @@ def test_the_planted_pair_beats_every_random_pair(measured, planted):
     assert good["chosen"]["values"] == top2["values"]
     text = section(good, planted["curve"])
     assert "gives back" in text and "does better than every random list" in text
+    widened = [{"group": "m.{gate_proj,up_proj}", "added": ["m.gate_proj"], "params_added": 2048}]
+    assert "Fused group `m.{gate_proj,up_proj}` kept whole" in section(good, planted["curve"], widened)
+    assert "2,048 params" in section(good, planted["curve"], widened)
     flat = metrics(good)
     assert flat["kl"]["beats_random"] is True and flat["kl"]["all_int8"] > flat["kl"]["keep_list"] > 0
 

@@ -94,8 +94,11 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
-def section(doc: dict[str, Any], curve: dict[str, Any]) -> str:
-    """The "Validation" section of ``op_sensitivity.md``: what the list buys, in plain words."""
+def section(doc: dict[str, Any], curve: dict[str, Any], widened: list[dict[str, Any]] | None = None) -> str:
+    """The "Validation" section of ``op_sensitivity.md``: what the list buys, in plain words.
+
+    ``widened``: the keep-list's ``groups_widened`` (fused groups kept whole for the runtimes).
+    """
     m = doc["metric"]
     k = doc["keep_list"]
     rec = doc["chosen"]["recovered"][m]
@@ -111,6 +114,12 @@ def section(doc: dict[str, Any], curve: dict[str, Any]) -> str:
         f"{_pct(rec)} of the all-int8 damage.",
         "",
     ]
+    for g in widened or []:
+        lines += [
+            f"Fused group `{g['group']}` kept whole (vLLM / SGLang / TensorRT-LLM load it as one layer): "
+            f"added {', '.join(f'`{m}`' for m in g['added'])}, {g['params_added']:,} params.",
+            "",
+        ]
     if doc["random"] is not None:
         r = doc["random"]["recovered"][m]
         verdict = doc["beats_random"][m]
