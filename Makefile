@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned, so no resolver step can pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,modelopt,ort]'
+	$(BIN)/python -m pip install -q -e '.[dev,modelopt,ort,ct]'
 	touch $@
 
 # Params and the paths they name are checked first: DVC removes a stage's outputs before it

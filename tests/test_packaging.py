@@ -27,7 +27,7 @@ def test_the_tool_extras_match_in_both_manifests_and_make_test_installs_them():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     pixi = tomllib.loads((REPO / "pixi.toml").read_text())
     extras = {k: v for k, v in pyproject["project"]["optional-dependencies"].items() if k != "dev"}
-    assert extras["modelopt"] == ["nvidia-modelopt>=0.47,<0.48"] and set(extras) == {"modelopt", "ort"}
+    assert extras["modelopt"] == ["nvidia-modelopt>=0.47,<0.48"] and set(extras) == {"modelopt", "ort", "ct"}
     for name, reqs in extras.items():
         assert pixi["feature"][name]["pypi-dependencies"] == {_name(r): r[len(_name(r)) :] for r in reqs}
     assert pixi["environments"]["dev"] == ["dev", *extras]  # like `make test`'s install
