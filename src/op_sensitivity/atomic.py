@@ -110,3 +110,19 @@ def dump_json(obj: Any, path: str | os.PathLike) -> None:
     """Write JSON atomically, pretty and key-stable so diffs across commits stay small."""
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str, stage: str) -> Any:
+    """Read a stage's JSON artifact back; a missing or broken file is one clear line naming it.
+
+    ``what`` names the artifact and ``stage`` the stage that writes it ("sensitivity report",
+    "sensitivity"): the message says which stage to run.
+    """
+    from .errors import InputError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: {what} missing (run the {stage} stage first)") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e

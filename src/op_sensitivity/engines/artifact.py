@@ -38,14 +38,13 @@ model and software give the same bytes. Seconds and peak memory go to the runtim
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic import dump_json
+from ..atomic import dump_json, read_json
 from ..errors import InputError
 from ..inventory import OpInfo, module_name
 from ..phases import FALLBACK, PHASES, REQUANT
@@ -234,10 +233,5 @@ def validate(doc: Any, where: str) -> dict[str, Any]:
 
 
 def read_report(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: sensitivity report missing (run the sensitivity stage first)") from e
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from e
+    doc = read_json(path, "sensitivity report", "sensitivity")
     return validate(doc, str(path))

@@ -15,13 +15,12 @@ The cost (``inventory.cost``) counts ops kept fp32 by the sensitivity params as 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..atomic import atomic_dir, dump_json
+from ..atomic import atomic_dir, dump_json, read_json
 from ..errors import InputError
 from ..inventory import OpInfo, cost, module_name
 from ..params import FallbackParams
@@ -137,12 +136,7 @@ def write_fallback(
 
 def read_keep_list(path: Path) -> dict[str, Any]:
     """Read ``fallback_ops.json`` back, checking the fields a consumer of the list reads."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: keep-list missing (run the fallback_list stage first)") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from e
+    doc = read_json(path, "keep-list", "fallback_list")
     ok = (
         isinstance(doc, dict)
         and doc.get("schema_version") == SCHEMA_VERSION

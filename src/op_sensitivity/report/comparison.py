@@ -17,13 +17,13 @@ Pure comparison; ``report.crosscheck`` runs the other engine for the stage.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from ..atomic import read_json
 from ..errors import InputError
 from ..phases import FALLBACK, PHASES, REQUANT
 
@@ -118,12 +118,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 def read_crosscheck(path: Path) -> dict[str, Any]:
     """Read ``crosscheck.json`` back, checking the fields the report renders."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: crosscheck result missing (run the crosscheck stage first)") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from e
+    doc = read_json(path, "crosscheck result", "crosscheck")
     ok = (
         isinstance(doc, dict)
         and isinstance(doc.get("passes_bar"), bool)

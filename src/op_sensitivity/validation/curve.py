@@ -34,7 +34,6 @@ metric's recovered share per n and ranking, for ``dvc plots``.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import statistics
@@ -44,7 +43,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_file, dump_json
+from ..atomic import atomic_file, dump_json, read_json
 from ..errors import InputError
 from ..inventory import OpInfo, cost
 from ..params import CurveParams
@@ -192,12 +191,7 @@ def write_curve(doc: dict[str, Any], path: Path, csv_path: Path) -> None:
 
 def read_curve(path: Path) -> dict[str, Any]:
     """Read ``curve.json`` back, checking what the measured policies and the report read."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: ranking curve missing (run the curve stage first)") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from e
+    doc = read_json(path, "ranking curve", "curve")
     ok = isinstance(doc, dict) and doc.get("schema_version") == SCHEMA_VERSION
     ok = ok and all(isinstance(doc.get(k), list) for k in ("ops", "points", "random"))
     ok = ok and isinstance(doc.get("rankings"), dict) and set(doc["rankings"]) == set(RANKINGS)
