@@ -177,8 +177,10 @@ def curve_table(doc: dict[str, Any]) -> pd.DataFrame:
     for name in RANKINGS:
         pts = {p["n"]: p["recovered"][metric] for p in doc["points"] if p["ranking"] == name}
         table[f"{name}_{metric}_recovered"] = pd.Series(pts)
+    ends = [table.index.min(), table.index.max()]  # 0 ops kept and every op: no choice, no randomness
     for key in ("mean", "min", "max"):
         pts = {r["n"]: r["recovered"][metric][key] for r in doc["random"]}
+        pts.update({n: table.loc[n, f"{RANKINGS[0]}_{metric}_recovered"] for n in ends})
         table[f"random_{metric}_recovered_{key}"] = pd.Series(pts)
     return table.reset_index()
 
