@@ -3,9 +3,10 @@ expensive INC pass run once per test session, shared by the test modules that re
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from op_sensitivity.engines.inc import inc_util
 from op_sensitivity.engines.runner import load_inputs, run_engine
 from op_sensitivity.inventory import OpInfo, op_inventory, write_inventory
 from op_sensitivity.model.fused import fused_groups, probe_batch
-from op_sensitivity.model.source import materialize_model
+from op_sensitivity.model.source import CARD, dir_sha256, load_model_dir, materialize_model
 from op_sensitivity.params import load_params
 from tests.helpers import (
     EXCLUDE,
@@ -86,6 +87,31 @@ def default_model_dir(tmp_path_factory, calibration_dir, repo_params) -> Path:
     return _materialized(tmp_path_factory.mktemp("default") / "qwen2_5_vl", params)
 
 
+# Mid-size (about 68 M parameters, stored bf16 like the published checkpoints): big enough that
+# memory and trial time are the model's, not the interpreter's.
+MID_TINY = {
+    "text": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    },
+    "vision": {"depth": 2, "hidden_size": 256, "intermediate_size": 1024, "num_heads": 4},
+}
+
+
+@pytest.fixture(scope="session")
+def mid_model_dir(tmp_path_factory, calibration_dir, repo_params) -> Path:
+    tiny = replace(repo_params.model.tiny, text=MID_TINY["text"], vision=MID_TINY["vision"])
+    params = replace(repo_params.model, tiny=tiny, input=calibration_dir)
+    out = _materialized(tmp_path_factory.mktemp("mid") / "qwen2_5_vl", params)
+    model, _, card = load_model_dir(out)
+    model.to(torch.bfloat16).save_pretrained(out)
+    (out / CARD).write_text(json.dumps(asdict(replace(card, sha256=dir_sha256(out)))))
+    return out
+
+
 @dataclass
 class IncRun:
     """One real INC pass with INC's own values read beside the capture."""
@@ -126,7 +152,7 @@ def inc_default_run(default_model_dir, calibration_dir, tmp_path_factory) -> dic
 
 
 # Tests that read one of these fixtures run on the same xdist worker, so the fixture is built once.
-SHARED_FIXTURES = ("inc_small_run", "inc_default_run", "default_native", "repo")
+SHARED_FIXTURES = ("inc_small_run", "inc_default_run", "default_native", "repo", "lean_reference", "planted")
 
 
 def pytest_itemcollected(item):

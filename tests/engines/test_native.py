@@ -96,6 +96,7 @@ def test_single_linear_matches_torch_fx_quantization(arithmetic):
     prepared = prepare_fx(copy.deepcopy(model), QConfigMapping().set_global(qc), (x,))
     prepared(x)
     expected = convert_fx(prepared)(x)
+    weight, bias = model.lin.weight.detach().clone(), model.lin.bias.detach().clone()
     fq = FakeQuantModel(model, ["lin"], reduce_range=False, arithmetic=arithmetic)
     fq.calibrate([{"x": x}])
     fq.set("lin", True)
@@ -104,9 +105,9 @@ def test_single_linear_matches_torch_fx_quantization(arithmetic):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     fq.set("lin", False)
     with torch.no_grad():
-        torch.testing.assert_close(
-            model(x=x), torch.nn.functional.linear(x, model.lin.weight, model.lin.bias)
-        )
+        torch.testing.assert_close(model(x=x), torch.nn.functional.linear(x, weight, bias), rtol=0, atol=0)
+    fq.remove()
+    assert torch.equal(model.lin.weight, weight)  # the module's own weight is back, untouched
 
 
 def _check_exact(native, inc):
@@ -237,3 +238,29 @@ def test_text_only_calibration_scores_text_ops_only(small_model_dir, calibration
         assert all("op_name_dict" in e["reason"] for e in rep["metadata"]["excluded_ops"])
         assert len(rep["metadata"]["excluded_ops"]) == 8  # Conv3d + 5 block Linear + 2 merger Linear
     _check_exact(runs["native"], runs["inc"])
+
+
+@pytest.mark.parametrize("arithmetic", ["int8_kernels", "fake_quant"])
+def test_bf16_weights_computed_in_float32_equal_a_model_upcast_whole(
+    small_model_dir, calibration_dir, tmp_path, arithmetic
+):
+    """The lean path keeps a bf16 checkpoint's weights bf16 and upcasts per call: bit-identical values
+    to holding a float32 copy of the whole model (bf16 -> float32 is exact)."""
+    params = sensitivity_params(native=replace(sensitivity_params().native, arithmetic=arithmetic))
+    reports, dtypes = [], []
+    for upcast in (False, True):
+        model, spec, inventory, meta = load_inputs(
+            params, calibration_dir, small_model_dir, small_model_dir.parent / "op_inventory.json"
+        )
+        model.to(torch.bfloat16)  # as the published checkpoint stores it
+        if upcast:
+            model.float()
+        reports.append(
+            build_report(run_engine("native", model, spec, tmp_path / str(upcast)), inventory, meta)
+        )
+        dtypes.append({dict(model.named_modules())[name].weight.dtype for name, _ in spec.scored})
+        # the engine put every weight back, untouched: a tied pair is still one Parameter
+        assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert reports[0]["phases"] == reports[1]["phases"]
+    assert reports[0]["metadata"]["all_int8_mse"] == reports[1]["metadata"]["all_int8_mse"]
+    assert dtypes == [{torch.bfloat16}, {torch.float32}]  # lean: no float32 copy of a scored weight

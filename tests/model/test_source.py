@@ -44,10 +44,26 @@ def test_hf_dir_source_loads_a_snapshot(tmp_path, small_model_params, calibratio
     params = replace(small_model_params, source="hf_dir", input=snapshot)
     model, _, card = materialize_model(params, tmp_path / "out")
     assert card.source == "hf_dir" and not card.random_weights and card.origin == str(snapshot)
+    assert card.sha256 == dir_sha256(snapshot)  # the snapshot's own content hash
     ref, _, _ = load_model_dir(small_model_dir)
     assert all(
         torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values(), strict=True)
     )
+    # No copy of the weights: the output holds only what the stage derives, and loads from the snapshot.
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert not any(n.endswith((".safetensors", ".bin")) for n in written) and "config.json" not in written
+    assert sum(p.stat().st_size for p in (tmp_path / "out").iterdir()) < 50_000
+    loaded, _, _ = load_model_dir(tmp_path / "out")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(ref.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
+    weights = snapshot / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="the snapshot changed since load_model hashed it"):
+        load_model_dir(tmp_path / "out")
 
 
 @pytest.mark.parametrize(

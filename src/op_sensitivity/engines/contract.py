@@ -10,9 +10,11 @@ turns a :class:`PassResult` into the same JSON whichever engine made it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,6 +70,7 @@ class PassSpec:
     excluded: tuple[ExcludedOp, ...]  # kept fp32 by params, with the reason
     batches: tuple[dict[str, torch.Tensor], ...]  # one per confidence batch, in use order
     params: SensitivityParams
+    model_sha256: str | None = None  # the model card's hash, when the runner knows it (resume keys on it)
 
     @property
     def module_order(self) -> list[str]:
@@ -77,6 +80,25 @@ class PassSpec:
     def scored(self) -> list[OpKey]:
         skip = {e.op_name for e in self.excluded}
         return [k for k in self.ops if k[0] not in skip]
+
+    def fingerprint(self, engine: str, numerics: dict[str, Any]) -> str:
+        """What a pass's values are a function of: model, batches, params, engine and numerics."""
+        h = hashlib.sha256()
+        params = {k: v for k, v in asdict(self.params).items() if k != "params_file"}
+        head = {
+            "model": self.model_sha256,
+            "ops": self.scored,
+            "params": params,
+            "engine": engine,
+            **numerics,
+        }
+        h.update(json.dumps(head, sort_keys=True, default=str).encode())
+        for batch in self.batches:
+            for key in sorted(batch):
+                t = batch[key].detach().cpu().contiguous()
+                h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
 
     @property
     def confidence_batches(self) -> int:

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm as std_tqdm
 
 from ..errors import CaptureError, InputError
 from ..inventory import module_name
+from ..model.compat import pixels_keep_their_dtype
 from ..phases import FALLBACK, PHASES, REQUANT
 from .contract import Capture, ExcludedOp, HelperCall, OpKey, PassResult, PassSpec
 
@@ -202,24 +203,9 @@ def capture_mse(on_call: Callable[[Capture], None] | None = None) -> Iterator[Ca
 
 @contextlib.contextmanager
 def patch_embed_compat() -> Iterator[str]:
-    """Let INC quantize Qwen2.5-VL's patch-embedding Conv3d (scoped to the pass)."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
-
-    original = Qwen2_5_VisionPatchEmbed.forward
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # Same as transformers' forward minus the `.to(self.proj.weight.dtype)`: inputs are
-        # already cast to the model dtype by the calibration loader.
-        hidden_states = hidden_states.view(
-            -1, self.in_channels, self.temporal_patch_size, self.patch_size, self.patch_size
-        )
-        return self.proj(hidden_states).view(-1, self.embed_dim)
-
-    Qwen2_5_VisionPatchEmbed.forward = forward
-    try:
+    """Let INC quantize Qwen2.5-VL's patch-embedding Conv3d (scoped to the pass): ``model.compat``."""
+    with pixels_keep_their_dtype():
         yield PATCH_EMBED_NOTE
-    finally:
-        Qwen2_5_VisionPatchEmbed.forward = original
 
 
 def quantization_scheme(tune_cfg: dict) -> dict[str, Any]:
@@ -344,6 +330,7 @@ def run_pass(
 ) -> PassResult:
     """Both phases, once each, through INC's own ``calculate_op_sensitivity``; values captured."""
     util = inc_util()
+    model.float()  # INC's FX path computes in float32 on the CPU, whatever the checkpoint stores
     p = spec.params
     loader = CalibrationLoader(list(spec.batches), p.batch_size)
     strategy = build_strategy(
@@ -421,6 +408,7 @@ def ptq_logits(
     from neural_compressor.config import options
 
     options.workspace = str(workspace)
+    model.float()
     conf = PostTrainingQuantConfig(
         approach="static",
         op_name_dict=inc_op_names(op_name_dict) or None,

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import resource
 import time
@@ -49,9 +50,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_file
 from ..errors import InputError
 from ..params import SensitivityParams
 from ..phases import FALLBACK, REQUANT
@@ -127,13 +130,13 @@ def _qparams(obs) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     return scale.float().reshape(()), zero_point.to(torch.int32).reshape(()), int(qmin), int(qmax)
 
 
-def _quantized_module(op: _Op) -> nn.Module:
+def _quantized_module(op: _Op, weight: torch.Tensor) -> nn.Module:
     """torch's quantized Linear/Conv3d with INC's weight observer and this op's output qparams."""
     mod = op.module
     obs = torch.ao.quantization.PerChannelMinMaxObserver(
         ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric
     )
-    w = op.w_fp32.detach().float().cpu()
+    w = weight.detach().float().cpu()
     obs(w)
     scale, zero_point = obs.calculate_qparams()
     qweight = torch.quantize_per_channel(w, scale, zero_point, 0, torch.qint8)
@@ -161,23 +164,20 @@ def _quantized_module(op: _Op) -> nn.Module:
     return q
 
 
-def _int8_forward(op: _Op):
-    scale, zero_point = float(op.in_qp[0]), int(op.in_qp[1])
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return op.qmodule(torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8)).dequantize()
-
-    return forward
-
-
 @dataclass
 class _Op:
+    """One scored module. Its weight stays as stored (a bf16 checkpoint stays bf16, 2 bytes/param);
+    the quantized weight is kept compact (int8 + per-channel scale, 1 byte/param; a dequantized
+    table for the Embedding, as its weight-only quantization is read); a trial computes with the
+    one it needs, cast to the compute dtype for that call only."""
+
     name: str
     type: str
     module: nn.Module
-    w_fp32: torch.Tensor
-    w_q: torch.Tensor
+    param: nn.Parameter  # the module's own weight Parameter, put back by FakeQuantModel.remove
     weight_only: bool
+    q_weight: torch.Tensor | None = None  # int8 values (fake_quant) or the dequantized table (Embedding)
+    q_scale: torch.Tensor | None = None  # per-output-channel scale, shaped to broadcast over the weight
     in_qp: tuple | None = None
     out_qp: tuple | None = None
     qmodule: nn.Module | None = None  # int8_kernels arithmetic: torch's quantized module for this op
@@ -185,87 +185,104 @@ class _Op:
     observers: dict[str, Any] = field(default_factory=dict)
 
 
+def _functional(op: _Op, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The module's own computation, with ``weight`` in place of its stored one."""
+    mod = op.module
+    if isinstance(mod, nn.Embedding):
+        return F.embedding(x, weight, mod.padding_idx, mod.max_norm, mod.norm_type, mod.scale_grad_by_freq)
+    if isinstance(mod, nn.Linear):
+        return F.linear(x, weight, mod.bias)
+    return mod._conv_forward(x, weight, mod.bias)  # nn.Conv1d/2d/3d
+
+
 class FakeQuantModel:
-    """Hooks on every scored module; ``set(name, on)`` toggles that op's fake-quant in O(1)."""
+    """Every scored module computes through :meth:`_forward`; ``set(name, on)`` toggles it in O(1).
+
+    Memory: the model's weights as stored plus about one byte per scored parameter, where a
+    resident compute-dtype copy of each weight and of its quantized version would take two
+    to four times the model (``compute_dtype`` is what the activations and the upcast weights use).
+    While it is active a scored module's ``weight`` is an empty placeholder in the compute dtype:
+    transformers reads a tower's dtype from its first weight and casts inputs to it, which must
+    not round float32 pixels to a bf16 checkpoint's dtype. Weights are only read, never written,
+    so tied weights (lm_head / embed_tokens) need no copy.
+    """
 
     def __init__(
-        self, model: nn.Module, op_names: list[str], reduce_range: bool, arithmetic: str = "fake_quant"
+        self,
+        model: nn.Module,
+        op_names: list[str],
+        reduce_range: bool,
+        arithmetic: str = "fake_quant",
+        compute_dtype: torch.dtype = torch.float32,
     ):
         modules = dict(model.named_modules())
         self.model = model
         self.reduce_range = reduce_range
         self.arithmetic = arithmetic
+        self.compute_dtype = compute_dtype
         self.observing = False
         self.ops: dict[str, _Op] = {}
-        self._untie(modules, op_names)
         for name in op_names:
             mod = modules[name]
             op_type = type(mod).__name__
-            weight = mod.weight.data
-            self.ops[name] = _Op(
-                name,
-                op_type,
-                mod,
-                weight,
-                fake_quant_weight(weight, op_type),
-                weight_only=op_type == "Embedding",
+            op = _Op(name, op_type, mod, mod.weight, weight_only=op_type == "Embedding")
+            if arithmetic == "fake_quant" or op.weight_only:
+                self._quantize_weight(op)
+            mod.weight = nn.Parameter(
+                torch.empty(0, dtype=compute_dtype, device=op.param.device), requires_grad=False
             )
-        self.handles = []
-        for op in self.ops.values():
-            self.handles.append(op.module.register_forward_pre_hook(self._pre_hook(op)))
-            self.handles.append(op.module.register_forward_hook(self._post_hook(op)))
+            mod.forward = self._forward(op)
+            self.ops[name] = op
 
-    @staticmethod
-    def _untie(modules: dict[str, nn.Module], op_names: list[str]) -> None:
-        """Give every scored op whose weight is tied (lm_head / embed_tokens) its own storage.
+    def _weight(self, op: _Op) -> torch.Tensor:
+        """The stored weight in the compute dtype: a copy for this call only when the dtypes differ."""
+        return op.param.detach().to(self.compute_dtype)
 
-        Each op then toggles alone, and a tied partner that is not scored (kept fp32 by params)
-        keeps computing with the fp32 weight instead of the scored op's quantized one.
-        """
-        users: dict[int, int] = {}
-        for mod in modules.values():
-            weight = getattr(mod, "weight", None)
-            if isinstance(weight, torch.Tensor):
-                users[id(weight)] = users.get(id(weight), 0) + 1
-        for name in op_names:
-            mod = modules[name]
-            if users[id(mod.weight)] > 1:
-                users[id(mod.weight)] -= 1
-                mod.weight = nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
+    def _quantize_weight(self, op: _Op) -> None:
+        """INC's weight quantization of this op, kept compact; bit-identical to a resident fake-quant copy."""
+        w = self._weight(op)
+        fq = fake_quant_weight(w, op.type)
+        if op.weight_only:
+            op.q_weight = fq
+            return
+        w32 = w.float()
+        obs = torch.ao.quantization.PerChannelMinMaxObserver(
+            ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric
+        ).to(w32.device)
+        obs(w32)
+        scale = obs.calculate_qparams()[0].float().reshape(-1, *([1] * (w.dim() - 1)))
+        op.q_weight = torch.round(fq.float() / scale).to(torch.int8)  # exact: fq is an int8 multiple of scale
+        op.q_scale = scale
 
-    def _pre_hook(self, op: _Op):
-        def hook(_module, args):
-            if op.weight_only or not args:
-                return None
+    def _dequantized(self, op: _Op) -> torch.Tensor:
+        if op.weight_only:
+            return op.q_weight
+        return (op.q_weight.float() * op.q_scale).to(self.compute_dtype)
+
+    def _forward(self, op: _Op):
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             if self.observing:
-                op.observers["in"](args[0].detach().float())
-                return None
-            if op.enabled and op.qmodule is None:
-                return (_fq_tensor(args[0], op.in_qp), *args[1:])
-            return None
-
-        return hook
-
-    def _post_hook(self, op: _Op):
-        def hook(_module, _args, output):
+                if not op.weight_only:
+                    op.observers["in"](x.detach().float())
+                out = _functional(op, x, self._weight(op))
+                if not op.weight_only:
+                    op.observers["out"](out.detach().float())
+                return out
+            if not op.enabled:
+                return _functional(op, x, self._weight(op))
+            if op.qmodule is not None:
+                scale, zero_point = float(op.in_qp[0]), int(op.in_qp[1])
+                q = torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8)
+                return op.qmodule(q).dequantize()
             if op.weight_only:
-                return None
-            if self.observing:
-                op.observers["out"](output.detach().float())
-                return None
-            return _fq_tensor(output, op.out_qp) if op.enabled and op.qmodule is None else None
+                return _functional(op, x, self._dequantized(op))
+            out = _functional(op, _fq_tensor(x, op.in_qp), self._dequantized(op))
+            return _fq_tensor(out, op.out_qp)
 
-        return hook
+        return forward
 
     def set(self, name: str, on: bool) -> None:
-        op = self.ops[name]
-        op.enabled = on
-        op.module.weight.data = op.w_q if on else op.w_fp32
-        if op.qmodule is not None:
-            if on:
-                op.module.forward = _int8_forward(op)
-            elif "forward" in vars(op.module):
-                del op.module.forward
+        self.ops[name].enabled = on
 
     def set_all(self, on: bool) -> None:
         for name in self.ops:
@@ -284,7 +301,7 @@ class FakeQuantModel:
         self.set_all(False)
         for op in self.ops.values():
             if not op.weight_only:
-                dev = op.w_fp32.device
+                dev = op.param.device
                 op.observers = {
                     "in": _act_observer(self.reduce_range).to(dev),
                     "out": _act_observer(self.reduce_range).to(dev),
@@ -305,11 +322,13 @@ class FakeQuantModel:
                 op.in_qp, op.out_qp = _qparams(op.observers["in"]), _qparams(op.observers["out"])
                 op.observers = {}
                 if self.arithmetic == "int8_kernels":
-                    op.qmodule = _quantized_module(op)
+                    op.qmodule = _quantized_module(op, self._weight(op))
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+        for op in self.ops.values():
+            if "forward" in vars(op.module):
+                del op.module.forward
+            op.module.weight = op.param
         self.set_all(False)
 
 
@@ -336,6 +355,17 @@ def _vision_cache(model: nn.Module, fq: FakeQuantModel, batch_key: list[int]) ->
         yield cache
     finally:
         del visual.forward
+
+
+def current_rss_gib() -> float | None:
+    """This process's resident memory now (Linux), to tell a pass's own peak from what came before."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 2**20, 3)
+    except OSError:
+        pass
+    return None
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
@@ -378,13 +408,27 @@ class Numerics:
             "arithmetic": self.arithmetic,
         }
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """The model on this device and dtype, TF32 set as asked, peak-memory counter reset."""
+    def prepare(self, model: nn.Module, scored: set[str] = frozenset()) -> nn.Module:
+        """The model on this device, TF32 set as asked, peak-memory counter reset.
+
+        Every parameter and buffer takes the compute dtype except the weights of the ``scored``
+        modules, which stay as stored (``FakeQuantModel`` casts them per call): a bf16 checkpoint
+        computed in float32 never holds a float32 copy of its big weights, and its numbers are
+        those of a model upcast whole (bf16 -> float32 is exact).
+        """
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
             torch.backends.cudnn.allow_tf32 = self.allow_tf32
             torch.cuda.reset_peak_memory_stats(self.device)
-        return model.to(device=self.device, dtype=self.dtype).eval()
+        for name, module in model.named_modules():
+            for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                dtype = (
+                    self.dtype if t.is_floating_point() and not (name in scored and key == "weight") else None
+                )
+                moved = t.data.to(device=self.device, dtype=dtype)
+                if moved is not t.data:
+                    t.data = moved
+        return model.eval()
 
     def batch(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {
@@ -407,6 +451,70 @@ def resolve_numerics(params: SensitivityParams) -> Numerics:
     return Numerics(dev, n.dtype, resolve_reduce_range(n.reduce_range), arithmetic, n.allow_tf32)
 
 
+TRIAL_LOG = "native_trials.jsonl"
+
+
+class TrialLog:
+    """Every trial's value, appended the moment it is measured, so a killed pass resumes.
+
+    The file (``<workspace>/native_trials.jsonl``) opens with the pass's fingerprint
+    (:meth:`PassSpec.fingerprint`): values are reused only by a pass of the same model, batches,
+    params, engine and numerics; a log of another pass is said to be ignored and is replaced.
+    A line cut short by a kill ends the reusable part. JSON floats round-trip exactly, so a
+    resumed pass reports the same bytes as an uninterrupted one.
+    """
+
+    def __init__(self, path: Path | None, fingerprint: str):
+        self.values: dict[tuple, float] = {}
+        self.resumed = 0
+        self.file = None
+        if path is None:
+            return
+        if path.exists():
+            lines = path.read_text().splitlines()
+            head = _json_line(lines[0]) if lines else None
+            if head is not None and head.get("fingerprint") == fingerprint:
+                for line in lines[1:]:
+                    rec = _json_line(line)
+                    if rec is None:
+                        break
+                    self.values[tuple(rec["key"])] = rec["value"]
+                log.info("resuming from %s: %d trials already measured by this pass", path, len(self.values))
+            elif head is not None:
+                log.warning("ignoring %s: it belongs to another pass (its fingerprint differs)", path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            tmp.write_text(
+                "".join(json.dumps(r) + "\n" for r in [{"fingerprint": fingerprint}, *self._records()])
+            )
+        self.file = path.open("a")
+
+    def _records(self) -> list[dict]:
+        return [{"key": list(k), "value": v} for k, v in self.values.items()]
+
+    def get(self, key: tuple) -> float | None:
+        value = self.values.get(key)
+        self.resumed += value is not None
+        return value
+
+    def put(self, key: tuple, value: float) -> None:
+        self.values[key] = value
+        if self.file is not None:
+            self.file.write(json.dumps({"key": list(key), "value": value}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _json_line(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def run_pass(
     model: nn.Module,
     spec: PassSpec,
@@ -416,15 +524,23 @@ def run_pass(
 ) -> PassResult:
     """Both phases over the spec's confidence batches; same op set and order as the INC engine.
 
-    ``workspace`` is unused (nothing to spill); ``on_call`` runs after each phase x batch.
+    Every trial's value goes to the workspace's :class:`TrialLog` as it is measured (when the
+    spec names its model); a rerun of the same pass after a kill measures only what is missing.
+    ``on_call`` runs after each phase x batch.
     """
     num = resolve_numerics(spec.params)
     n = spec.params.native
     op_types = dict(spec.ops)
     scored = [name for name, _ in spec.scored]
-    model = num.prepare(model)
+    resumable = workspace is not None and spec.model_sha256 is not None
+    trials = TrialLog(
+        workspace / TRIAL_LOG if resumable else None,
+        spec.fingerprint("native", {**num.details(), "reduce_range": num.reduce_range}),
+    )
+    rss_at_start = current_rss_gib()
+    model = num.prepare(model, set(scored))
     last = spec.module_order[-1]
-    fq = FakeQuantModel(model, scored, num.reduce_range, num.arithmetic)
+    fq = FakeQuantModel(model, scored, num.reduce_range, num.arithmetic, num.dtype)
     captured: dict[str, torch.Tensor] = {}
     last_module = dict(model.named_modules())[last]
     grab = last_module.register_forward_hook(lambda _m, _a, out: captured.__setitem__("out", out.detach()))
@@ -434,6 +550,13 @@ def run_pass(
     def error(batch, ref) -> float:
         model(**batch)
         return float((captured["out"].float() - ref).pow(2).sum())
+
+    def trial(key: tuple, batch: dict, ref: torch.Tensor) -> float:
+        value = trials.get(key)
+        if value is None:
+            value = error(batch, ref)
+            trials.put(key, value)
+        return value
 
     def record(phase: str, b: int, values: list, start: float) -> None:
         elapsed = time.perf_counter() - start
@@ -447,17 +570,20 @@ def run_pass(
             for b, raw in enumerate(spec.batches):
                 batch = num.batch(raw)
                 batch_key[0] = b
+                keys = [("all_int8", b, "")] + [(p, b, name) for p in (FALLBACK, REQUANT) for name in scored]
                 start = time.perf_counter()  # calibration counts: INC pays it in every trial
-                fq.calibrate([batch])
-                fq.set_all(False)
-                model(**batch)
-                ref = captured["out"].float()
+                ref = None
+                if not all(k in trials.values for k in keys):  # a batch measured whole needs no forward
+                    fq.calibrate([batch])
+                    fq.set_all(False)
+                    model(**batch)
+                    ref = captured["out"].float()
                 fq.set_all(True)
-                all_int8.append(error(batch, ref))
+                all_int8.append(trial(("all_int8", b, ""), batch, ref))
                 values = []
                 for name in tqdm(scored, desc=f"native fallback batch {b}", leave=False):
                     fq.set(name, False)
-                    values.append(((name, op_types[name]), error(batch, ref)))
+                    values.append(((name, op_types[name]), trial((FALLBACK, b, name), batch, ref)))
                     fq.set(name, True)
                 record(FALLBACK, b, values, start)
                 start = time.perf_counter()
@@ -465,7 +591,7 @@ def run_pass(
                 values = []
                 for name in tqdm(scored, desc=f"native requant ({n.requant_mode}) batch {b}", leave=False):
                     fq.set(name, True)
-                    values.append(((name, op_types[name]), error(batch, ref)))
+                    values.append(((name, op_types[name]), trial((REQUANT, b, name), batch, ref)))
                     if n.requant_mode == "isolated":
                         fq.set(name, False)
                 record(REQUANT, b, values, start)
@@ -478,6 +604,7 @@ def run_pass(
     finally:
         grab.remove()
         fq.remove()
+        trials.close()
     types_used = sorted({op_types[name] for name in scored})
     conv = (
         "Conv3d quantized (fake-quant; no forward patch needed)"
@@ -498,6 +625,8 @@ def run_pass(
         runtime={
             "seconds": seconds,
             "seconds_per_op": sum(seconds.values()) / (2 * spec.confidence_batches * len(scored)),
+            "trials_resumed": trials.resumed,
+            "rss_at_start_gib": rss_at_start,
             **peak_memory(num.device),
         },
     )

@@ -9,7 +9,9 @@ Runtime file (``--runtime``, e.g. ``reports/runtime/sensitivity.json``), a DVC m
 stage hashes or reads, so timings never change a versioned artifact::
 
     {"engine": str, "seconds": {fallback, requant}, "seconds_per_op": float | null,
-     "peak_rss_gib" | "peak_gpu_memory_gib": float, "host": {machine, cpu, cpu_count, torch_threads, gpu}}
+     "peak_rss_gib" | "peak_gpu_memory_gib": float, "rss_at_start_gib": float (native: before the pass),
+     "trials_resumed": int (native: taken from a killed run's trial log),
+     "host": {machine, cpu, cpu_count, torch_threads, gpu}}
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import os
 import platform
 import resource
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -99,7 +101,7 @@ def load_inputs(
     model, processor, card = load_model_dir(model_dir)
     used = records[:needed]
     batches = build_batches(used, cal_dir, processor, meta.mode, params.batch_size)
-    spec = build_spec(params, inventory, batches, meta.mode)
+    spec = replace(build_spec(params, inventory, batches, meta.mode), model_sha256=card.sha256)
     calibration = {
         "mode": meta.mode,
         "manifest_records": len(records),
@@ -137,7 +139,7 @@ def runtime_doc(result: PassResult) -> dict[str, Any]:
     doc: dict[str, Any] = {"engine": result.engine, "seconds": seconds}
     per_op = result.runtime.get("seconds_per_op")
     doc["seconds_per_op"] = round(per_op, 6) if per_op is not None else None
-    for key in ("peak_rss_gib", "peak_gpu_memory_gib"):
+    for key in ("peak_rss_gib", "peak_gpu_memory_gib", "rss_at_start_gib", "trials_resumed"):
         if key in result.runtime:
             doc[key] = result.runtime[key]
     doc.setdefault("peak_rss_gib", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3))

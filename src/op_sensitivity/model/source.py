@@ -5,8 +5,12 @@ Sources, each reading one path, ``model.input`` (the stage's one data dep in ``d
 ``input``, seeded random weights), ``full_size_random`` (the published Qwen2.5-VL-3B
 architecture, same tokenizer, seeded random weights: for speed/memory measurements) or
 ``hf_dir`` (``input`` is a local Qwen2.5-VL snapshot, e.g. Qwen2.5-VL-3B-Instruct).
-Either way the output has the same layout plus ``op_sensitivity_model.json`` (ModelCard), so
-later stages never care where the model came from.
+The random sources write their generated weights into the output directory. A snapshot is
+never copied: the output holds only what the stage derives (processor and tokenizer with the
+params' pixel bounds, chat template) and the card, which names the snapshot and its content
+hash; later stages load the weights from the snapshot and refuse one whose hash changed
+(:func:`load_model_dir`). Weights load in their stored dtype (a published bf16 checkpoint stays
+bf16 in memory; the engines cast what they compute with).
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -36,7 +39,11 @@ WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 
 @dataclass(frozen=True)
 class ModelCard:
-    """What later stages and reports need to know about the materialized model."""
+    """What later stages and reports need to know about the materialized model.
+
+    ``sha256``: the content hash of the weights' directory: the output directory for the random
+    sources, the snapshot (``origin``) for ``hf_dir``.
+    """
 
     source: str
     origin: str
@@ -123,7 +130,7 @@ def _from_hf_dir(params: ModelParams) -> tuple[Qwen2_5_VLForConditionalGeneratio
     processor.check_bounds(params.where("processor"))
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            params.input, dtype=torch.float32, local_files_only=True
+            params.input, dtype="auto", local_files_only=True
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise InputError(f"{params.input}: weights do not load as Qwen2.5-VL ({e})") from e
@@ -134,7 +141,11 @@ def materialize_model(
     params: ModelParams, out_dir: Path
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageTextProcessor, ModelCard]:
     """Write the model directory atomically and return the in-memory model, its processor and card."""
-    if params.source in ("tiny", "full_size_random"):
+    snapshot = params.source == "hf_dir"
+    if snapshot:
+        model, processor = _from_hf_dir(params)
+        origin, seed = str(params.input), None
+    else:
         model, processor = _from_random(params)
         origin = (
             "full-size Qwen2.5-VL-3B-Instruct architecture (seeded random weights)"
@@ -142,18 +153,16 @@ def materialize_model(
             else "embedded tiny Qwen2.5-VL (seeded random weights)"
         )
         seed = params.seed
-    else:
-        model, processor = _from_hf_dir(params)
-        origin, seed = str(params.input), None
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        if not snapshot:
+            model.save_pretrained(tmp)
         processor.save(tmp)
         card = ModelCard(
             params.source,
             origin,
-            params.source != "hf_dir",
+            not snapshot,
             seed,
-            dir_sha256(tmp),
+            dir_sha256(params.input if snapshot else tmp),
             sum(p.numel() for p in model.parameters()),
             model.config.model_type,
         )
@@ -168,12 +177,29 @@ def read_card(model_dir: Path) -> ModelCard:
     return ModelCard(**json.loads(path.read_text()))
 
 
+def weights_dir(model_dir: Path, card: ModelCard) -> Path:
+    """Where the card's weights are: the snapshot it names (checked against its hash) or the dir itself."""
+    if card.source != "hf_dir":
+        return model_dir
+    snapshot = Path(card.origin)
+    if not snapshot.is_dir():
+        raise InputError(
+            f"{snapshot}: the snapshot {model_dir / CARD} names is gone (rerun the load_model stage)"
+        )
+    if dir_sha256(snapshot) != card.sha256:
+        raise InputError(
+            f"{snapshot}: the snapshot changed since load_model hashed it ({card.sha256[:12]}); "
+            "rerun the load_model stage"
+        )
+    return snapshot
+
+
 def load_model_dir(
     model_dir: Path,
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageTextProcessor, ModelCard]:
-    """Load what :func:`materialize_model` wrote (fp32, eval mode)."""
+    """Load what :func:`materialize_model` described: weights in their stored dtype, eval mode."""
     card = read_card(model_dir)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        model_dir, dtype=torch.float32, local_files_only=True
+        weights_dir(model_dir, card), dtype="auto", local_files_only=True
     ).eval()
     return model, ImageTextProcessor.load(model_dir), card

@@ -34,9 +34,11 @@ class Measurer(AbstractContextManager):
         self, model: nn.Module, scored: list[str], numerics: Numerics, splits: dict[str, list[EvalBatch]]
     ):
         self.numerics = numerics
-        self.model = numerics.prepare(model)
         self.scored = list(scored)
-        self.fq = FakeQuantModel(self.model, self.scored, numerics.reduce_range, numerics.arithmetic)
+        self.model = numerics.prepare(model, set(self.scored))
+        self.fq = FakeQuantModel(
+            self.model, self.scored, numerics.reduce_range, numerics.arithmetic, numerics.dtype
+        )
         self.splits = {
             name: [(numerics.batch(b), m.to(numerics.device)) for b, m in batches]
             for name, batches in splits.items()
