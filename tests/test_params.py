@@ -59,6 +59,7 @@ def test_omitted_optional_fields_take_the_dataclass_defaults(tmp_path):
             "captions.mode: expected one of image_caption, text_only",
         ),
         (lambda d: d["model"].update(source="hub"), "model.source: expected one of tiny, hf_dir"),
+        (lambda d: d["model"].update(full_size="32b"), "model.full_size: expected one of 3b, 7b"),
         (
             lambda d: d["sensitivity"].update(confidence_batches=True),
             "sensitivity.confidence_batches: expected",

@@ -22,6 +22,7 @@ from .phases import METRICS, RANKINGS, SELECTABLE_PHASES
 CALIBRATION_MODES = ("image_caption", "text_only")
 CAPTIONS_PER_IMAGE = ("one", "all")
 MODEL_SOURCES = ("tiny", "hf_dir", "full_size_random")
+FULL_SIZES = ("3b", "7b")  # published architectures full_size_random builds
 DTYPES = ("float32", "bfloat16", "float16")
 ENGINES = ("inc", "native")
 DEVICES = ("auto", "cpu", "cuda")
@@ -136,6 +137,7 @@ class ModelParams(ParamsBlock):
     source: str
     input: Path
     seed: int
+    full_size: str  # with source full_size_random: 3b | 7b
     tiny: TinyModelParams
     min_pixels: int | None
     max_pixels: int | None
@@ -296,6 +298,7 @@ def _model(b: _Block) -> ModelParams:
         source=b.choice("source", MODEL_SOURCES),
         input=Path(b.get("input", str)),
         seed=b.get("seed", int),
+        full_size=b.choice("full_size", FULL_SIZES, "3b"),
         tiny=_tiny(b.block("tiny")),
         min_pixels=min_px,
         max_pixels=max_px,

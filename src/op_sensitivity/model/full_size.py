@@ -1,13 +1,14 @@
-"""The full-size Qwen2.5-VL-3B-Instruct architecture with seeded random weights.
+"""The full-size Qwen2.5-VL-3B- and 7B-Instruct architectures with seeded random weights.
 
-Why: speed and memory of the sensitivity engines must be measured at the real widths (2048
-hidden, 36 layers, 32 vision blocks, 151936 vocab) without the real weights, which cannot be
-downloaded here. The published config values ship in ``configs/qwen2_5_vl_3b_instruct.json``.
-Every output built from it is labelled ``random_weights: true``.
+Why: speed and memory of the sensitivity engines must be measured at the real widths (3B: 2048
+hidden, 36 layers, 32 vision blocks, 151936 vocab; 7B: 3584 hidden, 28 layers, untied lm_head)
+without the real weights, which cannot be downloaded here. The published config values ship in
+``configs/`` (``model.full_size`` picks one). Every output built from them is labelled
+``random_weights: true``.
 
 The special-token ids of the config are replaced by those of the tokenizer trained on the
 captions (the processor inserts the tokenizer's ``<|image_pad|>``); the vocabulary size stays
-151936, so the embedding and lm_head keep their real shapes.
+the published one, so the embedding and lm_head keep their real shapes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-CONFIG_FILE = "qwen2_5_vl_3b_instruct.json"
+CONFIG_FILES = {"3b": "qwen2_5_vl_3b_instruct.json", "7b": "qwen2_5_vl_7b_instruct.json"}
 TOKEN_FIELDS = {
     "image_token_id": "<|image_pad|>",
     "video_token_id": "<|video_pad|>",
@@ -30,13 +31,13 @@ TOKEN_FIELDS = {
 }
 
 
-def published_config() -> dict[str, Any]:
-    text = resources.files("op_sensitivity.model").joinpath("configs", CONFIG_FILE).read_text()
+def published_config(size: str = "3b") -> dict[str, Any]:
+    text = resources.files("op_sensitivity.model").joinpath("configs", CONFIG_FILES[size]).read_text()
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
-def full_size_config(tokenizer: PreTrainedTokenizerBase | None = None) -> Qwen2_5_VLConfig:
-    values = published_config()
+def full_size_config(tokenizer: PreTrainedTokenizerBase | None = None, size: str = "3b") -> Qwen2_5_VLConfig:
+    values = published_config(size)
     if tokenizer is not None:
         values.update({k: tokenizer.convert_tokens_to_ids(t) for k, t in TOKEN_FIELDS.items()})
     values.pop("architectures", None)
@@ -45,12 +46,12 @@ def full_size_config(tokenizer: PreTrainedTokenizerBase | None = None) -> Qwen2_
 
 
 def build_full_size_model(
-    tokenizer: PreTrainedTokenizerBase, seed: int
+    tokenizer: PreTrainedTokenizerBase, seed: int, size: str = "3b"
 ) -> Qwen2_5_VLForConditionalGeneration:
     """~3.75 B parameters in bfloat16, as the published checkpoint stores them (7.5 GB): transformers
     initialises the language model in the config's bfloat16 and the vision tower in float32, and
     the whole model is then cast. Takes minutes to initialise."""
-    config = full_size_config(tokenizer)
+    config = full_size_config(tokenizer, size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)

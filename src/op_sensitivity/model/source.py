@@ -120,7 +120,7 @@ def _from_random(params: ModelParams) -> tuple[Qwen2_5_VLForConditionalGeneratio
     if params.source == "full_size_random":
         from .full_size import build_full_size_model
 
-        return build_full_size_model(tokenizer, params.seed), processor
+        return build_full_size_model(tokenizer, params.seed, params.full_size), processor
     return build_tiny_model(params.tiny, tokenizer, params.seed), processor
 
 
@@ -148,7 +148,7 @@ def materialize_model(
     else:
         model, processor = _from_random(params)
         origin = (
-            "full-size Qwen2.5-VL-3B-Instruct architecture (seeded random weights)"
+            f"full-size Qwen2.5-VL-{params.full_size.upper()}-Instruct architecture (seeded random weights)"
             if params.source == "full_size_random"
             else "embedded tiny Qwen2.5-VL (seeded random weights)"
         )
