@@ -245,8 +245,11 @@ def test_bf16_weights_computed_in_float32_equal_a_model_upcast_whole(
     small_model_dir, calibration_dir, tmp_path, arithmetic
 ):
     """The lean path keeps a bf16 checkpoint's weights bf16 and upcasts per call: bit-identical values
-    to holding a float32 copy of the whole model (bf16 -> float32 is exact)."""
-    params = sensitivity_params(native=replace(sensitivity_params().native, arithmetic=arithmetic))
+    to holding a float32 copy of the whole model (bf16 -> float32 is exact). Ops kept fp32 by the
+    params (here lm_head, tied to the scored embedding, and a vision MLP) stay bf16 as well."""
+    params = sensitivity_params(
+        native=replace(sensitivity_params().native, arithmetic=arithmetic), op_name_dict=EXCLUDE
+    )
     reports, dtypes = [], []
     for upcast in (False, True):
         model, spec, inventory, meta = load_inputs(
@@ -255,12 +258,19 @@ def test_bf16_weights_computed_in_float32_equal_a_model_upcast_whole(
         model.to(torch.bfloat16)  # as the published checkpoint stores it
         if upcast:
             model.float()
-        reports.append(
-            build_report(run_engine("native", model, spec, tmp_path / str(upcast)), inventory, meta)
-        )
-        dtypes.append({dict(model.named_modules())[name].weight.dtype for name, _ in spec.scored})
+        result = run_engine("native", model, spec, tmp_path / str(upcast))
+        reports.append(build_report(result, inventory, meta))
+        timed = result.runtime["trial_seconds"]  # every trial timed once (the benchmark's per-op costs)
+        assert {p: set(timed[p]) for p in ("fallback", "requant")} == {
+            p: {name for name, _ in spec.scored} for p in ("fallback", "requant")
+        }
+        assert all(t > 0 for p in timed.values() for t in p.values())
+        assert len(result.runtime["calibration_seconds"]) == spec.confidence_batches
+        assert {e.op_name for e in spec.excluded} == EXCLUDED
+        ops = [name for name, _ in spec.scored] + sorted(EXCLUDED)
+        dtypes.append({dict(model.named_modules())[name].weight.dtype for name in ops})
         # the engine put every weight back, untouched: a tied pair is still one Parameter
         assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
     assert reports[0]["phases"] == reports[1]["phases"]
     assert reports[0]["metadata"]["all_int8_mse"] == reports[1]["metadata"]["all_int8_mse"]
-    assert dtypes == [{torch.bfloat16}, {torch.float32}]  # lean: no float32 copy of a scored weight
+    assert dtypes == [{torch.bfloat16}, {torch.float32}]  # lean: no float32 copy of any op's weight

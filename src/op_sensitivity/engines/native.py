@@ -201,7 +201,9 @@ class FakeQuantModel:
     Memory: the model's weights as stored plus about one byte per scored parameter, where a
     resident compute-dtype copy of each weight and of its quantized version would take two
     to four times the model (``compute_dtype`` is what the activations and the upcast weights use).
-    While it is active a scored module's ``weight`` is an empty placeholder in the compute dtype:
+    ``kept`` modules (ops the params keep in full precision) get the same per-call upcast without
+    any quantization, so excluding ops never brings a resident compute-dtype copy back.
+    While it is active a scored or kept module's ``weight`` is an empty placeholder in the compute dtype:
     transformers reads a tower's dtype from its first weight and casts inputs to it, which must
     not round float32 pixels to a bf16 checkpoint's dtype. Weights are only read, never written,
     so tied weights (lm_head / embed_tokens) need no copy.
@@ -214,6 +216,7 @@ class FakeQuantModel:
         reduce_range: bool,
         arithmetic: str = "fake_quant",
         compute_dtype: torch.dtype = torch.float32,
+        kept: list[str] = (),
     ):
         modules = dict(model.named_modules())
         self.model = model
@@ -222,17 +225,26 @@ class FakeQuantModel:
         self.compute_dtype = compute_dtype
         self.observing = False
         self.ops: dict[str, _Op] = {}
+        self.kept: dict[str, _Op] = {}  # never quantized: stored weight, upcast per call
         for name in op_names:
-            mod = modules[name]
-            op_type = type(mod).__name__
-            op = _Op(name, op_type, mod, mod.weight, weight_only=op_type == "Embedding")
+            op = self._wrap(modules[name], name)
             if arithmetic == "fake_quant" or op.weight_only:
                 self._quantize_weight(op)
-            mod.weight = nn.Parameter(
-                torch.empty(0, dtype=compute_dtype, device=op.param.device), requires_grad=False
-            )
-            mod.forward = self._forward(op)
+            op.module.forward = self._forward(op)
             self.ops[name] = op
+        for name in kept:
+            op = self._wrap(modules[name], name)
+            op.module.forward = self._kept_forward(op)
+            self.kept[name] = op
+
+    def _wrap(self, mod: nn.Module, name: str) -> _Op:
+        """The op with its stored weight; the module's ``weight`` becomes an empty placeholder."""
+        op_type = type(mod).__name__
+        op = _Op(name, op_type, mod, mod.weight, weight_only=op_type == "Embedding")
+        mod.weight = nn.Parameter(
+            torch.empty(0, dtype=self.compute_dtype, device=op.param.device), requires_grad=False
+        )
+        return op
 
     def _weight(self, op: _Op) -> torch.Tensor:
         """The stored weight in the compute dtype: a copy for this call only when the dtypes differ."""
@@ -281,6 +293,12 @@ class FakeQuantModel:
 
         return forward
 
+    def _kept_forward(self, op: _Op):
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            return _functional(op, x, self._weight(op))
+
+        return forward
+
     def set(self, name: str, on: bool) -> None:
         self.ops[name].enabled = on
 
@@ -325,7 +343,7 @@ class FakeQuantModel:
                     op.qmodule = _quantized_module(op, self._weight(op))
 
     def remove(self) -> None:
-        for op in self.ops.values():
+        for op in [*self.ops.values(), *self.kept.values()]:
             if "forward" in vars(op.module):
                 del op.module.forward
             op.module.weight = op.param
@@ -357,21 +375,47 @@ def _vision_cache(model: nn.Module, fq: FakeQuantModel, batch_key: list[int]) ->
         del visual.forward
 
 
-def current_rss_gib() -> float | None:
-    """This process's resident memory now (Linux), to tell a pass's own peak from what came before."""
+def _status_gib(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux) in GiB; None where there is no such file."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 2**20, 3)
     except OSError:
         pass
+
+
+def current_rss_gib() -> float | None:
+    """This process's resident memory now, to tell a pass's own peak from what came before."""
+    return _status_gib("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Start the kernel's peak-RSS counter (VmHWM) over, so the pass's peak excludes loading.
+
+    The CPU twin of ``torch.cuda.reset_peak_memory_stats``: loading a checkpoint or building a
+    random model can peak above the pass itself. Linux only; elsewhere the peak is the process's.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
     return None
 
 
-def peak_memory(device: torch.device) -> dict[str, float]:
+def peak_memory(device: torch.device, rss_reset: bool) -> dict[str, Any]:
+    """The pass's peak: GPU memory allocated on CUDA; on CPU the resident set since
+    :func:`reset_peak_rss` (``peak_rss_scope: pass``) or, where it could not be reset, the process's."""
     if device.type == "cuda":
         return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
-    return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    hwm = _status_gib("VmHWM") if rss_reset else None
+    if hwm is not None:
+        return {"peak_rss_gib": hwm, "peak_rss_scope": "pass"}
+    return {
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "peak_rss_scope": "process",
+    }
 
 
 def _resolve_arithmetic(arithmetic: str, dev: torch.device, dtype: str, where: str) -> str:
@@ -515,6 +559,11 @@ def _json_line(line: str) -> dict | None:
         return None
 
 
+def pass_fingerprint(spec: PassSpec, num: Numerics) -> str:
+    """What a trial log must match to be resumed: the spec's and the numerics that shape values."""
+    return spec.fingerprint("native", {**num.details(), "reduce_range": num.reduce_range})
+
+
 def run_pass(
     model: nn.Module,
     spec: PassSpec,
@@ -533,14 +582,13 @@ def run_pass(
     op_types = dict(spec.ops)
     scored = [name for name, _ in spec.scored]
     resumable = workspace is not None and spec.model_sha256 is not None
-    trials = TrialLog(
-        workspace / TRIAL_LOG if resumable else None,
-        spec.fingerprint("native", {**num.details(), "reduce_range": num.reduce_range}),
-    )
+    trials = TrialLog(workspace / TRIAL_LOG if resumable else None, pass_fingerprint(spec, num))
+    rss_reset = reset_peak_rss()
     rss_at_start = current_rss_gib()
-    model = num.prepare(model, set(scored))
+    kept = [e.op_name for e in spec.excluded]
+    model = num.prepare(model, {*scored, *kept})
     last = spec.module_order[-1]
-    fq = FakeQuantModel(model, scored, num.reduce_range, num.arithmetic, num.dtype)
+    fq = FakeQuantModel(model, scored, num.reduce_range, num.arithmetic, num.dtype, kept)
     captured: dict[str, torch.Tensor] = {}
     last_module = dict(model.named_modules())[last]
     grab = last_module.register_forward_hook(lambda _m, _a, out: captured.__setitem__("out", out.detach()))
@@ -551,10 +599,17 @@ def run_pass(
         model(**batch)
         return float((captured["out"].float() - ref).pow(2).sum())
 
+    trial_seconds: dict[str, dict[str, float]] = {FALLBACK: {}, REQUANT: {}, "all_int8": {}}
+    calibration_seconds: list[float] = []
+
     def trial(key: tuple, batch: dict, ref: torch.Tensor) -> float:
         value = trials.get(key)
         if value is None:
+            start = time.perf_counter()
             value = error(batch, ref)
+            phase, _, name = key
+            times = trial_seconds[phase]
+            times[name] = times.get(name, 0.0) + time.perf_counter() - start
             trials.put(key, value)
         return value
 
@@ -578,6 +633,7 @@ def run_pass(
                     fq.set_all(False)
                     model(**batch)
                     ref = captured["out"].float()
+                    calibration_seconds.append(time.perf_counter() - start)
                 fq.set_all(True)
                 all_int8.append(trial(("all_int8", b, ""), batch, ref))
                 values = []
@@ -626,8 +682,12 @@ def run_pass(
             "seconds": seconds,
             "seconds_per_op": sum(seconds.values()) / (2 * spec.confidence_batches * len(scored)),
             "trials_resumed": trials.resumed,
+            # measured trials only (resumed ones cost nothing), summed over batches; the
+            # calibration forward and the fp32 reference of each batch that needed them
+            "trial_seconds": trial_seconds,
+            "calibration_seconds": calibration_seconds,
             "rss_at_start_gib": rss_at_start,
-            **peak_memory(num.device),
+            **peak_memory(num.device, rss_reset),
         },
     )
 

@@ -9,7 +9,8 @@ Runtime file (``--runtime``, e.g. ``reports/runtime/sensitivity.json``), a DVC m
 stage hashes or reads, so timings never change a versioned artifact::
 
     {"engine": str, "seconds": {fallback, requant}, "seconds_per_op": float | null,
-     "peak_rss_gib" | "peak_gpu_memory_gib": float, "rss_at_start_gib": float (native: before the pass),
+     "peak_rss_gib" | "peak_gpu_memory_gib": float, "peak_rss_scope": "pass" | "process",
+     "rss_at_start_gib": float (native: before the pass),
      "trials_resumed": int (native: taken from a killed run's trial log),
      "host": {machine, cpu, cpu_count, torch_threads, gpu}}
 """
@@ -139,10 +140,13 @@ def runtime_doc(result: PassResult) -> dict[str, Any]:
     doc: dict[str, Any] = {"engine": result.engine, "seconds": seconds}
     per_op = result.runtime.get("seconds_per_op")
     doc["seconds_per_op"] = round(per_op, 6) if per_op is not None else None
-    for key in ("peak_rss_gib", "peak_gpu_memory_gib", "rss_at_start_gib", "trials_resumed"):
+    memory = ("peak_rss_gib", "peak_rss_scope", "peak_gpu_memory_gib", "rss_at_start_gib")
+    for key in (*memory, "trials_resumed"):
         if key in result.runtime:
             doc[key] = result.runtime[key]
-    doc.setdefault("peak_rss_gib", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3))
+    if "peak_rss_gib" not in doc:
+        doc["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+        doc["peak_rss_scope"] = "process"
     doc["host"] = host_facts()
     return doc
 

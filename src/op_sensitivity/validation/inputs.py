@@ -38,9 +38,9 @@ def open_measurer(
             f"{model_dir}: not the model the sensitivity report scored (sha256 {card.sha256[:12]} vs "
             f"{report['metadata']['model']['sha256'][:12]}); rerun the sensitivity stage"
         )
-    scored, _ = scored_and_excluded(report)
+    scored, excluded = scored_and_excluded(report)
     splits = {
         CALIBRATION: build_eval_batches(calibration, cal_dir, processor, meta.mode, batch_size),
         EVAL: build_eval_batches(held_out, eval_dir, processor, meta.mode, batch_size),
     }
-    return Measurer(model, scored, resolve_numerics(sensitivity), splits)
+    return Measurer(model, scored, resolve_numerics(sensitivity), splits, sorted(excluded))

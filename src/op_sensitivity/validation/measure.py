@@ -31,13 +31,18 @@ class Measurer(AbstractContextManager):
     """
 
     def __init__(
-        self, model: nn.Module, scored: list[str], numerics: Numerics, splits: dict[str, list[EvalBatch]]
+        self,
+        model: nn.Module,
+        scored: list[str],
+        numerics: Numerics,
+        splits: dict[str, list[EvalBatch]],
+        kept: list[str] = (),
     ):
         self.numerics = numerics
         self.scored = list(scored)
-        self.model = numerics.prepare(model, set(self.scored))
+        self.model = numerics.prepare(model, {*self.scored, *kept})
         self.fq = FakeQuantModel(
-            self.model, self.scored, numerics.reduce_range, numerics.arithmetic, numerics.dtype
+            self.model, self.scored, numerics.reduce_range, numerics.arithmetic, numerics.dtype, list(kept)
         )
         self.splits = {
             name: [(numerics.batch(b), m.to(numerics.device)) for b, m in batches]
