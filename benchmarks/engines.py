@@ -66,7 +66,7 @@ def _machine() -> str:
     )
 
 
-def full_size_inputs(batch: int, seed: int):
+def full_size_inputs(batch: int, seed: int, size: str = "3b"):
     """Full-size random model + processor-made batch (448x448 image and a caption per sample)."""
     import numpy as np
     from PIL import Image
@@ -84,7 +84,7 @@ def full_size_inputs(batch: int, seed: int):
     )
     rng = np.random.default_rng(seed)
     images = [Image.fromarray(rng.integers(0, 255, (448, 448, 3), dtype=np.uint8)) for _ in captions]
-    model = build_full_size_model(tokenizer, seed)
+    model = build_full_size_model(tokenizer, seed, size)
     return model, [processor.encode(captions, images)], op_inventory(model)
 
 
