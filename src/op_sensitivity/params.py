@@ -153,6 +153,8 @@ class NativeParams:
     reduce_range: str = "auto"  # auto (as INC decides from the CPU) | true | false
     requant_mode: str = "cumulative"  # cumulative (INC's curve) | isolated (only this op int8)
     allow_tf32: bool = False
+    suffix_reuse: bool = True  # recompute a trial from the toggled op's block onward (same values)
+    processes: int = 1  # shard the trials over this many processes (one GPU each on cuda)
 
 
 @dataclass(frozen=True)
@@ -365,6 +367,8 @@ def _native(b: _Block) -> NativeParams:
         reduce_range=reduce_range,
         requant_mode=b.choice("requant_mode", REQUANT_MODES, d.requant_mode),
         allow_tf32=b.get("allow_tf32", bool, d.allow_tf32),
+        suffix_reuse=b.get("suffix_reuse", bool, d.suffix_reuse),
+        processes=b.int_in("processes", 1, default=d.processes),
     )
 
 

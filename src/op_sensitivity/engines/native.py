@@ -32,19 +32,20 @@ output in float: the only difference is the rounding of the int32 -> uint8 requa
 measured at 1 LSB in about 0.2 % of a Linear's outputs. INC's "double check" second pass is not
 replicated.
 
-Reuse: while only text ops are toggled, the vision tower's output is the same for every trial,
-so it is cached per (batch, vision on/off state).
+Reuse (``reuse``): the vision tower's output is cached while only text ops change, and with
+``suffix_reuse`` each decoder layer's and vision block's output while no op before it changed,
+so a trial recomputes from the toggled op's block onward; values are those of a full recompute.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import resource
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ from ..errors import InputError
 from ..params import SensitivityParams
 from ..phases import FALLBACK, REQUANT
 from .contract import Capture, HelperCall, PassResult, PassSpec
+from .distributed import ONE_PROCESS, Shard, run_sharded
+from .reuse import SuffixCache, vision_cache
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +128,21 @@ def _act_observer(reduce_range: bool) -> torch.ao.quantization.HistogramObserver
 
 
 def _qparams(obs) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    scale, zero_point = obs.calculate_qparams()
+    """The observer's qparams, searched on the CPU and put back where its histogram was.
+
+    Why: the histogram observer's min/max search walks the bins one scalar comparison at a time;
+    on a GPU each comparison is a device sync, which made the calibration of a full-size model
+    cost seconds per phase. The search reads only the small histogram, so it runs on the CPU.
+    """
+    device = obs.histogram.device
+    scale, zero_point = obs.cpu().calculate_qparams()
     qmin, qmax = obs.quant_min, obs.quant_max
-    return scale.float().reshape(()), zero_point.to(torch.int32).reshape(()), int(qmin), int(qmax)
+    return (
+        scale.float().reshape(()).to(device),
+        zero_point.to(torch.int32).reshape(()).to(device),
+        int(qmin),
+        int(qmax),
+    )
 
 
 def _quantized_module(op: _Op, weight: torch.Tensor) -> nn.Module:
@@ -224,6 +239,7 @@ class FakeQuantModel:
         self.arithmetic = arithmetic
         self.compute_dtype = compute_dtype
         self.observing = False
+        self.trace: list[str] | None = None  # names of scored ops as they run (SuffixCache.learn)
         self.ops: dict[str, _Op] = {}
         self.kept: dict[str, _Op] = {}  # never quantized: stored weight, upcast per call
         for name in op_names:
@@ -269,10 +285,14 @@ class FakeQuantModel:
     def _dequantized(self, op: _Op) -> torch.Tensor:
         if op.weight_only:
             return op.q_weight
-        return (op.q_weight.float() * op.q_scale).to(self.compute_dtype)
+        # int8 x float32 promotes in one kernel: the same products as q.float() * scale, one
+        # weight-sized temporary fewer per call
+        return (op.q_weight * op.q_scale).to(self.compute_dtype)
 
     def _forward(self, op: _Op):
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if self.trace is not None:
+                self.trace.append(op.name)
             if self.observing:
                 if not op.weight_only:
                     op.observers["in"](x.detach().float())
@@ -348,31 +368,6 @@ class FakeQuantModel:
                 del op.module.forward
             op.module.weight = op.param
         self.set_all(False)
-
-
-@contextlib.contextmanager
-def _vision_cache(model: nn.Module, fq: FakeQuantModel, batch_key: list[int]) -> Iterator[dict]:
-    """Reuse the vision tower's output while its fake-quant state does not change."""
-    visual = getattr(getattr(model, "model", model), "visual", None)
-    cache: dict = {}
-    if visual is None:
-        yield cache
-        return
-    vision_ops = [n for n in fq.ops if n.startswith(("model.visual.", "visual."))]
-    original = visual.forward
-
-    def forward(*args, **kwargs):
-        key = (batch_key[0], fq.state(vision_ops))
-        if key not in cache:
-            cache.clear()  # one entry: bounded memory
-            cache[key] = original(*args, **kwargs)
-        return copy.copy(cache[key])  # callers reassign fields of the output object
-
-    visual.forward = forward
-    try:
-        yield cache
-    finally:
-        del visual.forward
 
 
 def _status_gib(field: str) -> float | None:
@@ -570,19 +565,29 @@ def run_pass(
     *,
     workspace: Path | None = None,
     on_call: Callable[[Capture], None] | None = None,
-) -> PassResult:
+    shard: Shard = ONE_PROCESS,
+) -> PassResult | None:
     """Both phases over the spec's confidence batches; same op set and order as the INC engine.
 
     Every trial's value goes to the workspace's :class:`TrialLog` as it is measured (when the
     spec names its model); a rerun of the same pass after a kill measures only what is missing.
-    ``on_call`` runs after each phase x batch.
+    ``on_call`` runs after each phase x batch (once at the end with several processes).
+    With ``native.processes`` > 1 the pass runs sharded (:mod:`.distributed`); a worker process
+    runs its ``shard`` and gets None back except on rank 0.
     """
     num = resolve_numerics(spec.params)
     n = spec.params.native
+    if n.processes > 1 and shard.world == 1:
+        workspace = workspace or Path(tempfile.mkdtemp(prefix="op_sensitivity_"))
+        result = run_sharded(run_pass, model, spec, workspace, num.device)
+        if on_call is not None:
+            on_call(result.capture)
+        return result
     op_types = dict(spec.ops)
     scored = [name for name, _ in spec.scored]
     resumable = workspace is not None and spec.model_sha256 is not None
-    trials = TrialLog(workspace / TRIAL_LOG if resumable else None, pass_fingerprint(spec, num))
+    log_name = TRIAL_LOG if shard.world == 1 else f"native_trials.{shard.rank}of{shard.world}.jsonl"
+    trials = TrialLog(workspace / log_name if resumable else None, pass_fingerprint(spec, num))
     rss_reset = reset_peak_rss()
     rss_at_start = current_rss_gib()
     kept = [e.op_name for e in spec.excluded]
@@ -594,6 +599,12 @@ def run_pass(
     grab = last_module.register_forward_hook(lambda _m, _a, out: captured.__setitem__("out", out.detach()))
     capture, seconds, all_int8 = Capture(), {FALLBACK: 0.0, REQUANT: 0.0}, []
     batch_key = [0]
+    suffix = SuffixCache(model, fq, batch_key) if n.suffix_reuse else None
+
+    def keep_outputs(on: bool) -> None:
+        """Store the block outputs of the forwards to come (the base states and the cumulative curve)."""
+        if suffix is not None:
+            suffix.record = on
 
     def error(batch, ref) -> float:
         model(**batch)
@@ -614,41 +625,68 @@ def run_pass(
         return value
 
     def record(phase: str, b: int, values: list, start: float) -> None:
+        values = shard.gather(values, scored)
         elapsed = time.perf_counter() - start
         seconds[phase] += elapsed
+        if values is None:  # not rank 0
+            return
         capture.calls.append(_call(phase, b, values, elapsed))
         if on_call is not None:
             on_call(capture)
 
     try:
-        with torch.no_grad(), _vision_cache(model, fq, batch_key):
+        with torch.no_grad(), vision_cache(model, fq, batch_key):
             for b, raw in enumerate(spec.batches):
                 batch = num.batch(raw)
                 batch_key[0] = b
                 keys = [("all_int8", b, "")] + [(p, b, name) for p in (FALLBACK, REQUANT) for name in scored]
                 start = time.perf_counter()  # calibration counts: INC pays it in every trial
                 ref = None
+                keep_outputs(True)
                 if not all(k in trials.values for k in keys):  # a batch measured whole needs no forward
-                    fq.calibrate([batch])
+                    if suffix is not None:
+                        suffix.clear()
+                    with (
+                        suffix.learn()
+                        if suffix is not None and not suffix.prefix
+                        else contextlib.nullcontext()
+                    ):
+                        fq.calibrate([batch])
                     fq.set_all(False)
-                    model(**batch)
+                    model(**batch)  # the fp32 reference, stored as the requant base
                     ref = captured["out"].float()
                     calibration_seconds.append(time.perf_counter() - start)
                 fq.set_all(True)
-                all_int8.append(trial(("all_int8", b, ""), batch, ref))
+                logged = ("all_int8", b, "") in trials.values
+                all_int8.append(trial(("all_int8", b, ""), batch, ref))  # its forward: the fallback base
+                if (
+                    suffix is not None
+                    and logged
+                    and any((FALLBACK, b, o) not in trials.values for o in scored)
+                ):
+                    model(**batch)  # the all-int8 trial came from the log: store the base anyway
+                keep_outputs(False)
                 values = []
-                for name in tqdm(scored, desc=f"native fallback batch {b}", leave=False):
+                for name in tqdm(shard.dealt(scored), desc=f"native fallback batch {b}", leave=False):
                     fq.set(name, False)
                     values.append(((name, op_types[name]), trial((FALLBACK, b, name), batch, ref)))
                     fq.set(name, True)
                 record(FALLBACK, b, values, start)
                 start = time.perf_counter()
                 fq.set_all(False)
+                cumulative = n.requant_mode == "cumulative"
+                keep_outputs(cumulative)
+                if cumulative:
+                    first, mine = shard.segment(scored)
+                    for name in scored[:first]:  # where INC's curve is when this segment starts
+                        fq.set(name, True)
+                else:
+                    mine = shard.dealt(scored)
                 values = []
-                for name in tqdm(scored, desc=f"native requant ({n.requant_mode}) batch {b}", leave=False):
+                for name in tqdm(mine, desc=f"native requant ({n.requant_mode}) batch {b}", leave=False):
                     fq.set(name, True)
                     values.append(((name, op_types[name]), trial((REQUANT, b, name), batch, ref)))
-                    if n.requant_mode == "isolated":
+                    if not cumulative:
                         fq.set(name, False)
                 record(REQUANT, b, values, start)
                 log.info(
@@ -659,8 +697,26 @@ def run_pass(
                 )
     finally:
         grab.remove()
+        if suffix is not None:
+            suffix.remove()
         fq.remove()
         trials.close()
+    runtime = {
+        "seconds": seconds,
+        "seconds_per_op": sum(seconds.values()) / (2 * spec.confidence_batches * len(scored)),
+        "trials_resumed": trials.resumed,
+        "blocks_reused": suffix.hits if suffix is not None else 0,
+        "blocks_run": suffix.runs if suffix is not None else None,
+        # measured trials only (resumed ones cost nothing), summed over batches; the
+        # calibration forward and the fp32 reference of each batch that needed them
+        "trial_seconds": trial_seconds,
+        "calibration_seconds": calibration_seconds,
+        "rss_at_start_gib": rss_at_start,
+        **peak_memory(num.device, rss_reset),
+    }
+    ranks = shard.gather_runtime(runtime)
+    if ranks is None:
+        return None
     types_used = sorted({op_types[name] for name in scored})
     conv = (
         "Conv3d quantized (fake-quant; no forward patch needed)"
@@ -678,18 +734,26 @@ def run_pass(
         requant_mode=n.requant_mode,
         all_int8_mse=sum(all_int8) / len(all_int8),
         details=num.details(),
-        runtime={
-            "seconds": seconds,
-            "seconds_per_op": sum(seconds.values()) / (2 * spec.confidence_batches * len(scored)),
-            "trials_resumed": trials.resumed,
-            # measured trials only (resumed ones cost nothing), summed over batches; the
-            # calibration forward and the fp32 reference of each batch that needed them
-            "trial_seconds": trial_seconds,
-            "calibration_seconds": calibration_seconds,
-            "rss_at_start_gib": rss_at_start,
-            **peak_memory(num.device, rss_reset),
-        },
+        runtime=merge_runtimes(ranks),
     )
+
+
+def merge_runtimes(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One pass's runtime from its processes': rank 0's wall seconds, summed counts, the top peak."""
+    merged = dict(ranks[0])
+    if len(ranks) == 1:
+        return merged
+    for key in ("trials_resumed", "blocks_reused", "blocks_run"):
+        merged[key] = None if merged[key] is None else sum(r[key] for r in ranks)
+    for key in ("rss_at_start_gib", "peak_rss_gib", "peak_gpu_memory_gib"):
+        if key in merged:
+            merged[key] = max(r[key] for r in ranks)
+    merged["trial_seconds"] = {
+        phase: {name: t for r in ranks for name, t in r["trial_seconds"][phase].items()}
+        for phase in merged["trial_seconds"]
+    }
+    merged["processes"] = len(ranks)
+    return merged
 
 
 def _call(phase: str, batch: int, values: list, seconds: float) -> HelperCall:

@@ -12,6 +12,8 @@ stage hashes or reads, so timings never change a versioned artifact::
      "peak_rss_gib" | "peak_gpu_memory_gib": float, "peak_rss_scope": "pass" | "process",
      "rss_at_start_gib": float (native: before the pass),
      "trials_resumed": int (native: taken from a killed run's trial log),
+     "blocks_reused", "blocks_run": int (native: decoder layers / vision blocks skipped, computed),
+     "processes": int (native, sharded passes only),
      "host": {machine, cpu, cpu_count, torch_threads, gpu}}
 """
 
@@ -141,7 +143,7 @@ def runtime_doc(result: PassResult) -> dict[str, Any]:
     per_op = result.runtime.get("seconds_per_op")
     doc["seconds_per_op"] = round(per_op, 6) if per_op is not None else None
     memory = ("peak_rss_gib", "peak_rss_scope", "peak_gpu_memory_gib", "rss_at_start_gib")
-    for key in (*memory, "trials_resumed"):
+    for key in (*memory, "trials_resumed", "blocks_reused", "blocks_run", "processes"):
         if key in result.runtime:
             doc[key] = result.runtime[key]
     if "peak_rss_gib" not in doc:
