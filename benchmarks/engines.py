@@ -6,6 +6,9 @@
     python benchmarks/engines.py --full-size --engines native-fake_quant --device cuda \\
         --precisions float32,tf32,bfloat16 --results-dir bench_results
         # one model build, one pass per precision, each pass's raw values saved
+    python benchmarks/engines.py --full-size --engines native-fake_quant --device cuda \\
+        --precisions tf32,float32 --suffix-reuse on,off --results-dir bench_results
+        # one pass per precision and suffix-reuse setting, side by side on one build
     python benchmarks/engines.py --compare bench_results
         # reduced precisions against float32, per phase (needs the project's full environment)
 
@@ -23,7 +26,10 @@ reduced dtype that is not the last one is followed by a restore from a float32 c
 engine with ``report.comparison.compare_phase`` (Spearman, top-10 overlap, median and max relative
 difference; requant on the increments of the cumulative curve). The comparison is a separate step
 because ``build_report`` records the installed neural-compressor version, which a GPU machine may
-lack.
+lack. With ``--suffix-reuse`` the passes run once per setting (``sensitivity.native.suffix_reuse``);
+each is compared with the float32 pass of the same setting where there is one, and a pass without
+reuse with the pass with reuse of the same precision (on a GPU, where the kernels' determinism is
+what makes them equal).
 """
 
 from __future__ import annotations
@@ -66,8 +72,11 @@ def _machine() -> str:
     )
 
 
-def full_size_inputs(batch: int, seed: int, size: str = "3b"):
-    """Full-size random model + processor-made batch (448x448 image and a caption per sample)."""
+def full_size_inputs(batch: int, seed: int, size: str = "3b", sizes=None, pixels: int = 448):
+    """Random model + processor-made batch (a ``pixels`` x ``pixels`` image and a caption per sample).
+
+    The full-size architecture ``size``, or with ``sizes`` (a ``TinyModelParams``) a reduced one.
+    """
     import numpy as np
     from PIL import Image
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -75,16 +84,21 @@ def full_size_inputs(batch: int, seed: int, size: str = "3b"):
     from op_sensitivity.inventory import op_inventory
     from op_sensitivity.model.full_size import build_full_size_model
     from op_sensitivity.model.processor import CHAT_TEMPLATE, ImageTextProcessor
+    from op_sensitivity.model.tiny import build_tiny_model
     from op_sensitivity.model.tokenizer import train_tokenizer
 
     captions = ["A red circle on a blue background, drawn with care by a patient hand."] * batch
     tokenizer = train_tokenizer(captions, 400)
+    area = pixels * pixels
     processor = ImageTextProcessor(
-        tokenizer, Qwen2VLImageProcessorPil(min_pixels=448 * 448, max_pixels=448 * 448), CHAT_TEMPLATE
+        tokenizer, Qwen2VLImageProcessorPil(min_pixels=area, max_pixels=area), CHAT_TEMPLATE
     )
     rng = np.random.default_rng(seed)
-    images = [Image.fromarray(rng.integers(0, 255, (448, 448, 3), dtype=np.uint8)) for _ in captions]
-    model = build_full_size_model(tokenizer, seed, size)
+    images = [Image.fromarray(rng.integers(0, 255, (pixels, pixels, 3), dtype=np.uint8)) for _ in captions]
+    if sizes is None:
+        model = build_full_size_model(tokenizer, seed, size)
+    else:
+        model = build_tiny_model(sizes, tokenizer, seed).to(torch.bfloat16)
     return model, [processor.encode(captions, images)], op_inventory(model)
 
 
@@ -113,19 +127,31 @@ def restore_fp32(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
             t.copy_(saved[name])
 
 
-def _runs(engines: str, precisions: list[str]) -> list[tuple[str, str]]:
-    """(engine, precision) pairs; INC has no compute precision and runs once, in float32."""
+Run = tuple[str, str, bool | None]  # engine, precision, suffix reuse (None: the params' setting)
+
+
+def _runs(engines: str, precisions: list[str], reuse: list[bool | None]) -> list[Run]:
+    """(engine, precision, suffix reuse) runs; INC has neither and runs once, in float32."""
     runs = []
     for name in engines.split(","):
-        for precision in ["float32"] if name == "inc" else precisions:
-            runs.append((name, precision))
+        if name == "inc":
+            runs.append((name, "float32", None))
+            continue
+        runs += [(name, precision, r) for precision in precisions for r in reuse]
     return runs
 
 
-def _result_doc(name: str, precision: str, result: PassResult, inventory: list[OpInfo]) -> dict[str, Any]:
+def _label(name: str, precision: str, reuse: bool | None) -> str:
+    return f"{name}_{precision}" + ("" if reuse is None else f"_reuse-{'on' if reuse else 'off'}")
+
+
+def _result_doc(
+    name: str, precision: str, reuse: bool | None, result: PassResult, inventory: list[OpInfo]
+) -> dict[str, Any]:
     return {
         "engine": name,
         "precision": precision,
+        "suffix_reuse": reuse,
         "result": asdict(result),
         "inventory": [asdict(op) for op in inventory],
     }
@@ -153,28 +179,40 @@ def _result_from_doc(doc: dict[str, Any]) -> tuple[PassResult, list[OpInfo]]:
     return result, [OpInfo(**op) for op in doc["inventory"]]
 
 
+def _pairs(keys: list[Run]) -> list[tuple[Run, Run]]:
+    """(pass, reference) pairs: reduced precisions against float32 of the same reuse setting, and
+    a pass without reuse against the pass with reuse of the same precision."""
+    pairs = []
+    for engine, precision, reuse in keys:
+        if precision != "float32" and (engine, "float32", reuse) in keys:
+            pairs.append(((engine, precision, reuse), (engine, "float32", reuse)))
+        if reuse is False and (engine, precision, True) in keys:
+            pairs.append(((engine, precision, reuse), (engine, precision, True)))
+    return pairs
+
+
 def compare(results_dir: Path) -> list[dict[str, Any]]:
-    """Each precision's report against the float32 report of the same engine, per phase."""
+    """Each pass against its reference pass (:func:`_pairs`), per phase."""
     from op_sensitivity.engines.artifact import build_report
     from op_sensitivity.phases import PHASES
     from op_sensitivity.report.comparison import compare_phase
 
     docs = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     docs = [d for d in docs if isinstance(d, dict) and "result" in d]  # skip timing rows and comparisons
-    reports = {(d["engine"], d["precision"]): build_report(*_result_from_doc(d), {}) for d in docs}
+    reports = {
+        (d["engine"], d["precision"], d.get("suffix_reuse")): build_report(*_result_from_doc(d), {})
+        for d in docs
+    }
     rows = []
-    for (engine, precision), report in sorted(reports.items()):
-        reference = reports.get((engine, "float32"))
-        if precision == "float32" or reference is None:
-            continue
+    for key, ref in _pairs(sorted(reports, key=str)):
         for phase in PHASES:
-            c = compare_phase(report, reference, phase)
-            rows.append({"engine": engine, "precision": precision, "phase": phase, **c})
+            c = compare_phase(reports[key], reports[ref], phase)
+            rows.append({"pass": _label(*key), "reference": _label(*ref), "phase": phase, **c})
     _table(
-        ["engine", "precision", "phase", "compared", "ops", "Spearman", "top-10 overlap"]
+        ["pass", "reference", "phase", "compared", "ops", "Spearman", "top-10 overlap"]
         + ["median rel. diff", "max rel. diff"],
         [
-            [r["engine"], r["precision"], r["phase"], r["compared"], r["ops"], f"{r['spearman']:.3f}"]
+            [r["pass"], r["reference"], r["phase"], r["compared"], r["ops"], f"{r['spearman']:.3f}"]
             + [f"{r['top10_overlap']:.0%}", f"{r['median_rel_diff']:.2%}", f"{r['max_rel_diff']:.2%}"]
             for r in rows
         ],
@@ -201,6 +239,11 @@ def main() -> None:
         "--full-size", action="store_true", help="full 3B architecture, random weights (native only)"
     )
     ap.add_argument("--full-size-batch", type=int, default=4)
+    ap.add_argument(
+        "--suffix-reuse",
+        default=None,
+        help="comma-separated on/off: one native pass per setting (default: params.yaml's)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
         "--results-dir", type=Path, default=None, help="write each pass's raw values here (for --compare)"
@@ -237,16 +280,19 @@ def main() -> None:
             Path("models/qwen2_5_vl"),
             Path("reports/model/op_inventory.json"),
         )
-    runs = _runs(args.engines, precisions)
-    lossy = [i for i, (_, p) in enumerate(runs) if PRECISIONS[p][0] != "float32"]
+    reuse = [None] if args.suffix_reuse is None else [v == "on" for v in args.suffix_reuse.split(",")]
+    runs = _runs(args.engines, precisions, reuse)
+    lossy = [i for i, (_, p, _) in enumerate(runs) if PRECISIONS[p][0] != "float32"]
     saved = fp32_copy(model) if lossy and lossy[0] < len(runs) - 1 else None
     if args.results_dir:
         args.results_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, (name, precision) in enumerate(runs):
+    for i, (name, precision, reuse_on) in enumerate(runs):
         engine, _, arithmetic = name.partition("-")
         dtype, tf32 = PRECISIONS[precision]
         native = replace(spec.params.native, arithmetic=arithmetic or "auto", dtype=dtype, allow_tf32=tf32)
+        if reuse_on is not None:
+            native = replace(native, suffix_reuse=reuse_on)
         run_spec = replace(spec, params=replace(spec.params, native=native))
         if engine == "inc":
             model = model.cpu()
@@ -261,20 +307,26 @@ def main() -> None:
             {
                 "engine": name,
                 "precision": precision,
+                "suffix_reuse": native.suffix_reuse if engine != "inc" else None,
                 "ops": n_ops,
                 "fallback_s": round(seconds["fallback"], 3),
                 "requant_s": round(seconds["requant"], 3),
                 "total_s": round(total, 3),
                 "s_per_op": sum(seconds.values()) / trials,
                 "all_int8_mse": result.all_int8_mse,
+                "calibration_s": result.runtime.get("calibration_seconds"),
+                "blocks_reused": result.runtime.get("blocks_reused"),
+                "blocks_run": result.runtime.get("blocks_run"),
                 **result.details,
                 **memory,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+        if args.out:  # after every pass: a run cut short keeps what it measured
+            args.out.write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=2))
         if args.results_dir:
-            doc = _result_doc(name, precision, result, inventory)
-            (args.results_dir / f"{name}_{precision}.json").write_text(json.dumps(doc))
+            doc = _result_doc(name, precision, reuse_on, result, inventory)
+            (args.results_dir / f"{_label(name, precision, reuse_on)}.json").write_text(json.dumps(doc))
         if saved is not None and dtype != "float32" and i < len(runs) - 1:
             restore_fp32(model, saved)
     inc = next((r for r in rows if r["engine"] == "inc"), None)
@@ -285,11 +337,13 @@ def main() -> None:
     for r in rows:
         mem = r.get("peak_gpu_memory_gib", r.get("peak_rss_gib"))
         table.append(
-            [r["engine"], r["precision"], r["ops"], r["fallback_s"], r["requant_s"], r["total_s"]]
-            + [f"{r['s_per_op']:.4f}", r["speedup_vs_inc"] or "-", f"{mem} GiB" if mem is not None else "-"]
+            [r["engine"], r["precision"], r["suffix_reuse"], r["ops"], r["fallback_s"], r["requant_s"]]
+            + [r["total_s"], f"{r['s_per_op']:.4f}", r["speedup_vs_inc"] or "-"]
+            + [f"{mem} GiB" if mem is not None else "-"]
         )
     _table(
-        ["engine", "precision", "ops", "fallback s", "requant s", "total s", "s/op", "speedup vs INC"]
+        ["engine", "precision", "suffix reuse", "ops", "fallback s", "requant s", "total s", "s/op"]
+        + ["speedup vs INC"]
         + ["peak memory"],
         table,
     )
