@@ -22,7 +22,8 @@ from tests.helpers import REPO
 SRC = REPO / "src"
 PACKAGE = "op_sensitivity"
 PACKAGE_DIR = SRC / PACKAGE
-LAYERS = ("data", "model", "engines", "report", "validation", "fallback")  # top-level modules first
+# top-level modules first
+LAYERS = ("data", "model", "schemes", "engines", "report", "validation", "fallback")
 
 
 def module_file(name: str) -> Path | None:
@@ -134,7 +135,8 @@ def _rank(module: str) -> int:
 
 
 def test_layers_import_downward_only():
-    """shared vocabulary <- data <- model <- engines <- report <- validation <- fallback; no stage imports."""
+    """shared vocabulary <- data <- model <- schemes <- engines <- report <- validation <- fallback;
+    no stage imports."""
     violations = []
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
         rel = path.relative_to(SRC).with_suffix("")

@@ -59,6 +59,7 @@ from ..atomic import atomic_file
 from ..errors import InputError
 from ..params import SensitivityParams
 from ..phases import FALLBACK, REQUANT
+from ..schemes import inc as inc_scheme
 from .contract import Capture, HelperCall, PassResult, PassSpec
 from .distributed import ONE_PROCESS, Shard, run_sharded
 from .reuse import SuffixCache, vision_cache
@@ -729,7 +730,7 @@ def run_pass(
         list(spec.excluded),
         last,
         conv,
-        {"reduce_range": num.reduce_range, "by_op_type": {t: _scheme(t) for t in types_used}},
+        {"reduce_range": num.reduce_range, "by_op_type": {t: inc_scheme.by_op_type(t) for t in types_used}},
         engine="native",
         requant_mode=n.requant_mode,
         all_int8_mse=sum(all_int8) / len(all_int8),
@@ -764,21 +765,3 @@ def _call(phase: str, batch: int, values: list, seconds: float) -> HelperCall:
         returned=[k for k, _ in sorted(values, key=lambda kv: kv[1])],
         seconds=seconds,
     )
-
-
-def _scheme(op_type: str) -> dict[str, Any]:
-    act = {"dtype": "uint8", "scheme": "asym", "granularity": "per_tensor", "algorithm": "kl"}
-    if op_type == "Embedding":
-        return {
-            "weight": {
-                "dtype": "uint8",
-                "scheme": "asym_float",
-                "granularity": "per_channel",
-                "algorithm": "minmax",
-            },
-            "activation": {"dtype": "fp32"},
-        }
-    return {
-        "weight": {"dtype": "int8", "scheme": "sym", "granularity": "per_channel", "algorithm": "minmax"},
-        "activation": act,
-    }
