@@ -96,6 +96,14 @@ def test_omitted_optional_fields_take_the_dataclass_defaults(tmp_path):
             "native.requant_mode: expected one of",
         ),
         (
+            lambda d: d["sensitivity"]["native"].update(processes=0),
+            "native.processes: expected an integer >= 1, got 0",
+        ),
+        (
+            lambda d: d["sensitivity"]["native"].update(suffix_reuse="yes"),
+            "native.suffix_reuse: expected true/false",
+        ),
+        (
             lambda d: d["sensitivity"].update(op_name_dict={"model[": {"weight": {"dtype": ["fp32"]}}}),
             "sensitivity.op_name_dict.model[: expected a module name or a regular expression",
         ),
