@@ -114,6 +114,32 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
+def sensitivity_stage(
+    params: Path, calibration: Path, model: Path, out: Path, workspace: Path, python: str = sys.executable
+) -> list[str]:
+    """The sensitivity stage's command line, writing its three outputs into ``out``."""
+    return [
+        python,
+        str(REPO / "stages/sensitivity.py"),
+        "--params",
+        str(params),
+        "--calibration",
+        str(calibration),
+        "--model",
+        str(model),
+        "--inventory",
+        str(model.parent / "op_inventory.json"),
+        "--out",
+        str(out / "op_sensitivity.json"),
+        "--metrics",
+        str(out / "metrics.json"),
+        "--runtime",
+        str(out / "runtime.json"),
+        "--workspace",
+        str(workspace),
+    ]
+
+
 def copy_repo(dest: Path) -> Path:
     """A fresh git repo holding this checkout's files as a commit of the work tree would (tracked and
     untracked-not-ignored): what a clone would have."""

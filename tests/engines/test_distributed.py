@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -12,7 +11,7 @@ import yaml
 from op_sensitivity.engines.distributed import Shard
 from op_sensitivity.engines.native import run_pass
 from op_sensitivity.engines.runner import load_inputs
-from tests.helpers import REPO, sensitivity_params, venv_env
+from tests.helpers import REPO, sensitivity_params, sensitivity_stage, venv_env
 
 
 def test_shards_cover_every_op_once():
@@ -70,26 +69,7 @@ def test_the_stage_runs_two_processes_from_one_param(default_model_dir, calibrat
         out = tmp_path / f"out{processes}"
         workspace = tmp_path / f"ws{processes}"
         subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "stages/sensitivity.py"),
-                "--params",
-                str(params_file),
-                "--calibration",
-                str(calibration_dir),
-                "--model",
-                str(default_model_dir),
-                "--inventory",
-                str(default_model_dir.parent / "op_inventory.json"),
-                "--out",
-                str(out / "op_sensitivity.json"),
-                "--metrics",
-                str(out / "metrics.json"),
-                "--runtime",
-                str(out / "runtime.json"),
-                "--workspace",
-                str(workspace),
-            ],
+            sensitivity_stage(params_file, calibration_dir, default_model_dir, out, workspace),
             env=venv_env(),
             check=True,
             capture_output=True,

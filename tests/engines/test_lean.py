@@ -8,7 +8,6 @@ import json
 import logging
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 
@@ -18,7 +17,7 @@ import yaml
 from op_sensitivity.engines.native import TRIAL_LOG, FakeQuantModel, TrialLog, resolve_numerics
 from op_sensitivity.engines.runner import load_inputs
 from op_sensitivity.inventory import read_inventory
-from tests.helpers import REPO, sensitivity_params, venv_env
+from tests.helpers import REPO, sensitivity_params, sensitivity_stage, venv_env
 
 # The full-size target: a two-phase pass of the 3B (7.5 GB of bf16 weights) under 20 GB RSS.
 # Scaled to this model: the pass may add at most 20 / 7.5 times the bytes of its stored weights,
@@ -28,26 +27,7 @@ FIXED_ALLOWANCE = 256 * 2**20
 
 
 def _stage(workspace, cwd, params_file, out):
-    return [
-        sys.executable,
-        str(REPO / "stages/sensitivity.py"),
-        "--params",
-        str(params_file),
-        "--calibration",
-        str(cwd["calibration"]),
-        "--model",
-        str(cwd["model"]),
-        "--inventory",
-        str(cwd["model"].parent / "op_inventory.json"),
-        "--out",
-        str(out / "op_sensitivity.json"),
-        "--metrics",
-        str(out / "metrics.json"),
-        "--runtime",
-        str(out / "runtime.json"),
-        "--workspace",
-        str(workspace),
-    ]
+    return sensitivity_stage(params_file, cwd["calibration"], cwd["model"], out, workspace)
 
 
 @pytest.fixture(scope="module")

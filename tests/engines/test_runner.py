@@ -1,10 +1,11 @@
 """The sensitivity stage end to end (real subprocess): same inputs -> same bytes; timings apart."""
 
 import json
+from pathlib import Path
 
 import yaml
 
-from tests.helpers import REPO, run
+from tests.helpers import REPO, run, sensitivity_stage
 
 
 def _keys(obj) -> set[str]:
@@ -23,26 +24,14 @@ def test_sensitivity_stage_twice_gives_identical_bytes(default_model_dir, calibr
     outs = []
     for i in (1, 2):
         run(
-            [
+            sensitivity_stage(
+                Path("params.yaml"),
+                calibration_dir,
+                default_model_dir,
+                Path(f"run{i}"),
+                Path("work"),
                 "python",
-                str(REPO / "stages/sensitivity.py"),
-                "--params",
-                "params.yaml",
-                "--calibration",
-                str(calibration_dir),
-                "--model",
-                str(default_model_dir),
-                "--inventory",
-                str(default_model_dir.parent / "op_inventory.json"),
-                "--out",
-                f"run{i}/op_sensitivity.json",
-                "--metrics",
-                f"run{i}/metrics.json",
-                "--runtime",
-                f"run{i}/runtime.json",
-                "--workspace",
-                "work",
-            ],
+            ),
             tmp_path,
         )
         outs.append(tmp_path / f"run{i}")

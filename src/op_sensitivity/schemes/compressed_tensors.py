@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InputError
-from .spec import QuantSpec, Scheme
+from .spec import GRANULARITIES, QuantSpec, Scheme
 
 EXTRA = "pip install -e '.[ct]'"
 PRESET = "W8A8"
@@ -21,12 +21,11 @@ def _spec(args: Any) -> QuantSpec:
     if args.type != "int" or args.num_bits != 8:
         raise InputError(f"compressed-tensors preset {PRESET}: {args.type}{args.num_bits} is not int8")
     strategy = str(getattr(args.strategy, "value", args.strategy))
-    granularity = {"channel": "channel", "token": "token", "tensor": "tensor"}.get(strategy)
-    if granularity is None:
+    if strategy not in GRANULARITIES:
         raise InputError(
             f"compressed-tensors preset {PRESET}: strategy {strategy!r} is not tensor/channel/token"
         )
-    return QuantSpec("int8", granularity, symmetric=bool(args.symmetric), dynamic=args.dynamic is True)
+    return QuantSpec("int8", strategy, symmetric=bool(args.symmetric), dynamic=args.dynamic is True)
 
 
 def describe() -> Scheme:
