@@ -9,10 +9,11 @@ from pathlib import Path
 from op_sensitivity.cli import run_stage
 from op_sensitivity.engines.artifact import read_report
 from op_sensitivity.fallback.exports import onnx_graph
-from op_sensitivity.fallback.keep_list import build_fallback, write_fallback
+from op_sensitivity.fallback.keep_list import build_fallback, scheme_fallbacks, write_fallback
 from op_sensitivity.fallback.policy import MEASURED_POLICIES
 from op_sensitivity.inventory import read_inventory
 from op_sensitivity.params import load_params
+from op_sensitivity.report.schemes import read_spectra, scheme_report_path
 from op_sensitivity.validation.curve import read_curve
 
 
@@ -26,8 +27,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--curve", default="reports/validation/curve.json", type=Path, help="read by the measured policies"
     )
+    ap.add_argument(
+        "--schemes-dir",
+        default=None,
+        type=Path,
+        help="stage scheme_sensitivity's reports: each tool's export is built from its own scheme's",
+    )
     args = ap.parse_args(argv)
-    params = load_params(args.params).fallback
+    all_params = load_params(args.params)
+    params = all_params.fallback
     graph = onnx_graph(params.onnx_model, params.where("onnx_model"))
     inventory = read_inventory(args.inventory)
     measured = params.policy in MEASURED_POLICIES
@@ -40,7 +48,13 @@ def main(argv: list[str] | None = None) -> None:
         curve,
         args.curve if measured else None,
     )
-    write_fallback(doc, inventory, graph, args.out_dir, args.metrics)
+    scheme_docs = {}
+    if args.schemes_dir is not None and all_params.schemes.run:
+        names = list(all_params.schemes.run)
+        spectra = read_spectra(args.schemes_dir, names)
+        paths = {n: (spectra[n], scheme_report_path(args.schemes_dir, n)) for n in names}
+        scheme_docs = scheme_fallbacks(doc, paths, inventory, params)
+    write_fallback(doc, inventory, graph, args.out_dir, args.metrics, scheme_docs)
     logging.getLogger("fallback_list").info(
         "%s/%s on %s: keep %d ops in fp32 (%s) -> %s",
         params.policy,

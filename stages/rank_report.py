@@ -6,13 +6,15 @@ import argparse
 import logging
 from pathlib import Path
 
+from op_sensitivity.atomic import dump_json
 from op_sensitivity.cli import run_stage
-from op_sensitivity.engines.artifact import read_report
+from op_sensitivity.engines.artifact import read_report, scheme_name
 from op_sensitivity.inventory import read_inventory
 from op_sensitivity.params import load_params
 from op_sensitivity.phases import FALLBACK
 from op_sensitivity.report.comparison import read_crosscheck
 from op_sensitivity.report.rank import read_section, write_rank_report
+from op_sensitivity.report.schemes import compare_schemes, read_spectra, render_section, scheme_metrics
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,14 +31,30 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         help="the validate stage's section.md, appended to the report",
     )
+    ap.add_argument(
+        "--schemes-dir",
+        default=None,
+        type=Path,
+        help="stage scheme_sensitivity's reports (<dir>/<scheme>/op_sensitivity.json) to compare",
+    )
     ap.add_argument("--out-dir", default="reports", type=Path)
     args = ap.parse_args(argv)
-    params = load_params(args.params).report
+    all_params = load_params(args.params)
+    params = all_params.report
     check = read_crosscheck(args.crosscheck) if args.crosscheck else None
-    extra = [read_section(args.validation)] if args.validation else []
-    m = write_rank_report(
-        read_report(args.sensitivity), read_inventory(args.inventory), args.out_dir, params, check, extra
-    )
+    report, inventory = read_report(args.sensitivity), read_inventory(args.inventory)
+    sections, extra_metrics = [], {}
+    if args.schemes_dir is not None and all_params.schemes.run:
+        main = scheme_name(report)
+        matrix = read_spectra(args.schemes_dir, list(all_params.schemes.run))
+        spectra = {main: report, **{(n if n != main else f"{n} (native)"): r for n, r in matrix.items()}}
+        doc = compare_schemes(spectra, inventory)
+        dump_json(doc, args.out_dir / "rank" / "schemes.json")
+        sections.append(render_section(doc))
+        extra_metrics["schemes"] = scheme_metrics(doc)
+    if args.validation:
+        sections.append(read_section(args.validation))
+    m = write_rank_report(report, inventory, args.out_dir, params, check, sections, extra_metrics)
     logging.getLogger("rank_report").info(
         "report written to %s: spearman %.3f, most sensitive %s",
         args.out_dir / "op_sensitivity.md",

@@ -1,11 +1,14 @@
-"""Stage sensitivity: INC mse_v2 (or native) pass -> reports/sensitivity/op_sensitivity.json + metrics."""
+"""Stage sensitivity: INC mse_v2 (or native) pass -> reports/sensitivity/op_sensitivity.json + metrics.
+
+With ``--scheme NAME`` it is stage scheme_sensitivity: the native pass under that deployment
+scheme (``schemes`` block of params.yaml), one DVC stage per scheme."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from op_sensitivity.cli import pass_input_parser, run_stage
-from op_sensitivity.engines.runner import run_sensitivity
+from op_sensitivity.engines.runner import run_sensitivity, scheme_params
 from op_sensitivity.params import load_params
 
 
@@ -25,8 +28,12 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         help="INC workspace and partial results (not a pipeline output)",
     )
+    ap.add_argument("--scheme", default=None, help="run the native engine under this scheme instead")
     args = ap.parse_args(argv)
-    params = load_params(args.params).sensitivity
+    all_params = load_params(args.params)
+    params = all_params.sensitivity
+    if args.scheme is not None:
+        params = scheme_params(params, args.scheme, all_params.schemes)
     run_sensitivity(
         params,
         args.calibration,

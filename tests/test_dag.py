@@ -86,7 +86,9 @@ def closure(script: Path) -> set[Path]:
 
 
 def _stages() -> dict[str, dict]:
-    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    """Every stage's definition; a foreach (matrix) stage's is its ``do`` block."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {name: s.get("do", s) for name, s in stages.items()}
 
 
 def _script(stage: dict) -> Path:

@@ -128,7 +128,7 @@ def test_fresh_clone_repro_gives_the_same_bytes_and_lock(repo, tmp_path):
     assert _ran(run(["dvc", "repro"], clone).stdout) == set(STAGES) - {"crosscheck"}
     assert run(["git", "diff", "--stat", "dvc.lock"], clone).stdout == ""
     changed = {line[3:] for line in run(["git", "status", "--porcelain"], clone).stdout.splitlines()}
-    assert changed <= {"reports/runtime/sensitivity.json", "reports/runtime/crosscheck.json"}, changed
+    assert all(path.startswith("reports/runtime/") for path in changed), changed  # seconds and host facts
     assert _artifacts(clone) == _artifacts(root)
     assert len(_artifacts(root)) > 20
 

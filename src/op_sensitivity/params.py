@@ -26,10 +26,13 @@ FULL_SIZES = ("3b", "7b")  # published architectures full_size_random builds
 DTYPES = ("float32", "bfloat16", "float16")
 ENGINES = ("inc", "native")
 DEVICES = ("auto", "cpu", "cuda")
-ARITHMETICS = ("auto", "int8_kernels", "fake_quant")
+ARITHMETICS = ("auto", "int8_kernels", "fp8_kernels", "fake_quant")
 REQUANT_MODES = ("cumulative", "isolated")
+# op_sensitivity.schemes describes each (it checks this tuple against its registry)
+SCHEMES = ("inc_cpu", "modelopt_int8", "modelopt_fp8", "llmcompressor_w8a8", "ort_qdq")
 POLICIES = ("top_k", "top_fraction", "threshold", "error_budget", "measured_budget", "bits_budget")
-BLOCKS = ("captions", "model", "sensitivity", "curve", "fallback", "validate", "report")
+BLOCKS = ("captions", "model", "sensitivity", "schemes", "curve", "fallback", "validate", "report")
+SCHEME_ARITHMETICS = ("fake_quant", "kernels")
 
 _MISSING = object()
 
@@ -155,6 +158,7 @@ class NativeParams:
     allow_tf32: bool = False
     suffix_reuse: bool = True  # recompute a trial from the toggled op's block onward (same values)
     processes: int = 1  # shard the trials over this many processes (one GPU each on cuda)
+    scheme: str = "inc_cpu"  # the deployment scheme measured (op_sensitivity.schemes)
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,15 @@ class SensitivityParams(ParamsBlock):
     op_name_dict: dict[str, Any] = field(default_factory=dict)
     engine: str = "inc"
     native: NativeParams = field(default_factory=NativeParams)
+
+
+@dataclass(frozen=True)
+class SchemesParams(ParamsBlock):
+    """Stage scheme_sensitivity: the native pass again under each listed deployment scheme."""
+
+    BLOCK: ClassVar[str] = "schemes"
+    run: tuple[str, ...] = ()  # one cached DVC stage per name (foreach), compared in rank_report
+    arithmetic: str = "fake_quant"  # fake_quant | kernels (the scheme's int8 / fp8 matmul where it has one)
 
 
 @dataclass(frozen=True)
@@ -212,6 +225,7 @@ class Params:
     captions: CaptionsParams
     model: ModelParams
     sensitivity: SensitivityParams
+    schemes: SchemesParams
     curve: CurveParams
     fallback: FallbackParams
     validate: ValidateParams
@@ -369,6 +383,21 @@ def _native(b: _Block) -> NativeParams:
         allow_tf32=b.get("allow_tf32", bool, d.allow_tf32),
         suffix_reuse=b.get("suffix_reuse", bool, d.suffix_reuse),
         processes=b.int_in("processes", 1, default=d.processes),
+        scheme=b.choice("scheme", SCHEMES, d.scheme),
+    )
+
+
+def _schemes(b: _Block) -> SchemesParams:
+    run = b.get("run", list, [])
+    for i, name in enumerate(run):
+        if name not in SCHEMES:
+            raise InputError(f"{b.where('run')}[{i}]: expected one of {', '.join(SCHEMES)}, got {name!r}")
+    if len(set(run)) != len(run):
+        raise InputError(f"{b.where('run')}: lists a scheme twice ({run}); DVC would run one stage twice")
+    return SchemesParams(
+        run=tuple(run),
+        arithmetic=b.choice("arithmetic", SCHEME_ARITHMETICS, SchemesParams.arithmetic),
+        params_file=b.source,
     )
 
 
@@ -502,6 +531,7 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
         captions=_captions(_Block(data.get("captions"), "captions", source)),
         model=_model(_Block(data.get("model"), "model", source)),
         sensitivity=_sensitivity(_Block(data.get("sensitivity"), "sensitivity", source)),
+        schemes=_schemes(_Block(data.get("schemes", {}), "schemes", source)),
         curve=_curve(_Block(data.get("curve", {}), "curve", source)),
         fallback=_fallback(_Block(data.get("fallback"), "fallback", source)),
         validate=_validate(_Block(data.get("validate", {}), "validate", source)),

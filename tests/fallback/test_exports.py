@@ -40,25 +40,31 @@ def test_ort_resolves_real_node_names_from_an_onnx_file(tmp_path):
 
     nodes = [
         helper.make_node(
-            "MatMul", ["x", "w1"], ["h"], name="/model/language_model/layers/0/mlp/down_proj/MatMul"
+            "MatMul", ["x", "w1"], ["h"], name="/model/language_model/layers.0/mlp/down_proj/MatMul"
         ),
         helper.make_node("MatMul", ["h", "w2"], ["y"], name="/lm_head/MatMul"),
-        helper.make_node("Relu", ["y"], ["z"], name="/model/language_model/layers/0/mlp/up_proj/Relu"),
+        helper.make_node("Relu", ["y"], ["z"], name="/model/language_model/layers.0/mlp/up_proj/Relu"),
+        # a Sequential's child: the Sequential ran, so it is a scope of its own
+        helper.make_node("Relu", ["z"], ["u"], name="/model/visual/merger/mlp/mlp.0/Gemm"),
+        helper.make_node("Relu", ["u"], ["v"], name="/model/language_model/layers.0/mlp/down_proj_x/MatMul"),
     ]
     graph = helper.make_graph(
         nodes,
         "g",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2]) for n in ("x", "w1", "w2")],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("v", TensorProto.FLOAT, [2, 2])],
     )
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph), path)
-    doc = ort_nodes_to_exclude([DOWN, HEAD, "model.visual.merger.mlp.0"], path)
+    qkv = "model.visual.blocks.0.attn.qkv"
+    doc = ort_nodes_to_exclude([DOWN, HEAD, "model.visual.merger.mlp.0", qkv], path)
     assert doc["nodes_to_exclude"] == [
-        "/model/language_model/layers/0/mlp/down_proj/MatMul",
+        "/model/language_model/layers.0/mlp/down_proj/MatMul",
         "/lm_head/MatMul",
+        "/model/visual/merger/mlp/mlp.0/Gemm",
     ]
-    assert doc["unresolved_modules"] == ["model.visual.merger.mlp.0"]
+    assert doc["unresolved_modules"] == [qkv]
+    assert doc["node_name_prefixes"][3] == "/model/visual/blocks.0/attn/qkv/"
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"nope")
     with pytest.raises(InputError, match="not a loadable ONNX model"):

@@ -4,7 +4,7 @@ import re
 import pytest
 
 from op_sensitivity.engines.artifact import read_report
-from op_sensitivity.fallback.keep_list import build_fallback, write_fallback
+from op_sensitivity.fallback.keep_list import EXPORT_SCHEME, build_fallback, write_fallback
 from tests.handmade import DOWN, HEAD, INVENTORY, fallback_params, make_report
 
 
@@ -60,8 +60,14 @@ def test_fallback_document_and_exports(tmp_path, report_file):
         {"quantizer_name": "lm_head.*", "enable": False},
     ]
     assert json.loads((out / "ort_nodes_to_exclude.json").read_text())["node_name_prefixes"] == [
-        "/model/language_model/layers/0/mlp/down_proj/",
+        "/model/language_model/layers.0/mlp/down_proj/",
         "/lm_head/",
     ]
-    assert json.loads((out / "llmcompressor_ignore.json").read_text()) == {"ignore": [DOWN, HEAD]}
+    ignore = json.loads((out / "llmcompressor_ignore.json").read_text())
+    assert ignore["ignore"] == [DOWN, HEAD]
+    # no scheme stage ran: every export comes from the main spectrum, and says so
+    main = {"scheme": "inc_cpu", **doc["source"], "ops_kept": 2}
+    assert ignore["spectrum"] == main
+    exports = json.loads((out / "fallback_ops.json").read_text())["exports"]
+    assert exports == dict.fromkeys(EXPORT_SCHEME, main)
     assert json.loads((tmp_path / "fallback_metrics.json").read_text())["ops_kept"] == 2

@@ -13,6 +13,9 @@ Document (``schema_version`` 1)::
       excluded_ops: [{op_name, op_type, reason}]    ops kept fp32, never scored
       conv3d_handling: str
       quantization: {approach, reduce_range, by_op_type: {Linear: {weight: {...}, activation: {...}}, ...}}
+                    (a scheme other than inc_cpu: {scheme, by_op_type: {Linear: {weight, input, output}}})
+      scheme: {name, library, weights, inputs, outputs, op_types, skip, source, notes}
+                    the deployment scheme measured (op_sensitivity.schemes; inc_cpu for engine inc)
       requant_mode: "cumulative" | "isolated" (native only)
       all_int8_mse: float           native engine: the all-int8 error, measured directly
       engine_details: {...}         native engine: device, dtype, allow_tf32, arithmetic
@@ -151,6 +154,7 @@ def build_report(result: PassResult, inventory: list[OpInfo], metadata: dict[str
         "excluded_ops": [asdict(e) for e in result.excluded],
         "conv3d_handling": result.conv3d_handling,
         "quantization": result.quantization,
+        "scheme": asdict(result.scheme),
         "requant_mode": result.requant_mode,
         **({"all_int8_mse": result.all_int8_mse} if result.all_int8_mse is not None else {}),
         **({"engine_details": result.details} if result.details else {}),
@@ -230,6 +234,11 @@ def validate(doc: Any, where: str) -> dict[str, Any]:
             ):
                 fail(f"phases.{phase}.ops[{i}] ({op['op_name']}): mse values must be finite numbers")
     return doc
+
+
+def scheme_name(report: dict[str, Any]) -> str:
+    """The scheme a report was measured under (reports from before schemes existed: inc_cpu)."""
+    return report["metadata"].get("scheme", {}).get("name", "inc_cpu")
 
 
 def read_report(path: Path) -> dict[str, Any]:

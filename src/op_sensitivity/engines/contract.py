@@ -10,6 +10,7 @@ turns a :class:`PassResult` into the same JSON whichever engine made it.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import re
@@ -24,6 +25,7 @@ from torch import nn
 from ..errors import InputError
 from ..inventory import OpInfo
 from ..params import SensitivityParams
+from ..schemes import Scheme, inc, load
 
 OpKey = tuple[str, str]  # (op name, op type)
 FP32 = {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}}
@@ -71,6 +73,7 @@ class PassSpec:
     batches: tuple[dict[str, torch.Tensor], ...]  # one per confidence batch, in use order
     params: SensitivityParams
     model_sha256: str | None = None  # the model card's hash, when the runner knows it (resume keys on it)
+    scheme: Scheme = field(default_factory=inc.describe)  # the numerics measured (sensitivity.native.scheme)
 
     @property
     def module_order(self) -> list[str]:
@@ -90,6 +93,7 @@ class PassSpec:
             "ops": self.scored,
             "params": params,
             "engine": engine,
+            "scheme": asdict(self.scheme),
             **numerics,
         }
         h.update(json.dumps(head, sort_keys=True, default=str).encode())
@@ -118,6 +122,9 @@ class PassResult:
     all_int8_mse: float | None = None  # measured directly by engines that can (native)
     details: dict[str, Any] = field(default_factory=dict)  # settings that shape the numbers (device, dtype)
     runtime: dict[str, Any] = field(default_factory=dict)  # seconds and memory: never in a versioned artifact
+    scheme: Scheme = field(
+        default_factory=inc.describe
+    )  # the deployment scheme the values were measured under
 
 
 class Engine(Protocol):
@@ -152,6 +159,16 @@ def exclusion_reason(module: str, op_type: str, op_type_dict: dict, op_name_dict
     return None
 
 
+def scheme_exclusion(scheme: Scheme, module: str, op_type: str) -> str | None:
+    """Why the scheme's tool leaves this op in high precision (None if it quantizes it)."""
+    if op_type not in scheme.op_types:
+        return f"not quantized by scheme {scheme.name} (it quantizes {', '.join(scheme.op_types)})"
+    for glob in scheme.skip:
+        if fnmatch.fnmatchcase(module, glob):
+            return f"left in high precision by scheme {scheme.name} (its tool's default skip {glob!r})"
+    return None
+
+
 def build_spec(
     params: SensitivityParams,
     inventory: list[OpInfo],
@@ -164,6 +181,12 @@ def build_spec(
             f"{params.where('confidence_batches')}: expected at most {len(batches)} "
             f"(calibration batches), got {params.confidence_batches}"
         )
+    scheme = load(params.native.scheme, params.where("native.scheme"))
+    if params.engine == "inc" and scheme.name != "inc_cpu":
+        raise InputError(
+            f"{params.where('native.scheme')}: {scheme.name} is measured by engine native only "
+            f"(INC computes its own scheme, inc_cpu); set {params.where('engine')} to native"
+        )
     op_name_dict = dict(params.op_name_dict)
     if mode == "text_only":
         for pattern, cfg in VISION_FP32.items():
@@ -173,9 +196,10 @@ def build_spec(
     excluded = []
     for name, op_type in ops:
         reason = exclusion_reason(name, op_type, params.op_type_dict, op_name_dict)
+        reason = reason or scheme_exclusion(scheme, name, op_type)
         if reason is not None:
             excluded.append(ExcludedOp(name, op_type, reason))
-    spec = PassSpec(ops, tuple(excluded), tuple(batches[: params.confidence_batches]), params)
+    spec = PassSpec(ops, tuple(excluded), tuple(batches[: params.confidence_batches]), params, scheme=scheme)
     scored = len(spec.scored)
     if scored == 0:
         raise InputError(

@@ -46,7 +46,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +59,13 @@ from ..atomic import atomic_file
 from ..errors import InputError
 from ..params import SensitivityParams
 from ..phases import FALLBACK, REQUANT
+from ..schemes import Scheme
 from ..schemes import inc as inc_scheme
+from ..schemes import load as load_scheme
 from .contract import Capture, HelperCall, PassResult, PassSpec
 from .distributed import ONE_PROCESS, Shard, run_sharded
 from .reuse import SuffixCache, vision_cache
+from .schemed import SchemeQuant, check_kernels
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +200,7 @@ class _Op:
     in_qp: tuple | None = None
     out_qp: tuple | None = None
     qmodule: nn.Module | None = None  # int8_kernels arithmetic: torch's quantized module for this op
+    sq: SchemeQuant | None = None  # a scheme other than inc_cpu: its quantizers for this op
     enabled: bool = False
     observers: dict[str, Any] = field(default_factory=dict)
 
@@ -233,9 +237,12 @@ class FakeQuantModel:
         arithmetic: str = "fake_quant",
         compute_dtype: torch.dtype = torch.float32,
         kept: list[str] = (),
+        scheme: Scheme | None = None,
     ):
         modules = dict(model.named_modules())
         self.model = model
+        self.scheme = scheme or inc_scheme.describe()
+        generic = self.scheme.name != "inc_cpu"
         self.reduce_range = reduce_range
         self.arithmetic = arithmetic
         self.compute_dtype = compute_dtype
@@ -245,6 +252,11 @@ class FakeQuantModel:
         self.kept: dict[str, _Op] = {}  # never quantized: stored weight, upcast per call
         for name in op_names:
             op = self._wrap(modules[name], name)
+            if generic:
+                op.sq = SchemeQuant(self.scheme, self._weight(op), arithmetic, op.type)
+                op.module.forward = self._scheme_forward(op)
+                self.ops[name] = op
+                continue
             if arithmetic == "fake_quant" or op.weight_only:
                 self._quantize_weight(op)
             op.module.forward = self._forward(op)
@@ -314,6 +326,25 @@ class FakeQuantModel:
 
         return forward
 
+    def _scheme_forward(self, op: _Op):
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if self.trace is not None:
+                self.trace.append(op.name)
+            if self.observing:
+                op.sq.observe("in", x)
+                out = _functional(op, x, self._weight(op))
+                op.sq.observe("out", out)
+                return out
+            if not op.enabled:
+                return _functional(op, x, self._weight(op))
+            if op.sq.kernel is not None:
+                out = op.sq.linear(x, op.module.bias)
+            else:
+                out = _functional(op, op.sq.act("in", x), op.sq.weight(self.compute_dtype))
+            return op.sq.act("out", out)
+
+        return forward
+
     def _kept_forward(self, op: _Op):
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             return _functional(op, x, self._weight(op))
@@ -339,7 +370,9 @@ class FakeQuantModel:
         """
         self.set_all(False)
         for op in self.ops.values():
-            if not op.weight_only:
+            if op.sq is not None:
+                op.sq.start()
+            elif not op.weight_only:
                 dev = op.param.device
                 op.observers = {
                     "in": _act_observer(self.reduce_range).to(dev),
@@ -352,7 +385,9 @@ class FakeQuantModel:
         finally:
             self.observing = False
         for op in self.ops.values():
-            if not op.weight_only:
+            if op.sq is not None:
+                op.sq.freeze(op.name)
+            elif not op.weight_only:
                 if op.observers["in"].min_val.numel() == 0 or not torch.isfinite(op.observers["in"].min_val):
                     raise InputError(
                         f"native engine: op {op.name} did not run on the calibration batch "
@@ -414,7 +449,17 @@ def peak_memory(device: torch.device, rss_reset: bool) -> dict[str, Any]:
     }
 
 
-def _resolve_arithmetic(arithmetic: str, dev: torch.device, dtype: str, where: str) -> str:
+def _resolve_arithmetic(arithmetic: str, dev: torch.device, dtype: str, scheme: Scheme, where: str) -> str:
+    """inc_cpu: torch's quantized modules where they run (cpu, float32), as INC's converted model.
+    Another scheme: fake-quant unless a kernel is asked for (``auto`` keeps the tools' own reference
+    numerics, which tests/schemes holds to the bit)."""
+    if scheme.name != "inc_cpu":
+        if arithmetic == "auto":
+            return "fake_quant"
+        check_kernels(scheme, arithmetic, where)
+        return arithmetic
+    if arithmetic == "fp8_kernels":
+        raise InputError(f"{where}: fp8_kernels needs an fp8 scheme; inc_cpu is int8 (use int8_kernels)")
     if arithmetic == "auto":
         return "int8_kernels" if dev.type == "cpu" and dtype == "float32" else "fake_quant"
     if arithmetic == "int8_kernels" and (dev.type != "cpu" or dtype != "float32"):
@@ -434,6 +479,7 @@ class Numerics:
     reduce_range: bool
     arithmetic: str
     allow_tf32: bool
+    scheme: Scheme = field(default_factory=inc_scheme.describe)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -446,6 +492,7 @@ class Numerics:
             "dtype": self.dtype_name,
             "allow_tf32": self.allow_tf32,
             "arithmetic": self.arithmetic,
+            "scheme": self.scheme.name,
         }
 
     def prepare(self, model: nn.Module, scored: set[str] = frozenset()) -> nn.Module:
@@ -481,14 +528,16 @@ def resolve_numerics(params: SensitivityParams) -> Numerics:
     """Check ``sensitivity.native`` against this machine before any work; warn on reduced precision."""
     n, where = params.native, params.where
     dev = resolve_device(n.device, where("native.device"))
-    arithmetic = _resolve_arithmetic(n.arithmetic, dev, n.dtype, where("native.arithmetic"))
+    scheme = load_scheme(n.scheme, where("native.scheme"))
+    arithmetic = _resolve_arithmetic(n.arithmetic, dev, n.dtype, scheme, where("native.arithmetic"))
     if n.dtype != "float32":
         log.warning(
             "native engine in %s: its rounding is as large as int8 noise (on the tiny model bf16 gave "
             "fallback Spearman 0.61 vs INC); crosscheck against float32 before trusting it",
             n.dtype,
         )
-    return Numerics(dev, n.dtype, resolve_reduce_range(n.reduce_range), arithmetic, n.allow_tf32)
+    reduce_range = resolve_reduce_range(n.reduce_range)
+    return Numerics(dev, n.dtype, reduce_range, arithmetic, n.allow_tf32, scheme)
 
 
 TRIAL_LOG = "native_trials.jsonl"
@@ -594,7 +643,7 @@ def run_pass(
     kept = [e.op_name for e in spec.excluded]
     model = num.prepare(model, {*scored, *kept})
     last = spec.module_order[-1]
-    fq = FakeQuantModel(model, scored, num.reduce_range, num.arithmetic, num.dtype, kept)
+    fq = FakeQuantModel(model, scored, num.reduce_range, num.arithmetic, num.dtype, kept, num.scheme)
     captured: dict[str, torch.Tensor] = {}
     last_module = dict(model.named_modules())[last]
     grab = last_module.register_forward_hook(lambda _m, _a, out: captured.__setitem__("out", out.detach()))
@@ -730,13 +779,31 @@ def run_pass(
         list(spec.excluded),
         last,
         conv,
-        {"reduce_range": num.reduce_range, "by_op_type": {t: inc_scheme.by_op_type(t) for t in types_used}},
+        _quantization(num, types_used),
         engine="native",
         requant_mode=n.requant_mode,
         all_int8_mse=sum(all_int8) / len(all_int8),
         details=num.details(),
         runtime=merge_runtimes(ranks),
+        scheme=num.scheme,
     )
+
+
+def _quantization(num: Numerics, types_used: list[str]) -> dict[str, Any]:
+    """The report's per-op-type scheme: INC's vocabulary for inc_cpu, the scheme's specs otherwise."""
+    if num.scheme.name == "inc_cpu":
+        return {
+            "reduce_range": num.reduce_range,
+            "by_op_type": {t: inc_scheme.by_op_type(t) for t in types_used},
+        }
+    s = num.scheme
+    specs = {"weight": s.weights, "input": s.inputs, "output": s.outputs}
+    return {
+        "scheme": s.name,
+        "by_op_type": {
+            t: {k: None if v is None else asdict(v) for k, v in specs.items()} for t in types_used
+        },
+    }
 
 
 def merge_runtimes(ranks: list[dict[str, Any]]) -> dict[str, Any]:

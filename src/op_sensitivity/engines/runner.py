@@ -38,7 +38,8 @@ from ..errors import InputError
 from ..inventory import OpInfo, read_inventory
 from ..model.batches import build_batches
 from ..model.source import load_model_dir
-from ..params import SensitivityParams
+from ..params import SchemesParams, SensitivityParams
+from ..schemes import load as load_scheme
 from .artifact import build_report, write_report
 from .contract import Capture, Engine, PassResult, PassSpec, build_spec
 
@@ -151,6 +152,26 @@ def runtime_doc(result: PassResult) -> dict[str, Any]:
         doc["peak_rss_scope"] = "process"
     doc["host"] = host_facts()
     return doc
+
+
+def scheme_params(params: SensitivityParams, name: str, schemes: SchemesParams) -> SensitivityParams:
+    """The pass of stage scheme_sensitivity: the native engine under scheme ``name``.
+
+    ``schemes.arithmetic: kernels`` picks the scheme's own low-precision matmul where it has one
+    (symmetric int8: ``torch._int_mm``; fp8: ``torch._scaled_mm``; inc_cpu: torch's quantized
+    modules as ``auto`` does) and fake-quant elsewhere (ONNX Runtime's asymmetric activations);
+    the report's ``engine_details.arithmetic`` says which ran.
+    """
+    scheme = load_scheme(name, schemes.where("run"))
+    arithmetic = "fake_quant" if name != "inc_cpu" else "auto"
+    w, x = scheme.weights, scheme.inputs
+    if schemes.arithmetic == "kernels" and x is not None and w.symmetric and x.symmetric:
+        if w.dtype == x.dtype == "int8":
+            arithmetic = "int8_kernels"
+        elif w.dtype == x.dtype == "fp8_e4m3":
+            arithmetic = "fp8_kernels"
+    native = replace(params.native, scheme=name, arithmetic=arithmetic)
+    return replace(params, engine="native", native=native)
 
 
 def run_sensitivity(

@@ -10,10 +10,11 @@
   cfg["quant_cfg"] = [*cfg["quant_cfg"], *frag["quant_cfg"]]``. ``stock_config_disables`` lists
   what ``INT8_DEFAULT_CFG`` already leaves unquantized (the vision tower, ``lm_head``...).
 * ONNX Runtime ``quantize_static(nodes_to_exclude=...)``: node names depend on the export; with
-  ``torch.onnx.export`` a module ``a.b.c`` becomes nodes named ``/a/b/c/<OpType>`` (e.g.
-  ``/model/language_model/layers/0/mlp/up_proj/MatMul``). Without an ``.onnx`` file we emit the
-  module names, the rule and the node-name prefixes; with one (``fallback.onnx_model``: the file,
-  or a directory holding it) we resolve the real node names from the graph with the ``onnx`` package.
+  ``torch.onnx.export`` (TorchScript exporter) module ``model.language_model.layers.0.mlp.up_proj``
+  becomes nodes named ``/model/language_model/layers.0/mlp/up_proj/<OpType>`` (``ORT_RULE``).
+  Without an ``.onnx`` file we emit the module names, the rule and the node-name prefixes; with one
+  (``fallback.onnx_model``: the file, or a directory holding it) we map every node of the graph back
+  to its module (:func:`node_module`) with the ``onnx`` package.
 * llm-compressor / compressed-tensors: an ``ignore`` list of module names; a ``re:`` pattern only
   where a whole group (a tower, or one vision block / decoder layer) is chosen.
 """
@@ -30,8 +31,12 @@ from ..errors import InputError
 from ..inventory import OpInfo, module_name
 
 ORT_RULE = (
-    "torch.onnx.export names the nodes of module 'a.b.c' '/a/b/c/<OpType>' (MatMul, Gemm, Add, Conv, "
-    "Gather...); exclude every node under the prefix '/a/b/c/'"
+    "torch.onnx.export (TorchScript exporter, dynamo=False) names a node '/<scope>/.../<OpType>' with one "
+    "scope per module whose forward ran, each named by its last attribute plus trailing indices: a "
+    "ModuleList never runs, so module 'model.language_model.layers.0.mlp.up_proj' gives "
+    "'/model/language_model/layers.0/mlp/up_proj/MatMul'; a Sequential runs, so 'model.visual.merger.mlp.0' "
+    "gives '/model/visual/merger/mlp/mlp.0/Gemm'. node_name_prefixes assume ModuleLists; with the .onnx "
+    "given, every node is mapped back to its module from its scopes (both cases)"
 )
 
 
@@ -131,7 +136,29 @@ def modelopt_quant_cfg(modules: Iterable[str]) -> dict[str, Any]:
 
 
 def ort_prefix(module: str) -> str:
-    return "/" + module.replace(".", "/") + "/"
+    """The exporter's node-name prefix of ``module`` when its indexed containers are ModuleLists."""
+    atoms: list[str] = []
+    for part in module.split("."):
+        if part.isdigit() and atoms:
+            atoms[-1] = f"{atoms[-1]}.{part}"
+        else:
+            atoms.append(part)
+    return "/" + "/".join(atoms) + "/"
+
+
+def node_module(node_name: str) -> str:
+    """The module path a TorchScript-exported node belongs to, from its scopes (see ``ORT_RULE``).
+
+    A scope repeating the previous one's name with indices (a Sequential's child, ``mlp`` then
+    ``mlp.0``) adds only the indices.
+    """
+    path: list[str] = []
+    for scope in node_name.split("/")[1:-1]:
+        parts = scope.split(".")
+        if len(parts) > 1 and path and path[-1] == parts[0] and all(p.isdigit() for p in parts[1:]):
+            parts = parts[1:]
+        path.extend(parts)
+    return ".".join(path)
 
 
 def onnx_graph(path: Path, where: str) -> Path | None:
@@ -169,10 +196,10 @@ def ort_nodes_to_exclude(modules: list[str], onnx_path: Path | None) -> dict[str
         graph = onnx.load(str(onnx_path), load_external_data=False).graph
     except Exception as e:  # onnx raises DecodeError and friends for a bad file
         raise InputError(f"{onnx_path}: not a loadable ONNX model ({e})") from e
-    names = [n.name for n in graph.node]
+    owners = [(n.name, node_module(n.name)) for n in graph.node]
     resolved, unresolved = [], []
     for m in modules:
-        hits = [n for n in names if n.startswith(ort_prefix(m))]
+        hits = [n for n, owner in owners if owner == m or owner.startswith(m + ".")]
         resolved.extend(hits)
         if not hits:
             unresolved.append(m)

@@ -4,10 +4,20 @@
 
     policy: {name, params, phase, always_keep, never_keep, fused_groups}
     source: {path, sha256}                 the sensitivity report this list was derived from
+    scheme: str                            the scheme that report was measured under
     curve: {path, sha256} | null           the ranking curve the measured policies read
     ops: [{op_name, module, op_type, tower, score, rank, fused_group, reason}]    most sensitive first
     groups_widened: [{group, added: [module], params_added}]   members kept because a sibling was
     totals: {ops_kept, ops_scored, params_kept, params_total, share_params_kept, effective_weight_bits}
+    exports: {file: {scheme, path, sha256, ops_kept}}   the spectrum each export was built from
+
+Each tool's export is built from the spectrum of that tool's own scheme when stage
+scheme_sensitivity ran it (``EXPORT_SCHEME``; the list itself in ``schemes/<scheme>.json``), else
+from the main spectrum. The ModelOpt, ONNX Runtime and llm-compressor JSON exports carry the same
+``spectrum`` entry; the INC ``op_name_dict`` is loaded as it is, so only ``exports`` names its source.
+A measured policy (``measured_budget``, ``bits_budget``) reads a curve measured under the main
+scheme; on another scheme's spectrum it becomes ``top_k`` with the number of ops it picked on the
+main one (``policy.derived_from`` says so), so every tool keeps as many ops, its own most sensitive.
 
 The cost (``inventory.cost``) counts ops kept fp32 by the sensitivity params as kept too.
 """
@@ -15,12 +25,14 @@ The cost (``inventory.cost``) counts ops kept fp32 by the sensitivity params as 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..atomic import atomic_dir, dump_json, read_json
+from ..engines.artifact import scheme_name
 from ..errors import InputError
 from ..inventory import OpInfo, cost, module_name
 from ..params import FallbackParams
@@ -32,9 +44,17 @@ from .exports import (
     modelopt_quant_cfg,
     ort_nodes_to_exclude,
 )
-from .policy import check_globs, choose
+from .policy import MEASURED_POLICIES, check_globs, choose
 
 SCHEMA_VERSION = 2
+# export file -> the scheme whose spectrum it is built from, when that scheme was run
+EXPORT_SCHEME = {
+    "inc_op_name_dict.json": "inc_cpu",
+    "modelopt_quant_cfg.json": "modelopt_int8",
+    "modelopt_fp8_quant_cfg.json": "modelopt_fp8",
+    "ort_nodes_to_exclude.json": "ort_qdq",
+    "llmcompressor_ignore.json": "llmcompressor_w8a8",
+}
 
 
 def _sha256(path: Path) -> str:
@@ -101,11 +121,40 @@ def build_fallback(
             "fused_groups": p.fused_groups,
         },
         "source": {"path": str(report_path), "sha256": _sha256(report_path)},
+        "scheme": scheme_name(report),
         "curve": None if curve_path is None else {"path": str(curve_path), "sha256": _sha256(curve_path)},
         "ops": ops,
         "groups_widened": _widened(ops, inventory),
         "totals": totals({o["module"] for o in ops}, excluded, inventory, len(df)),
     }
+
+
+def scheme_policy(
+    p: FallbackParams, main: dict[str, Any], n_scored: int
+) -> tuple[FallbackParams, str | None]:
+    """The policy on another scheme's spectrum: a measured one becomes top_k with the main pick's size."""
+    if p.policy not in MEASURED_POLICIES:
+        return p, None
+    picked = sum(o["reason"].startswith(f"{p.policy}:") for o in main["ops"])
+    k = min(picked, n_scored)
+    note = f"{p.policy} picked {picked} ops on the main spectrum; the top {k} of this scheme's own ranking"
+    return replace(p, policy="top_k", settings={"k": k}), note
+
+
+def scheme_fallbacks(
+    main: dict[str, Any],
+    spectra: dict[str, tuple[dict[str, Any], Path]],
+    inventory: list[OpInfo],
+    p: FallbackParams,
+) -> dict[str, dict[str, Any]]:
+    """One keep-list per scheme that was run (``spectra``: name -> (report, path))."""
+    out = {}
+    for name, (report, path) in spectra.items():
+        policy, note = scheme_policy(p, main, len(report["phases"]["fallback"]["ops"]))
+        doc = build_fallback(report, path, inventory, policy)
+        doc["policy"]["derived_from"] = note
+        out[name] = doc
+    return out
 
 
 def fallback_metrics(doc: dict[str, Any]) -> dict[str, Any]:
@@ -114,23 +163,47 @@ def fallback_metrics(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_fallback(
-    doc: dict[str, Any], inventory: list[OpInfo], onnx_graph: Path | None, out_dir: Path, metrics_path: Path
+    doc: dict[str, Any],
+    inventory: list[OpInfo],
+    onnx_graph: Path | None,
+    out_dir: Path,
+    metrics_path: Path,
+    scheme_docs: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """All files or none: the canonical list and every export land together (metrics last).
 
     ``onnx_graph``: the exported graph to resolve ONNX Runtime node names from (``exports.onnx_graph``).
+    ``scheme_docs``: :func:`scheme_fallbacks`; each export takes its own scheme's list where there is one.
     """
-    modules = [o["module"] for o in doc["ops"]]
-    ort = ort_nodes_to_exclude(modules, onnx_graph)
+    scheme_docs = scheme_docs or {}
+    source = {f: scheme_docs.get(s, doc) for f, s in EXPORT_SCHEME.items()}
+
+    def modules(file: str) -> list[str]:
+        return [o["module"] for o in source[file]["ops"]]
+
+    def spectrum(file: str) -> dict[str, Any]:
+        d = source[file]
+        return {"scheme": d["scheme"], **d["source"], "ops_kept": len(d["ops"])}
+
+    doc = {**doc, "exports": {f: spectrum(f) for f in EXPORT_SCHEME}}
+    ort = ort_nodes_to_exclude(modules("ort_nodes_to_exclude.json"), onnx_graph)
     with atomic_dir(out_dir) as tmp:
         dump_json(doc, tmp / "fallback_ops.json")
-        dump_json(inc_op_name_dict(modules), tmp / "inc_op_name_dict.json")
-        dump_json(modelopt_quant_cfg(modules), tmp / "modelopt_quant_cfg.json")
-        dump_json(ort, tmp / "ort_nodes_to_exclude.json")
-        ignore = llmcompressor_ignore(modules, inventory)
-        dump_json({"ignore": ignore}, tmp / "llmcompressor_ignore.json")
+        dump_json(inc_op_name_dict(modules("inc_op_name_dict.json")), tmp / "inc_op_name_dict.json")
+        for file in ("modelopt_quant_cfg.json", "modelopt_fp8_quant_cfg.json"):
+            dump_json({**modelopt_quant_cfg(modules(file)), "spectrum": spectrum(file)}, tmp / file)
+        dump_json(
+            {**ort, "spectrum": spectrum("ort_nodes_to_exclude.json")}, tmp / "ort_nodes_to_exclude.json"
+        )
+        ignore = llmcompressor_ignore(modules("llmcompressor_ignore.json"), inventory)
+        dump_json(
+            {"ignore": ignore, "spectrum": spectrum("llmcompressor_ignore.json")},
+            tmp / "llmcompressor_ignore.json",
+        )
         recipe = yaml.safe_dump(llmcompressor_recipe(ignore), sort_keys=False)
         (tmp / "llmcompressor_recipe.yaml").write_text(recipe)
+        for name, d in scheme_docs.items():
+            dump_json(d, tmp / "schemes" / f"{name}.json")
     dump_json(fallback_metrics(doc), metrics_path)
 
 

@@ -190,6 +190,7 @@ def write_rank_report(
     params: ReportParams,
     check: dict[str, Any] | None = None,
     sections: list[str] | None = None,
+    extra_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     top, plot_top = params.table_top, params.plot_top
     scores = phase_scores(report, inventory)
@@ -222,6 +223,6 @@ def write_rank_report(
     plots.requant_curve(scores[REQUANT], plot_dir / "requant_curve.png")
     with atomic_file(out_dir / "op_sensitivity.md") as tmp:
         tmp.write_text(render_markdown(report, scores, rho, worst, top, check, sections or []))
-    m = {"all_int8_mse": all_int8_error(report), **metrics(scores, rho)}
+    m = {"all_int8_mse": all_int8_error(report), **metrics(scores, rho), **(extra_metrics or {})}
     dump_json(m, rank_dir / "metrics.json")
     return m

@@ -13,6 +13,8 @@ Schemes (``describe(name)``):
 * ``modelopt_int8`` / ``modelopt_fp8``: NVIDIA ModelOpt ``INT8_DEFAULT_CFG`` / ``FP8_DEFAULT_CFG``.
 * ``llmcompressor_w8a8``: compressed-tensors' ``W8A8`` preset (what vLLM serves).
 * ``ort_qdq``: ONNX Runtime ``quantize_static`` defaults (QDQ format).
+
+``describe`` reads a tool live; ``load`` reads the versioned catalog the pipeline runs from.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import InputError
-from . import compressed_tensors, inc, modelopt, ort
+from ..params import SCHEMES
+from . import catalog, compressed_tensors, inc, modelopt, ort
 from .qdq import fake_quant, observe
 from .spec import QuantSpec, Scheme
 
@@ -33,6 +36,9 @@ DESCRIBE: dict[str, Callable[[], Scheme]] = {
 }
 
 
+assert tuple(DESCRIBE) == SCHEMES, "params.SCHEMES names the schemes sensitivity.native.scheme accepts"
+
+
 def describe(name: str, where: str = "scheme") -> Scheme:
     """The named scheme, read from its tool; a clear error for an unknown name or a missing tool."""
     if name not in DESCRIBE:
@@ -40,4 +46,11 @@ def describe(name: str, where: str = "scheme") -> Scheme:
     return DESCRIBE[name]()
 
 
-__all__ = ["DESCRIBE", "QuantSpec", "Scheme", "describe", "fake_quant", "observe"]
+def load(name: str, where: str = "scheme") -> Scheme:
+    """The named scheme as the pipeline runs it: from the versioned catalog (:mod:`.catalog`)."""
+    if name not in DESCRIBE:
+        raise InputError(f"{where}: unknown scheme {name!r}; expected one of {sorted(DESCRIBE)}")
+    return catalog.read(name)
+
+
+__all__ = ["DESCRIBE", "QuantSpec", "Scheme", "describe", "fake_quant", "load", "observe"]

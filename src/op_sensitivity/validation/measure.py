@@ -42,7 +42,13 @@ class Measurer(AbstractContextManager):
         self.scored = list(scored)
         self.model = numerics.prepare(model, {*self.scored, *kept})
         self.fq = FakeQuantModel(
-            self.model, self.scored, numerics.reduce_range, numerics.arithmetic, numerics.dtype, list(kept)
+            self.model,
+            self.scored,
+            numerics.reduce_range,
+            numerics.arithmetic,
+            numerics.dtype,
+            list(kept),
+            numerics.scheme,
         )
         self.splits = {
             name: [(numerics.batch(b), m.to(numerics.device)) for b, m in batches]

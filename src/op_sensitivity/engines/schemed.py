@@ -1,0 +1,132 @@
+"""One scored op under a deployment scheme other than INC's (:mod:`op_sensitivity.schemes`).
+
+Why a separate path: ``inc_cpu`` reproduces INC to the bit with histogram observers and torch's
+quantized modules; every other scheme is a :class:`~op_sensitivity.schemes.Scheme` computed by
+the one generic quantize-dequantize that equals each tool's own quantizer (tests/schemes):
+weights as codes (one byte each), static activation ranges from min/max calibration (ModelOpt's
+max, ONNX Runtime's MinMax), dynamic ones from each call's own tensor (compressed-tensors' per
+token), an output quantizer only where the tool puts one (ONNX Runtime's QDQ).
+
+Arithmetic: ``fake_quant`` dequantizes codes and computes in float, as the tools' reference
+quantizers do. The kernels compute in the deployed integer or fp8 format: ``int8_kernels`` runs a
+Linear through ``torch._int_mm`` (int8 x int8 -> exact int32 sums, then one float rescale per
+output, as a W8A8 GEMM epilogue does), ``fp8_kernels`` through ``torch._scaled_mm`` (e4m3 x
+e4m3, float32 out). Both need symmetric codes (zero point 0); a Conv3d (the vision patch
+embedding) stays on fake-quant, as torch has no such kernel for it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+from ..schemes import Scheme
+from ..schemes.qdq import MinMax, QParams, dequantize, observe, qparams, quantize
+from ..schemes.spec import QuantSpec
+
+KERNELS = {"int8_kernels": ("int8",), "fp8_kernels": ("fp8_e4m3",)}
+
+
+def check_kernels(scheme: Scheme, arithmetic: str, where: str) -> None:
+    """The kernels take symmetric codes of their own dtype: say so before any work."""
+    if arithmetic not in KERNELS:
+        return
+    specs = [scheme.weights, scheme.inputs]
+    fits = all(s is not None and s.dtype in KERNELS[arithmetic] and s.symmetric for s in specs)
+    if not fits:
+        raise InputError(
+            f"{where}: {arithmetic} needs symmetric {'/'.join(KERNELS[arithmetic])} weights and inputs; "
+            f"scheme {scheme.name} has weights {scheme.weights.dtype} and inputs "
+            f"{scheme.inputs.dtype if scheme.inputs else None} (symmetric "
+            f"{scheme.inputs.symmetric if scheme.inputs else None}); use fake_quant"
+        )
+
+
+class SchemeQuant:
+    """The quantizers of one op: weight codes, input and output activation quantizers."""
+
+    def __init__(self, scheme: Scheme, weight: torch.Tensor, arithmetic: str, op_type: str):
+        self.scheme = scheme
+        self.kernel = arithmetic if arithmetic in KERNELS and op_type == "Linear" else None
+        w = weight.detach().float()
+        self.w_qp = qparams(scheme.weights, *observe(w, scheme.weights))
+        self.w_codes = quantize(w, self.w_qp)
+        self.observers: dict[str, MinMax] = {}
+        self.static: dict[str, QParams] = {}
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(self.w_codes, self.w_qp, dtype)
+
+    def specs(self) -> dict[str, QuantSpec]:
+        s = self.scheme
+        return {k: v for k, v in (("in", s.inputs), ("out", s.outputs)) if v is not None}
+
+    def start(self) -> None:
+        """Fresh min/max observers for the static activation quantizers."""
+        self.observers = {k: MinMax(spec) for k, spec in self.specs().items() if not spec.dynamic}
+        self.static = {}
+
+    def observe(self, where: str, x: torch.Tensor) -> None:
+        if where in self.observers:
+            self.observers[where](x)
+
+    def freeze(self, name: str) -> None:
+        for where, obs in self.observers.items():
+            if not obs.seen:
+                raise InputError(
+                    f"native engine: op {name} did not run on the calibration batch "
+                    "(keep it fp32 with sensitivity.op_name_dict)"
+                )
+            self.static[where] = qparams(obs.spec, obs.lo, obs.hi)
+        self.observers = {}
+
+    def _qp(self, where: str, x: torch.Tensor) -> QParams:
+        spec = self.specs()[where]
+        return qparams(spec, *observe(x, spec)) if spec.dynamic else self.static[where]
+
+    def act(self, where: str, x: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize an activation, or leave it where the scheme has no quantizer there."""
+        if where not in self.specs():
+            return x
+        qp = self._qp(where, x)
+        return dequantize(quantize(x, qp), qp, x.dtype)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """A Linear through the low-precision kernel: codes in, one rescale of the sums out."""
+        qp = self._qp("in", x)
+        rows = x.reshape(-1, x.shape[-1])
+        codes = quantize(rows, qp if qp.step.dim() == 0 else _rows(qp, rows))
+        step_x = qp.step.reshape(-1, 1) if qp.step.dim() else qp.step
+        step_w = self.w_qp.step.reshape(1, -1) if self.w_qp.step.dim() else self.w_qp.step
+        if self.kernel == "int8_kernels":
+            acc = torch._int_mm(codes, self.w_codes.t())
+            out = acc.float() * (step_x * step_w)
+        else:
+            out = _scaled_mm(codes, self.w_codes, step_x, step_w)
+        if bias is not None:
+            out = out + bias.float()
+        return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def _rows(qp: QParams, rows: torch.Tensor) -> QParams:
+    """Per-token qparams reshaped to the flattened rows (one scale per row of the last dim)."""
+
+    def flat(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.reshape(rows.shape[0], 1)
+
+    return QParams(qp.spec, flat(qp.mult), flat(qp.scale), flat(qp.zero_point))
+
+
+def _scaled_mm(codes, w_codes, step_x, step_w) -> torch.Tensor:
+    """e4m3 x e4m3 with float32 scales: per-tensor steps as _scaled_mm's own scales; per-token or
+    per-channel steps multiply its float32 output."""
+    scalar = step_x.dim() == 0 and step_w.dim() == 0
+    one = torch.ones((), device=codes.device)
+    out = torch._scaled_mm(
+        codes,
+        w_codes.t(),
+        scale_a=step_x.float() if scalar else one,
+        scale_b=step_w.float() if scalar else one,
+        out_dtype=torch.float32,
+    )
+    return out if scalar else out * (step_x * step_w)
