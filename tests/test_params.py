@@ -104,6 +104,26 @@ def test_omitted_optional_fields_take_the_dataclass_defaults(tmp_path):
             "native.suffix_reuse: expected true/false",
         ),
         (
+            lambda d: d["sensitivity"]["native"].update(scheme="tensorrt"),
+            "sensitivity.native.scheme: expected one of inc_cpu, modelopt_int8",
+        ),
+        (
+            lambda d: d["schemes"].update(run=["modelopt_int8", "trt"]),
+            "schemes.run[1]: expected one of inc_cpu, modelopt_int8, modelopt_fp8, llmcompressor_w8a8",
+        ),
+        (
+            lambda d: d["schemes"].update(run=["ort_qdq", "ort_qdq"]),
+            "schemes.run: lists a scheme twice",
+        ),
+        (
+            lambda d: d["schemes"].update(run="ort_qdq"),
+            "schemes.run: expected a list, got 'ort_qdq'",
+        ),
+        (
+            lambda d: d["schemes"].update(arithmetic="int8_kernels"),
+            "schemes.arithmetic: expected one of fake_quant, kernels",
+        ),
+        (
             lambda d: d["sensitivity"].update(op_name_dict={"model[": {"weight": {"dtype": ["fp32"]}}}),
             "sensitivity.op_name_dict.model[: expected a module name or a regular expression",
         ),

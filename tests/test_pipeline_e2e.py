@@ -4,6 +4,7 @@ bad-input stage failure."""
 
 import hashlib
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 from op_sensitivity.fallback.exports import inc_pattern
-from tests.helpers import SMALL_TINY, copy_repo, run
+from tests.helpers import REPO, SMALL_TINY, copy_repo, run
 
 STAGES = (
     "prepare_captions",
@@ -23,6 +24,11 @@ STAGES = (
     "fallback_list",
     "validate",
     "rank_report",
+    # one stage per scheme of the repo's params.yaml schemes.run (a foreach stage)
+    *(
+        f"scheme_sensitivity@{s}"
+        for s in yaml.safe_load((REPO / "params.yaml").read_text())["schemes"]["run"]
+    ),
 )
 OUTPUTS = (
     "data/calibration/manifest.jsonl",
@@ -37,7 +43,7 @@ OUTPUTS = (
 
 
 def _ran(stdout: str) -> set[str]:
-    return {s for s in STAGES if f"Running stage '{s}'" in stdout}
+    return set(re.findall(r"Running stage '([^']+)'", stdout))
 
 
 def _digest(root, rel):
@@ -183,6 +189,31 @@ def test_fallback_param_change_reruns_only_what_reads_the_keep_list(repo):
     assert diff["reports/validation/metrics.json"]["ops"]["new"] == 5
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "top 5"], root)
+
+
+def test_a_new_scheme_runs_only_its_stage_and_the_two_that_compare(repo):
+    """schemes.run is no param of the scheme stages: adding one runs it alone, plus what reads the list."""
+    root, _ = repo
+    data = yaml.safe_load((root / "params.yaml").read_text())
+    keep_list = _digest(root, "reports/fallback/fallback_ops.json")
+    _set_params(root, schemes={"run": [*data["schemes"]["run"], "inc_cpu"]})
+    assert _ran(run(["dvc", "repro"], root).stdout) == {
+        "scheme_sensitivity@inc_cpu",
+        "fallback_list",
+        "rank_report",
+    }
+    assert _digest(root, "reports/fallback/fallback_ops.json") == keep_list  # validate stays cached
+    doc = json.loads((root / "reports/rank/schemes.json").read_text())
+    native_inc = [p for p in doc["pairs"] if (p["a"], p["b"]) == ("inc_cpu", "inc_cpu (native)")]
+    assert [p["spearman"] for p in native_inc] == [1.0, 1.0]  # native inc_cpu is INC's, to the bit
+    exports = json.loads((root / "reports/fallback/exports.json").read_text())
+    assert exports["inc_op_name_dict.json"]["path"] == "reports/schemes/inc_cpu/op_sensitivity.json"
+    assert exports["ort_nodes_to_exclude.json"]["scheme"] == "ort_qdq"
+    assert "Deployment schemes" in (root / "reports/op_sensitivity.md").read_text()
+    metrics = json.loads((root / "reports/rank/metrics.json").read_text())["schemes"]
+    assert set(metrics["all_int8_mse"]) == {"inc_cpu", *data["schemes"]["run"], "inc_cpu (native)"}
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "inc_cpu natively too"], root)
 
 
 def test_a_new_onnx_export_reruns_only_the_fallback_stage(repo):

@@ -5,7 +5,7 @@ import pytest
 
 from op_sensitivity.engines.artifact import read_report
 from op_sensitivity.fallback.keep_list import EXPORT_SCHEME, build_fallback, write_fallback
-from tests.handmade import DOWN, HEAD, INVENTORY, fallback_params, make_report
+from tests.handmade import DOWN, HEAD, INVENTORY, UP, fallback_params, make_report
 
 
 @pytest.fixture
@@ -68,6 +68,45 @@ def test_fallback_document_and_exports(tmp_path, report_file):
     # no scheme stage ran: every export comes from the main spectrum, and says so
     main = {"scheme": "inc_cpu", **doc["source"], "ops_kept": 2}
     assert ignore["spectrum"] == main
-    exports = json.loads((out / "fallback_ops.json").read_text())["exports"]
+    exports = json.loads((out / "exports.json").read_text())
     assert exports == dict.fromkeys(EXPORT_SCHEME, main)
     assert json.loads((tmp_path / "fallback_metrics.json").read_text())["ops_kept"] == 2
+
+
+def test_each_scheme_gets_its_own_list_of_the_main_policys_size(tmp_path):
+    """A measured policy has no curve for another scheme: it keeps as many ops, that scheme's own top."""
+    from op_sensitivity.fallback.keep_list import scheme_fallbacks, scheme_policy
+    from tests.report.test_schemes import other_report
+
+    main = {
+        "ops": [
+            {"reason": "measured_budget: ..."},
+            {"reason": "measured_budget: ..."},
+            {"reason": "always_keep"},
+        ]
+    }
+    p = fallback_params(policy="measured_budget", always_keep=[], fused_groups=False)
+    derived, note = scheme_policy(p, main, n_scored=4)
+    assert (derived.policy, derived.settings) == ("top_k", {"k": 2})
+    assert note.startswith("measured_budget picked 2 ops on the main spectrum")
+    assert scheme_policy(p, main, n_scored=1)[0].settings == {"k": 1}
+    top = fallback_params(policy="top_k", top_k={"k": 1}, always_keep=[], fused_groups=False)
+    assert scheme_policy(top, main, 4) == (top, None)
+    path = tmp_path / "op_sensitivity.json"
+    path.write_text(json.dumps(other_report()))
+    docs = scheme_fallbacks(main, {"modelopt_int8": (other_report(), path)}, INVENTORY, p)
+    doc = docs["modelopt_int8"]
+    assert doc["scheme"] == "modelopt_int8" and doc["source"]["path"] == str(path)
+    assert [o["module"] for o in doc["ops"]] == [UP, HEAD]  # the scheme's own two most sensitive
+    write_fallback(
+        build_fallback(make_report(), path, INVENTORY, top),
+        INVENTORY,
+        None,
+        tmp_path / "out",
+        tmp_path / "m.json",
+        docs,
+    )
+    frag = json.loads((tmp_path / "out" / "modelopt_quant_cfg.json").read_text())
+    assert [e["quantizer_name"] for e in frag["quant_cfg"]] == [f"{UP}.*", "lm_head.*"]
+    assert frag["spectrum"]["scheme"] == "modelopt_int8"
+    assert json.loads((tmp_path / "out" / "schemes" / "modelopt_int8.json").read_text()) == doc

@@ -248,6 +248,8 @@ class FakeQuantModel:
         self.compute_dtype = compute_dtype
         self.observing = False
         self.trace: list[str] | None = None  # names of scored ops as they run (SuffixCache.learn)
+        self.readers: dict[str, list[str]] = {}  # Scheme.shared_input: the other readers of an op's input
+        self._last_read: tuple[str, torch.Tensor] | None = None
         self.ops: dict[str, _Op] = {}
         self.kept: dict[str, _Op] = {}  # never quantized: stored weight, upcast per call
         for name in op_names:
@@ -327,23 +329,44 @@ class FakeQuantModel:
         return forward
 
     def _scheme_forward(self, op: _Op):
+        def call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            mod = op.module
+            return (
+                F.linear(x, weight, bias)
+                if isinstance(mod, nn.Linear)
+                else mod._conv_forward(x, weight, bias)
+            )
+
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             if self.trace is not None:
                 self.trace.append(op.name)
             if self.observing:
-                op.sq.observe("in", x)
-                out = _functional(op, x, self._weight(op))
-                op.sq.observe("out", out)
-                return out
-            if not op.enabled:
-                return _functional(op, x, self._weight(op))
-            if op.sq.kernel is not None:
-                out = op.sq.linear(x, op.module.bias)
-            else:
-                out = _functional(op, op.sq.act("in", x), op.sq.weight(self.compute_dtype))
-            return op.sq.act("out", out)
+                self._note_reader(op.name, x)
+            shared = any(self.ops[s].enabled for s in self.readers.get(op.name, ()))
+            return op.sq.run(
+                call,
+                x,
+                self._weight(op),
+                op.module.bias,
+                quant_in=shared,
+                quant_op=op.enabled,
+                observing=self.observing,
+                dtype=self.compute_dtype,
+            )
 
         return forward
+
+    def _note_reader(self, name: str, x: torch.Tensor) -> None:
+        """Ops reading one tensor (q/k/v, gate/up: called one after another on the same object)
+        share its input quantizer where the scheme puts one per tensor (``Scheme.shared_input``)."""
+        if not self.scheme.shared_input:
+            return
+        last = self._last_read
+        if last is not None and last[1] is x:
+            group = sorted({name, last[0], *self.readers.get(last[0], ())})
+            for member in group:
+                self.readers[member] = [m for m in group if m != member]
+        self._last_read = (name, x)
 
     def _kept_forward(self, op: _Op):
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -379,11 +402,13 @@ class FakeQuantModel:
                     "out": _act_observer(self.reduce_range).to(dev),
                 }
         self.observing = True
+        self.readers = {}
         try:
             for batch in batches:
                 self.model(**batch)
         finally:
             self.observing = False
+            self._last_read = None
         for op in self.ops.values():
             if op.sq is not None:
                 op.sq.freeze(op.name)

@@ -17,6 +17,8 @@ embedding) stays on fake-quant, as torch has no such kernel for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..errors import InputError
@@ -47,6 +49,7 @@ class SchemeQuant:
 
     def __init__(self, scheme: Scheme, weight: torch.Tensor, arithmetic: str, op_type: str):
         self.scheme = scheme
+        self.op_type = op_type
         self.kernel = arithmetic if arithmetic in KERNELS and op_type == "Linear" else None
         w = weight.detach().float()
         self.w_qp = qparams(scheme.weights, *observe(w, scheme.weights))
@@ -90,6 +93,54 @@ class SchemeQuant:
             return x
         qp = self._qp(where, x)
         return dequantize(quantize(x, qp), qp, x.dtype)
+
+    def _bias_after_output(self, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """torch.onnx writes a Linear on a 3-D input as MatMul + Add: the output Q/DQ precedes the bias."""
+        return (
+            self.scheme.bias == "onnx_export"
+            and bias is not None
+            and self.op_type == "Linear"
+            and x.dim() > 2
+        )
+
+    def _int32_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """The bias as ONNX Runtime stores it for a Gemm / Conv: int32 at input scale x weight scale."""
+        step = (self.static["in"].step * self.w_qp.step.reshape(-1)).float()
+        return (torch.round(bias.float() / step) * step).to(bias.dtype)
+
+    def run(
+        self,
+        fn: Callable,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        quant_in: bool,
+        quant_op: bool,
+        observing: bool,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The op ``fn(x, weight, bias)`` with the scheme's quantizers where they are on.
+
+        ``quant_op``: this op is quantized (input, weight, output); ``quant_in`` alone: it is kept
+        in high precision but reads a tensor whose shared quantizer is on (``Scheme.shared_input``).
+        """
+        after = self._bias_after_output(x, bias)
+        if observing:
+            self.observe("in", x)
+            pre = fn(x, weight, None if after else bias)
+            self.observe("out", pre)
+            return pre + bias if after else pre
+        if not quant_op:
+            return fn(self.act("in", x) if quant_in else x, weight, bias)
+        if self.kernel is not None:
+            return self.act("out", self.linear(x, bias))
+        xq, wq = self.act("in", x), self.weight(dtype)
+        if after:
+            return self.act("out", fn(xq, wq, None)) + bias
+        if self.scheme.bias == "onnx_export" and bias is not None:
+            bias = self._int32_bias(bias)
+        return self.act("out", fn(xq, wq, bias))
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """A Linear through the low-precision kernel: codes in, one rescale of the sums out."""

@@ -9,12 +9,12 @@
     ops: [{op_name, module, op_type, tower, score, rank, fused_group, reason}]    most sensitive first
     groups_widened: [{group, added: [module], params_added}]   members kept because a sibling was
     totals: {ops_kept, ops_scored, params_kept, params_total, share_params_kept, effective_weight_bits}
-    exports: {file: {scheme, path, sha256, ops_kept}}   the spectrum each export was built from
 
 Each tool's export is built from the spectrum of that tool's own scheme when stage
 scheme_sensitivity ran it (``EXPORT_SCHEME``; the list itself in ``schemes/<scheme>.json``), else
-from the main spectrum. The ModelOpt, ONNX Runtime and llm-compressor JSON exports carry the same
-``spectrum`` entry; the INC ``op_name_dict`` is loaded as it is, so only ``exports`` names its source.
+from the main spectrum. ``exports.json`` says which: ``{file: {scheme, path, sha256, ops_kept}}``
+(a file of its own, so a new scheme does not change the list the validate stage reads). The
+ModelOpt, ONNX Runtime and llm-compressor JSON exports carry the same ``spectrum`` entry.
 A measured policy (``measured_budget``, ``bits_budget``) reads a curve measured under the main
 scheme; on another scheme's spectrum it becomes ``top_k`` with the number of ops it picked on the
 main one (``policy.derived_from`` says so), so every tool keeps as many ops, its own most sensitive.
@@ -185,10 +185,10 @@ def write_fallback(
         d = source[file]
         return {"scheme": d["scheme"], **d["source"], "ops_kept": len(d["ops"])}
 
-    doc = {**doc, "exports": {f: spectrum(f) for f in EXPORT_SCHEME}}
     ort = ort_nodes_to_exclude(modules("ort_nodes_to_exclude.json"), onnx_graph)
     with atomic_dir(out_dir) as tmp:
         dump_json(doc, tmp / "fallback_ops.json")
+        dump_json({f: spectrum(f) for f in EXPORT_SCHEME}, tmp / "exports.json")
         dump_json(inc_op_name_dict(modules("inc_op_name_dict.json")), tmp / "inc_op_name_dict.json")
         for file in ("modelopt_quant_cfg.json", "modelopt_fp8_quant_cfg.json"):
             dump_json({**modelopt_quant_cfg(modules(file)), "spectrum": spectrum(file)}, tmp / file)

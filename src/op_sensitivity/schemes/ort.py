@@ -3,7 +3,8 @@
 QDQ format, int8 activations (asymmetric per tensor, MinMax calibration; ``ActivationSymmetric``
 defaults to False), int8 weights symmetric per tensor (``per_channel`` False, ``WeightSymmetric``
 True, range [-127, 127]), scales computed in float64. A QuantizeLinear / DequantizeLinear pair sits
-on each quantized MatMul / Gemm / Conv's inputs and on its output.
+on each quantized MatMul / Gemm / Conv's input tensor (shared by the tensor's readers) and on its
+output; how ``torch.onnx.export`` writes a Linear decides where the bias goes (``Scheme.bias``).
 """
 
 from __future__ import annotations
@@ -42,5 +43,11 @@ def describe() -> Scheme:
         outputs=activations,
         op_types=("Linear", "Conv3d"),
         source=f"onnxruntime.quantization.quantize_static defaults ({defaults['quant_format'].name})",
-        notes=("extra_options ActivationSymmetric=False, WeightSymmetric=True (documented defaults)",),
+        notes=(
+            "extra_options ActivationSymmetric=False, WeightSymmetric=True (documented defaults)",
+            "graph placement as quantize_static writes it on a torch.onnx export: one Q/DQ pair per "
+            "tensor shared by its readers; Linear as Gemm (2-D input, int32 bias) or MatMul + float Add",
+        ),
+        shared_input=True,
+        bias="onnx_export",
     )

@@ -54,11 +54,25 @@ class QuantSpec:
             raise InputError("QuantSpec: fp8_e4m3 is symmetric with scale_rule 'amax' (448 / amax)")
 
 
+BIAS = ("float", "onnx_export")
+
+
 @dataclass(frozen=True)
 class Scheme:
     """One deployment tool's W8A8 scheme. ``outputs`` None: the tool does not requantize an op's
     output (the next op quantizes its own input); ``skip``: fnmatch globs of module names the tool
-    leaves in high precision by default; ``source``: where the description was read."""
+    leaves in high precision by default; ``source``: where the description was read.
+
+    Where the quantizers sit in the tool's graph:
+
+    * ``shared_input``: one input quantizer per tensor, not per op (ONNX Runtime puts one Q/DQ pair
+      on a tensor and rewires every reader to it), so an op kept in high precision still reads
+      its input quantized while another reader of the same tensor (q/k/v, gate/up) is quantized.
+    * ``bias``: ``float`` - the bias is added in float before any output quantizer; ``onnx_export``
+      - as ``torch.onnx.export`` writes a Linear: on a 2-D input one Gemm whose bias ORT stores as
+      int32 (scale = input scale x weight scale) with the output Q/DQ after it, on a 3-D input a
+      MatMul whose output Q/DQ comes before the float bias Add.
+    """
 
     name: str
     library: str
@@ -69,3 +83,9 @@ class Scheme:
     skip: tuple[str, ...] = ()
     source: str = ""
     notes: tuple[str, ...] = field(default=())
+    shared_input: bool = False
+    bias: str = "float"
+
+    def __post_init__(self) -> None:
+        if self.bias not in BIAS:
+            raise InputError(f"Scheme.bias: {self.bias!r}, expected one of {list(BIAS)}")
