@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -166,18 +165,11 @@ def cost(sens, scheme: str, model_dir: Path, work: Path, repeats: int) -> dict:
 
 def planted(sens, schemes: list[str], work: Path) -> list[dict]:
     from op_sensitivity.engines.contract import FP32
-    from op_sensitivity.model.source import CARD, dir_sha256, load_model_dir, read_card
     from op_sensitivity.report.scores import phase_scores
-    from tests.validation.planted import plant
+    from tests.validation.planted import planted_copy
 
     src = REPO / "models/qwen2_5_vl"
-    out = work / "planted" / "qwen2_5_vl"
-    shutil.copytree(src, out)
-    shutil.copy(REPO / "reports/model/op_inventory.json", out.parent / "op_inventory.json")
-    model, _, _ = load_model_dir(out)
-    plant(model)
-    model.save_pretrained(out)
-    (out / CARD).write_text(json.dumps(asdict(replace(read_card(out), sha256=dir_sha256(out)))))
+    out = planted_copy(src, REPO / "reports/model/op_inventory.json", work / "planted" / "qwen2_5_vl")
     rows = []
     for scheme in schemes:
         params = replace(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import pytest
 
@@ -13,12 +11,11 @@ from op_sensitivity.engines.contract import FP32, build_spec
 from op_sensitivity.engines.runner import load_inputs, run_engine, scheme_params
 from op_sensitivity.errors import InputError
 from op_sensitivity.inventory import read_inventory
-from op_sensitivity.model.source import CARD, dir_sha256, load_model_dir, read_card
 from op_sensitivity.params import SchemesParams
 from op_sensitivity.phases import REQUANT
 from op_sensitivity.report.scores import phase_scores
 from tests.helpers import sensitivity_params
-from tests.validation.planted import MLP, plant
+from tests.validation.planted import MLP, planted_copy
 
 SCHEMES = ("inc_cpu", "modelopt_int8", "modelopt_fp8", "llmcompressor_w8a8", "ort_qdq")
 
@@ -81,13 +78,7 @@ def test_scheme_stage_params_pick_the_schemes_kernel():
 @pytest.fixture(scope="module")
 def planted_dir(small_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("planted_schemes") / "qwen2_5_vl"
-    shutil.copytree(small_model_dir, out)
-    shutil.copy(small_model_dir.parent / "op_inventory.json", out.parent / "op_inventory.json")
-    model, _, _ = load_model_dir(out)
-    plant(model)
-    model.save_pretrained(out)
-    (out / CARD).write_text(json.dumps(asdict(replace(read_card(out), sha256=dir_sha256(out)))))
-    return out
+    return planted_copy(small_model_dir, small_model_dir.parent / "op_inventory.json", out)
 
 
 def _isolated(calibration_dir, model_dir, scheme, work):

@@ -282,18 +282,17 @@ def ort_spectrum(
     scored: list[str],
     measured_at: str,
     workdir: Path,
-    optimized: bool = True,
-    extra_options: dict | None = None,
+    **options,
 ) -> Spectrum:
     """ORT's all-int8, fallback (all scored but one) and cumulative requant values.
 
-    ``optimized=False`` runs the Q/DQ graphs with graph optimizations off (the literal
-    QuantizeLinear/DequantizeLinear float arithmetic) instead of ORT's default session, which
-    fuses Q/DQ around MatMul/Gemm into int8 kernels. ``extra_options`` goes to ``quantize_static``
-    as is (None: ORT's defaults). Leaves ``model_fp32.onnx``, ``all_int8.onnx`` and the
-    calibration cache in ``workdir``.
+    ``options`` go to :class:`OrtTrials`. ``optimized=False`` runs the Q/DQ graphs with graph
+    optimizations off (the literal QuantizeLinear/DequantizeLinear float arithmetic) instead of
+    ORT's default session, which fuses Q/DQ around MatMul/Gemm into int8 kernels.
+    ``extra_options`` goes to ``quantize_static`` as is (None: ORT's defaults). Leaves
+    ``model_fp32.onnx``, ``all_int8.onnx`` and the calibration cache in ``workdir``.
     """
-    trials = OrtTrials(model, batch, scored, measured_at, workdir, optimized, extra_options)
+    trials = OrtTrials(model, batch, scored, measured_at, workdir, **options)
     spectrum: Spectrum = {
         "all_int8": trials.value(scored, keep="all_int8.onnx"),
         "fallback": {},

@@ -35,17 +35,23 @@ def plant(model) -> None:
         modules[f"{MLP}.down_proj"].weight[:, 0] /= SCALE
 
 
-def build_planted(small_model_dir: Path, calibration_dir: Path, eval_dir: Path, work: Path) -> dict:
-    """The planted model as a model dir, its native sensitivity report, and its measured curve."""
-    out = work / "planted" / "qwen2_5_vl"
-    out.parent.mkdir(parents=True)
-    shutil.copytree(small_model_dir, out)
-    shutil.copy(small_model_dir.parent / "op_inventory.json", out.parent / "op_inventory.json")
+def planted_copy(model_dir: Path, inventory: Path, out: Path) -> Path:
+    """A copy of a model dir with the outlier planted and its card re-hashed, the inventory beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(model_dir, out)
+    shutil.copy(inventory, out.parent / "op_inventory.json")
     model, _, _ = load_model_dir(out)
     plant(model)
     model.save_pretrained(out)
     card = replace(read_card(out), sha256=dir_sha256(out))
     (out / CARD).write_text(json.dumps(asdict(card)))
+    return out
+
+
+def build_planted(small_model_dir: Path, calibration_dir: Path, eval_dir: Path, work: Path) -> dict:
+    """The planted model as a model dir, its native sensitivity report, and its measured curve."""
+    inventory = small_model_dir.parent / "op_inventory.json"
+    out = planted_copy(small_model_dir, inventory, work / "planted" / "qwen2_5_vl")
     # lm_head kept fp32 (as ModelOpt's stock INT8 config does): the planted pair is the damage left
     params = replace(sensitivity_params(op_name_dict={"lm_head": FP32}), engine="native")
     inventory = read_inventory(out.parent / "op_inventory.json")
