@@ -40,6 +40,7 @@ so a trial recomputes from the toggled op's block onward; values are those of a 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import resource
@@ -205,14 +206,19 @@ class _Op:
     observers: dict[str, Any] = field(default_factory=dict)
 
 
+def _affine(mod: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A Linear's or Conv's computation with the given weight and bias."""
+    if isinstance(mod, nn.Linear):
+        return F.linear(x, weight, bias)
+    return mod._conv_forward(x, weight, bias)  # nn.Conv1d/2d/3d
+
+
 def _functional(op: _Op, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The module's own computation, with ``weight`` in place of its stored one."""
     mod = op.module
     if isinstance(mod, nn.Embedding):
         return F.embedding(x, weight, mod.padding_idx, mod.max_norm, mod.norm_type, mod.scale_grad_by_freq)
-    if isinstance(mod, nn.Linear):
-        return F.linear(x, weight, mod.bias)
-    return mod._conv_forward(x, weight, mod.bias)  # nn.Conv1d/2d/3d
+    return _affine(mod, x, weight, mod.bias)
 
 
 class FakeQuantModel:
@@ -329,20 +335,14 @@ class FakeQuantModel:
         return forward
 
     def _scheme_forward(self, op: _Op):
-        def call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            mod = op.module
-            return (
-                F.linear(x, weight, bias)
-                if isinstance(mod, nn.Linear)
-                else mod._conv_forward(x, weight, bias)
-            )
+        call = functools.partial(_affine, op.module)
 
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             if self.trace is not None:
                 self.trace.append(op.name)
             if self.observing:
                 self._note_reader(op.name, x)
-            shared = any(self.ops[s].enabled for s in self.readers.get(op.name, ()))
+            shared = not op.enabled and any(self.ops[s].enabled for s in self.readers.get(op.name, ()))
             return op.sq.run(
                 call,
                 x,

@@ -42,6 +42,7 @@ from ..params import SchemesParams, SensitivityParams
 from ..schemes import load as load_scheme
 from .artifact import build_report, write_report
 from .contract import Capture, Engine, PassResult, PassSpec, build_spec
+from .schemed import kernel_for
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,8 @@ def scheme_params(params: SensitivityParams, name: str, schemes: SchemesParams) 
     """
     scheme = load_scheme(name, schemes.where("run"))
     arithmetic = "fake_quant" if name != "inc_cpu" else "auto"
-    w, x = scheme.weights, scheme.inputs
-    if schemes.arithmetic == "kernels" and x is not None and w.symmetric and x.symmetric:
-        if w.dtype == x.dtype == "int8":
-            arithmetic = "int8_kernels"
-        elif w.dtype == x.dtype == "fp8_e4m3":
-            arithmetic = "fp8_kernels"
+    if schemes.arithmetic == "kernels" and name != "inc_cpu":
+        arithmetic = kernel_for(scheme) or "fake_quant"
     native = replace(params.native, scheme=name, arithmetic=arithmetic)
     return replace(params, engine="native", native=native)
 

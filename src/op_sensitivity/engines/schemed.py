@@ -29,13 +29,17 @@ from ..schemes.spec import QuantSpec
 KERNELS = {"int8_kernels": ("int8",), "fp8_kernels": ("fp8_e4m3",)}
 
 
+def kernel_for(scheme: Scheme) -> str | None:
+    """The low-precision matmul that computes the scheme: symmetric codes of one dtype in both operands."""
+    w, x = scheme.weights, scheme.inputs
+    if x is None or not (w.symmetric and x.symmetric) or w.dtype != x.dtype:
+        return None
+    return next((k for k, dtypes in KERNELS.items() if w.dtype in dtypes), None)
+
+
 def check_kernels(scheme: Scheme, arithmetic: str, where: str) -> None:
     """The kernels take symmetric codes of their own dtype: say so before any work."""
-    if arithmetic not in KERNELS:
-        return
-    specs = [scheme.weights, scheme.inputs]
-    fits = all(s is not None and s.dtype in KERNELS[arithmetic] and s.symmetric for s in specs)
-    if not fits:
+    if arithmetic in KERNELS and kernel_for(scheme) != arithmetic:
         raise InputError(
             f"{where}: {arithmetic} needs symmetric {'/'.join(KERNELS[arithmetic])} weights and inputs; "
             f"scheme {scheme.name} has weights {scheme.weights.dtype} and inputs "
@@ -54,19 +58,19 @@ class SchemeQuant:
         w = weight.detach().float()
         self.w_qp = qparams(scheme.weights, *observe(w, scheme.weights))
         self.w_codes = quantize(w, self.w_qp)
+        # the activation quantizers the scheme has: input, and output where the tool requantizes
+        self.specs: dict[str, QuantSpec] = {
+            k: v for k, v in (("in", scheme.inputs), ("out", scheme.outputs)) if v is not None
+        }
         self.observers: dict[str, MinMax] = {}
         self.static: dict[str, QParams] = {}
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.w_codes, self.w_qp, dtype)
 
-    def specs(self) -> dict[str, QuantSpec]:
-        s = self.scheme
-        return {k: v for k, v in (("in", s.inputs), ("out", s.outputs)) if v is not None}
-
     def start(self) -> None:
         """Fresh min/max observers for the static activation quantizers."""
-        self.observers = {k: MinMax(spec) for k, spec in self.specs().items() if not spec.dynamic}
+        self.observers = {k: MinMax(spec) for k, spec in self.specs.items() if not spec.dynamic}
         self.static = {}
 
     def observe(self, where: str, x: torch.Tensor) -> None:
@@ -84,12 +88,12 @@ class SchemeQuant:
         self.observers = {}
 
     def _qp(self, where: str, x: torch.Tensor) -> QParams:
-        spec = self.specs()[where]
+        spec = self.specs[where]
         return qparams(spec, *observe(x, spec)) if spec.dynamic else self.static[where]
 
     def act(self, where: str, x: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize an activation, or leave it where the scheme has no quantizer there."""
-        if where not in self.specs():
+        if where not in self.specs:
             return x
         qp = self._qp(where, x)
         return dequantize(quantize(x, qp), qp, x.dtype)
