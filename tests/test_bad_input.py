@@ -725,6 +725,11 @@ run_stage(main)
 """
 
 
+def _default_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_killed_stage_unwinds_through_the_same_cleanup(tmp_path, signum):
     """A real process killed while its output is half-written: old output intact, no temporary left."""
@@ -737,6 +742,10 @@ def test_a_killed_stage_unwinds_through_the_same_cleanup(tmp_path, signum):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A background job (`make test &`, nohup, some CI runners) inherits SIGINT ignored, as
+        # POSIX says, and Python then keeps ignoring it: give the child the disposition a
+        # terminal's foreground process has, so Ctrl-C reaches it whoever launched the suite.
+        preexec_fn=_default_signals,
     )
     assert proc.stdout.readline().strip() == "ready"
     assert len(list(tmp_path.glob(f".out{TMP_TAG}*"))) == 1  # the half-written temporary exists

@@ -50,9 +50,16 @@ PARTIAL = "partial_capture.json"
 
 
 def engine(name: str) -> Engine:
-    """The engine's ``run_pass``; imported on demand (INC is heavy, and the native path needs no INC)."""
+    """The engine's ``run_pass``; imported on demand (INC is heavy, and the native path needs no INC).
+
+    INC's own imports (seconds: its data transforms load OpenCV) happen here, before the pass
+    announces itself in the partial file: a kill that lands in the middle of an import would
+    surface as an ImportError, which is not what the user did.
+    """
     if name == "inc":
-        from .inc import run_pass
+        from .inc import inc_util, run_pass
+
+        inc_util()
     else:
         from .native import run_pass
     return run_pass
@@ -75,8 +82,9 @@ def run_engine(
     def persist(capture: Capture) -> None:
         dump_json({"run": header, "calls": [asdict(c) for c in capture.calls]}, partial)
 
+    run_pass = engine(name)
     persist(Capture())
-    return engine(name)(model, spec, workspace=workspace, on_call=persist)
+    return run_pass(model, spec, workspace=workspace, on_call=persist)
 
 
 def run_fingerprint(params: SensitivityParams, metadata: dict[str, Any]) -> dict[str, Any]:
