@@ -1,15 +1,22 @@
-"""Validate params.yaml and the paths it names before `dvc repro` touches anything.
+"""Validate params.yaml and the paths it names, then print the plan, before `dvc repro` touches anything.
 
-    python scripts/check_params.py [params.yaml]
+    python scripts/check_params.py [params.yaml] [--all] [--no-probe]
 
 Why before DVC: a stage whose dep path is missing fails inside `dvc repro` only after DVC has
-removed that stage's previous outputs. `make repro` runs this first, so a typo costs nothing.
-Exit code 2 with one line naming the param on the first problem, 0 and a summary otherwise.
+removed that stage's previous outputs, and a stage that cannot fit this machine (INC on a 3B
+in 24 GB, a CUDA device that is absent) fails after hours of the stages before it. `make repro`
+runs this first: it prints, per stage DVC will run, what it will do, on which device, and the
+expected time and peak memory where this machine can tell (``op_sensitivity.plan``), then exits
+2 with one line naming the param to change when something cannot run, 0 otherwise.
+
+--all plans every stage (default: the stages `dvc repro` would run, read from DVC); --no-probe
+skips the few-second forward probe (no time estimates but from this machine's runtime files).
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import warnings
 from pathlib import Path
 
 from op_sensitivity.cli import run_stage
@@ -17,19 +24,38 @@ from op_sensitivity.errors import require
 from op_sensitivity.fallback.exports import onnx_graph
 from op_sensitivity.model.source import check_hf_dir
 from op_sensitivity.params import load_params
+from op_sensitivity.plan.model import describe
+from op_sensitivity.plan.pending import all_stages, stages_to_run
+from op_sensitivity.plan.stages import build_plan, check
+
+MODEL_DIR = Path("models/qwen2_5_vl")  # load_model's output (dvc.yaml)
+RUNTIME_DIR = Path("reports/runtime")
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    path = Path(args[0] if args else "params.yaml")
-    p = load_params(path)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("params", nargs="?", default="params.yaml", type=Path)
+    ap.add_argument("--all", action="store_true", help="plan every stage, not only those DVC would run")
+    ap.add_argument("--no-probe", action="store_true", help="no forward probe")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)  # torch's deprecations, from the probe
+    p = load_params(args.params)
     c = p.captions
     require(c.annotations.is_file(), c.where("annotations"), f"{c.annotations} is not a file")
     require(c.images_dir.is_dir(), c.where("images_dir"), f"{c.images_dir} is not a directory")
     if p.model.source == "hf_dir":
         check_hf_dir(p.model.input, p.model.where("input"))
     onnx_graph(p.fallback.onnx_model, p.fallback.where("onnx_model"))
-    print(f"{path}: ok (model source {p.model.source}, engine {p.sensitivity.engine})")
+    print(f"{args.params}: ok (model source {p.model.source}, engine {p.sensitivity.engine})")
+    # what DVC would run applies to the project's own params.yaml; another file: a run from scratch
+    ours = args.params.resolve() == Path("params.yaml").resolve()
+    stages = None if args.all or not ours else stages_to_run(Path.cwd())
+    stages = all_stages(p.schemes.run) if stages is None else stages
+    up_to_date = "load_model" not in stages and (MODEL_DIR / "config.json").is_file()
+    facts = describe(p.model, MODEL_DIR if up_to_date else None)
+    plan = build_plan(p, facts, stages, runtime_dir=RUNTIME_DIR, probe_forward=not args.no_probe)
+    print("\n".join(plan.lines()), flush=True)
+    check(plan)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Stage crosscheck: rerun the sensitivity pass with the other engine and compare (native vs INC)."""
+"""Stage crosscheck: INC and the native engine on the same inputs, compared: the whole model, or a
+copy carved from its weights above ``crosscheck.whole_max_params`` (``report.crosscheck``)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--workspace", default=".op_sensitivity_work/crosscheck", type=Path)
     args = ap.parse_args(argv)
-    params = load_params(args.params).sensitivity
+    params = load_params(args.params)
     result = run_crosscheck(
-        params,
+        params.sensitivity,
+        params.crosscheck,
         args.calibration,
         args.model,
         args.inventory,

@@ -1,4 +1,5 @@
-"""Stage validate: the chosen keep-list on the eval split, against random lists and INC's own PTQ."""
+"""Stage validate: the chosen keep-list on the eval split, against random lists and INC's own PTQ
+(of the whole model, or of a carved copy above ``crosscheck.whole_max_params``: ``validation.inc_check``)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,16 @@ from pathlib import Path
 from op_sensitivity.atomic import atomic_file, dump_json
 from op_sensitivity.cli import pass_input_parser, run_stage
 from op_sensitivity.engines.artifact import read_report
-from op_sensitivity.engines.inc import ptq_logits
 from op_sensitivity.fallback.exports import inc_op_name_dict
 from op_sensitivity.fallback.keep_list import read_keep_list
 from op_sensitivity.inventory import read_inventory
-from op_sensitivity.model.source import load_model_dir
+from op_sensitivity.model.source import load_model_dir, read_card
 from op_sensitivity.params import load_params
 from op_sensitivity.validation.curve import read_curve
+from op_sensitivity.validation.inc_check import carved_check, whole_check
 from op_sensitivity.validation.inputs import open_measurer, scored_and_excluded
 from op_sensitivity.validation.plots import pareto
-from op_sensitivity.validation.validate import compare_with_inc, metrics, section, validate_keep_list
+from op_sensitivity.validation.validate import metrics, section, validate_keep_list
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,21 +35,25 @@ def main(argv: list[str] | None = None) -> None:
     keep_list, inventory = read_keep_list(args.keep_list), read_inventory(args.inventory)
     keep = [o["module"] for o in keep_list["ops"]]
     _, excluded = scored_and_excluded(report)
+    card, check, batch_size = read_card(args.model), params.crosscheck, params.curve.batch_size
+    carved = params.validate.inc_check and check.carves(card.params)
     with open_measurer(
-        params.sensitivity, params.curve.batch_size, args.calibration, args.eval, args.model, report
+        params.sensitivity, batch_size, args.calibration, args.eval, args.model, report
     ) as measurer:
         doc = validate_keep_list(measurer, keep, excluded, inventory, params.curve)
-        if params.validate.inc_check:
+        if params.validate.inc_check and not carved:
             model, _, _ = load_model_dir(args.model)
-            forward = ptq_logits(
-                model,
-                measurer.calibration,
-                params.curve.batch_size,
-                # the keep-list, and what the sensitivity params kept fp32 (the native model keeps it too)
-                inc_op_name_dict([*keep, *excluded]),
-                args.workspace,
+            # the keep-list, and what the sensitivity params kept fp32 (the native model keeps it too)
+            fp32_ops = [*keep, *excluded]
+            whole_check(
+                doc, measurer, model, fp32_ops, inc_op_name_dict, batch_size, args.workspace, card, check
             )
-            compare_with_inc(doc, measurer, forward)
+    del measurer
+    if carved:  # after the full model is released: only the carved copy is in memory
+        dirs = {"calibration": args.calibration, "eval": args.eval, "model": args.model}
+        carved_check(
+            doc, keep, inc_op_name_dict, params.sensitivity, check, batch_size, dirs, report, args.workspace
+        )
     out = args.out_dir
     dump_json(doc, out / "validation.json")
     with atomic_file(out / "section.md") as tmp:

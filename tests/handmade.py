@@ -96,8 +96,11 @@ SINGLE_OP_DAMAGE = {PATCH: 0.3, UP: 0.25, EMBED: 0.1, DOWN: 0.5, HEAD: 0.2}  # s
 def make_curve() -> dict:
     none = {"top1": None, "nll": None, "logit_se": None}
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "metric": "kl",
+        "sizes": list(range(len(CURVE_RECOVERED))),
+        "targets": [],
+        "single_op_pool": {"rule": "every scored op", "ops": len(SINGLE_OP_DAMAGE)},
         "ops": [op.name for op in INVENTORY],
         "excluded": [],
         "rankings": RANKINGS,

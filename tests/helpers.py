@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -152,3 +155,20 @@ def copy_repo(dest: Path) -> Path:
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "copy"], dest)
     return dest
+
+
+def run_script(script: Path, args: list[str], cwd: Path) -> tuple[int, str]:
+    """Run a stage script as ``__main__`` in this process; its exit code and what it wrote to stderr."""
+    old_argv, old_cwd, err = sys.argv, Path.cwd(), io.StringIO()
+    sys.argv = [str(script), *args]
+    os.chdir(cwd)
+    code = 0
+    try:
+        with contextlib.redirect_stderr(err):
+            runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+    return code, err.getvalue()

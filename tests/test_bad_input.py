@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import runpy
 import shutil
 import signal
 import subprocess
@@ -31,27 +30,10 @@ import yaml
 
 from op_sensitivity.atomic import TMP_TAG, atomic_dir
 from op_sensitivity.report.comparison import crosscheck
-from tests.helpers import REPO, SAMPLE_ANNOTATIONS, SAMPLE_IMAGES, SMALL_TINY, venv_env
+from tests.helpers import REPO, SAMPLE_ANNOTATIONS, SAMPLE_IMAGES, SMALL_TINY, run_script, venv_env
 
 STAGES = REPO / "stages"
 FP32 = {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}}
-
-
-def run_script(script: Path, args: list[str], cwd: Path) -> tuple[int, str]:
-    """Run a stage script as ``__main__`` in this process; its exit code and what it wrote to stderr."""
-    old_argv, old_cwd, err = sys.argv, Path.cwd(), io.StringIO()
-    sys.argv = [str(script), *args]
-    os.chdir(cwd)
-    code = 0
-    try:
-        with contextlib.redirect_stderr(err):
-            runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old_argv
-        os.chdir(old_cwd)
-    return code, err.getvalue()
 
 
 def good_params() -> dict:
@@ -556,7 +538,7 @@ CASES = [
     Case(
         "curve-max-points",
         "curve",
-        "curve.max_points: expected null (every size) or an integer >= 2, got 1",
+        "curve.max_points: expected auto, null (every size) or an integer >= 2, got 1",
         params=_set("curve", max_points=1),
     ),
     Case(
@@ -808,6 +790,52 @@ def test_check_params_stops_before_dvc_touches_anything(workspace):
     assert code == 2 and "error: case.yaml: captions.annotations: data/missing.json is not a file" in err
     code, err = run_script(REPO / "scripts/check_params.py", ["params.yaml"], workspace)
     assert code == 0, err
+
+
+def _total_memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        pytest.param(
+            {"sensitivity": {"native": {"device": "cuda"}}},
+            "error: case.yaml: sensitivity.native.device: cuda, but this machine has no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present"),
+            id="cuda-absent",
+        ),
+        pytest.param(
+            {
+                "model": {"source": "full_size_random", "full_size": "3b"},
+                "sensitivity": {"max_ops": 500},
+                "crosscheck": {"whole_max_params": 10**10},
+            },
+            "error: case.yaml: crosscheck.whole_max_params: INC on the whole model (3,754,622,976 "
+            "parameters) needs ~71 GiB",
+            marks=pytest.mark.skipif(_total_memory_gib() > 71, reason="this machine holds INC on a 3B"),
+            id="inc-on-a-whole-3b",
+        ),
+    ],
+)
+def test_a_plan_that_cannot_fit_stops_with_the_param_named(workspace, case, expected):
+    """The plan (scripts/check_params.py, before `dvc repro`): one line naming the param, exit 2,
+    and nothing of the previous run touched; the plan's table is printed before the verdict."""
+    data = good_params()
+    for block, values in case.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                data[block][key].update(value)
+            else:
+                data[block][key] = value
+    (workspace / "case.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    before = snapshot(workspace)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code, err = run_script(REPO / "scripts/check_params.py", ["case.yaml", "--no-probe"], workspace)
+    assert code == 2 and expected in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert snapshot(workspace) == before and strays(workspace) == []
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):

@@ -23,7 +23,10 @@ SRC = REPO / "src"
 PACKAGE = "op_sensitivity"
 PACKAGE_DIR = SRC / PACKAGE
 # top-level modules first
-LAYERS = ("data", "model", "schemes", "engines", "report", "validation", "fallback")
+LAYERS = ("data", "model", "schemes", "engines", "report", "validation", "fallback", "plan")
+# What make repro runs before DVC (the params check and the plan), and the profile it applies:
+# library users besides the stages, never a stage's dep.
+TOOLS = (REPO / "scripts/check_params.py", REPO / "scripts/apply_profile.py")
 
 
 def module_file(name: str) -> Path | None:
@@ -137,8 +140,8 @@ def _rank(module: str) -> int:
 
 
 def test_layers_import_downward_only():
-    """shared vocabulary <- data <- model <- schemes <- engines <- report <- validation <- fallback;
-    no stage imports."""
+    """shared vocabulary <- data <- model <- schemes <- engines <- report <- validation <- fallback
+    <- plan; no stage imports."""
     violations = []
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
         rel = path.relative_to(SRC).with_suffix("")
@@ -151,8 +154,14 @@ def test_layers_import_downward_only():
     assert not violations, violations
 
 
+def test_no_stage_depends_on_the_plan():
+    """The plan reads DVC's state and this machine: no artifact may be a function of it."""
+    for name, stage in _stages().items():
+        assert not any("/plan" in str(f) for f in closure(_script(stage))), name
+
+
 def test_every_library_module_is_used_by_some_stage():
-    used = set().union(*(closure(_script(s)) for s in _stages().values()))
+    used = set().union(*(closure(_script(s)) for s in _stages().values()), *(closure(t) for t in TOOLS))
     unused = [str(p.relative_to(REPO)) for p in PACKAGE_DIR.rglob("*.py") if p not in used]
     assert not unused, f"library modules no stage runs (dead code, or a stage lacks its dep): {unused}"
 

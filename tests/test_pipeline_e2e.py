@@ -69,10 +69,20 @@ def repo(tmp_path_factory):
     data["sensitivity"]["confidence_batches"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     run(["git", "commit", "-qam", "small params"], repo)
+    assert _planned(repo) == set(STAGES)  # a fresh clone: every stage, as DVC runs them next
     first = run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "first run"], repo)
     return repo, first.stdout
+
+
+def _planned(root, probe: bool = True) -> set[str]:
+    """The stages `make repro`'s plan lists (scripts/check_params.py reads DVC's status)."""
+    out = run([sys.executable, "scripts/check_params.py", *([] if probe else ["--no-probe"])], root).stdout
+    names = {line.split()[0] for line in out.splitlines() if line.split()}
+    if "nothing to run: every stage is up to date" in out:
+        return set()
+    return names & set(STAGES)
 
 
 def test_repro_runs_all_stages_and_writes_both_phases(repo):
@@ -141,6 +151,7 @@ def test_fresh_clone_repro_gives_the_same_bytes_and_lock(repo, tmp_path):
 
 def test_second_repro_reruns_nothing_and_param_change_reruns_from_sensitivity(repo):
     root, _ = repo
+    assert _planned(root, probe=False) == set()
     assert _ran(run(["dvc", "repro"], root).stdout) == set()
     before = {rel: _digest(root, rel) for rel in OUTPUTS[:3]}
     report_before = _digest(root, "reports/sensitivity/op_sensitivity.json")
@@ -176,6 +187,7 @@ def test_fallback_param_change_reruns_only_what_reads_the_keep_list(repo):
     _set_params(
         root, fallback={"policy": "top_k", "top_k": {"k": 5}, "always_keep": [], "fused_groups": False}
     )
+    assert _planned(root, probe=False) == {"fallback_list", "validate", "rank_report"}
     assert _ran(run(["dvc", "repro"], root).stdout) == {"fallback_list", "validate", "rank_report"}
     assert {rel: _digest(root, rel) for rel in upstream} == upstream
     doc = json.loads((root / "reports/fallback/fallback_ops.json").read_text())

@@ -31,7 +31,17 @@ REQUANT_MODES = ("cumulative", "isolated")
 # op_sensitivity.schemes describes each (it checks this tuple against its registry)
 SCHEMES = ("inc_cpu", "modelopt_int8", "modelopt_fp8", "llmcompressor_w8a8", "ort_qdq")
 POLICIES = ("top_k", "top_fraction", "threshold", "error_budget", "measured_budget", "bits_budget")
-BLOCKS = ("captions", "model", "sensitivity", "schemes", "curve", "fallback", "validate", "report")
+BLOCKS = (
+    "captions",
+    "model",
+    "sensitivity",
+    "schemes",
+    "crosscheck",
+    "curve",
+    "fallback",
+    "validate",
+    "report",
+)
 SCHEME_ARITHMETICS = ("fake_quant", "kernels")
 
 _MISSING = object()
@@ -184,6 +194,24 @@ class SchemesParams(ParamsBlock):
 
 
 @dataclass(frozen=True)
+class CrosscheckParams(ParamsBlock):
+    """Where INC is checked against the native engine (stage crosscheck, validate's INC PTQ check).
+
+    INC's per-op loop needs 50-75 GB and ~45 s per op at 3B width, so a model above
+    ``whole_max_params`` is compared on a carved copy (``model.carve``): the first
+    ``carve_layers`` decoder layers and ``carve_vision_blocks`` vision blocks, real weights.
+    """
+
+    BLOCK: ClassVar[str] = "crosscheck"
+    whole_max_params: int = 500_000_000  # up to this many parameters INC runs on the whole model
+    carve_layers: int = 2  # above it: the first decoder layers kept in the carved copy
+    carve_vision_blocks: int = 2  # and the first vision blocks
+
+    def carves(self, params: int) -> bool:
+        return params > self.whole_max_params
+
+
+@dataclass(frozen=True)
 class ReportParams(ParamsBlock):
     BLOCK: ClassVar[str] = "report"
     table_top: int | None = None  # rows per phase table; None = every op
@@ -196,7 +224,15 @@ class CurveParams(ParamsBlock):
 
     BLOCK: ClassVar[str] = "curve"
     metric: str = "kl"  # the headline metric: orders the measured ranking, drawn in the plots
-    max_points: int | None = None  # curve sizes per ranking; None = every n from 0 to all scored ops
+    # curve sizes per ranking: "auto" (every n up to validation.curve.DENSE_MAX scored ops, else
+    # log-spaced), None (every n from 0 to all scored ops) or at most this many, log-spaced
+    max_points: int | str | None = "auto"
+    # ops measured alone for the measured ranking: "auto" (every op up to DENSE_MAX, else the top
+    # DENSE_MAX of the fallback and of the requant ranking), "all", or the top K of each
+    single_op: int | str = "auto"
+    # shares of the all-int8 damage given back whose smallest n is bisected on every ranking (headline
+    # metric) where the grid is log-spaced: what the report and a measured_budget policy read
+    crossings: tuple[float, ...] = (0.5, 0.9, 0.99)
     random_lists: int = 5  # random keep-lists per size: the baseline a ranking must beat
     seed: int = 0
     batch_size: int = 8  # eval samples per forward
@@ -226,6 +262,7 @@ class Params:
     model: ModelParams
     sensitivity: SensitivityParams
     schemes: SchemesParams
+    crosscheck: CrosscheckParams
     curve: CurveParams
     fallback: FallbackParams
     validate: ValidateParams
@@ -414,16 +451,41 @@ def _report(b: _Block) -> ReportParams:
     )
 
 
+def _crosscheck(b: _Block) -> CrosscheckParams:
+    d = CrosscheckParams
+    return CrosscheckParams(
+        whole_max_params=b.int_in("whole_max_params", 0, default=d.whole_max_params),
+        carve_layers=b.int_in("carve_layers", 1, default=d.carve_layers),
+        carve_vision_blocks=b.int_in("carve_vision_blocks", 1, default=d.carve_vision_blocks),
+        params_file=b.source,
+    )
+
+
 def _curve(b: _Block) -> CurveParams:
     d = CurveParams
-    max_points = b.get("max_points", (int, type(None)), d.max_points)
-    if max_points is not None and max_points < 2:
+    max_points = b.get("max_points", (int, str, type(None)), d.max_points)
+    if max_points != "auto" and max_points is not None and (isinstance(max_points, str) or max_points < 2):
         raise InputError(
-            f"{b.where('max_points')}: expected null (every size) or an integer >= 2, got {max_points}"
+            f"{b.where('max_points')}: expected auto, null (every size) or an integer >= 2, "
+            f"got {max_points!r}"
+        )
+    single_op = b.get("single_op", (int, str), d.single_op)
+    if single_op not in ("auto", "all") and (isinstance(single_op, str) or single_op < 1):
+        raise InputError(
+            f"{b.where('single_op')}: expected auto, all or an integer >= 1 (the top K of each ranking), "
+            f"got {single_op!r}"
+        )
+    crossings = b.get("crossings", list, list(d.crossings))
+    if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 < c <= 1 for c in crossings):
+        raise InputError(
+            f"{b.where('crossings')}: expected a list of shares in (0, 1] (0.9: 90 % of the all-int8 damage "
+            f"given back), got {crossings!r}"
         )
     return CurveParams(
         metric=b.choice("metric", METRICS, d.metric),
         max_points=max_points,
+        single_op=single_op,
+        crossings=tuple(float(c) for c in crossings),
         random_lists=b.int_in("random_lists", 1, default=d.random_lists),
         seed=b.get("seed", int, d.seed),
         batch_size=b.int_in("batch_size", 1, default=d.batch_size),
@@ -532,6 +594,7 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
         model=_model(_Block(data.get("model"), "model", source)),
         sensitivity=_sensitivity(_Block(data.get("sensitivity"), "sensitivity", source)),
         schemes=_schemes(_Block(data.get("schemes", {}), "schemes", source)),
+        crosscheck=_crosscheck(_Block(data.get("crosscheck", {}), "crosscheck", source)),
         curve=_curve(_Block(data.get("curve", {}), "curve", source)),
         fallback=_fallback(_Block(data.get("fallback"), "fallback", source)),
         validate=_validate(_Block(data.get("validate", {}), "validate", source)),

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from op_sensitivity.engines.contract import VISION_FP32
 from op_sensitivity.engines.runner import run_sensitivity
+from op_sensitivity.params import CrosscheckParams
 from op_sensitivity.report.crosscheck import run_crosscheck
 from tests.helpers import sensitivity_params
 
@@ -32,7 +33,15 @@ def test_a_modelopt_spectrum_is_crosschecked_as_native_inc_cpu_against_inc(
     assert stored["metadata"]["scheme"]["name"] == "modelopt_int8"
     out = tmp_path / "crosscheck.json"
     doc = run_crosscheck(
-        params, calibration_dir, small_model_dir, inventory, report, out, None, tmp_path / "cc"
+        params,
+        CrosscheckParams(),
+        calibration_dir,
+        small_model_dir,
+        inventory,
+        report,
+        out,
+        None,
+        tmp_path / "cc",
     )
     assert doc["checked_scheme"] == "inc_cpu"
     assert json.loads(out.read_text())["checked_scheme"] == "inc_cpu"

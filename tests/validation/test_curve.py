@@ -4,14 +4,20 @@ import json
 
 import pytest
 
+from op_sensitivity.params import CurveParams
 from op_sensitivity.phases import RANKINGS
+from op_sensitivity.report.scores import phase_scores
 from op_sensitivity.validation.curve import (
+    _bisect,
+    curve_cost,
     curve_sizes,
     curve_table,
+    measure_curve,
     random_lists,
     read_curve,
     write_curve,
 )
+from op_sensitivity.validation.inputs import open_measurer, scored_and_excluded
 from tests.validation.planted import PLANTED
 
 
@@ -69,3 +75,91 @@ def test_sizes_and_random_lists_are_deterministic():
     a = random_lists(ops, 3, 4, seed=0)
     assert a == random_lists(ops, 3, 4, seed=0) and a != random_lists(ops, 3, 4, seed=1)
     assert all(len(set(lst)) == 3 and lst == sorted(lst, key=ops.index) for lst in a)
+
+
+GRID_417 = [*range(9), 10, 13, 16, 20, 25, 32, 40, 51, 64, 81, 102, 128, 161, 203, 256, 323, 406, 417]
+
+
+def test_sizes_are_every_n_up_to_32_ops_then_log_spaced():
+    """Hand-computed: every n to 8, then round(8 * 2 ** (k / 3)) below N, then N."""
+    assert curve_sizes(29) == list(range(30))
+    assert curve_sizes(32) == list(range(33))
+    assert curve_sizes(41) == [*range(9), 10, 13, 16, 20, 25, 32, 40, 41]
+    assert curve_sizes(417) == GRID_417
+    assert curve_sizes(417, None) == list(range(418))
+
+
+def test_the_cost_in_configurations_is_bounded_as_documented():
+    """docs/artifacts.md "The curve's cost": references + single-op pool + 3 rankings and R random
+    lists at the inner sizes + at most 9 bisections (3 shares x 3 rankings) in the widest gap."""
+    params = CurveParams()
+    assert curve_cost(29, params) == {
+        "sizes": 30,
+        "references": 3,
+        "single_op_max": 29,
+        "ranking_points": 84,
+        "random_lists": 140,
+        "refinement_max": 0,
+        "total_max": 256,
+    }
+    dense_41 = 3 + 41 + 3 * 40 + 5 * 40  # 364: what every n cost on the 41-op snapshot
+    assert curve_cost(41, params)["total_max"] == 3 + 41 + 3 * 15 + 5 * 15 + 9 * 3 == 191 < dense_41
+    cost = curve_cost(417, params)  # the 3B: widest gap 406 - 323 = 83, ceil(log2 83) = 7 steps
+    assert cost == {
+        "sizes": 27,
+        "references": 3,
+        "single_op_max": 64,
+        "ranking_points": 75,
+        "random_lists": 125,
+        "refinement_max": 63,
+        "total_max": 330,
+    }
+    assert curve_cost(417, CurveParams(max_points=None, single_op="all"))["total_max"] == 3 + 417 + 8 * 416
+
+
+def test_bisection_finds_the_crossing_inside_a_grid_gap():
+    recovered = [0.0, 0.3, 0.45, 0.5, 0.62, 0.7, 0.8, 0.85, 0.91, 0.95, 1.0]  # n = 0..10
+    seen = []
+
+    def point(ranking, n):
+        seen.append(n)
+        return {"recovered": {"kl": recovered[n]}}
+
+    assert _bisect(point, "fallback", "kl", 0.9, [0, 1, 2, 10]) == 8
+    assert _bisect(point, "fallback", "kl", 0.5, [0, 1, 2, 10]) == 3
+    assert _bisect(point, "fallback", "kl", 0.3, [0, 1, 2, 10]) == 1  # on the grid: no search
+    assert _bisect(point, "fallback", "kl", 1.01, [0, 1, 2, 10]) is None
+    assert max(seen) == 10 and len(set(seen)) < len(recovered)  # measured a few sizes, not all
+
+
+def test_a_sparse_grid_gives_the_dense_curves_values_and_crossings(planted, calibration_dir, eval_dir):
+    """The same measurer on a 4-size grid with a 2-op single-op pool: every value it measured equals
+    the every-n curve's, each bisected crossing is one of that curve's crossings (reaches the share,
+    n - 1 does not), and the measured ranking is the pool by damage, then the rest in fallback order."""
+    dense, report, inventory = planted["curve"], planted["report"], planted["inventory"]
+    rankings = {p: list(df["module"]) for p, df in phase_scores(report, inventory).items()}
+    _, excluded = scored_and_excluded(report)
+    params = CurveParams(max_points=4, single_op=2, random_lists=1)
+    with open_measurer(planted["params"], 8, calibration_dir, eval_dir, planted["dir"], report) as measurer:
+        sparse = measure_curve(measurer, rankings, excluded, inventory, params)
+    n_ops = len(dense["ops"])
+    assert sparse["sizes"] == [0, 1, 4, n_ops] and len(dense["sizes"]) == n_ops + 1
+    pool = sorted({*rankings["fallback"][:2], *rankings["requant"][:2]}, key=dense["ops"].index)
+    assert list(sparse["single_op"]) == pool and sparse["single_op_pool"]["ops"] == len(pool)
+    for m in pool:
+        assert sparse["single_op"][m] == dense["single_op"][m]
+    share = {m: sparse["single_op"][m]["damage_share"]["kl"] for m in pool}
+    first = sorted(pool, key=lambda m: (-share[m], dense["ops"].index(m)))
+    assert sparse["rankings"]["measured"] == first + [m for m in rankings["fallback"] if m not in pool]
+    dense_points = {(p["ranking"], p["n"]): p for p in dense["points"]}
+    for p in sparse["points"]:
+        if p["ranking"] != "measured":  # the measured ranking's order differs (its pool)
+            assert p["values"] == dense_points[p["ranking"], p["n"]]["values"]
+    assert len(sparse["targets"]) == 9
+    for t in sparse["targets"]:
+        if t["n"] is None or t["ranking"] == "measured":
+            continue
+        got = [dense_points[t["ranking"], n]["recovered"]["kl"] for n in (t["n"] - 1, t["n"])]
+        assert got[1] >= t["share"] - 1e-12 and (t["n"] == 0 or got[0] < t["share"]), t
+    table = curve_table(sparse)
+    assert list(table["n"]) == sparse["sizes"] and not table.isna().any().any()

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from op_sensitivity.engines.inc import ptq_logits
 from op_sensitivity.fallback.exports import inc_op_name_dict
 from op_sensitivity.model.source import load_model_dir
-from op_sensitivity.params import CurveParams
+from op_sensitivity.params import CrosscheckParams, CurveParams
+from op_sensitivity.validation.inc_check import whole_check
 from op_sensitivity.validation.inputs import open_measurer, scored_and_excluded
 from op_sensitivity.validation.plots import pareto
-from op_sensitivity.validation.validate import compare_with_inc, metrics, section, validate_keep_list
+from op_sensitivity.validation.validate import metrics, section, validate_keep_list
 from tests.validation.planted import PLANTED
 
 
@@ -24,15 +24,10 @@ def measured(planted, calibration_dir, eval_dir, tmp_path_factory):
     with open_measurer(planted["params"], 8, calibration_dir, eval_dir, planted["dir"], report) as measurer:
         good = validate_keep_list(measurer, sorted(PLANTED), excluded, inventory, params)
         bad = validate_keep_list(measurer, quiet, excluded, inventory, params)
-        model, _, _ = load_model_dir(planted["dir"])
-        forward = ptq_logits(
-            model,
-            measurer.calibration,
-            8,
-            inc_op_name_dict([*sorted(PLANTED), *excluded]),  # excluded: lm_head, fp32 in the pass
-            tmp_path_factory.mktemp("inc"),
-        )
-        compare_with_inc(good, measurer, forward)
+        model, _, card = load_model_dir(planted["dir"])
+        fp32_ops = [*sorted(PLANTED), *excluded]  # excluded: lm_head, fp32 in the pass
+        ws = tmp_path_factory.mktemp("inc")
+        whole_check(good, measurer, model, fp32_ops, inc_op_name_dict, 8, ws, card, CrosscheckParams())
     return good, bad
 
 
@@ -64,6 +59,10 @@ def test_inc_own_ptq_matches_the_native_prediction(measured):
     """Same scheme, same calibration sample, same int8 kernels on CPU: near-equality expected."""
     good, _ = measured
     inc = good["inc_ptq"]
+    assert (
+        inc["compared"]["model"] == "whole"
+        and inc["compared"]["params"] < inc["compared"]["whole_max_params"]
+    )
     assert inc["values"]["tokens"] == inc["native_prediction"]["tokens"] > 0
     assert inc["rel_diff"]["logit_se"] < 1e-4, inc
     assert inc["rel_diff"]["kl"] < 1e-3, inc

@@ -181,6 +181,19 @@ def build_spec(
             f"{params.where('confidence_batches')}: expected at most {len(batches)} "
             f"(calibration batches), got {params.confidence_batches}"
         )
+    params, excluded, scheme = exclusions(params, inventory, mode)
+    ops = tuple((op.name, op.type) for op in inventory)
+    spec = PassSpec(ops, tuple(excluded), tuple(batches[: params.confidence_batches]), params, scheme=scheme)
+    check_scored(params, len(spec.scored))
+    return spec
+
+
+def exclusions(
+    params: SensitivityParams, inventory: list[OpInfo], mode: str
+) -> tuple[SensitivityParams, list[ExcludedOp], Scheme]:
+    """The ops a pass keeps fp32 and why, with the params as the engines get them (the text-only
+    vision rule merged into ``op_name_dict``) and the scheme measured. No model needed: the plan
+    counts a pass's ops with it before anything loads."""
     scheme = load(params.native.scheme, params.where("native.scheme"))
     if params.engine == "inc" and scheme.name != "inc_cpu":
         raise InputError(
@@ -192,15 +205,22 @@ def build_spec(
         for pattern, cfg in VISION_FP32.items():
             op_name_dict.setdefault(pattern, cfg)
     params = replace(params, op_name_dict=op_name_dict)
-    ops = tuple((op.name, op.type) for op in inventory)
     excluded = []
-    for name, op_type in ops:
-        reason = exclusion_reason(name, op_type, params.op_type_dict, op_name_dict)
-        reason = reason or scheme_exclusion(scheme, name, op_type)
+    for op in inventory:
+        reason = exclusion_reason(op.name, op.type, params.op_type_dict, op_name_dict)
+        reason = reason or scheme_exclusion(scheme, op.name, op.type)
         if reason is not None:
-            excluded.append(ExcludedOp(name, op_type, reason))
-    spec = PassSpec(ops, tuple(excluded), tuple(batches[: params.confidence_batches]), params, scheme=scheme)
-    scored = len(spec.scored)
+            excluded.append(ExcludedOp(op.name, op.type, reason))
+    return params, excluded, scheme
+
+
+def check_scored(params: SensitivityParams, scored: int) -> None:
+    if scored == 0 and params.native.scheme != "inc_cpu":
+        raise InputError(
+            f"{params.where('op_name_dict')}: under scheme {params.native.scheme} every op is kept fp32 "
+            "(op_name_dict, op_type_dict and the scheme's own skips); nothing to score: remove the "
+            "scheme from schemes.run or score ops it quantizes"
+        )
     if scored == 0:
         raise InputError(
             f"{params.where('op_name_dict')}: every op is kept fp32 (with op_type_dict); nothing to score"
@@ -210,4 +230,3 @@ def build_spec(
             f"{params.where('max_ops')}: the pass would score {scored} ops per phase, more "
             f"than max_ops={params.max_ops}; raise it or keep ops fp32 with op_name_dict/op_type_dict"
         )
-    return spec

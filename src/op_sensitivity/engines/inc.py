@@ -401,7 +401,9 @@ def ptq_logits(
 
     Calibrates on ``batches`` (every sample), keeps the ``op_name_dict`` ops fp32, and returns the
     quantized model's forward (logits). No accuracy loop: ``fit`` without an evaluation function
-    returns its first quantized model.
+    returns its first quantized model. INC computes on the CPU in float32: inputs prepared for
+    another device or dtype (the native engine's numerics) are moved there, and the logits
+    moved back, so the two models are scored by the same code.
     """
     inc_util()
     from neural_compressor import PostTrainingQuantConfig, quantization
@@ -414,15 +416,22 @@ def ptq_logits(
         op_name_dict=inc_op_names(op_name_dict) or None,
         calibration_sampling_size=[len(batches) * batch_size],
     )
+    calibration = CalibrationLoader([_on_cpu(b) for b in batches], batch_size)
     with patch_embed_compat():
-        q = quantization.fit(model, conf, calib_dataloader=CalibrationLoader(batches, batch_size))
+        q = quantization.fit(model, conf, calib_dataloader=calibration)
     if q is None:
         raise CaptureError("INC's quantization.fit returned no model for the keep-list's config")
     release_quantization_caches()
     quantized = q.model
 
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        device = batch["input_ids"].device
         with patch_embed_compat():
-            return quantized(**batch).logits
+            return quantized(**_on_cpu(batch)).logits.to(device)
 
     return forward
+
+
+def _on_cpu(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch as INC's CPU float32 model takes it."""
+    return {k: v.cpu().float() if v.is_floating_point() else v.cpu() for k, v in batch.items()}

@@ -11,6 +11,7 @@ stage hashes or reads, so timings never change a versioned artifact::
     {"engine": str, "seconds": {fallback, requant}, "seconds_per_op": float | null,
      "peak_rss_gib" | "peak_gpu_memory_gib": float, "peak_rss_scope": "pass" | "process",
      "rss_at_start_gib": float (native: before the pass),
+     "ops", "batches": int (scored ops, confidence batches), "model_params": int, "device": str,
      "trials_resumed": int (native: taken from a killed run's trial log),
      "blocks_reused", "blocks_run": int (native: decoder layers / vision blocks skipped, computed),
      "processes": int (native, sharded passes only),
@@ -35,10 +36,13 @@ from torch import nn
 from ..atomic import dump_json
 from ..data.calibration import load_calibration
 from ..errors import InputError
-from ..inventory import OpInfo, read_inventory
+from ..inventory import OpInfo, op_inventory, read_inventory
 from ..model.batches import build_batches
-from ..model.source import load_model_dir
+from ..model.carve import Carve, batch_tokens, load_carved
+from ..model.processor import ImageTextProcessor
+from ..model.source import load_model_dir, read_card
 from ..params import SchemesParams, SensitivityParams
+from ..phases import FALLBACK
 from ..schemes import load as load_scheme
 from .artifact import build_report, write_report
 from .contract import Capture, Engine, PassResult, PassSpec, build_spec
@@ -96,6 +100,27 @@ def run_fingerprint(params: SensitivityParams, metadata: dict[str, Any]) -> dict
     }
 
 
+def _calibration_records(params: SensitivityParams, cal_dir: Path) -> tuple[Any, list, dict[str, Any]]:
+    """The records a pass uses (the first confidence_batches x batch_size) and how they are described."""
+    meta, records = load_calibration(cal_dir)
+    needed = params.confidence_batches * params.batch_size
+    if len(records) < needed:
+        raise InputError(
+            f"{params.where('confidence_batches')} x batch_size = {needed} samples needed, "
+            f"the calibration sample {cal_dir} has {len(records)} (raise captions.count)"
+        )
+    calibration = {
+        "mode": meta.mode,
+        "manifest_records": len(records),
+        "samples_used": needed,
+        "batch_size": params.batch_size,
+        "confidence_batches": params.confidence_batches,
+        "annotations": meta.annotations,
+        "annotations_sha256": meta.annotations_sha256,
+    }
+    return meta, records[:needed], calibration
+
+
 def load_inputs(
     params: SensitivityParams,
     cal_dir: Path,
@@ -103,28 +128,39 @@ def load_inputs(
     inventory_path: Path,
 ) -> tuple[nn.Module, PassSpec, list[OpInfo], dict[str, Any]]:
     """Model, validated pass spec (first confidence_batches x batch_size records), inventory, metadata."""
-    meta, records = load_calibration(cal_dir)
+    meta, used, calibration = _calibration_records(params, cal_dir)
     inventory = read_inventory(inventory_path)
-    needed = params.confidence_batches * params.batch_size
-    if len(records) < needed:
-        raise InputError(
-            f"{params.where('confidence_batches')} x batch_size = {needed} samples needed, "
-            f"the calibration sample {cal_dir} has {len(records)} (raise captions.count)"
-        )
     model, processor, card = load_model_dir(model_dir)
-    used = records[:needed]
     batches = build_batches(used, cal_dir, processor, meta.mode, params.batch_size)
     spec = replace(build_spec(params, inventory, batches, meta.mode), model_sha256=card.sha256)
-    calibration = {
-        "mode": meta.mode,
-        "manifest_records": len(records),
-        "samples_used": len(used),
-        "batch_size": params.batch_size,
-        "confidence_batches": params.confidence_batches,
-        "annotations": meta.annotations,
-        "annotations_sha256": meta.annotations_sha256,
-    }
     return model, spec, inventory, {"model": asdict(card), "calibration": calibration}
+
+
+def load_carved_inputs(
+    params: SensitivityParams, cal_dir: Path, model_dir: Path, layers: int, vision_blocks: int
+) -> tuple[nn.Module, PassSpec, list[OpInfo], dict[str, Any], Carve]:
+    """As :func:`load_inputs`, on the carved copy of the model (``model.carve``), the same batches.
+
+    The spec scores what ``params`` say of the carved copy's ops (its module names are the full
+    model's); its ``model_sha256`` names the source weights and the cut, so a resumed native
+    pass never takes values of another carve.
+    """
+    meta, used, calibration = _calibration_records(params, cal_dir)
+    processor = ImageTextProcessor.load(model_dir)
+    batches = build_batches(used, cal_dir, processor, meta.mode, params.batch_size)
+    model, carve = load_carved(model_dir, layers, vision_blocks, batch_tokens(batches))
+    batches = [carve.remap(b) for b in batches]
+    inventory = op_inventory(model)
+    sha = f"{carve.source_sha256}:carved:{carve.decoder_layers}x{carve.vision_blocks}x{carve.vocab}"
+    spec = replace(build_spec(params, inventory, batches, meta.mode), model_sha256=sha)
+    card = asdict(read_card(model_dir))
+    return (
+        model,
+        spec,
+        inventory,
+        {"model": {**card, "carve": carve.as_dict()}, "calibration": calibration},
+        carve,
+    )
 
 
 def host_facts() -> dict[str, Any]:
@@ -147,11 +183,20 @@ def host_facts() -> dict[str, Any]:
     }
 
 
-def runtime_doc(result: PassResult) -> dict[str, Any]:
+def runtime_doc(result: PassResult, model_params: int | None = None) -> dict[str, Any]:
+    """The runtime file of a pass. ``ops``, ``batches``, ``model_params`` and ``host`` let the plan
+    (``op_sensitivity.plan``) reuse its seconds per op for the same model on the same machine."""
     seconds = {k: round(v, 3) for k, v in result.runtime.get("seconds", {}).items()}
     doc: dict[str, Any] = {"engine": result.engine, "seconds": seconds}
+    ops = len(result.op_order) - len(result.excluded)
+    batches = len(result.capture.phase(FALLBACK))
     per_op = result.runtime.get("seconds_per_op")
+    if per_op is None and ops and batches and seconds:
+        per_op = sum(result.runtime["seconds"].values()) / (2 * batches * ops)
     doc["seconds_per_op"] = round(per_op, 6) if per_op is not None else None
+    doc.update(ops=ops, batches=batches, model_params=model_params)
+    if result.details.get("device"):
+        doc["device"] = result.details["device"]
     memory = ("peak_rss_gib", "peak_rss_scope", "peak_gpu_memory_gib", "rss_at_start_gib")
     for key in (*memory, "trials_resumed", "blocks_reused", "blocks_run", "processes"):
         if key in result.runtime:
@@ -194,7 +239,7 @@ def run_sensitivity(
     report = build_report(result, inventory, metadata)
     write_report(report, out_json, metrics_json)
     if runtime_json is not None:
-        dump_json(runtime_doc(result), runtime_json)
+        dump_json(runtime_doc(result, metadata["model"]["params"]), runtime_json)
     log.info(
         "wrote %s (%s engine): %s",
         out_json,

@@ -12,7 +12,8 @@ Policies (``fallback.policy`` picks one; each reads its own params block):
   whose measured damage on the eval split is at most ``percent`` % of all-int8's, by ``metric``
   (read from the ranking curve, ``validation.curve``).
 * ``bits_budget``: the ops whose measured single-op damage (the curve's ``single_op``: the share of
-  all-int8's damage with only that op int8, on the calibration captions) sums highest within a
+  all-int8's damage with only that op int8, on the calibration captions; past
+  ``validation.curve.DENSE_MAX`` ops, the curve's pool of candidates) sums highest within a
   budget of effective weight bits (``bits``) or of the share of weight params kept
   (``params_share``): a 0/1 knapsack, as ModelOpt's and AutoRound's mixed-precision search do.
 
@@ -50,8 +51,26 @@ def _measured_budget(p: FallbackParams, curve: dict) -> tuple[list[str], str]:
             return q["kept"], (
                 f"measured_budget: the top {q['n']} ops of the {s['ranking']} ranking leave {left} of "
                 f"all-int8's {s['metric']} damage on the eval split (<= {s['percent']:g} %)"
+                + _resolution(curve, s["ranking"], s["metric"], target)
             )
     raise InputError(f"{p.where('measured_budget.percent')}: no curve point reaches it")  # n = N always does
+
+
+def _resolution(curve: dict, ranking: str, metric: str, share: float) -> str:
+    """Where the curve measured every n, or bisected this very crossing, the n is exact; else say
+    it is the first measured size reaching the share (``validation.curve``, ``curve.crossings``)."""
+    if len(curve["sizes"]) == len(curve["ops"]) + 1:
+        return ""
+    bisected = any(
+        t["ranking"] == ranking and t["metric"] == metric and abs(t["share"] - share) < 1e-9
+        for t in curve["targets"]
+    )
+    if bisected:
+        return "; bisected on the curve's log-spaced sizes"
+    return (
+        f"; the first measured size reaching it: add {share:g} to curve.crossings (with curve.metric "
+        f"{metric}) for the exact n"
+    )
 
 
 def _items(modules: list[str], groups: dict[str, str | None]) -> dict[str, list[str]]:
@@ -88,7 +107,9 @@ def _bits_budget(
     room = limit - base["params_kept"]
     label = f"{s['bits']:g} effective weight bits" if "bits" in s else f"{s['params_share']:g} of the params"
     params = {op.name: op.params for op in inventory}
-    gain = {m: curve["single_op"][m]["damage_share"][s["metric"]] or 0.0 for m in curve["ops"]}
+    # ops outside the curve's single-op pool were not measured alone: no measured gain to buy
+    single = curve["single_op"]
+    gain = {m: (single[m]["damage_share"][s["metric"]] if m in single else None) or 0.0 for m in curve["ops"]}
     items = _items(curve["ops"], groups if p.fused_groups else {})
     names = [k for k, members in items.items() if sum(gain[m] for m in members) > 0]
     chosen: list[str] = []
@@ -103,8 +124,9 @@ def _bits_budget(
             f"(ops kept fp32 by the sensitivity params already take {100 * base['share_params_kept']:.2f} %)"
         )
     order = {m: i for i, m in enumerate(curve["ops"])}
+    among = curve.get("single_op_pool", {}).get("rule", "every scored op")
     return sorted(chosen, key=order.get), (
-        f"bits_budget: highest summed single-op {s['metric']} damage within {label} (knapsack)"
+        f"bits_budget: highest summed single-op {s['metric']} damage within {label} (knapsack over {among})"
     )
 
 

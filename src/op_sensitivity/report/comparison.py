@@ -10,7 +10,15 @@ Artifact ``crosscheck.json`` (stage ``crosscheck``; a function of its inputs, no
     {"candidate": {engine, path, arithmetic}, "reference": {engine, path}, "bar": {...},
      "phases": {fallback|requant: {ops, compared, spearman, top10_overlap, median_rel_diff, max_rel_diff,
                                    largest_diffs: [{module, candidate, reference, rel_diff}]}},
-     "passes_bar": bool}
+     "passes_bar": bool, "checked_scheme": "inc_cpu",
+     "compared": {model: "whole" | "carved", model_sha256, params, whole_max_params (null: two
+                  reports compared outside the stage),
+                  carved only: source_params, decoder_layers, of_decoder_layers, vision_blocks,
+                  of_vision_blocks, vocab, of_vocab}}
+
+``compared.model_sha256`` is the weights' content hash (the model card's); a carved copy keeps
+the first decoder layers and vision blocks of those weights and the vocabulary rows the batches
+use (``model.carve``), and scores every op it has.
 
 Pure comparison; ``report.crosscheck`` runs the other engine for the stage.
 """
@@ -71,13 +79,27 @@ def compare_phase(
     }
 
 
+def whole_model(report: dict[str, Any], whole_max_params: int | None = None) -> dict[str, Any]:
+    """``compared`` for two reports of the whole model (``report``'s)."""
+    model = report["metadata"]["model"]
+    return {
+        "model": "whole",
+        "model_sha256": model["sha256"],
+        "params": model["params"],
+        "whole_max_params": whole_max_params,
+    }
+
+
 def crosscheck(
     candidate: dict[str, Any],
     reference: dict[str, Any],
     candidate_path: Path | None = None,
     reference_path: Path | None = None,
+    compared: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Compare two sensitivity reports phase by phase; both requant curves must be cumulative."""
+    """Compare two sensitivity reports phase by phase; both requant curves must be cumulative.
+
+    ``compared``: what the two reports were measured on (default: the candidate's whole model)."""
     if reference["phases"][REQUANT].get("cumulative") is False:
         raise InputError(
             "crosscheck: the reference's requant phase is isolated; compare cumulative with "
@@ -98,6 +120,7 @@ def crosscheck(
         "bar": BAR,
         "phases": phases,
         "passes_bar": passes,
+        "compared": compared or whole_model(candidate),
     }
 
 
@@ -107,6 +130,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"{'meets' if result['passes_bar'] else 'MISSES'} the bar (Spearman >= "
         f"{BAR['spearman_min']}, median relative difference <= {BAR['median_rel_diff_max']:.0%})."
     ]
+    compared = result.get("compared")
+    if compared is not None:
+        lines.append(compared_line(compared))
     for phase, v in result["phases"].items():
         lines.append(
             f"- {phase} ({v['compared']}, {v['ops']} ops): Spearman {v['spearman']:.3f}, top-10 overlap "
@@ -114,6 +140,24 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"max {v['max_rel_diff']:.2%}"
         )
     return lines
+
+
+def compared_line(c: dict[str, Any]) -> str:
+    """What the crosscheck ran on, in words (``report.crosscheck`` writes ``compared``)."""
+    sha = c["model_sha256"][:12]
+    if c["model"] == "whole":
+        bound = c.get("whole_max_params")
+        within = f", within crosscheck.whole_max_params = {bound:,}" if bound is not None else ""
+        return f"Compared on the whole model (sha256 {sha}, {c['params']:,} parameters{within})."
+    return (
+        f"Compared on a copy carved from the model's weights (sha256 {sha}): the first "
+        f"{c['decoder_layers']} of {c['of_decoder_layers']} decoder layers, {c['vision_blocks']} of "
+        f"{c['of_vision_blocks']} vision blocks and the {c['vocab']:,} of {c['of_vocab']:,} vocabulary rows "
+        f"the batches use, {c['params']:,} of {c['source_params']:,} parameters; every op of the copy "
+        "scored by both engines on the same calibration batches. The model exceeds "
+        f"crosscheck.whole_max_params = {c['whole_max_params']:,}: INC's per-op loop copies the whole "
+        'model for every op (docs/engines.md, "Crosscheck").'
+    )
 
 
 def read_crosscheck(path: Path) -> dict[str, Any]:
@@ -128,6 +172,21 @@ def read_crosscheck(path: Path) -> dict[str, Any]:
         isinstance(doc.get(k), dict) and isinstance(doc[k].get("engine"), str)
         for k in ("candidate", "reference")
     )
+    compared = doc.get("compared") if ok else None
+    ok = ok and isinstance(compared, dict) and compared.get("model") in ("whole", "carved")
+    ok = ok and isinstance(compared.get("params"), int) and isinstance(compared.get("model_sha256"), str)
+    ok = ok and isinstance(compared.get("whole_max_params"), (int, type(None)))
+    if ok and compared["model"] == "carved":
+        keys = (
+            "source_params",
+            "decoder_layers",
+            "of_decoder_layers",
+            "vision_blocks",
+            "of_vision_blocks",
+            "vocab",
+            "of_vocab",
+        )
+        ok = all(isinstance(compared.get(k), int) for k in keys)
     for phase in PHASES:
         v = doc["phases"].get(phase) if ok else None
         ok = (
@@ -141,7 +200,8 @@ def read_crosscheck(path: Path) -> dict[str, Any]:
         ok = ok and isinstance(v.get("compared"), str)
     if not ok:
         raise InputError(
-            f"{path}: not a crosscheck result (expected candidate/reference engines, passes_bar and per "
-            "phase ops, compared, spearman, top10_overlap, median_rel_diff, max_rel_diff)"
+            f"{path}: not a crosscheck result (expected candidate/reference engines, passes_bar, what was "
+            "compared (whole or carved model) and per phase ops, compared, spearman, top10_overlap, "
+            "median_rel_diff, max_rel_diff; rerun the crosscheck stage)"
         )
     return doc

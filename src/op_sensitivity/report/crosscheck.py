@@ -1,26 +1,43 @@
-"""The crosscheck stage's work: rerun the pass with the other engine on the same inputs, compare.
+"""The crosscheck stage's work: INC and the native engine on the same inputs, compared.
 
-The comparison itself (and the ``crosscheck.json`` schema) is ``report.comparison``; the rerun's
-seconds go to a runtime file (``engines.runner.runtime_doc``), never into ``crosscheck.json``.
+Two ways, chosen by the model's size (``crosscheck.whole_max_params``):
+
+* **whole** (up to the bound): the engine the report was not made with reruns the pass on the
+  whole model, and its values are compared with the report's;
+* **carved** (above it): INC's per-op loop cannot finish on the whole model (at 3B width ~45 s
+  per op on 2 cores and 50-75 GB), so both engines run on a copy carved from the same weights
+  (``model.carve``: the first decoder layers and vision blocks, real widths, the same
+  calibration batches) and score every op of the copy. Equivalence is a property of the
+  arithmetic per op type and width, which the copy has; the report's own values are not
+  compared (they are the full model's).
+
+``crosscheck.json`` says which (``compared``). The comparison itself (and the rest of the
+schema) is ``report.comparison``; seconds go to a runtime file (``engines.runner.runtime_doc``),
+never into ``crosscheck.json``.
 """
 
 from __future__ import annotations
 
+import gc
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..atomic import dump_json
 from ..engines.artifact import build_report, read_report, scheme_name
-from ..engines.runner import load_inputs, run_engine, run_fingerprint, runtime_doc
+from ..engines.runner import load_carved_inputs, load_inputs, run_engine, run_fingerprint, runtime_doc
 from ..errors import InputError
-from ..params import SensitivityParams
+from ..model.source import read_card
+from ..params import CrosscheckParams, SensitivityParams
 from ..phases import REQUANT
-from .comparison import crosscheck
+from .comparison import crosscheck, whole_model
+
+UNBOUNDED_OPS = 1 << 30  # the carved copy scores all its ops, whatever the full pass's max_ops
 
 
 def run_crosscheck(
     params: SensitivityParams,
+    check: CrosscheckParams,
     cal_dir: Path,
     model_dir: Path,
     inventory_path: Path,
@@ -29,17 +46,38 @@ def run_crosscheck(
     runtime_path: Path | None,
     workspace: Path,
 ) -> dict[str, Any]:
-    """Run the engine the report was not made with on the same inputs and compare (native vs INC).
+    """INC against the native engine, whole or carved (module doc); the native one is the candidate.
 
-    The native engine is always the candidate and INC the reference; the native run uses
-    ``requant_mode: cumulative`` here, whatever params say, so the two curves are comparable.
-    INC computes one scheme, inc_cpu: a report measured under another scheme has no INC
-    reference, so then both engines run under inc_cpu (``checked_scheme`` says which was checked).
+    The native run uses ``requant_mode: cumulative`` here, whatever params say, so the two curves
+    are comparable. INC computes one scheme, inc_cpu: a report measured under another scheme
+    has no INC reference, so then both engines run under inc_cpu (``checked_scheme``).
     """
     stored = read_report(report_path)
     if stored["engine"] == "native" and stored["phases"][REQUANT].get("cumulative") is False:
         raise InputError(f"{report_path}: made with requant_mode isolated; crosscheck needs cumulative")
     params = replace(params, native=replace(params.native, requant_mode="cumulative"))
+    card = read_card(model_dir)
+    if check.carves(card.params):
+        doc, runtime = _carved(params, check, cal_dir, model_dir, workspace)
+    else:
+        doc, runtime = _whole(params, stored, cal_dir, model_dir, inventory_path, workspace)
+        doc["compared"] = whole_model(stored, check.whole_max_params)
+    doc["checked_scheme"] = "inc_cpu"
+    dump_json(doc, out_path)
+    if runtime_path is not None:
+        dump_json(runtime, runtime_path)
+    return doc
+
+
+def _whole(
+    params: SensitivityParams,
+    stored: dict[str, Any],
+    cal_dir: Path,
+    model_dir: Path,
+    inventory_path: Path,
+    workspace: Path,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The other engine on the whole model, against the stored report (or inc_cpu natively)."""
     if scheme_name(stored) != "inc_cpu":
         params = replace(params, engine="native", native=replace(params.native, scheme="inc_cpu"))
         model, spec, inventory, metadata = load_inputs(params, cal_dir, model_dir, inventory_path)
@@ -51,9 +89,35 @@ def run_crosscheck(
     fresh = build_report(result, inventory, metadata)
     native, inc = (fresh, stored) if other == "native" else (stored, fresh)
     doc = crosscheck(native, inc)
-    doc["checked_scheme"] = "inc_cpu"
     doc["candidate"]["arithmetic"] = native["metadata"].get("engine_details", {}).get("arithmetic")
-    dump_json(doc, out_path)
-    if runtime_path is not None:
-        dump_json(runtime_doc(result), runtime_path)
-    return doc
+    return doc, {**runtime_doc(result, metadata["model"]["params"]), "model": "whole"}
+
+
+def _carved(
+    params: SensitivityParams, check: CrosscheckParams, cal_dir: Path, model_dir: Path, workspace: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both engines on the carved copy, every op of it scored (the full pass's op_name_dict names
+    the full model's ops and may leave none of the copy's): one INC pass of a few dozen ops."""
+    params = replace(
+        params,
+        op_name_dict={},
+        op_type_dict={},
+        max_ops=UNBOUNDED_OPS,
+        native=replace(params.native, scheme="inc_cpu"),
+    )
+    reports, runtimes = {}, {}
+    for engine in ("native", "inc"):  # each on its own load: INC casts and hooks the model it gets
+        model, spec, inventory, metadata, carve = load_carved_inputs(
+            params, cal_dir, model_dir, check.carve_layers, check.carve_vision_blocks
+        )
+        result = run_engine(engine, model, spec, workspace / engine, run_fingerprint(params, metadata))
+        reports[engine] = build_report(result, inventory, metadata)
+        runtimes[engine] = runtime_doc(result, carve.params)
+        del model, result
+        gc.collect()
+    # model_sha256: the weights carved from; every op of the copy is scored
+    compared = {"model": "carved", **carve.as_dict(), "whole_max_params": check.whole_max_params}
+    doc = crosscheck(reports["native"], reports["inc"], compared=compared)
+    doc["candidate"]["arithmetic"] = reports["native"]["metadata"]["engine_details"]["arithmetic"]
+    runtime = {**runtimes["inc"], "model": "carved", "native": runtimes["native"]}
+    return doc, runtime

@@ -1,15 +1,19 @@
-"""A stage's measurer: the model, every calibration record, the eval split, the pass's scored ops."""
+"""A stage's measurer: the model (or a carved copy), every calibration record, the eval split, the
+pass's scored ops."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from ..data.calibration import load_calibration
 from ..engines.native import resolve_numerics
 from ..errors import InputError
-from ..inventory import module_name
+from ..inventory import module_name, op_inventory
 from ..model.batches import build_eval_batches
-from ..model.source import load_model_dir
+from ..model.carve import Carve, batch_tokens, load_carved
+from ..model.processor import ImageTextProcessor
+from ..model.source import load_model_dir, read_card
 from ..params import SensitivityParams
 from ..phases import FALLBACK
 from .measure import CALIBRATION, EVAL, Measurer
@@ -21,6 +25,28 @@ def scored_and_excluded(report: dict) -> tuple[list[str], set[str]]:
     return [o["module"] for o in ops], {module_name(e["op_name"]) for e in report["metadata"]["excluded_ops"]}
 
 
+def _check_same_model(model_dir: Path, sha256: str, report: dict) -> None:
+    if sha256 != report["metadata"]["model"]["sha256"]:
+        raise InputError(
+            f"{model_dir}: not the model the sensitivity report scored (sha256 {sha256[:12]} vs "
+            f"{report['metadata']['model']['sha256'][:12]}); rerun the sensitivity stage"
+        )
+
+
+def _read_splits(cal_dir: Path, eval_dir: Path) -> Callable[[ImageTextProcessor, int], dict[str, list]]:
+    """Read both splits now (a bad one is named before the model loads); encode them later."""
+    meta, calibration = load_calibration(cal_dir)
+    _, held_out = load_calibration(eval_dir, "eval")
+
+    def encode(processor: ImageTextProcessor, batch_size: int) -> dict[str, list]:
+        return {
+            CALIBRATION: build_eval_batches(calibration, cal_dir, processor, meta.mode, batch_size),
+            EVAL: build_eval_batches(held_out, eval_dir, processor, meta.mode, batch_size),
+        }
+
+    return encode
+
+
 def open_measurer(
     sensitivity: SensitivityParams,
     batch_size: int,
@@ -30,17 +56,35 @@ def open_measurer(
     report: dict,
 ) -> Measurer:
     """The measurer for a stage: the model, every calibration record, the eval split, the pass's ops."""
-    meta, calibration = load_calibration(cal_dir)
-    _, held_out = load_calibration(eval_dir, "eval")
+    encode = _read_splits(cal_dir, eval_dir)
     model, processor, card = load_model_dir(model_dir)
-    if card.sha256 != report["metadata"]["model"]["sha256"]:
-        raise InputError(
-            f"{model_dir}: not the model the sensitivity report scored (sha256 {card.sha256[:12]} vs "
-            f"{report['metadata']['model']['sha256'][:12]}); rerun the sensitivity stage"
-        )
+    _check_same_model(model_dir, card.sha256, report)
     scored, excluded = scored_and_excluded(report)
-    splits = {
-        CALIBRATION: build_eval_batches(calibration, cal_dir, processor, meta.mode, batch_size),
-        EVAL: build_eval_batches(held_out, eval_dir, processor, meta.mode, batch_size),
-    }
+    splits = encode(processor, batch_size)
     return Measurer(model, scored, resolve_numerics(sensitivity), splits, sorted(excluded))
+
+
+def open_carved_measurer(
+    sensitivity: SensitivityParams,
+    batch_size: int,
+    cal_dir: Path,
+    eval_dir: Path,
+    model_dir: Path,
+    report: dict,
+    layers: int,
+    vision_blocks: int,
+) -> tuple[Measurer, Carve]:
+    """The same measurer on a carved copy of the model (``model.carve``): the pass's scored ops
+    that the copy has are scored, every other op of the copy stays in high precision (the ops
+    the pass's params kept fp32, as in the full model)."""
+    encode = _read_splits(cal_dir, eval_dir)
+    _check_same_model(model_dir, read_card(model_dir).sha256, report)
+    splits = encode(ImageTextProcessor.load(model_dir), batch_size)
+    tokens = batch_tokens(b for batches in splits.values() for b, _ in batches)
+    model, carve = load_carved(model_dir, layers, vision_blocks, tokens)
+    splits = {name: [(carve.remap(b), m) for b, m in batches] for name, batches in splits.items()}
+    present = {name for name, _ in model.named_modules()}
+    scored, _ = scored_and_excluded(report)
+    scored = [m for m in scored if m in present]
+    kept = [op.name for op in op_inventory(model) if op.name not in scored]
+    return Measurer(model, scored, resolve_numerics(sensitivity), splits, kept), carve

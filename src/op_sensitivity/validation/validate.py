@@ -10,7 +10,13 @@ Artifact ``reports/validation/metrics.json`` (stage ``validate``, DVC metrics)::
     beats_random: {metric: bool | null}      chosen recovered > the best random list of its size
     reference: {all_int8: Values, fp32: Values}
     inc_ptq: {values: Values, native_prediction: Values, abs_diff: {metric: float},
-              rel_diff: {metric: float | null}} | null        (params validate.inc_check)
+              rel_diff: {metric: float | null},
+              compared: {model: whole | carved, model_sha256, params, whole_max_params,
+                         carved only: source_params, decoder_layers, of_decoder_layers,
+                         vision_blocks, of_vision_blocks, vocab, of_vocab, keep_list_ops,
+                         int8_ops}}
+             | null        (params validate.inc_check; validation.inc_check)
+    inc_ptq_note: str      only when a carved copy has no op int8 under the list (nothing to check)
 
 Values and recovered shares as in ``validation.metrics``. The same numbers, in words, are the
 "Validation" section of ``op_sensitivity.md`` (:func:`section`), and ``pareto.png`` draws the
@@ -19,10 +25,7 @@ chosen list on the ranking curves.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
-
-import torch
 
 from ..inventory import OpInfo, cost
 from ..params import CurveParams
@@ -79,14 +82,19 @@ def validate_keep_list(
 
 
 def compare_with_inc(
-    doc: dict[str, Any], measurer: Measurer, inc_forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    doc: dict[str, Any], inc: dict[str, float], native: dict[str, float], compared: dict[str, Any]
 ) -> dict[str, Any]:
-    """INC's real quantized model, measured like the native prediction it should equal."""
-    inc = measurer.measure_forward(inc_forward)
-    native = doc["chosen"]["values"]
+    """INC's real quantized model against the native prediction it should equal (``validation.inc_check``
+    measures both, on the whole model or a carved copy: ``compared``)."""
     abs_diff = {m: abs(damage(inc, m) - damage(native, m)) for m in METRICS}
     rel = {m: (abs_diff[m] / abs(damage(native, m)) if damage(native, m) else None) for m in METRICS}
-    doc["inc_ptq"] = {"values": inc, "native_prediction": native, "abs_diff": abs_diff, "rel_diff": rel}
+    doc["inc_ptq"] = {
+        "values": inc,
+        "native_prediction": native,
+        "abs_diff": abs_diff,
+        "rel_diff": rel,
+        "compared": compared,
+    }
     return doc
 
 
@@ -156,13 +164,28 @@ def section(doc: dict[str, Any], curve: dict[str, Any], widened: list[dict[str, 
     ]
     if doc["inc_ptq"] is not None:
         d = doc["inc_ptq"]
+        c = d["compared"]
+        where = (
+            "the whole model"
+            if c["model"] == "whole"
+            else f"a copy carved from the model's weights (the first {c['decoder_layers']} of "
+            f"{c['of_decoder_layers']} decoder layers, {c['vision_blocks']} of {c['of_vision_blocks']} "
+            f"vision blocks and the {c['vocab']:,} vocabulary rows the captions use, {c['params']:,} of "
+            f"{c['source_params']:,} parameters, as the crosscheck: above crosscheck.whole_max_params "
+            "INC's PTQ of the whole model does not fit a 24 GB machine), with the keep-list's ops it "
+            f"has ({len(c['keep_list_ops'])}) and the ops the pass kept fp32 in high precision and "
+            f"{c['int8_ops']} ops int8"
+        )
         lines += [
             "INC's own PTQ (`quantization.fit` with the exported `op_name_dict`, calibrated on the same "
-            f"sample) against the native prediction for the same list: {m} {d['values'][m]:.6g} vs "
-            f"{d['native_prediction'][m]:.6g} (relative difference {_pct(d['rel_diff'][m])}); logit squared "
-            f"error {d['values']['logit_se']:.6g} vs {d['native_prediction']['logit_se']:.6g}.",
+            f"sample) against the native prediction for the same list, on {where}: {m} "
+            f"{d['values'][m]:.6g} vs {d['native_prediction'][m]:.6g} (relative difference "
+            f"{_pct(d['rel_diff'][m])}); logit squared error {d['values']['logit_se']:.6g} vs "
+            f"{d['native_prediction']['logit_se']:.6g}.",
             "",
         ]
+    elif doc.get("inc_ptq_note"):
+        lines += [doc["inc_ptq_note"] + ".", ""]
     return "\n".join(lines)
 
 

@@ -1,0 +1,48 @@
+"""Which stages ``dvc repro`` will run: the ones DVC finds changed, and every stage downstream of them.
+
+Read from DVC itself (``Repo.status`` and the stage graph), so the plan names exactly the stages
+DVC would start, in the order it starts them. ``dvc status`` lists only stages whose own deps,
+params or outputs changed; a stage downstream of one reruns too, because its deps will change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import networkx as nx
+
+
+def stages_to_run(repo_root: Path) -> list[str] | None:
+    """Stage names (``scheme_sensitivity@<scheme>`` for foreach stages) in the order DVC runs them;
+    None when ``repo_root`` is not a DVC project (then the plan covers every stage)."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        repo = Repo(str(repo_root))
+    except NotDvcRepoError:
+        return None
+    with repo:
+        changed = set(repo.status())
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        nodes = {stage.addressing: stage for stage in graph.nodes}
+        run = set()
+        for name in changed & set(nodes):
+            run |= {name} | {s.addressing for s in nx.ancestors(graph, nodes[name])}
+        order = [s.addressing for s in nx.topological_sort(graph.reverse(copy=False))]
+    return [name for name in order if name in run]
+
+
+def all_stages(schemes: tuple[str, ...]) -> list[str]:
+    """Every stage of ``dvc.yaml`` in the order ``dvc repro`` runs them from scratch."""
+    return [
+        "prepare_captions",
+        "load_model",
+        "sensitivity",
+        *(f"scheme_sensitivity@{s}" for s in schemes),
+        "crosscheck",
+        "curve",
+        "fallback_list",
+        "validate",
+        "rank_report",
+    ]

@@ -1,0 +1,458 @@
+"""Per stage that will run: what it does (trials, eval forwards, INC ops), where, and what it costs.
+
+Counts are exact, from the params and the model's ops (``plan.model``: the architecture on the
+meta device). Seconds are given only where this machine can tell: a runtime file it wrote for
+the same engine, device and model size (``reports/runtime/*.json``), or the forward probe
+(``plan.probe``, native trials and eval forwards). INC's seconds come only from a runtime file:
+no probe of a few seconds runs INC's per-op loop. Memory is estimated from the measured
+figures documented in docs/benchmarks.md ("What each family member needs", "Whole DAG"):
+
+* native pass (and the curve and validate measurers): the stored weights, plus twice (a fit:
+  quantized-module packing, observers, the allocator) the int8 copies (1 byte per scored
+  Linear / Conv parameter) and dequantized tables (4 bytes per scored Embedding parameter), plus
+  the largest weight of the model in float32, twice (its per-call upcast, whether scored or
+  kept). Fit to two CPU measurements of the full-size 3B, every op scored (17.3 GiB; 18.0
+  estimated; 16.1-17.5 GiB measured on an H100) and five ops (9.5 GiB; 9.9 estimated);
+* INC (the per-op loop, and its PTQ): 0.6 GiB + 5 x the float32 bytes of the model it runs on:
+  measured 10.7 GiB for a 543 M-parameter carved 3B, 70 GiB for the whole 3B ("50-75 GB").
+
+A stage whose estimate exceeds this machine's memory (or its GPU's, on ``cuda``), a CUDA device
+that is absent, or a pass that would score more than ``max_ops`` stops the plan: one line naming
+the params to change, before DVC removes any output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from ..engines.contract import check_scored, exclusions
+from ..engines.native import resolve_numerics
+from ..engines.runner import scheme_params
+from ..errors import InputError
+from ..params import Params, SensitivityParams
+from ..validation.curve import curve_cost
+from .model import ModelFacts, carved_facts
+from .probe import CostModel, ForwardCosts, image_side, probe
+
+GIB = 2**30
+INC_BASE_GIB, INC_PER_FP32_BYTE = 0.6, 5.0
+NATIVE_HELD_FACTOR = 2.0  # resident bytes per byte of int8 copies and dequantized tables (fit, module doc)
+LOAD_PEAK_PER_STORED_BYTE = 1.4  # load_model of full_size_random 3B: 10.2 GiB peak, 7.5 GB written
+DEFAULT_PIXELS = (56 * 56, 28 * 28 * 1280)  # Qwen2VLImageProcessor's own bounds
+CARVED_VOCAB_PER_SAMPLE = 64  # vocabulary rows a carved copy keeps, at most, per sample (plus specials)
+RUNTIME_FILES = {"sensitivity": "sensitivity.json", "crosscheck": "crosscheck.json"}
+LIGHT_STAGES = {"fallback_list": "choose the keep-list, write the exports", "rank_report": "report and plots"}
+
+
+@dataclass(frozen=True)
+class Machine:
+    cpu: str
+    cores: int
+    memory_gib: float
+    gpu: str | None
+    gpu_memory_gib: float | None
+
+    def label(self) -> str:
+        gpu = f"{self.gpu} ({self.gpu_memory_gib:.0f} GiB)" if self.gpu else "no CUDA device"
+        return f"{self.cpu}, {self.cores} cores, {self.memory_gib:.1f} GiB, {gpu}"
+
+    def memory(self, device: str) -> float:
+        return self.gpu_memory_gib if device.startswith("cuda") and self.gpu_memory_gib else self.memory_gib
+
+
+def this_machine() -> Machine:
+    from ..engines.runner import host_facts
+
+    host = host_facts()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    gpu = gpu_memory = None
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
+        gpu_memory = torch.cuda.get_device_properties(0).total_memory / GIB
+    return Machine(host["cpu"] or platform.machine(), host["cpu_count"] or 1, memory, gpu, gpu_memory)
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    work: str
+    device: str = "-"
+    seconds: float | None = None
+    basis: str = ""  # where the seconds come from
+    memory_gib: float | None = None
+    memory_device: str = "cpu"
+
+
+@dataclass
+class Plan:
+    machine: Machine
+    model: ModelFacts
+    stages: list[StagePlan] = field(default_factory=list)
+    stops: list[str] = field(default_factory=list)
+    probes: list[ForwardCosts] = field(default_factory=list)  # one per numerics probed
+
+    def table(self) -> str:
+        rows = [
+            [
+                s.stage,
+                s.device,
+                _duration(s.seconds) if s.seconds is not None else s.basis or "-",
+                "-" if s.memory_gib is None else f"{s.memory_gib:.1f} GiB",
+                s.work,
+            ]
+            for s in self.stages
+        ]
+        return tabulate(rows, headers=["stage", "device", "time", "peak memory", "will do"])
+
+    def lines(self) -> list[str]:
+        out = [f"machine: {self.machine.label()}", f"model: {self.model.label()}"]
+        for p in self.probes:
+
+            def ms(unit: str, p=p) -> str:
+                return f"{p.int8[unit] * 1e3:.1f} / {p.fp32[unit] * 1e3:.1f}"
+
+            out.append(
+                f"probe ({p.probe_seconds:.1f} s on {p.device}, {p.arithmetic}, one sample of "
+                f"{p.image_tokens} image + {p.text_tokens} text tokens), ms per forward int8 / fp32: "
+                f"a decoder layer {ms('text_layer')}, a vision block {ms('vision_block')}, "
+                f"lm_head {ms('head')}"
+            )
+        if not self.stages:
+            return [*out, "nothing to run: every stage is up to date"]
+        total = [s.seconds for s in self.stages if s.seconds is not None]
+        missing = [s.stage for s in self.stages if s.basis.startswith("not estimated")]
+        summary = (
+            f"expected: {_duration(sum(total))} for the stages with an estimate (forward probe or this "
+            "machine's runtime files; INC's per-op loop only from a runtime file)"
+        )
+        if missing:
+            summary += f"; not estimated: {', '.join(missing)}"
+        return [*out, "", self.table(), "", summary]
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def native_peak_gib(facts: ModelFacts, scored: list[str]) -> float:
+    """See the module doc: the native engine's peak for a pass scoring ``scored``."""
+    chosen = set(scored)
+    ops = [op for op in facts.ops if op.name in chosen]
+    int8 = sum(op.params for op in ops if op.type != "Embedding")
+    tables = sum(op.params for op in ops if op.type == "Embedding")
+    largest = max((op.params for op in facts.ops), default=0)  # every op, kept ones too, is upcast per call
+    held = NATIVE_HELD_FACTOR * (int8 + 4 * tables)
+    return (facts.stored_bytes + held + 2 * 4 * largest) / GIB
+
+
+def inc_peak_gib(params: int) -> float:
+    return INC_BASE_GIB + INC_PER_FP32_BYTE * 4 * params / GIB
+
+
+class Planner:
+    """Builds the :class:`Plan` stage by stage (the counts of one stage may need another's)."""
+
+    def __init__(
+        self,
+        params: Params,
+        facts: ModelFacts,
+        machine: Machine,
+        runtime_dir: Path | None = None,
+        probe_forward: bool = True,
+    ):
+        self.p, self.facts, self.machine = params, facts, machine
+        self.runtime_dir = runtime_dir
+        self.probe_forward = probe_forward
+        self.costs: dict[tuple, ForwardCosts] = {}
+        self.layers = facts.config.text_config.num_hidden_layers
+        self.blocks = facts.config.vision_config.depth
+        self.vision = params.captions.mode == "image_caption"
+
+    # -- what a pass scores, where ------------------------------------------------------------
+    def device(self, sens: SensitivityParams) -> str:
+        """The native engine's device on *this plan's* machine (``engines.native.resolve_device``'s
+        rule, read from :class:`Machine` so a plan can be made for a machine described by hand)."""
+        setting = sens.native.device
+        if setting == "cuda" and self.machine.gpu is None:
+            raise InputError(
+                f"{sens.where('native.device')}: cuda, but this machine has no CUDA device (set it to "
+                "auto or cpu, or run on a GPU machine)"
+            )
+        return "cuda" if setting == "cuda" or (setting == "auto" and self.machine.gpu) else "cpu"
+
+    def scored(self, sens: SensitivityParams) -> list[str]:
+        sens, excluded, _ = exclusions(sens, self.facts.ops, self.p.captions.mode)
+        skip = {e.op_name for e in excluded}
+        scored = [op.name for op in self.facts.ops if op.name not in skip]
+        check_scored(sens, len(scored))
+        return scored
+
+    # -- seconds -------------------------------------------------------------------------------
+    def forward_costs(self, sens: SensitivityParams | None = None) -> ForwardCosts | None:
+        """The probe for a pass's numerics (once per device, dtype, arithmetic and scheme)."""
+        if not self.probe_forward:
+            return None
+        numerics = resolve_numerics(sens or self.p.sensitivity)
+        key = (str(numerics.device), numerics.dtype_name, numerics.arithmetic, numerics.scheme.name)
+        if key not in self.costs:
+            m = self.p.model
+            lo, hi = m.min_pixels or DEFAULT_PIXELS[0], m.max_pixels or DEFAULT_PIXELS[1]
+            image = (image_side(self.p.captions.max_side, hi), lo, hi)
+            stored = torch.bfloat16 if self.facts.stored_bytes_per_param == 2 else torch.float32
+            self.costs[key] = probe(self.facts.config, stored, numerics, image)
+        return self.costs[key]
+
+    def runtime_seconds_per_op(self, stage: str, engine: str, params: int, device: str) -> float | None:
+        """Seconds per op of a pass this machine ran: same engine, device and model size (runtime file)."""
+        if self.runtime_dir is None or stage not in RUNTIME_FILES:
+            return None
+        path = self.runtime_dir / RUNTIME_FILES[stage]
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        host, here = doc.get("host") or {}, self.machine
+        same = (
+            doc.get("engine") == engine
+            and doc.get("model_params") == params
+            and host.get("cpu") == here.cpu
+            and host.get("cpu_count") == here.cores
+            and host.get("gpu") == here.gpu
+            and (engine == "inc" or doc.get("device") == device)
+        )
+        return doc.get("seconds_per_op") if same else None
+
+    def cost_model(self, sens: SensitivityParams | None = None) -> CostModel | None:
+        costs = self.forward_costs(sens)
+        if costs is None:
+            return None
+        return CostModel(costs, self.facts.ops, self.layers, self.blocks, self.vision)
+
+    def native_seconds(self, sens: SensitivityParams, scored: list[str]) -> tuple[float | None, str]:
+        model = self.cost_model(sens)
+        if model is None:
+            return None, "not estimated"
+        cumulative = sens.native.requant_mode == "cumulative"
+        per_sample = model.pass_seconds(scored, sens.native.suffix_reuse, cumulative)
+        samples = sens.confidence_batches * sens.batch_size
+        return per_sample * samples / sens.native.processes, "probe"
+
+    # -- stages --------------------------------------------------------------------------------
+    def prepare_captions(self) -> StagePlan:
+        c = self.p.captions
+        return StagePlan(
+            "prepare_captions",
+            f"draw {c.count} calibration + {c.eval_count} eval pairs ({c.mode}) from {c.annotations.name}",
+        )
+
+    def load_model(self) -> StagePlan:
+        m, f = self.p.model, self.facts
+        if m.source == "hf_dir":
+            work = f"hash the snapshot {m.input} and derive processor and card (weights not copied)"
+            peak = f.stored_bytes * 1.1 / GIB
+        elif m.source == "full_size_random":
+            work = (
+                f"build the published {m.full_size} architecture, random weights: writes "
+                f"{f.stored_bytes / 1e9:.1f} GB"
+            )
+            peak = f.stored_bytes * LOAD_PEAK_PER_STORED_BYTE / GIB
+        else:
+            work = "train the tokenizer and build the embedded tiny model"
+            peak = None
+        return StagePlan("load_model", work, "cpu", memory_gib=peak)
+
+    def sensitivity(self, sens: SensitivityParams, stage: str) -> StagePlan:
+        scored = self.scored(sens)
+        n, b = len(scored), sens.confidence_batches
+        if sens.engine == "inc":
+            per_op = self.runtime_seconds_per_op(stage, "inc", self.facts.params, "cpu")
+            seconds = per_op * 2 * b * n if per_op else None
+            return StagePlan(
+                stage,
+                f"INC pass: {n} ops x 2 phases x {b} batches: {2 * n * b} per-op model copies",
+                "cpu",
+                seconds,
+                "runtime file" if per_op else "not estimated",
+                inc_peak_gib(self.facts.params),
+            )
+        device = self.device(sens)
+        scheme = sens.native.scheme
+        per_op = self.runtime_seconds_per_op(stage, "native", self.facts.params, device)
+        seconds, basis = (per_op * 2 * b * n, "runtime file") if per_op else self.native_seconds(sens, scored)
+        trials = b * (2 * n + 1)
+        return StagePlan(
+            stage,
+            f"native ({scheme}): {n} ops x 2 phases x {b} batches of {sens.batch_size}: {trials} trials",
+            device,
+            seconds,
+            basis,
+            native_peak_gib(self.facts, scored),
+            device,
+        )
+
+    def scheme_sensitivity(self, name: str) -> StagePlan:
+        sens = scheme_params(self.p.sensitivity, name, self.p.schemes)
+        return self.sensitivity(sens, f"scheme_sensitivity@{name}")
+
+    def crosscheck(self) -> StagePlan:
+        sens, check, f = self.p.sensitivity, self.p.crosscheck, self.facts
+        b = sens.confidence_batches
+        if check.carves(f.params):
+            rows = (self.p.captions.count + self.p.captions.eval_count) * CARVED_VOCAB_PER_SAMPLE + 64
+            params, n = carved_facts(f, check.carve_layers, check.carve_vision_blocks, rows)
+            what = (
+                f"INC and native on a carved copy ({check.carve_layers} of {self.layers} layers, "
+                f"{check.carve_vision_blocks} of {self.blocks} vision blocks, ~{params / 1e6:.0f} M params): "
+                f"{n} ops x 2 phases x {b} batches each"
+            )
+        else:
+            inc_cpu = replace(sens, native=replace(sens.native, scheme="inc_cpu"))
+            params, n = f.params, len(self.scored(inc_cpu))
+            other = "native" if sens.engine == "inc" else "INC"
+            what = f"{other} rerun on the whole model: {n} ops x 2 phases x {b} batches"
+        per_op = self.runtime_seconds_per_op("crosscheck", "inc", params, "cpu")
+        seconds, basis = (per_op * 2 * b * n, "runtime file") if per_op else (None, "not estimated (INC)")
+        if not check.carves(f.params) and sens.engine == "inc":  # the rerun is the native pass
+            seconds, basis = self.native_seconds(sens, self.scored(sens))
+        return StagePlan("crosscheck", what, "cpu", seconds, basis, inc_peak_gib(params))
+
+    def measurer_seconds(
+        self, scored: list[str], eval_configs: int, calibration_configs: int
+    ) -> tuple[float | None, str]:
+        """The curve's and validate's measurer: calibrated once over the calibration split, fp32
+        references on both splits, then one forward over a split per configuration (a
+        configuration keeps some ops in high precision: counted halfway between all-int8 and fp32;
+        a single-op one, with one op int8, as fp32)."""
+        model = self.cost_model()
+        if model is None:
+            return None, "not estimated"
+        c, e = self.p.captions.count, self.p.captions.eval_count
+        fp32, int8 = model.forward(set()), model.forward(set(scored))
+        setup = c * fp32 * model.costs.observe_factor + (c + e) * fp32
+        setup += model.costs.setup_per_param * sum(model.params[n] for n in scored)
+        mixed = (fp32 + int8) / 2
+        return setup + e * eval_configs * mixed + c * calibration_configs * fp32, "probe"
+
+    def curve(self) -> StagePlan:
+        sens, cp = self.p.sensitivity, self.p.curve
+        n = len(self.scored(sens))
+        cost = curve_cost(n, cp)
+        scored = self.scored(sens)
+        eval_configs = cost["total_max"] - cost["single_op_max"] - 1
+        seconds, basis = self.measurer_seconds(scored, eval_configs, cost["single_op_max"] + 1)
+        return StagePlan(
+            "curve",
+            f"{n} ops, {cost['sizes']} sizes: <= {cost['total_max']} configurations ("
+            f"{cost['single_op_max'] + 1} x {self.p.captions.count} calibration samples, the rest x "
+            f"{self.p.captions.eval_count} eval samples)",
+            self.device(sens),
+            seconds,
+            basis,
+            native_peak_gib(self.facts, scored),
+            self.device(sens),
+        )
+
+    def validate(self) -> StagePlan:
+        sens, check, f = self.p.sensitivity, self.p.crosscheck, self.facts
+        scored = self.scored(sens)
+        configs = 3 + self.p.curve.random_lists
+        seconds, basis = self.measurer_seconds(scored, configs, 0)
+        work = f"{configs} eval configurations"
+        peak = native_peak_gib(f, scored)
+        if self.p.validate.inc_check:
+            if check.carves(f.params):
+                rows = (self.p.captions.count + self.p.captions.eval_count) * CARVED_VOCAB_PER_SAMPLE + 64
+                params, _ = carved_facts(f, check.carve_layers, check.carve_vision_blocks, rows)
+                work += f" + INC PTQ on the carved copy (~{params / 1e6:.0f} M params)"
+            else:
+                params = f.params
+                work += " + INC PTQ of the whole model"
+            peak = max(peak, inc_peak_gib(params))
+            basis += "; INC PTQ not estimated" if seconds is not None else ""
+        return StagePlan("validate", work, self.device(sens), seconds, basis, peak, self.device(sens))
+
+    def plan(self, stages: list[str]) -> Plan:
+        out = Plan(self.machine, self.facts)
+        for stage in stages:
+            if stage.startswith("scheme_sensitivity@"):
+                out.stages.append(self.scheme_sensitivity(stage.partition("@")[2]))
+            elif stage == "sensitivity":
+                out.stages.append(self.sensitivity(self.p.sensitivity, "sensitivity"))
+            elif hasattr(self, stage):
+                out.stages.append(getattr(self, stage)())
+            else:
+                out.stages.append(StagePlan(stage, LIGHT_STAGES.get(stage, "")))
+        out.probes = list(self.costs.values())
+        out.stops = self.stops(out)
+        return out
+
+    # -- what cannot fit -----------------------------------------------------------------------
+    def stops(self, plan: Plan) -> list[str]:
+        """One line per stage whose memory estimate exceeds this machine's, naming what to change."""
+        out = []
+        for s in plan.stages:
+            have = self.machine.memory(s.memory_device)
+            if s.memory_gib is not None and s.memory_gib > have:
+                out.append(self._stop(s, f"needs ~{s.memory_gib:.0f} GiB, this machine has {have:.0f} GiB"))
+        return out
+
+    def _stop(self, s: StagePlan, need: str) -> str:
+        p, params = self.p, self.facts.params
+        whole = not p.crosscheck.carves(params)
+        if s.stage == "crosscheck" and whole:
+            return (
+                f"{p.crosscheck.where('whole_max_params')}: INC on the whole model ({params:,} "
+                f"parameters) {need}; set it below {params:,} to check INC on a carved copy"
+            )
+        if s.stage == "crosscheck":
+            return (
+                f"{p.crosscheck.where('carve_layers')}: INC on the carved copy {need}; lower "
+                "carve_layers / carve_vision_blocks"
+            )
+        if s.stage == "validate" and "INC" in s.work and whole:
+            return (
+                f"{p.crosscheck.where('whole_max_params')}: INC's PTQ of the whole model {need}; set it "
+                f"below {params:,} (INC PTQ on a carved copy) or {p.validate.where('inc_check')}: false"
+            )
+        if "INC pass" in s.work:
+            return (
+                f"{p.sensitivity.where('engine')}: the INC pass {need} (INC copies the float32 model "
+                "for every op); set it to native"
+            )
+        return (
+            f"{p.sensitivity.where('op_name_dict')}: stage {s.stage} {need} (an int8 copy of every op "
+            "it scores); keep ops fp32 with sensitivity.op_name_dict, or use a machine (or GPU) with "
+            "more memory"
+        )
+
+
+def build_plan(
+    params: Params,
+    facts: ModelFacts,
+    stages: list[str],
+    machine: Machine | None = None,
+    runtime_dir: Path | None = None,
+    probe_forward: bool = True,
+) -> Plan:
+    """The plan for ``stages``; raises :class:`InputError` (naming the param) where a stage's params
+    cannot run here at all (no CUDA device, more than ``max_ops``)."""
+    planner = Planner(params, facts, machine or this_machine(), runtime_dir, probe_forward)
+    return planner.plan(stages)
+
+
+def check(plan: Plan) -> None:
+    if plan.stops:
+        raise InputError(plan.stops[0])

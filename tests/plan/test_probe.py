@@ -1,0 +1,91 @@
+"""The forward probe and the trial cost model built on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from op_sensitivity.engines.native import resolve_numerics
+from op_sensitivity.inventory import OpInfo
+from op_sensitivity.model.full_size import full_size_config
+from op_sensitivity.params import load_params
+from op_sensitivity.plan.model import describe
+from op_sensitivity.plan.probe import UNITS, CostModel, ForwardCosts, probe, probe_config, unit_of
+from tests.helpers import REPO
+
+OPS = [
+    "model.visual.patch_embed.proj",
+    "model.visual.blocks.0.mlp.down_proj",
+    "model.visual.merger.mlp.2",
+    "model.language_model.embed_tokens",
+    "model.language_model.layers.0.mlp.down_proj",
+    "model.language_model.layers.1.mlp.down_proj",
+    "lm_head",
+]
+
+
+def _costs(observe: float = 2.0, setup: float = 0.01) -> ForwardCosts:
+    return ForwardCosts(
+        int8=dict.fromkeys(UNITS, 0.5),
+        fp32=dict.fromkeys(UNITS, 1.0),
+        observe_factor=observe,
+        setup_per_param=setup,
+        device="cpu",
+        arithmetic="inc_cpu int8_kernels",
+        probe_seconds=0.0,
+        image_tokens=0,
+        text_tokens=0,
+    )
+
+
+def test_ops_sit_in_the_units_a_trial_recomputes():
+    assert [unit_of(op) for op in OPS] == [
+        ("vision_pre", 0),
+        ("vision_block", 0),
+        ("vision_post", 0),
+        ("text_pre", 0),
+        ("text_layer", 0),
+        ("text_layer", 1),
+        ("head", 0),
+    ]
+
+
+def test_pass_seconds_by_hand():
+    """Seven units of one op each (10 params): fp32 1 s, int8 0.5 s per unit (docstring sums)."""
+    ops = [OpInfo(name, "Linear", [1], 10, "text", None) for name in OPS]
+    model = CostModel(_costs(), ops, layers=2, blocks=1)
+    assert model.forward(set()) == 7.0 and model.forward(set(OPS)) == 3.5
+    # once per batch: calibration 7 x 2 + setup 0.01 x 70 + fp32 reference 7 + all-int8 3.5 = 25.2;
+    # fallback (all int8 from the op's unit on) 3.5+3+2.5+2+1.5+1+0.5 = 14;
+    # requant (cumulative, from the op's unit on) 6.5+5.5+4.5+3.5+2.5+1.5+0.5 = 24.5
+    assert model.pass_seconds(OPS, suffix_reuse=True) == pytest.approx(25.2 + 14.0 + 24.5)
+    # no reuse: a vision op recomputes everything, a text op the text tower (its input is cached)
+    # fallback 3.5 x 3 + 2 x 4 = 18.5; requant 6.5+6+5.5 + 3.5+3+2.5+2 = 29
+    assert model.pass_seconds(OPS, suffix_reuse=False) == pytest.approx(25.2 + 18.5 + 29.0)
+    # isolated requant: one op int8 at a time
+    assert model.pass_seconds(OPS, True, requant_cumulative=False) == pytest.approx(
+        25.2 + 14.0 + (6.5 + 5.5 + 4.5 + 3.5 + 2.5 + 1.5 + 0.5)
+    )
+
+
+def test_probe_config_is_one_layer_and_block_at_full_width_with_a_small_vocabulary():
+    config = full_size_config(None, "3b")
+    small, scale = probe_config(config)
+    assert small.text_config.num_hidden_layers == 1 and small.vision_config.depth == 1
+    assert small.text_config.hidden_size == 2048 and small.vision_config.hidden_size == 1280
+    assert small.text_config.vocab_size == 16384 and scale == pytest.approx(151936 / 16384)
+    assert {small.image_token_id, small.vision_start_token_id} <= set(range(16384))
+
+
+def test_probe_of_the_embedded_default_times_every_unit_in_both_states():
+    torch.set_num_threads(1)
+    params = load_params(REPO / "params.yaml")
+    facts = describe(params.model)
+    costs = probe(facts.config, torch.float32, resolve_numerics(params.sensitivity), (224, 3136, 12544))
+    assert set(costs.int8) == set(costs.fp32) == set(UNITS)
+    assert all(v >= 0 for v in [*costs.int8.values(), *costs.fp32.values()])
+    assert costs.fp32["text_layer"] > 0 and costs.int8["vision_block"] > 0 and costs.observe_factor > 0
+    assert costs.image_tokens == 16 and costs.text_tokens == 42  # 112x112 at most: 64 patches, 2x2 merged
+    assert costs.arithmetic == "inc_cpu int8_kernels" and costs.device == "cpu"
+    model = CostModel(costs, facts.ops, 2, 2)
+    assert model.pass_seconds([op.name for op in facts.ops], True) > 0

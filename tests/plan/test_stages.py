@@ -1,0 +1,153 @@
+"""The plan: stages, counts computed by hand, memory estimates against the measured figures, stops."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from op_sensitivity.errors import InputError
+from op_sensitivity.params import load_params
+from op_sensitivity.plan.model import describe
+from op_sensitivity.plan.pending import all_stages
+from op_sensitivity.plan.stages import Machine, build_plan, check, native_peak_gib
+from tests.helpers import REPO
+
+PARAMS = f"{REPO / 'params.yaml'}: "  # how every message names the file
+CPU_24GB = Machine("test CPU", 2, 23.5, None, None)  # the reference machine: 2 cores, 24 GB
+H100 = Machine("test CPU", 16, 128.0, "NVIDIA H100 80GB HBM3", 79.1)
+GPU_24GB = Machine("test CPU", 16, 128.0, "NVIDIA RTX 4090", 23.6)
+
+
+def _params(**blocks):
+    p = load_params(REPO / "params.yaml")
+    return replace(p, **{name: replace(getattr(p, name), **values) for name, values in blocks.items()})
+
+
+def _full_size(size: str = "3b", **sensitivity):
+    p = _params(model={"source": "full_size_random", "full_size": size})
+    sens = replace(p.sensitivity, engine="native", max_ops=600, **sensitivity)
+    return replace(p, sensitivity=sens)
+
+
+def _work(plan) -> dict[str, str]:
+    return {s.stage: s.work for s in plan.stages}
+
+
+def test_embedded_default_plan_lists_every_stage_with_its_work():
+    p = _params()
+    facts = describe(p.model)  # no load_model output yet: the tiny config on the meta device
+    assert len(facts.ops) == 29 and not facts.exact  # vocabulary: the params' upper bound
+    plan = build_plan(p, facts, all_stages(p.schemes.run), CPU_24GB, probe_forward=False)
+    assert [s.stage for s in plan.stages] == [
+        "prepare_captions",
+        "load_model",
+        "sensitivity",
+        "scheme_sensitivity@modelopt_int8",
+        "scheme_sensitivity@modelopt_fp8",
+        "scheme_sensitivity@llmcompressor_w8a8",
+        "scheme_sensitivity@ort_qdq",
+        "crosscheck",
+        "curve",
+        "fallback_list",
+        "validate",
+        "rank_report",
+    ]
+    work = _work(plan)
+    # 29 ops: patch embedding + 2 vision blocks x 5 + merger 2 + embedding + 2 layers x 7 + lm_head
+    assert work["sensitivity"] == "INC pass: 29 ops x 2 phases x 2 batches: 116 per-op model copies"
+    # ModelOpt: the 14 text Linears (its stock config skips *visual* and *lm_head*);
+    # llm-compressor: every Linear but lm_head (26); ONNX Runtime: all but the Embedding (28)
+    for scheme, n in (
+        ("modelopt_int8", 14),
+        ("modelopt_fp8", 14),
+        ("llmcompressor_w8a8", 26),
+        ("ort_qdq", 28),
+    ):
+        assert work[f"scheme_sensitivity@{scheme}"] == (
+            f"native ({scheme}): {n} ops x 2 phases x 2 batches of 1: {2 * (2 * n + 1)} trials"
+        )
+    assert work["crosscheck"] == "native rerun on the whole model: 29 ops x 2 phases x 2 batches"
+    # every n (29 <= 32): 3 references + 29 single-op + 3 rankings x 28 + 5 random x 28
+    assert work["curve"].startswith("29 ops, 30 sizes: <= 256 configurations")
+    assert work["validate"] == "8 eval configurations + INC PTQ of the whole model"
+    assert plan.stops == [] and all(s.seconds is None for s in plan.stages)  # no probe, no runtime file
+
+
+def test_full_size_3b_plan_on_the_meta_device():
+    p = _full_size("3b")
+    facts = describe(p.model)
+    assert facts.params == 3_754_622_976 and len(facts.ops) == 417 and facts.stored_bytes_per_param == 2
+    plan = build_plan(p, facts, all_stages(p.schemes.run), CPU_24GB, probe_forward=False)
+    work = _work(plan)
+    assert work["sensitivity"] == "native (inc_cpu): 417 ops x 2 phases x 2 batches of 1: 1670 trials"
+    assert work["scheme_sensitivity@modelopt_int8"].startswith("native (modelopt_int8): 252 ops")  # 36 x 7
+    # the carved copy: patch embedding + 2 vision blocks x 5 + merger 2 + embedding + 2 layers x 7 + lm_head
+    assert work["crosscheck"].startswith(
+        "INC and native on a carved copy (2 of 36 layers, 2 of 32 vision blocks"
+    )
+    assert work["crosscheck"].endswith("29 ops x 2 phases x 2 batches each")
+    # 27 sizes; 3 + 64 + 3 x 25 + 5 x 25 + 9 x 7 (tests/validation/test_curve.py)
+    assert work["curve"].startswith("417 ops, 27 sizes: <= 330 configurations")
+    assert "INC PTQ on the carved copy" in work["validate"]
+    peak = {s.stage: s.memory_gib for s in plan.stages}
+    # measured: 17.3 GiB for this pass on the 2-core CPU (docs/benchmarks.md); the estimate errs high
+    assert 17.3 <= peak["sensitivity"] <= 19.0
+    assert peak["crosscheck"] < 8  # INC on the carved copy, not on 3.75 B parameters
+    assert plan.stops == []
+    check(plan)
+
+
+def test_native_memory_estimate_meets_both_3b_measurements():
+    """Fit to two CPU measurements of the full-size 3B (docs/benchmarks.md): every op scored
+    (17.29 GiB) and five ops (9.55 GiB, the "Whole DAG" run); the estimate is at or above each."""
+    facts = describe(_full_size("3b").model)
+    every = native_peak_gib(facts, [op.name for op in facts.ops])
+    handful = [
+        "model.visual.blocks.0.mlp.down_proj",
+        "model.visual.merger.mlp.2",
+        "model.language_model.layers.0.self_attn.o_proj",
+        "model.language_model.layers.35.mlp.down_proj",
+        "lm_head",
+    ]
+    assert 17.29 <= every <= 17.29 * 1.1
+    assert 9.55 <= native_peak_gib(facts, handful) <= 9.55 * 1.1
+
+
+def test_impossible_plans_stop_naming_the_param_to_change():
+    p = _full_size("3b")
+    facts = describe(p.model)
+    stages = all_stages(p.schemes.run)
+    # INC on the whole 3B: ~70 GiB
+    whole = replace(p, crosscheck=replace(p.crosscheck, whole_max_params=10**10))
+    plan = build_plan(whole, facts, stages, CPU_24GB, probe_forward=False)
+    assert plan.stops[0].startswith(PARAMS + "crosscheck.whole_max_params: INC on the whole model")
+    assert "set it below 3,754,622,976" in plan.stops[0]
+    with pytest.raises(InputError, match="crosscheck.whole_max_params"):
+        check(plan)
+    inc = replace(p, sensitivity=replace(p.sensitivity, engine="inc"))
+    plan = build_plan(inc, facts, ["sensitivity"], CPU_24GB, probe_forward=False)
+    assert plan.stops == [
+        f"{PARAMS}sensitivity.engine: the INC pass needs ~{plan.stages[0].memory_gib:.0f} GiB, this "
+        "machine has 24 GiB (INC copies the float32 model for every op); set it to native"
+    ]
+    # a CUDA device that is absent, before anything runs
+    gpu = replace(p, sensitivity=replace(p.sensitivity, native=replace(p.sensitivity.native, device="cuda")))
+    with pytest.raises(InputError, match="sensitivity.native.device: cuda, but this machine has no CUDA"):
+        build_plan(gpu, facts, stages, CPU_24GB, probe_forward=False)
+    # the 7B with every op scored: ~38 GiB on a 24 GB GPU or CPU
+    p7 = replace(_full_size("7b"), sensitivity=gpu.sensitivity)
+    facts7 = describe(p7.model)
+    assert facts7.params == 8_292_166_656
+    plan = build_plan(p7, facts7, ["sensitivity"], GPU_24GB, probe_forward=False)
+    assert plan.stops[0].startswith(PARAMS + "sensitivity.op_name_dict: stage sensitivity needs ~38 GiB")
+    assert build_plan(p7, facts7, ["sensitivity"], H100, probe_forward=False).stops == []
+
+
+def test_only_the_stages_dvc_will_run_are_planned():
+    p = _params()
+    plan = build_plan(p, describe(p.model), ["fallback_list", "validate", "rank_report"], CPU_24GB, False)
+    assert [s.stage for s in plan.stages] == ["fallback_list", "validate", "rank_report"]
+    assert build_plan(p, describe(p.model), [], CPU_24GB, probe_forward=False).lines()[-1] == (
+        "nothing to run: every stage is up to date"
+    )
