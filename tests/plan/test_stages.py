@@ -92,7 +92,7 @@ def test_full_size_3b_plan_on_the_meta_device():
     assert "INC PTQ on the carved copy" in work["validate"]
     peak = {s.stage: s.memory_gib for s in plan.stages}
     # measured: 17.3 GiB for this pass on the 2-core CPU (docs/benchmarks.md); the estimate errs high
-    assert 17.3 <= peak["sensitivity"] <= 19.0
+    assert 17.3 <= peak["sensitivity"] <= 17.3 + 2
     assert peak["crosscheck"] < 8  # INC on the carved copy, not on 3.75 B parameters
     assert plan.stops == []
     check(plan)
@@ -100,7 +100,8 @@ def test_full_size_3b_plan_on_the_meta_device():
 
 def test_native_memory_estimate_meets_both_3b_measurements():
     """Fit to two CPU measurements of the full-size 3B (docs/benchmarks.md): every op scored
-    (17.29 GiB) and five ops (9.55 GiB, the "Whole DAG" run); the estimate is at or above each."""
+    (17.29 GiB) and five ops (9.55 GiB, the "Whole DAG" run); the estimate errs high, by less
+    than 2 GiB."""
     facts = describe(_full_size("3b").model)
     every = native_peak_gib(facts, [op.name for op in facts.ops])
     handful = [
@@ -110,8 +111,8 @@ def test_native_memory_estimate_meets_both_3b_measurements():
         "model.language_model.layers.35.mlp.down_proj",
         "lm_head",
     ]
-    assert 17.29 <= every <= 17.29 * 1.1
-    assert 9.55 <= native_peak_gib(facts, handful) <= 9.55 * 1.1
+    assert 17.29 <= every <= 17.29 + 2
+    assert 9.55 <= native_peak_gib(facts, handful) <= 9.55 + 2
 
 
 def test_impossible_plans_stop_naming_the_param_to_change():

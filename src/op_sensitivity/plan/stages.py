@@ -11,10 +11,12 @@ figures documented in docs/benchmarks.md ("What each family member needs", "Whol
   quantized-module packing, observers, the allocator) the int8 copies (1 byte per scored
   Linear / Conv parameter) and dequantized tables (4 bytes per scored Embedding parameter), plus
   the largest weight of the model in float32, twice (its per-call upcast, whether scored or
-  kept). Fit to two CPU measurements of the full-size 3B, every op scored (17.3 GiB; 18.0
-  estimated; 16.1-17.5 GiB measured on an H100) and five ops (9.5 GiB; 9.9 estimated);
+  kept), plus 0.5 GiB for the interpreter and libraries. Fit to two CPU measurements of the
+  full-size 3B, every op scored (17.3 GiB; 19.1 estimated; 16.1-17.5 GiB measured on an H100)
+  and five ops (9.5 GiB; 10.5 estimated): it errs high, by less than 2 GiB;
 * INC (the per-op loop, and its PTQ): 0.6 GiB + 5 x the float32 bytes of the model it runs on:
-  measured 10.7 GiB for a 543 M-parameter carved 3B, 70 GiB for the whole 3B ("50-75 GB").
+  measured 10.7 GiB on a 543 M-parameter carved 3B (before the vocabulary cut) and 4.1 GiB on
+  the 232 M-parameter one; this rule gives 71 GiB for the whole 3B, where 50-75 GB were seen.
 
 A stage whose estimate exceeds this machine's memory (or its GPU's, on ``cuda``), a CUDA device
 that is absent, or a pass that would score more than ``max_ops`` stops the plan: one line naming
@@ -44,6 +46,7 @@ from .probe import CostModel, ForwardCosts, image_side, probe
 GIB = 2**30
 INC_BASE_GIB, INC_PER_FP32_BYTE = 0.6, 5.0
 NATIVE_HELD_FACTOR = 2.0  # resident bytes per byte of int8 copies and dequantized tables (fit, module doc)
+PROCESS_GIB = 0.5  # Python, torch and transformers loaded: what a tiny model's pass peaks at (0.54 GiB)
 LOAD_PEAK_PER_STORED_BYTE = 1.4  # load_model of full_size_random 3B: 10.2 GiB peak, 7.5 GB written
 DEFAULT_PIXELS = (56 * 56, 28 * 28 * 1280)  # Qwen2VLImageProcessor's own bounds
 CARVED_VOCAB_PER_SAMPLE = 64  # vocabulary rows a carved copy keeps, at most, per sample (plus specials)
@@ -155,7 +158,7 @@ def native_peak_gib(facts: ModelFacts, scored: list[str]) -> float:
     tables = sum(op.params for op in ops if op.type == "Embedding")
     largest = max((op.params for op in facts.ops), default=0)  # every op, kept ones too, is upcast per call
     held = NATIVE_HELD_FACTOR * (int8 + 4 * tables)
-    return (facts.stored_bytes + held + 2 * 4 * largest) / GIB
+    return PROCESS_GIB + (facts.stored_bytes + held + 2 * 4 * largest) / GIB
 
 
 def inc_peak_gib(params: int) -> float:

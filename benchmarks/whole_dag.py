@@ -1,0 +1,131 @@
+"""The whole DAG at real size: every stage's wall time and peak memory, beside what the plan predicted.
+
+    python benchmarks/whole_dag.py --profile profiles/3b-cpu.yaml --workdir /tmp/dag3b \\
+        -S model.source=full_size_random -S model.input=data/calibration --handful \\
+        --out benchmarks/results/cpu-2026-11-27/whole_dag_3b.json
+
+A fresh copy of this checkout (tracked and untracked-not-ignored files, as a clone has them) in
+``--workdir``; the profile and ``-S`` overrides applied with ``scripts/apply_profile.py``;
+``--handful`` keeps every op fp32 but five (``HANDFUL``: a vision block's and a decoder layer's
+down / o projections, the merger's last Linear, the last layer's down_proj and ``lm_head``), by
+one ``sensitivity.op_name_dict`` regex. Then the plan (``scripts/check_params.py``, kept
+verbatim in the result) and ``dvc repro --single-item <stage>`` for each stage in the order DVC
+runs them, each under a small wrapper that reads the kernel's peak resident set of the stage's
+process tree (``getrusage(RUSAGE_CHILDREN)``: the largest process DVC started, the stage's
+Python). Wall seconds include DVC's own work (hashing deps, caching outputs: 7.5 GB for the
+random 3B's weights) and the interpreter start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HANDFUL = (
+    "model.visual.blocks.0.mlp.down_proj",
+    "model.visual.merger.mlp.2",
+    "model.language_model.layers.0.self_attn.o_proj",
+    "model.language_model.layers.35.mlp.down_proj",
+    "lm_head",
+)
+# keep every op fp32 but these: one regex, matched as the engines match op_name_dict keys
+# (module path, or INC's "<path>.module")
+HANDFUL_KEY = "(?!(?:" + "|".join(re.escape(m) for m in HANDFUL) + r")(?:\.module)?$).*"
+FP32 = {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}}
+MEASURE = (
+    "import json, resource, subprocess, sys, time\n"
+    "t = time.perf_counter(); code = subprocess.run(sys.argv[1:]).returncode\n"
+    "print(json.dumps({'code': code, 'seconds': time.perf_counter() - t,\n"
+    "  'peak_rss_gib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}))\n"
+)
+
+
+def sh(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, check=True, text=True, **kw)
+
+
+def copy_checkout(dest: Path) -> None:
+    files = sh(["git", "ls-files", "--cached", "--others", "--exclude-standard"], REPO, capture_output=True)
+    dest.mkdir(parents=True, exist_ok=False)
+    for rel in files.stdout.split():
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes(src.read_bytes())
+    (dest / "dvc.lock").unlink(missing_ok=True)  # a run from scratch
+    sh(["git", "init", "-q"], dest)
+    sh(["git", "add", "-A"], dest)
+    sh(["git", "-c", "user.name=bench", "-c", "user.email=bench@local", "commit", "-qm", "copy"], dest)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", type=Path, required=True)
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("-S", "--set", action="append", default=[])
+    ap.add_argument("--handful", action="store_true", help="score only HANDFUL (op_name_dict)")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    copy_checkout(args.workdir)
+    overrides = list(args.set)
+    if args.handful:
+        overrides.append(f"sensitivity.op_name_dict={json.dumps({HANDFUL_KEY: FP32})}")
+    sh(
+        [
+            sys.executable,
+            "scripts/apply_profile.py",
+            str(REPO / args.profile),
+            *sum((["-S", o] for o in overrides), []),
+        ],
+        args.workdir,
+    )
+    start = time.perf_counter()
+    plan = sh([sys.executable, "scripts/check_params.py"], args.workdir, capture_output=True)
+    plan_seconds = time.perf_counter() - start
+    print(plan.stdout, flush=True)
+    stages = [
+        line.split()[0]
+        for line in plan.stdout.splitlines()
+        if re.match(r"^(\w+|scheme_sensitivity@\w+)\s+(cpu|cuda|-)\s", line)
+    ]
+    rows = []
+    for stage in stages:
+        out = sh(
+            [sys.executable, "-c", MEASURE, "dvc", "repro", "--single-item", stage],
+            args.workdir,
+            capture_output=True,
+        )
+        row = {"stage": stage, **json.loads(out.stdout.strip().splitlines()[-1])}
+        if row["code"] != 0:
+            raise SystemExit(f"stage {stage} failed:\n{out.stdout}\n{out.stderr}")
+        rows.append(row)
+        print(f"{stage}: {row['seconds']:.1f} s, peak {row['peak_rss_gib']:.2f} GiB", flush=True)
+    from op_sensitivity.engines.runner import host_facts
+
+    doc = {
+        "profile": str(args.profile),
+        "overrides": overrides,
+        "handful": list(HANDFUL) if args.handful else None,
+        "plan": plan.stdout,
+        "plan_seconds": round(plan_seconds, 1),
+        "stages": rows,
+        "total_seconds": round(sum(r["seconds"] for r in rows), 1),
+        "host": host_facts(),
+        "runtime": {
+            p.name: json.loads(p.read_text())
+            for p in sorted((args.workdir / "reports/runtime").rglob("*.json"))
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"total {doc['total_seconds'] / 60:.1f} min -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
