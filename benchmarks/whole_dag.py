@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -47,7 +48,12 @@ MEASURE = (
 
 
 def sh(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, check=True, text=True, **kw)
+    """Run with this interpreter's environment first on PATH (``dvc``, and ``python`` in stage cmds)
+    and the copy's own library first on the import path: the code DVC hashes is the code that runs,
+    whatever happens to the checkout meanwhile."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = dict(os.environ, PATH=path, PYTHONPATH=str(cwd / "src"))
+    return subprocess.run(cmd, cwd=cwd, check=True, text=True, env=env, **kw)
 
 
 def copy_checkout(dest: Path) -> None:
@@ -72,6 +78,8 @@ def main() -> None:
     ap.add_argument("--handful", action="store_true", help="score only HANDFUL (op_name_dict)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    commit = sh(["git", "rev-parse", "HEAD"], REPO, capture_output=True).stdout.strip()
+    clean = not sh(["git", "status", "--porcelain"], REPO, capture_output=True).stdout.strip()
     copy_checkout(args.workdir)
     overrides = list(args.set)
     if args.handful:
@@ -117,6 +125,8 @@ def main() -> None:
         "stages": rows,
         "total_seconds": round(sum(r["seconds"] for r in rows), 1),
         "host": host_facts(),
+        "commit": commit,
+        "checkout_clean": clean,
         "runtime": {
             p.name: json.loads(p.read_text())
             for p in sorted((args.workdir / "reports/runtime").rglob("*.json"))

@@ -29,6 +29,7 @@ from op_sensitivity.plan.pending import all_stages, stages_to_run
 from op_sensitivity.plan.stages import build_plan, check
 
 MODEL_DIR = Path("models/qwen2_5_vl")  # load_model's output (dvc.yaml)
+DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"  # this project's pipeline
 RUNTIME_DIR = Path("reports/runtime")
 
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     # what DVC would run applies to the project's own params.yaml; another file: a run from scratch
     ours = args.params.resolve() == Path("params.yaml").resolve()
     stages = None if args.all or not ours else stages_to_run(Path.cwd())
-    stages = all_stages(p.schemes.run) if stages is None else stages
+    stages = all_stages(p.schemes.run, DVC_YAML) if stages is None else stages
     up_to_date = "load_model" not in stages and (MODEL_DIR / "config.json").is_file()
     facts = describe(p.model, MODEL_DIR if up_to_date else None)
     plan = build_plan(p, facts, stages, runtime_dir=RUNTIME_DIR, probe_forward=not args.no_probe)

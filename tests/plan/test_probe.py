@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from op_sensitivity.engines.native import resolve_numerics
+from op_sensitivity.errors import InputError
 from op_sensitivity.inventory import OpInfo
 from op_sensitivity.model.full_size import full_size_config
 from op_sensitivity.params import load_params
 from op_sensitivity.plan.model import describe
-from op_sensitivity.plan.probe import UNITS, CostModel, ForwardCosts, probe, probe_config, unit_of
+from op_sensitivity.plan.probe import (
+    UNITS,
+    CostModel,
+    ForwardCosts,
+    probe,
+    probe_config,
+    typical_image,
+    unit_of,
+)
 from tests.helpers import REPO
 
 OPS = [
@@ -24,10 +35,10 @@ OPS = [
 ]
 
 
-def _costs(observe: float = 2.0, setup: float = 0.01) -> ForwardCosts:
+def _costs(observe: float = 2.0, setup: float = 0.01, per_sample: float = 0.0) -> ForwardCosts:
     return ForwardCosts(
-        int8=dict.fromkeys(UNITS, 0.5),
-        fp32=dict.fromkeys(UNITS, 1.0),
+        int8=dict.fromkeys(UNITS, (0.5, per_sample)),
+        fp32=dict.fromkeys(UNITS, (1.0, per_sample)),
         observe_factor=observe,
         setup_per_param=setup,
         device="cpu",
@@ -68,6 +79,30 @@ def test_pass_seconds_by_hand():
     )
 
 
+def test_a_forward_costs_per_call_plus_per_sample():
+    """0.1 s per sample on top of each unit's per-call seconds: 7 units, fp32 (1 s per call)."""
+    ops = [OpInfo(name, "Linear", [1], 10, "text", None) for name in OPS]
+    model = CostModel(_costs(per_sample=0.1), ops, layers=2, blocks=1)
+    assert model.forward(set(), samples=2) == pytest.approx(7 * (1.0 + 0.2))
+    # 5 samples in forwards of 2: two calls of 2 and one of 1
+    assert model.split_seconds(set(), 5, 2) == pytest.approx(2 * 7 * 1.2 + 7 * 1.1)
+    assert model.split_seconds(set(), 4, 8) == pytest.approx(7 * 1.4)  # one call of 4
+
+
+def test_the_typical_image_is_the_annotations_median_as_prepare_captions_shrinks_it(tmp_path):
+    """The repo's sample: COCO thumbnails of at most 112 px, median 104 x 84 (train2017: ~640x480)."""
+    params = load_params(REPO / "params.yaml")
+    assert typical_image(params.captions.annotations, 0) == (104, 84)
+    assert typical_image(params.captions.annotations, 52) == (52, 42)
+    coco = tmp_path / "captions.json"
+    coco.write_text(
+        json.dumps({"images": [{"width": 640, "height": 480}, {"width": 480, "height": 640}] * 2})
+    )
+    assert typical_image(coco, 448) == (448, 448)  # the medians: 560 x 560, shrunk to 448
+    with pytest.raises(InputError, match="no image sizes to plan with"):
+        typical_image(tmp_path / "missing.json", 448)
+
+
 def test_probe_config_is_one_layer_and_block_at_full_width_with_a_small_vocabulary():
     config = full_size_config(None, "3b")
     small, scale = probe_config(config)
@@ -81,10 +116,13 @@ def test_probe_of_the_embedded_default_times_every_unit_in_both_states():
     torch.set_num_threads(1)
     params = load_params(REPO / "params.yaml")
     facts = describe(params.model)
-    costs = probe(facts.config, torch.float32, resolve_numerics(params.sensitivity), (224, 3136, 12544))
+    costs = probe(
+        facts.config, torch.float32, resolve_numerics(params.sensitivity), (224, 224), (3136, 12544)
+    )
     assert set(costs.int8) == set(costs.fp32) == set(UNITS)
-    assert all(v >= 0 for v in [*costs.int8.values(), *costs.fp32.values()])
-    assert costs.fp32["text_layer"] > 0 and costs.int8["vision_block"] > 0 and costs.observe_factor > 0
+    assert all(v >= 0 for pair in [*costs.int8.values(), *costs.fp32.values()] for v in pair)
+    assert costs.seconds("fp32", "text_layer", 1) > 0 and costs.seconds("int8", "vision_block", 1) > 0
+    assert costs.observe_factor > 0
     assert costs.image_tokens == 16 and costs.text_tokens == 42  # 112x112 at most: 64 patches, 2x2 merged
     assert costs.arithmetic == "inc_cpu int8_kernels" and costs.device == "cpu"
     model = CostModel(costs, facts.ops, 2, 2)

@@ -31,7 +31,9 @@ def _applied(tmp_path, name: str, **extra):
 
 
 def _plan(p, machine):
-    return build_plan(p, describe(p.model), all_stages(p.schemes.run), machine, probe_forward=False)
+    return build_plan(
+        p, describe(p.model), all_stages(p.schemes.run, REPO / "dvc.yaml"), machine, probe_forward=False
+    )
 
 
 @pytest.mark.parametrize(

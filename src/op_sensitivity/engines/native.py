@@ -346,7 +346,7 @@ class FakeQuantModel:
             return op.sq.run(
                 call,
                 x,
-                self._weight(op),
+                functools.partial(self._weight, op),
                 op.module.bias,
                 quant_in=shared,
                 quant_op=op.enabled,

@@ -137,7 +137,12 @@ def load_inputs(
 
 
 def load_carved_inputs(
-    params: SensitivityParams, cal_dir: Path, model_dir: Path, layers: int, vision_blocks: int
+    params: SensitivityParams,
+    cal_dir: Path,
+    model_dir: Path,
+    layers: int,
+    vision_blocks: int,
+    cut_vocab: bool = True,
 ) -> tuple[nn.Module, PassSpec, list[OpInfo], dict[str, Any], Carve]:
     """As :func:`load_inputs`, on the carved copy of the model (``model.carve``), the same batches.
 
@@ -148,7 +153,7 @@ def load_carved_inputs(
     meta, used, calibration = _calibration_records(params, cal_dir)
     processor = ImageTextProcessor.load(model_dir)
     batches = build_batches(used, cal_dir, processor, meta.mode, params.batch_size)
-    model, carve = load_carved(model_dir, layers, vision_blocks, batch_tokens(batches))
+    model, carve = load_carved(model_dir, layers, vision_blocks, batch_tokens(batches) if cut_vocab else None)
     batches = [carve.remap(b) for b in batches]
     inventory = op_inventory(model)
     sha = f"{carve.source_sha256}:carved:{carve.decoder_layers}x{carve.vision_blocks}x{carve.vocab}"

@@ -116,7 +116,7 @@ class SchemeQuant:
         self,
         fn: Callable,
         x: torch.Tensor,
-        weight: torch.Tensor,
+        weight: Callable[[], torch.Tensor],
         bias: torch.Tensor | None,
         *,
         quant_in: bool,
@@ -124,19 +124,22 @@ class SchemeQuant:
         observing: bool,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        """The op ``fn(x, weight, bias)`` with the scheme's quantizers where they are on.
+        """The op ``fn(x, weight(), bias)`` with the scheme's quantizers where they are on.
 
         ``quant_op``: this op is quantized (input, weight, output); ``quant_in`` alone: it is kept
         in high precision but reads a tensor whose shared quantizer is on (``Scheme.shared_input``).
+        ``weight`` gives the high-precision weight: called only where it is used, so a quantized
+        call never also builds the compute-dtype copy of the stored weight (for a 3B-wide
+        ``lm_head``, 1.2 GB less at the peak).
         """
         after = self._bias_after_output(x, bias)
         if observing:
             self.observe("in", x)
-            pre = fn(x, weight, None if after else bias)
+            pre = fn(x, weight(), None if after else bias)
             self.observe("out", pre)
             return pre + bias if after else pre
         if not quant_op:
-            return fn(self.act("in", x) if quant_in else x, weight, bias)
+            return fn(self.act("in", x) if quant_in else x, weight(), bias)
         if self.kernel is not None:
             return self.act("out", self.linear(x, bias))
         xq, wq = self.act("in", x), self.weight(dtype)

@@ -148,10 +148,11 @@ def _cut_vocab(model: Qwen2_5_VLForConditionalGeneration, rows: list[int]) -> No
 
 
 def load_carved(
-    model_dir: Path, layers: int, vision_blocks: int, tokens: Iterable[int]
+    model_dir: Path, layers: int, vision_blocks: int, tokens: Iterable[int] | None
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, Carve]:
     """The model of ``model_dir`` (``load_model``'s output) carved as the module doc says; ``tokens``:
-    every token id the batches it will see hold."""
+    every token id the batches it will see hold (None keeps the whole vocabulary: for the
+    benchmark that measures what the cut saves)."""
     if layers < 1 or vision_blocks < 1:
         raise InputError(
             "carve: expected at least one decoder layer and one vision block, got "
@@ -171,10 +172,13 @@ def load_carved(
     finally:
         transformers.logging.set_verbosity(verbosity)
     of_vocab = model.get_input_embeddings().num_embeddings
-    rows = sorted(set(tokens) | _token_ids(model.config))
-    if rows and rows[-1] >= of_vocab:
-        raise InputError(f"carve: token id {rows[-1]} is outside the model's vocabulary of {of_vocab}")
-    _cut_vocab(model, rows)
+    if tokens is None:
+        rows = list(range(of_vocab))
+    else:
+        rows = sorted(set(tokens) | _token_ids(model.config))
+        if rows and rows[-1] >= of_vocab:
+            raise InputError(f"carve: token id {rows[-1]} is outside the model's vocabulary of {of_vocab}")
+        _cut_vocab(model, rows)
     carve = Carve(
         decoder_layers=config.text_config.num_hidden_layers,
         of_decoder_layers=full.text_config.num_hidden_layers,

@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import networkx as nx
+import yaml
+
+from ..errors import InputError
 
 
 def stages_to_run(repo_root: Path) -> list[str] | None:
@@ -33,16 +36,14 @@ def stages_to_run(repo_root: Path) -> list[str] | None:
     return [name for name in order if name in run]
 
 
-def all_stages(schemes: tuple[str, ...]) -> list[str]:
-    """Every stage of ``dvc.yaml`` in the order ``dvc repro`` runs them from scratch."""
-    return [
-        "prepare_captions",
-        "load_model",
-        "sensitivity",
-        *(f"scheme_sensitivity@{s}" for s in schemes),
-        "crosscheck",
-        "curve",
-        "fallback_list",
-        "validate",
-        "rank_report",
-    ]
+def all_stages(schemes: tuple[str, ...], dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+    """Every stage of ``dvc_yaml`` in its order (the order ``dvc repro`` runs them from scratch), a
+    ``foreach`` stage once per item of ``schemes`` (the only matrix: ``schemes.run``)."""
+    try:
+        stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise InputError(f"{dvc_yaml}: not this project's DVC pipeline ({e})") from e
+    names = []
+    for name, stage in stages.items():
+        names += [f"{name}@{item}" for item in schemes] if "foreach" in stage else [name]
+    return names

@@ -17,12 +17,14 @@ and ``lm_head``. The parts scale to the full depth linearly (:class:`ForwardCost
 
 from __future__ import annotations
 
-import math
+import json
 import re
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,6 +34,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from ..engines.contract import scheme_exclusion
 from ..engines.native import FakeQuantModel, Numerics
+from ..errors import InputError
 from ..inventory import op_inventory
 from ..model.carve import TEXT_TOKEN_FIELDS, TOKEN_FIELDS, carved_config
 
@@ -56,15 +59,20 @@ def unit_of(op: str) -> tuple[str, int]:
     return ("head", 0) if op == "lm_head" or op.startswith("lm_head.") else ("text_pre", 0)
 
 
+Cost = tuple[float, float]  # (seconds per forward call, seconds per sample in it)
+
+
 @dataclass(frozen=True)
 class ForwardCosts:
-    """Seconds of one sample's forward by unit, with every op of the unit int8 and with every op
-    in high precision (the stored weight upcast per call, as the engine computes kept ops); on a
-    CPU the int8 kernels are several times faster than float32, so a pass that scores a handful
-    of ops costs far more per trial than one that scores all of them."""
+    """Seconds of a forward by unit, with every op of the unit int8 and with every op in high
+    precision (the stored weight upcast per call, as the engine computes kept ops), each split
+    into a part per call and a part per sample (the probe times batches of 1 and 2): on a CPU
+    the per-call weight upcast is most of a float32 layer, and the int8 kernels are several times
+    faster than float32, so a pass that scores a handful of ops costs far more per trial than
+    one that scores all of them, and a batch of two costs far less than two batches of one."""
 
-    int8: dict[str, float]  # unit kind -> seconds (one block of a kind that repeats)
-    fp32: dict[str, float]
+    int8: dict[str, Cost]  # unit kind -> (per call, per sample); one block of a kind that repeats
+    fp32: dict[str, Cost]
     observe_factor: float  # a calibration forward (observers on every op) / an fp32 forward
     setup_per_param: float  # seconds per scored parameter to fix qparams and build its int8 weight
     device: str
@@ -73,13 +81,17 @@ class ForwardCosts:
     image_tokens: int
     text_tokens: int
 
+    def seconds(self, state: str, unit: str, samples: int) -> float:
+        call, sample = (self.int8 if state == "int8" else self.fp32)[unit]
+        return call + samples * sample
+
 
 class CostModel:
     """A forward of the whole model from :class:`ForwardCosts`: each unit (a vision block, a
     decoder layer, the towers' ends, ``lm_head``) costs its fp32 seconds plus the share of its
     weights that is int8 times the int8 - fp32 difference. A trial recomputes from its op's unit
     onward with suffix reuse (vision units only for a vision op: the tower's output is cached
-    while text ops toggle), as ``engines.reuse`` does."""
+    while text ops toggle), as ``engines.reuse`` does. ``samples``: per forward call."""
 
     def __init__(self, costs: ForwardCosts, ops: list, layers: int, blocks: int, vision: bool = True):
         self.costs = costs
@@ -97,20 +109,21 @@ class CostModel:
             if self.unit[op.name] in self.unit_params:
                 self.unit_params[self.unit[op.name]] += op.params
 
-    def unit_costs(self, int8: set[str]) -> list[float]:
+    def unit_costs(self, int8: set[str], samples: int = 1) -> list[float]:
         share = dict.fromkeys(self.units, 0)
         for name in int8:
             if self.unit.get(name) in share:
                 share[self.unit[name]] += self.params[name]
         out = []
         for u in self.units:
-            lo, hi = self.costs.fp32[u[0]], self.costs.int8[u[0]]
+            lo = self.costs.seconds("fp32", u[0], samples)
+            hi = self.costs.seconds("int8", u[0], samples)
             frac = share[u] / self.unit_params[u] if self.unit_params[u] else 0.0
             out.append(lo + frac * (hi - lo))
         return out
 
-    def forward(self, int8: set[str]) -> float:
-        return sum(self.unit_costs(int8))
+    def forward(self, int8: set[str], samples: int = 1) -> float:
+        return sum(self.unit_costs(int8, samples))
 
     def first_unit(self, op: str, suffix_reuse: bool) -> int:
         u = self.unit[op]
@@ -119,30 +132,38 @@ class CostModel:
             return 0 if vision_op else self.index[("text_pre", 0)]
         return self.index.get(u, 0)
 
-    def pass_seconds(self, scored: list[str], suffix_reuse: bool, requant_cumulative: bool = True) -> float:
-        """One sample of one confidence batch: calibration, fp32 reference, all-int8, both phases."""
+    def pass_seconds(
+        self, scored: list[str], suffix_reuse: bool, requant_cumulative: bool = True, samples: int = 1
+    ) -> float:
+        """One confidence batch of ``samples``: calibration, fp32 reference, all-int8, both phases."""
         everything = set(scored)
-        fp32 = self.forward(set())
+        fp32 = self.forward(set(), samples)
         setup = self.costs.setup_per_param * sum(self.params[n] for n in scored)
-        seconds = fp32 * self.costs.observe_factor + setup + fp32 + self.forward(everything)
-        base = self.unit_costs(everything)
+        seconds = fp32 * self.costs.observe_factor + setup + fp32 + self.forward(everything, samples)
+        base = self.unit_costs(everything, samples)
         for op in scored:  # fallback: all int8 but one, from its unit onward
             seconds += sum(base[self.first_unit(op, suffix_reuse) :])
         on: set[str] = set()
         for op in scored:  # requant: quantized one after another (or alone, isolated)
             on = on | {op} if requant_cumulative else {op}
-            seconds += sum(self.unit_costs(on)[self.first_unit(op, suffix_reuse) :])
+            seconds += sum(self.unit_costs(on, samples)[self.first_unit(op, suffix_reuse) :])
         return seconds
+
+    def split_seconds(self, int8: set[str], samples: int, batch_size: int) -> float:
+        """One configuration over a split of ``samples`` in forwards of ``batch_size``."""
+        calls, left = divmod(samples, batch_size)
+        full = calls * self.forward(int8, batch_size)
+        return full + (self.forward(int8, left) if left else 0.0)
 
 
 def probe_sample(
-    config: Qwen2_5_VLConfig, side: int, min_pixels: int, max_pixels: int
+    config: Qwen2_5_VLConfig, image: tuple[int, int], min_pixels: int, max_pixels: int
 ) -> dict[str, torch.Tensor]:
-    """One synthetic sample as the processor would encode it: an image of ``side`` pixels square
-    (resized as ``Qwen2VLImageProcessor`` does) and :data:`TEXT_TOKENS` text tokens."""
+    """One synthetic sample as the processor would encode it: an image of ``image`` (width,
+    height) pixels, resized as ``Qwen2VLImageProcessor`` does, and :data:`TEXT_TOKENS` text tokens."""
     vc = config.vision_config
     factor = vc.patch_size * vc.spatial_merge_size
-    h, w = smart_resize(side, side, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    h, w = smart_resize(image[1], image[0], factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     grid = (1, h // vc.patch_size, w // vc.patch_size)
     patches = grid[1] * grid[2]
     image_tokens = patches // vc.spatial_merge_size**2
@@ -216,14 +237,19 @@ def probe_config(config: Qwen2_5_VLConfig) -> tuple[Qwen2_5_VLConfig, float]:
 
 
 def probe(
-    config: Qwen2_5_VLConfig, stored_dtype: torch.dtype, numerics: Numerics, image: tuple[int, int, int]
+    config: Qwen2_5_VLConfig,
+    stored_dtype: torch.dtype,
+    numerics: Numerics,
+    image: tuple[int, int],
+    pixels: tuple[int, int],
 ) -> ForwardCosts:
     """Build the one-layer model, run the native engine's arithmetic on it, time it by part.
 
-    ``image``: (side, min_pixels, max_pixels) of the calibration images (:func:`probe_sample`)."""
+    ``image``: (width, height) of a calibration image, ``pixels``: the processor's (min, max)
+    bounds (:func:`probe_sample`)."""
     start = time.perf_counter()
     small, head_scale = probe_config(config)
-    sample = probe_sample(small, *image)
+    sample = probe_sample(small, image, *pixels)
     model = _random_model(small, stored_dtype)
     inventory, kept = [], []
     for op in op_inventory(model):  # what the scheme's tool leaves in high precision stays there
@@ -234,7 +260,8 @@ def probe(
     fq = FakeQuantModel(
         model, names, numerics.reduce_range, numerics.arithmetic, numerics.dtype, kept, numerics.scheme
     )
-    batch = numerics.batch(sample)
+    batches = {1: numerics.batch(sample), 2: numerics.batch(_twice(sample))}
+    batch = batches[1]
     inner = model.model
     parts = {
         "visual": inner.visual,
@@ -244,7 +271,7 @@ def probe(
         "head": model.lm_head,
         "all": model,
     }
-    seconds: dict[str, dict[str, float]] = {}
+    seconds: dict[tuple[str, int], dict[str, float]] = {}
     try:
         with torch.no_grad():
             clock = _clock(numerics.device)
@@ -255,19 +282,31 @@ def probe(
             for state in ("fp32", "int8"):
                 fq.set_all(state == "int8")
                 model(**batch)  # warm-up
-                with _timed(parts, numerics.device) as t:
-                    for _ in range(TIMED_FORWARDS):
-                        model(**batch)
-                seconds[state] = {k: v / TIMED_FORWARDS for k, v in t.items()}
+                for size, b in batches.items():
+                    with _timed(parts, numerics.device) as t:
+                        for _ in range(TIMED_FORWARDS):
+                            model(**b)
+                    seconds[state, size] = {k: v / TIMED_FORWARDS for k, v in t.items()}
     finally:
         fq.remove()
-    units = {state: _units(t, head_scale) for state, t in seconds.items()}
+    units = {
+        state: {
+            unit: _split(one, two)
+            for unit, one, two in zip(
+                UNITS,
+                _units(seconds[state, 1], head_scale).values(),
+                _units(seconds[state, 2], head_scale).values(),
+                strict=True,
+            )
+        }
+        for state in ("fp32", "int8")
+    }
     scored_params = sum(op.params for op in inventory)
     vision_tokens = int((sample["input_ids"] == small.image_token_id).sum())
     return ForwardCosts(
         int8=units["int8"],
         fp32=units["fp32"],
-        observe_factor=observed["all"] / seconds["fp32"]["all"] if seconds["fp32"]["all"] > 0 else 1.0,
+        observe_factor=observed["all"] / max(seconds["fp32", 1]["all"], 1e-9),
         setup_per_param=max(calibrate - observed["all"], 0.0) / max(scored_params, 1),
         device=str(numerics.device),
         arithmetic=f"{numerics.scheme.name} {numerics.arithmetic}",
@@ -275,6 +314,22 @@ def probe(
         image_tokens=vision_tokens,
         text_tokens=int(sample["input_ids"].shape[1]) - vision_tokens,
     )
+
+
+def _split(one: float, two: float) -> Cost:
+    """(per call, per sample) from the seconds of a batch of one and of two; each part >= 0."""
+    per_sample = min(max(two - one, 0.0), one)
+    return one - per_sample, per_sample
+
+
+def _twice(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The sample twice in one batch (a second image, a second row of tokens)."""
+    return {
+        "input_ids": sample["input_ids"].repeat(2, 1),
+        "attention_mask": sample["attention_mask"].repeat(2, 1),
+        "pixel_values": sample["pixel_values"].repeat(2, 1),
+        "image_grid_thw": sample["image_grid_thw"].repeat(2, 1),
+    }
 
 
 def _units(t: dict[str, float], head_scale: float) -> dict[str, float]:
@@ -314,9 +369,16 @@ def _random_model(config: Qwen2_5_VLConfig, dtype: torch.dtype) -> Qwen2_5_VLFor
     return model.eval()
 
 
-def image_side(max_side: int, max_pixels: int | None) -> int:
-    """The side of the square image a calibration sample most likely has: the prepared copies' longest
-    side, or the processor's bound where originals are kept (``captions.max_side: 0``)."""
-    if max_side:
-        return max_side
-    return int(math.sqrt(max_pixels)) if max_pixels else 448
+def typical_image(annotations: Path, max_side: int, limit: int = 5000) -> tuple[int, int]:
+    """(width, height) of a calibration image as ``prepare_captions`` will write it: the median size
+    of the annotation file's images (the first ``limit``), shrunk to ``max_side`` as its copies are."""
+    try:
+        images = json.loads(annotations.read_text()).get("images", [])[:limit]
+        w = statistics.median(int(i["width"]) for i in images)
+        h = statistics.median(int(i["height"]) for i in images)
+    except (OSError, ValueError, KeyError, TypeError, statistics.StatisticsError) as e:
+        raise InputError(f"{annotations}: no image sizes to plan with ({e})") from e
+    if max_side and max(w, h) > max_side:
+        scale = max_side / max(w, h)
+        w, h = w * scale, h * scale
+    return max(round(w), 1), max(round(h), 1)

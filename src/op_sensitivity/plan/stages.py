@@ -11,9 +11,11 @@ figures documented in docs/benchmarks.md ("What each family member needs", "Whol
   quantized-module packing, observers, the allocator) the int8 copies (1 byte per scored
   Linear / Conv parameter) and dequantized tables (4 bytes per scored Embedding parameter), plus
   the largest weight of the model in float32, twice (its per-call upcast, whether scored or
-  kept), plus 0.5 GiB for the interpreter and libraries. Fit to two CPU measurements of the
-  full-size 3B, every op scored (17.3 GiB; 19.1 estimated; 16.1-17.5 GiB measured on an H100)
-  and five ops (9.5 GiB; 10.5 estimated): it errs high, by less than 2 GiB;
+  kept), plus 0.5 GiB for the interpreter and libraries; a deployment scheme's pass adds the
+  largest scored weight once more in float32 (dequantized from its codes per call). Fit to CPU
+  measurements of the full-size 3B: every op scored (17.3 GiB; 19.1 estimated; 16.1-17.5 GiB
+  measured on an H100), five ops (9.5 GiB; 10.5 estimated), five ops under ONNX Runtime's
+  scheme (11.5 GiB; 11.6 estimated): it errs high, by less than 2 GiB;
 * INC (the per-op loop, and its PTQ): 0.6 GiB + 5 x the float32 bytes of the model it runs on:
   measured 10.7 GiB on a 543 M-parameter carved 3B (before the vocabulary cut) and 4.1 GiB on
   the 232 M-parameter one; this rule gives 71 GiB for the whole 3B, where 50-75 GB were seen.
@@ -41,7 +43,7 @@ from ..errors import InputError
 from ..params import Params, SensitivityParams
 from ..validation.curve import curve_cost
 from .model import ModelFacts, carved_facts
-from .probe import CostModel, ForwardCosts, image_side, probe
+from .probe import CostModel, ForwardCosts, probe, typical_image
 
 GIB = 2**30
 INC_BASE_GIB, INC_PER_FP32_BYTE = 0.6, 5.0
@@ -51,6 +53,7 @@ LOAD_PEAK_PER_STORED_BYTE = 1.4  # load_model of full_size_random 3B: 10.2 GiB p
 DEFAULT_PIXELS = (56 * 56, 28 * 28 * 1280)  # Qwen2VLImageProcessor's own bounds
 CARVED_VOCAB_PER_SAMPLE = 64  # vocabulary rows a carved copy keeps, at most, per sample (plus specials)
 RUNTIME_FILES = {"sensitivity": "sensitivity.json", "crosscheck": "crosscheck.json"}
+RUNTIME_PARAMS_TOLERANCE = 0.05  # a runtime file of a model this close in size counts as the same model
 LIGHT_STAGES = {"fallback_list": "choose the keep-list, write the exports", "rank_report": "report and plots"}
 
 
@@ -119,10 +122,10 @@ class Plan:
         for p in self.probes:
 
             def ms(unit: str, p=p) -> str:
-                return f"{p.int8[unit] * 1e3:.1f} / {p.fp32[unit] * 1e3:.1f}"
+                return f"{p.seconds('int8', unit, 1) * 1e3:.1f} / {p.seconds('fp32', unit, 1) * 1e3:.1f}"
 
             out.append(
-                f"probe ({p.probe_seconds:.1f} s on {p.device}, {p.arithmetic}, one sample of "
+                f"probe ({p.probe_seconds:.1f} s on {p.device}, {p.arithmetic}, a sample of "
                 f"{p.image_tokens} image + {p.text_tokens} text tokens), ms per forward int8 / fp32: "
                 f"a decoder layer {ms('text_layer')}, a vision block {ms('vision_block')}, "
                 f"lm_head {ms('head')}"
@@ -150,15 +153,18 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def native_peak_gib(facts: ModelFacts, scored: list[str]) -> float:
-    """See the module doc: the native engine's peak for a pass scoring ``scored``."""
+def native_peak_gib(facts: ModelFacts, scored: list[str], scheme: str = "inc_cpu") -> float:
+    """See the module doc: the native engine's peak for a pass scoring ``scored`` under ``scheme``."""
     chosen = set(scored)
     ops = [op for op in facts.ops if op.name in chosen]
     int8 = sum(op.params for op in ops if op.type != "Embedding")
     tables = sum(op.params for op in ops if op.type == "Embedding")
     largest = max((op.params for op in facts.ops), default=0)  # every op, kept ones too, is upcast per call
     held = NATIVE_HELD_FACTOR * (int8 + 4 * tables)
-    return PROCESS_GIB + (facts.stored_bytes + held + 2 * 4 * largest) / GIB
+    transient = 2 * 4 * largest
+    if scheme != "inc_cpu":  # a scheme's weight is dequantized from its codes per call: one float more
+        transient += 4 * max((op.params for op in ops), default=0)
+    return PROCESS_GIB + (facts.stored_bytes + held + transient) / GIB
 
 
 def inc_peak_gib(params: int) -> float:
@@ -180,6 +186,7 @@ class Planner:
         self.runtime_dir = runtime_dir
         self.probe_forward = probe_forward
         self.costs: dict[tuple, ForwardCosts] = {}
+        self.image: tuple[int, int] | None = None  # (width, height) of a calibration image
         self.layers = facts.config.text_config.num_hidden_layers
         self.blocks = facts.config.vision_config.depth
         self.vision = params.captions.mode == "image_caption"
@@ -211,15 +218,19 @@ class Planner:
         numerics = resolve_numerics(sens or self.p.sensitivity)
         key = (str(numerics.device), numerics.dtype_name, numerics.arithmetic, numerics.scheme.name)
         if key not in self.costs:
-            m = self.p.model
-            lo, hi = m.min_pixels or DEFAULT_PIXELS[0], m.max_pixels or DEFAULT_PIXELS[1]
-            image = (image_side(self.p.captions.max_side, hi), lo, hi)
+            m, c = self.p.model, self.p.captions
+            pixels = (m.min_pixels or DEFAULT_PIXELS[0], m.max_pixels or DEFAULT_PIXELS[1])
+            if self.image is None:
+                self.image = typical_image(c.annotations, c.max_side)
             stored = torch.bfloat16 if self.facts.stored_bytes_per_param == 2 else torch.float32
-            self.costs[key] = probe(self.facts.config, stored, numerics, image)
+            self.costs[key] = probe(self.facts.config, stored, numerics, self.image, pixels)
         return self.costs[key]
 
-    def runtime_seconds_per_op(self, stage: str, engine: str, params: int, device: str) -> float | None:
-        """Seconds per op of a pass this machine ran: same engine, device and model size (runtime file)."""
+    def runtime_seconds_per_op(
+        self, stage: str, engine: str, params: int, device: str, ops: int
+    ) -> float | None:
+        """Seconds per op of a pass this machine ran: same engine, device, model size and number of
+        scored ops (a trial's cost depends on how many of the others are int8), from its runtime file."""
         if self.runtime_dir is None or stage not in RUNTIME_FILES:
             return None
         path = self.runtime_dir / RUNTIME_FILES[stage]
@@ -228,9 +239,13 @@ class Planner:
         except (OSError, ValueError):
             return None
         host, here = doc.get("host") or {}, self.machine
+        ran = doc.get("model_params")
         same = (
             doc.get("engine") == engine
-            and doc.get("model_params") == params
+            and doc.get("ops") == ops
+            # the same model; a carved copy's size moves with the vocabulary rows its batches use
+            and isinstance(ran, int)
+            and abs(ran - params) <= RUNTIME_PARAMS_TOLERANCE * params
             and host.get("cpu") == here.cpu
             and host.get("cpu_count") == here.cores
             and host.get("gpu") == here.gpu
@@ -249,9 +264,8 @@ class Planner:
         if model is None:
             return None, "not estimated"
         cumulative = sens.native.requant_mode == "cumulative"
-        per_sample = model.pass_seconds(scored, sens.native.suffix_reuse, cumulative)
-        samples = sens.confidence_batches * sens.batch_size
-        return per_sample * samples / sens.native.processes, "probe"
+        per_batch = model.pass_seconds(scored, sens.native.suffix_reuse, cumulative, sens.batch_size)
+        return per_batch * sens.confidence_batches / sens.native.processes, "probe"
 
     # -- stages --------------------------------------------------------------------------------
     def prepare_captions(self) -> StagePlan:
@@ -281,7 +295,7 @@ class Planner:
         scored = self.scored(sens)
         n, b = len(scored), sens.confidence_batches
         if sens.engine == "inc":
-            per_op = self.runtime_seconds_per_op(stage, "inc", self.facts.params, "cpu")
+            per_op = self.runtime_seconds_per_op(stage, "inc", self.facts.params, "cpu", n)
             seconds = per_op * 2 * b * n if per_op else None
             return StagePlan(
                 stage,
@@ -293,7 +307,7 @@ class Planner:
             )
         device = self.device(sens)
         scheme = sens.native.scheme
-        per_op = self.runtime_seconds_per_op(stage, "native", self.facts.params, device)
+        per_op = self.runtime_seconds_per_op(stage, "native", self.facts.params, device, n)
         seconds, basis = (per_op * 2 * b * n, "runtime file") if per_op else self.native_seconds(sens, scored)
         trials = b * (2 * n + 1)
         return StagePlan(
@@ -302,7 +316,7 @@ class Planner:
             device,
             seconds,
             basis,
-            native_peak_gib(self.facts, scored),
+            native_peak_gib(self.facts, scored, scheme),
             device,
         )
 
@@ -326,7 +340,7 @@ class Planner:
             params, n = f.params, len(self.scored(inc_cpu))
             other = "native" if sens.engine == "inc" else "INC"
             what = f"{other} rerun on the whole model: {n} ops x 2 phases x {b} batches"
-        per_op = self.runtime_seconds_per_op("crosscheck", "inc", params, "cpu")
+        per_op = self.runtime_seconds_per_op("crosscheck", "inc", params, "cpu", n)
         seconds, basis = (per_op * 2 * b * n, "runtime file") if per_op else (None, "not estimated (INC)")
         if not check.carves(f.params) and sens.engine == "inc":  # the rerun is the native pass
             seconds, basis = self.native_seconds(sens, self.scored(sens))
@@ -336,18 +350,22 @@ class Planner:
         self, scored: list[str], eval_configs: int, calibration_configs: int
     ) -> tuple[float | None, str]:
         """The curve's and validate's measurer: calibrated once over the calibration split, fp32
-        references on both splits, then one forward over a split per configuration (a
-        configuration keeps some ops in high precision: counted halfway between all-int8 and fp32;
-        a single-op one, with one op int8, as fp32)."""
+        references on both splits, then the split in forwards of ``curve.batch_size`` per
+        configuration (a configuration keeps some ops in high precision: counted halfway
+        between all-int8 and fp32; a single-op one, with one op int8, as fp32)."""
         model = self.cost_model()
         if model is None:
             return None, "not estimated"
-        c, e = self.p.captions.count, self.p.captions.eval_count
-        fp32, int8 = model.forward(set()), model.forward(set(scored))
-        setup = c * fp32 * model.costs.observe_factor + (c + e) * fp32
+        c, e, bs = self.p.captions.count, self.p.captions.eval_count, self.p.curve.batch_size
+        none, every = set(), set(scored)
+
+        def split(samples: int, int8: set[str]) -> float:
+            return model.split_seconds(int8, samples, bs)
+
+        setup = split(c, none) * model.costs.observe_factor + split(c, none) + split(e, none)
         setup += model.costs.setup_per_param * sum(model.params[n] for n in scored)
-        mixed = (fp32 + int8) / 2
-        return setup + e * eval_configs * mixed + c * calibration_configs * fp32, "probe"
+        mixed = (split(e, none) + split(e, every)) / 2
+        return setup + eval_configs * mixed + calibration_configs * split(c, none), "probe"
 
     def curve(self) -> StagePlan:
         sens, cp = self.p.sensitivity, self.p.curve
