@@ -739,6 +739,43 @@ def test_a_killed_stage_unwinds_through_the_same_cleanup(tmp_path, signum):
     assert [p.name for p in out.iterdir()] == ["good.txt"]
 
 
+SWALLOWING_SCRIPT = """
+import os, signal, sys, time
+from pathlib import Path
+from op_sensitivity.atomic import atomic_dir
+from op_sensitivity.cli import raise_if_terminated, run_stage
+
+def main():
+    with atomic_dir(Path(sys.argv[1])) as tmp:
+        try:  # what INC's FX tracing fallback does with any exception, a kill's included
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except:  # noqa: E722
+            pass
+        raise_if_terminated()  # the engines call it between ops and after a pass
+        (tmp / "written.txt").write_text("a pass that was killed")
+
+run_stage(main)
+"""
+
+
+def test_a_kill_that_library_code_swallows_still_unwinds(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "good.txt").write_text("previous run")
+    proc = subprocess.run(
+        [sys.executable, "-c", SWALLOWING_SCRIPT, str(out)],
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_default_signals,
+    )
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "stopped by SIGTERM" in proc.stderr and "Traceback" not in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["good.txt"] and list(tmp_path.glob(f".out{TMP_TAG}*")) == []
+
+
 def _wait_for(path: Path, pid_not: int | None = None, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

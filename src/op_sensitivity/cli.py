@@ -25,8 +25,23 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+_PENDING: list[int] = []  # signals received in this stage: some library code may drop the exception
+
+
 def _raise_terminated(signum: int, _frame) -> None:
+    _PENDING.append(signum)
     raise Terminated(signum)
+
+
+def raise_if_terminated() -> None:
+    """Raise again a SIGTERM / SIGHUP whose exception a library swallowed.
+
+    INC's FX tracing falls back to sub-module tracing inside bare ``except:`` clauses, which catch
+    the :class:`Terminated` a signal raises there and go on with the pass; long loops call this
+    between steps (INC's per-op loop, after a pass) so the kill still unwinds before any output.
+    """
+    if _PENDING:
+        raise Terminated(_PENDING[0])
 
 
 def run_stage(main: Callable[[], None]) -> None:
@@ -41,6 +56,7 @@ def run_stage(main: Callable[[], None]) -> None:
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
     previous = {signum: signal.signal(signum, _raise_terminated) for signum in CAUGHT_SIGNALS}
+    _PENDING.clear()
     try:
         main()
     except PipelineError as e:
@@ -52,6 +68,7 @@ def run_stage(main: Callable[[], None]) -> None:
         print(f"error: stopped by {name}; outputs left as they were before this run", file=sys.stderr)
         sys.exit(128 + signum)
     finally:
+        _PENDING.clear()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

@@ -25,8 +25,9 @@ returns only the last batch's order), so we record every call's raw map and aggr
 
 Housekeeping done per op (from the wrapped ``tqdm`` iterator INC drives its loop with):
 torch's unbounded ``functools.cache`` on ``assert_and_get_unique_device`` pins every per-op
-deep copy; we clear it and collect. INC leaves a forward hook on the caller's fp32 model per
-call; we remove the hooks a call added.
+deep copy; we clear it and collect; a SIGTERM / SIGHUP whose exception INC's bare ``except:``
+swallowed is raised again (``cli.raise_if_terminated``). INC leaves a forward hook on the
+caller's fp32 model per call; we remove the hooks a call added.
 
 The pass is described by ``engines.contract.PassSpec`` (ops, exclusions, batches), as for the
 native engine; INC's own initial config must keep exactly the spec's exclusions fp32 (plus ops
@@ -49,6 +50,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm as std_tqdm
 
+from ..cli import raise_if_terminated
 from ..errors import CaptureError, InputError
 from ..inventory import module_name
 from ..model.compat import pixels_keep_their_dtype
@@ -138,6 +140,7 @@ def _op_loop(desc: str) -> Callable[[Iterable], Iterator]:
         for item in std_tqdm(items, desc=desc, leave=False):
             yield item
             release_quantization_caches()
+            raise_if_terminated()  # a kill INC's own bare excepts swallowed during this op
 
     return loop
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..atomic import dump_json
+from ..cli import raise_if_terminated
 from ..data.calibration import load_calibration
 from ..errors import InputError
 from ..inventory import OpInfo, op_inventory, read_inventory
@@ -88,7 +89,9 @@ def run_engine(
 
     run_pass = engine(name)
     persist(Capture())
-    return run_pass(model, spec, workspace=workspace, on_call=persist)
+    result = run_pass(model, spec, workspace=workspace, on_call=persist)
+    raise_if_terminated()  # a kill swallowed by library code: no output from an interrupted pass
+    return result
 
 
 def run_fingerprint(params: SensitivityParams, metadata: dict[str, Any]) -> dict[str, Any]:

@@ -231,9 +231,12 @@ class Planner:
     ) -> float | None:
         """Seconds per op of a pass this machine ran: same engine, device, model size and number of
         scored ops (a trial's cost depends on how many of the others are int8), from its runtime file."""
-        if self.runtime_dir is None or stage not in RUNTIME_FILES:
+        name = RUNTIME_FILES.get(stage)
+        if stage.startswith("scheme_sensitivity@"):  # dvc.yaml: reports/runtime/schemes/<scheme>.json
+            name = f"schemes/{stage.partition('@')[2]}.json"
+        if self.runtime_dir is None or name is None:
             return None
-        path = self.runtime_dir / RUNTIME_FILES[stage]
+        path = self.runtime_dir / name
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -32,7 +32,7 @@ configuration per op is about (4 + R) x N forwards: 3,750 forwards of the full m
 
 Artifact ``reports/validation/curve.json`` (stage ``curve``)::
 
-    schema_version: 1
+    schema_version: 2
     metric: headline metric (params curve.metric)
     eval: {samples, caption_tokens}
     numerics: {device, dtype, allow_tf32, arithmetic, reduce_range}
@@ -56,7 +56,7 @@ Artifact ``reports/validation/curve.json`` (stage ``curve``)::
 
 ``recovered`` is the share of the all-int8 damage given back (1 = fp32, 0 = all-int8; None when
 all-int8 did no damage by that metric). ``reports/validation/curve.csv`` holds the headline
-metric's recovered share per n and ranking, for ``dvc plots``.
+metric's recovered share per size of the grid (``sizes``) and ranking, for ``dvc plots``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ from ..atomic import atomic_file, dump_json, read_json
 from ..errors import InputError
 from ..inventory import OpInfo, cost
 from ..params import CurveParams
-from ..phases import MEASURED, METRICS, RANKINGS
+from ..phases import FALLBACK, MEASURED, METRICS, RANKINGS
 from .measure import CALIBRATION, Measurer
 from .metrics import damage, recovered
 
@@ -231,7 +231,7 @@ def measure_curve(
         bar.update()
     share = {m: single[m]["damage_share"][params.metric] or 0.0 for m in pool}
     first = sorted(pool, key=lambda m: (-share[m], ops.index(m)))
-    rest = [m for m in rankings[RANKINGS[0]] if m not in share]
+    rest = [m for m in rankings[FALLBACK] if m not in share]
     order = {**rankings, MEASURED: first + rest}
     known = {0: all_int8, len(ops): fp32}  # no choice at either end: the reference forwards
     points: dict[tuple[str, int], dict[str, Any]] = {}
