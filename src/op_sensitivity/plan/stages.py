@@ -327,12 +327,18 @@ class Planner:
         sens = scheme_params(self.p.sensitivity, name, self.p.schemes)
         return self.sensitivity(sens, f"scheme_sensitivity@{name}")
 
+    def carved(self) -> tuple[int, int]:
+        """(parameters, ops) of the crosscheck's carved copy, its vocabulary rows bounded by the
+        samples it reads (``CARVED_VOCAB_PER_SAMPLE`` each, and the special tokens)."""
+        c, check = self.p.captions, self.p.crosscheck
+        rows = (c.count + c.eval_count) * CARVED_VOCAB_PER_SAMPLE + 64
+        return carved_facts(self.facts, check.carve_layers, check.carve_vision_blocks, rows)
+
     def crosscheck(self) -> StagePlan:
         sens, check, f = self.p.sensitivity, self.p.crosscheck, self.facts
         b = sens.confidence_batches
         if check.carves(f.params):
-            rows = (self.p.captions.count + self.p.captions.eval_count) * CARVED_VOCAB_PER_SAMPLE + 64
-            params, n = carved_facts(f, check.carve_layers, check.carve_vision_blocks, rows)
+            params, n = self.carved()
             what = (
                 f"INC and native on a carved copy ({check.carve_layers} of {self.layers} layers, "
                 f"{check.carve_vision_blocks} of {self.blocks} vision blocks, ~{params / 1e6:.0f} M params): "
@@ -345,9 +351,11 @@ class Planner:
             what = f"{other} rerun on the whole model: {n} ops x 2 phases x {b} batches"
         per_op = self.runtime_seconds_per_op("crosscheck", "inc", params, "cpu", n)
         seconds, basis = (per_op * 2 * b * n, "runtime file") if per_op else (None, "not estimated (INC)")
+        peak = inc_peak_gib(params)
         if not check.carves(f.params) and sens.engine == "inc":  # the rerun is the native pass
             seconds, basis = self.native_seconds(sens, self.scored(sens))
-        return StagePlan("crosscheck", what, "cpu", seconds, basis, inc_peak_gib(params))
+            peak = native_peak_gib(f, self.scored(sens))
+        return StagePlan("crosscheck", what, "cpu", seconds, basis, peak)
 
     def measurer_seconds(
         self, scored: list[str], eval_configs: int, calibration_configs: int
@@ -372,9 +380,9 @@ class Planner:
 
     def curve(self) -> StagePlan:
         sens, cp = self.p.sensitivity, self.p.curve
-        n = len(self.scored(sens))
-        cost = curve_cost(n, cp)
         scored = self.scored(sens)
+        n = len(scored)
+        cost = curve_cost(n, cp)
         eval_configs = cost["total_max"] - cost["single_op_max"] - 1
         seconds, basis = self.measurer_seconds(scored, eval_configs, cost["single_op_max"] + 1)
         return StagePlan(
@@ -398,8 +406,7 @@ class Planner:
         peak = native_peak_gib(f, scored)
         if self.p.validate.inc_check:
             if check.carves(f.params):
-                rows = (self.p.captions.count + self.p.captions.eval_count) * CARVED_VOCAB_PER_SAMPLE + 64
-                params, _ = carved_facts(f, check.carve_layers, check.carve_vision_blocks, rows)
+                params, _ = self.carved()
                 work += f" + INC PTQ on the carved copy (~{params / 1e6:.0f} M params)"
             else:
                 params = f.params
