@@ -23,16 +23,14 @@ from pathlib import Path
 
 CHILD = """
 import json, resource, sys, time
-from dataclasses import replace
 from pathlib import Path
 from op_sensitivity.engines.artifact import build_report
 from op_sensitivity.engines.runner import load_carved_inputs, run_engine
 from op_sensitivity.params import load_params
-from op_sensitivity.report.crosscheck import UNBOUNDED_OPS
+from op_sensitivity.report.crosscheck import carved_pass
 workdir, engine, vocab, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
 p = load_params(workdir / "params.yaml")
-sens = replace(p.sensitivity, op_name_dict={}, op_type_dict={}, max_ops=UNBOUNDED_OPS,
-               native=replace(p.sensitivity.native, scheme="inc_cpu", requant_mode="cumulative"))
+sens = carved_pass(p.sensitivity)
 start = time.perf_counter()
 model, spec, inventory, meta, carve = load_carved_inputs(
     sens, workdir / "data/calibration", workdir / "models/qwen2_5_vl",

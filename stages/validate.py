@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
             # the keep-list, and what the sensitivity params kept fp32 (the native model keeps it too)
             fp32_ops = [*keep, *excluded]
             whole_check(
-                doc, measurer, model, fp32_ops, inc_op_name_dict, batch_size, args.workspace, card, check
+                doc, measurer, model, fp32_ops, inc_op_name_dict, batch_size, args.workspace, report, check
             )
     del measurer
     if carved:  # after the full model is released: only the carved copy is in memory

@@ -24,10 +24,10 @@ def measured(planted, calibration_dir, eval_dir, tmp_path_factory):
     with open_measurer(planted["params"], 8, calibration_dir, eval_dir, planted["dir"], report) as measurer:
         good = validate_keep_list(measurer, sorted(PLANTED), excluded, inventory, params)
         bad = validate_keep_list(measurer, quiet, excluded, inventory, params)
-        model, _, card = load_model_dir(planted["dir"])
+        model, _, _ = load_model_dir(planted["dir"])
         fp32_ops = [*sorted(PLANTED), *excluded]  # excluded: lm_head, fp32 in the pass
         ws = tmp_path_factory.mktemp("inc")
-        whole_check(good, measurer, model, fp32_ops, inc_op_name_dict, 8, ws, card, CrosscheckParams())
+        whole_check(good, measurer, model, fp32_ops, inc_op_name_dict, 8, ws, report, CrosscheckParams())
     return good, bad
 
 

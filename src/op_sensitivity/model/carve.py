@@ -53,7 +53,6 @@ class Carve:
     of_decoder_layers: int
     vision_blocks: int
     of_vision_blocks: int
-    full_attention_blocks: list[int]  # the kept vision blocks that attend over the whole image
     vocab: int  # embedding / lm_head rows kept
     of_vocab: int
     params: int  # the carved copy's
@@ -184,7 +183,6 @@ def load_carved(
         of_decoder_layers=full.text_config.num_hidden_layers,
         vision_blocks=config.vision_config.depth,
         of_vision_blocks=full.vision_config.depth,
-        full_attention_blocks=list(config.vision_config.fullatt_block_indexes),
         vocab=len(rows),
         of_vocab=of_vocab,
         params=sum(p.numel() for p in model.parameters()),

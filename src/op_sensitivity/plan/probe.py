@@ -323,13 +323,8 @@ def _split(one: float, two: float) -> Cost:
 
 
 def _twice(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The sample twice in one batch (a second image, a second row of tokens)."""
-    return {
-        "input_ids": sample["input_ids"].repeat(2, 1),
-        "attention_mask": sample["attention_mask"].repeat(2, 1),
-        "pixel_values": sample["pixel_values"].repeat(2, 1),
-        "image_grid_thw": sample["image_grid_thw"].repeat(2, 1),
-    }
+    """The sample twice in one batch (a second row of tokens, a second image's patches and grid)."""
+    return {key: value.repeat(2, 1) for key, value in sample.items()}
 
 
 def _units(t: dict[str, float], head_scale: float) -> dict[str, float]:

@@ -10,15 +10,13 @@ on top, e.g. the snapshot's path.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..atomic import atomic_file
 from ..errors import InputError
 from ..params import load_params
 
@@ -92,10 +90,7 @@ def apply(params_path: Path, values: dict[str, Any]) -> list[tuple[str, Any, Any
         if before != value:
             node[parts[-1]] = value
             changes.append((key, before, value))
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{params_path.name}.", suffix=".yaml", dir=params_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(params_path) as tmp:
         with tmp.open("w") as fh:
             rt.dump(data, fh)
         try:
@@ -103,8 +98,4 @@ def apply(params_path: Path, values: dict[str, Any]) -> list[tuple[str, Any, Any
         except InputError as e:  # name the file the user gave, not the temporary
             detail = str(e).removeprefix(f"{tmp}: ")
             raise InputError(f"{params_path} (profile and -S applied): {detail}; left unchanged") from e
-        shutil.copymode(params_path, tmp)
-        os.replace(tmp, params_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return changes

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from tabulate import tabulate
 
 from ..engines.contract import check_scored, exclusions
 from ..engines.native import resolve_numerics
-from ..engines.runner import scheme_params
+from ..engines.runner import host_facts, scheme_params
 from ..errors import InputError
 from ..params import Params, SensitivityParams
 from ..validation.curve import curve_cost
@@ -74,15 +73,13 @@ class Machine:
 
 
 def this_machine() -> Machine:
-    from ..engines.runner import host_facts
-
-    host = host_facts()
+    host = host_facts()  # the same facts the runtime files record, so they can be matched
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     gpu = gpu_memory = None
     if torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(0)
         gpu_memory = torch.cuda.get_device_properties(0).total_memory / GIB
-    return Machine(host["cpu"] or platform.machine(), host["cpu_count"] or 1, memory, gpu, gpu_memory)
+    return Machine(host["cpu"], host["cpu_count"] or 1, memory, gpu, gpu_memory)
 
 
 @dataclass

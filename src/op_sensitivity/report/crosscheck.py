@@ -93,18 +93,19 @@ def _whole(
     return doc, {**runtime_doc(result, metadata["model"]["params"]), "model": "whole"}
 
 
+def carved_pass(params: SensitivityParams) -> SensitivityParams:
+    """The pass both engines run on the carved copy: every op of it scored (the full pass's
+    op_name_dict names the full model's ops and may leave none of the copy's), under inc_cpu,
+    requant cumulative; the rest (batches, numerics) as the full pass."""
+    native = replace(params.native, scheme="inc_cpu", requant_mode="cumulative")
+    return replace(params, op_name_dict={}, op_type_dict={}, max_ops=UNBOUNDED_OPS, native=native)
+
+
 def _carved(
     params: SensitivityParams, check: CrosscheckParams, cal_dir: Path, model_dir: Path, workspace: Path
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Both engines on the carved copy, every op of it scored (the full pass's op_name_dict names
-    the full model's ops and may leave none of the copy's): one INC pass of a few dozen ops."""
-    params = replace(
-        params,
-        op_name_dict={},
-        op_type_dict={},
-        max_ops=UNBOUNDED_OPS,
-        native=replace(params.native, scheme="inc_cpu"),
-    )
+    """Both engines on the carved copy (:func:`carved_pass`): one INC pass of a few dozen ops."""
+    params = carved_pass(params)
     reports, runtimes = {}, {}
     for engine in ("native", "inc"):  # each on its own load: INC casts and hooks the model it gets
         model, spec, inventory, metadata, carve = load_carved_inputs(

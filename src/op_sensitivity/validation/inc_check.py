@@ -20,8 +20,8 @@ from torch import nn
 
 from ..engines.inc import ptq_logits
 from ..model.carve import Carve, load_carved
-from ..model.source import ModelCard
 from ..params import CrosscheckParams, SensitivityParams
+from ..report.comparison import whole_model
 from .inputs import open_carved_measurer
 from .measure import Measurer
 from .validate import compare_with_inc
@@ -37,17 +37,13 @@ def whole_check(
     op_name_dict: OpNameDict,
     batch_size: int,
     workspace: Path,
-    card: ModelCard,
+    report: dict[str, Any],
     check: CrosscheckParams,
 ) -> None:
-    """INC's PTQ of the whole model; the native prediction is the chosen list's measured values."""
+    """INC's PTQ of the whole model (the sensitivity ``report``'s); the native prediction is the
+    chosen list's measured values."""
     forward = ptq_logits(model, measurer.calibration, batch_size, op_name_dict(fp32_ops), workspace)
-    compared = {
-        "model": "whole",
-        "model_sha256": card.sha256,
-        "params": card.params,
-        "whole_max_params": check.whole_max_params,
-    }
+    compared = whole_model(report, check.whole_max_params)
     compare_with_inc(doc, measurer.measure_forward(forward), doc["chosen"]["values"], compared)
 
 
