@@ -4,19 +4,31 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro restore test test-all lint clean
+.PHONY: setup lock repro restore test test-all lint clean
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Exactly the versions of requirements.lock (`make lock` refreshes it), so a fresh clone builds
+# the environment that wrote dvc.lock, whatever was released since.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first and pinned, so no resolver step can pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,modelopt,ort,ct]'
+	$(BIN)/python -m pip install -q "$$(grep '^pip==' requirements.lock)"
+	# torch first, on its own, so no resolver step can pull a multi-GB CUDA build (the lock
+	# records torch's version; this step picks the build: the CPU one from this machine's disk).
+	$(BIN)/python -m pip install -q "$$(grep '^torch==' requirements.lock)"
+	$(BIN)/python -m pip install -q --no-deps -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $@
 
-# Params and the paths they name are checked first: DVC removes a stage's outputs before it
-# finds a missing dep.
+# Resolve pyproject.toml's ranges again into requirements.lock and pixi.toml, keeping the pins
+# that still fit (scripts/lock.py --upgrade takes the newest), then install the result.
+lock:
+	@test -x $(BIN)/pip-compile || $(MAKE) setup
+	$(BIN)/python scripts/lock.py
+	$(MAKE) setup
+
+# The params check (the DAG's first stage, check_params, makes it too) and the plan: what each
+# stage DVC will run does, its time and memory, and a stop when it cannot fit this machine.
 repro: setup
 	$(BIN)/python scripts/check_params.py params.yaml
 	$(BIN)/dvc repro
