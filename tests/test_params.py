@@ -1,12 +1,23 @@
+import importlib.util
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 from op_sensitivity.errors import InputError
-from op_sensitivity.params import NativeParams, ReportParams, load_params
+from op_sensitivity.params import (
+    INC_DTYPES,
+    INC_OP_TYPES,
+    NativeParams,
+    ReportParams,
+    json_schema,
+    load_params,
+)
+from op_sensitivity.plan.profile import apply, read_profile
 from tests.handmade import fallback_params
-from tests.helpers import REPO
+from tests.helpers import REPO, run_script
 
 
 def _write(tmp_path: Path, mutate) -> Path:
@@ -142,6 +153,66 @@ def test_omitted_optional_fields_take_the_dataclass_defaults(tmp_path):
             lambda d: d["fallback"].update(onnx_model=3),
             "fallback.onnx_model: expected a string, got 3",
         ),
+        # unknown keys: a misspelt key would otherwise leave its default in force
+        (
+            lambda d: d["captions"].update(cout=3),
+            "captions.cout: unknown key (expected one of annotations, images_dir, count, eval_count",
+        ),
+        (
+            lambda d: d.update(sensitvity={}),
+            "sensitvity: unknown key (expected one of captions, model, sensitivity, schemes",
+        ),
+        (
+            lambda d: d["sensitivity"]["native"].update(devcie="cuda"),
+            "sensitivity.native.devcie: unknown key (expected one of device, dtype, arithmetic, reduce_range",
+        ),
+        (
+            lambda d: d["model"]["processor"].update(max_pixel=5000),
+            "model.processor.max_pixel: unknown key (expected one of min_pixels, max_pixels)",
+        ),
+        (
+            lambda d: d["model"]["tiny"]["text"].update(hidden=64),
+            "model.tiny.text.hidden: unknown key (expected one of hidden_size, intermediate_size",
+        ),
+        (
+            lambda d: d["fallback"].update(top_k={"k": 5, "kk": 1}),
+            "fallback.top_k.kk: unknown key (expected one of k)",
+        ),
+        (lambda d: d["model"].update(hf_dir="data/hf"), "model.hf_dir: replaced by model.input"),
+        # what INC's static PyTorch pass cannot do
+        (
+            lambda d: d["sensitivity"].update(op_type_dict={"Linear": {"weight": {"dtype": ["int4"]}}}),
+            "sensitivity.op_type_dict.Linear.weight.dtype[0]: expected one of fp32, bf16, int8, uint8 "
+            "(the dtypes INC's static PyTorch pass takes op-wise), got 'int4'",
+        ),
+        (
+            lambda d: d["sensitivity"].update(op_name_dict={"lm_head": {"activation": {"dtype": ["fp8"]}}}),
+            "sensitivity.op_name_dict.lm_head.activation.dtype[0]: expected one of fp32, bf16, int8, uint8",
+        ),
+        (
+            lambda d: d["sensitivity"].update(op_type_dict={"Foo": {"weight": {"dtype": ["fp32"]}}}),
+            "sensitivity.op_type_dict.Foo: expected an op type INC's PyTorch adaptor quantizes (one of "
+            "Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, Dropout, Embedding, "
+            "EmbeddingBag, InstanceNorm3d, LayerNorm, Linear, QuantStub), got 'Foo'",
+        ),
+        (
+            lambda d: d["sensitivity"].update(op_name_dict={"lm_head": {"weight": {"scheme": ["sym"]}}}),
+            "sensitivity.op_name_dict.lm_head.weight.scheme: unknown key (expected dtype",
+        ),
+        # no scheme stage: `dvc repro` would fail later, on reports/schemes/ that no stage writes
+        (
+            lambda d: d["schemes"].update(run=[]),
+            "schemes.run: expected at least one scheme, got []: fallback_list and rank_report read "
+            "reports/schemes/",
+        ),
+        (lambda d: d.pop("schemes"), "schemes: expected a mapping (the block is missing)"),
+        # every policy's settings block is checked, not only the chosen one's
+        (lambda d: d["fallback"].update(top_k={"k": 0}), "fallback.top_k.k: expected an integer >= 1, got 0"),
+        (
+            lambda d: d["fallback"].update(policy="top_k", top_k=None),
+            "fallback.top_k: missing (expected a mapping: the settings of policy top_k)",
+        ),
+        (lambda d: d.update(report=None), "report: expected a mapping, got null"),
     ],
 )
 def test_bad_params_name_the_field(tmp_path, mutate, message):
@@ -181,3 +252,62 @@ def test_missing_and_malformed_params_file(tmp_path):
 def test_bad_fallback_params(raw, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         fallback_params(**raw)
+
+
+def test_the_first_problem_is_one_line_naming_the_file():
+    with pytest.raises(InputError) as err:
+        fallback_params(policy="top_k", top_k={"k": "2"}, phase="all")
+    assert str(err.value) == "params.yaml: fallback.phase: expected one of fallback, requant, both, got 'all'"
+
+
+def test_inc_vocabulary_is_the_installed_inc_one():
+    """INC_OP_TYPES / INC_DTYPES are the int8 'static' capabilities of INC's PyTorch adaptor (and
+    its bf16 precision), read from the installed package's own file (INC is not imported)."""
+    spec = importlib.util.find_spec("neural_compressor")
+    caps = yaml.safe_load((Path(spec.submodule_search_locations[0]) / "adaptor/pytorch_cpu.yaml").read_text())
+    newest = next(c for c in caps if c["version"]["name"] == "1.11")
+    static = {k: v for k, v in newest["int8"]["static"].items() if k != "default"}
+    assert set(INC_OP_TYPES) == set(static)
+    dtypes = {d for cap in static.values() for part in cap.values() for d in part.get("dtype", [])}
+    assert set(INC_DTYPES) == dtypes | {"bf16", "fp32"}
+
+
+def test_checked_in_schema_and_reference_table_are_current():
+    checked_in = json.loads((REPO / "params.schema.json").read_text())
+    assert checked_in == json_schema(), "stale: run python scripts/params_schema.py"
+    code, err = run_script(REPO / "scripts/params_schema.py", ["--check"], REPO)
+    assert code == 0, err  # docs/params.md's generated table too
+    assert (
+        (REPO / "params.yaml").read_text().startswith("# yaml-language-server: $schema=params.schema.json\n")
+    )
+
+
+def _merged_files(tmp_path) -> list[tuple[str, Path]]:
+    """params.yaml, and each profile applied to a copy of it (the way scripts/apply_profile.py does)."""
+    files = [("params.yaml", REPO / "params.yaml")]
+    for profile in sorted((REPO / "profiles").glob("*.yaml")):
+        path = tmp_path / f"{profile.stem}.yaml"
+        shutil.copy(REPO / "params.yaml", path)
+        apply(path, read_profile(profile))  # validates the merged file with the models
+        files.append((profile.name, path))
+    return files
+
+
+def test_params_and_every_profile_pass_the_models(tmp_path):
+    files = _merged_files(tmp_path)
+    assert len(files) == 1 + len(list((REPO / "profiles").glob("*.yaml"))) > 1
+    for _, path in files:
+        load_params(path)
+
+
+def test_params_and_every_profile_validate_against_the_schema(tmp_path):
+    import jsonschema  # a dev dependency: the editor's validator, run here
+
+    files = _merged_files(tmp_path)
+    validator = jsonschema.Draft202012Validator(json.loads((REPO / "params.schema.json").read_text()))
+    for name, path in files:
+        errors = [e.message for e in validator.iter_errors(yaml.safe_load(path.read_text()))]
+        assert errors == [], name
+    bad = yaml.safe_load((REPO / "params.yaml").read_text())
+    bad["sensitivity"]["native"]["devcie"] = "cuda"
+    assert not validator.is_valid(bad)  # the schema forbids unknown keys as the models do

@@ -1,20 +1,66 @@
-"""Typed, validated view of ``params.yaml`` (one block per stage).
+"""Typed, validated view of ``params.yaml`` (one block per stage), as pydantic models.
 
-Why: DVC hands stages raw YAML; a wrong type or an out-of-range value should stop a stage
-with a message naming ``params.yaml: block.field`` and what was expected, before any work
-(a sensitivity pass can take hours), not as a traceback deep inside INC or transformers.
+Why: DVC hands stages raw YAML; a wrong type, an out-of-range value or a misspelt key should stop
+a stage with a message naming ``params.yaml: block.field`` and what was expected, before any work
+(a sensitivity pass can take hours), not as a traceback deep inside INC or transformers, and not
+as a default silently used in place of the misspelt value.
+
+Each block is a frozen pydantic dataclass (``dataclasses.replace`` and ``asdict`` work on it as on
+any dataclass; ``replace`` validates the new values). The same models are the file's JSON Schema
+(``params.schema.json``, written and checked by ``scripts/params_schema.py``, with the
+``description`` of every field below), so an editor running yaml-language-server completes and
+checks params.yaml as it is typed (docs/params.md).
+
+How errors are produced: pydantic does every check from the annotations (strict types, so ``"8"``
+or ``true`` is never an integer; ``Literal`` choices; ``Field`` bounds; ``extra="forbid"``; required
+fields), and the few rules types cannot say (cross-field ones, INC's op-wise config, the legacy
+``model.hf_dir``) raise a ``PydanticCustomError`` with their full wording. :func:`_input_error`
+then turns the first error of the ``ValidationError`` into the one-line
+:class:`~op_sensitivity.errors.InputError` ``"<params file>: <block>.<field>: expected ..., got
+<value>"``, wording it from the error's type and the annotated type of the field it names (an
+:class:`Expect` in that annotation gives a field its own wording).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import functools
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, ClassVar
+from types import NoneType, UnionType
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
+import annotated_types
 import yaml
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    WrapValidator,
+    model_validator,
+    with_config,
+)
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import GenerateJsonSchema, SkipJsonSchema
+from pydantic_core import PydanticCustomError
+from typing_extensions import (
+    NotRequired,
+    Required,
+    TypedDict,
+    get_type_hints,
+    is_typeddict,
+)
 
 from .errors import InputError
 from .phases import METRICS, RANKINGS, SELECTABLE_PHASES
@@ -43,159 +89,431 @@ BLOCKS = (
     "report",
 )
 SCHEME_ARITHMETICS = ("fake_quant", "kernels")
+# The op types INC 2.x's PyTorch adaptor quantizes with static PTQ (the keys of the int8 'static'
+# capabilities of neural_compressor/adaptor/pytorch_cpu.yaml for torch >= 1.11): what an
+# op_type_dict key may name (tests/test_params.py reads the installed INC's file against it).
+INC_OP_TYPES = (
+    *("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Dropout"),
+    *("Embedding", "EmbeddingBag", "InstanceNorm3d", "LayerNorm", "Linear", "QuantStub"),
+)
+# The dtypes an op-wise config may ask of it there: the int8 capabilities' (int8, uint8, fp32) and
+# the bf16 precision. INC's own schema also takes weight-only dtypes (int4, nf4, fp4...), which a
+# static pass ignores without a word.
+INC_DTYPES = ("fp32", "bf16", "int8", "uint8")
+OP_PARTS = ("weight", "activation")
 
-_MISSING = object()
+TINY_TEXT_KEYS = (
+    *("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"),
+)
+TINY_VISION_KEYS = ("depth", "hidden_size", "intermediate_size", "num_heads")
+MERGED_PATCH_PIXELS = 28 * 28  # the smallest image the processor can emit: one merged 2x2 patch of 14 px
 
-
-class _Block:
-    """Reads typed fields of one params block and reports errors with the full dotted path."""
-
-    def __init__(self, data: Any, path: str, source: str):
-        if not isinstance(data, dict):
-            raise InputError(f"{source}: {path}: expected a mapping, got {type(data).__name__}")
-        self.data, self.path, self.source = data, path, source
-
-    def where(self, key: str) -> str:
-        return f"{self.source}: {self.path}.{key}"
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
-        if key not in self.data:
-            if default is _MISSING:
-                raise InputError(f"{self.where(key)}: missing (expected {_kind_name(kind)})")
-            return default
-        value = self.data[key]
-        # bool is an int subclass: reject it where a number is expected, and vice versa.
-        bad_bool = isinstance(value, bool) and bool not in _as_tuple(kind)
-        if bad_bool or not isinstance(value, kind):
-            raise InputError(f"{self.where(key)}: expected {_kind_name(kind)}, got {value!r}")
-        return value
-
-    def int_in(self, key: str, lo: int, hi: int | None = None, default: Any = _MISSING) -> int:
-        value = self.get(key, int, default)
-        if value < lo or (hi is not None and value > hi):
-            span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise InputError(f"{self.where(key)}: expected an integer {span}, got {value!r}")
-        return value
-
-    def choice(self, key: str, options: tuple[str, ...], default: Any = _MISSING) -> str:
-        value = self.get(key, str, default)
-        if value not in options:
-            raise InputError(f"{self.where(key)}: expected one of {', '.join(options)}, got {value!r}")
-        return value
-
-    def block(self, key: str) -> _Block:
-        return _Block(self.data.get(key, {}), f"{self.path}.{key}", self.source)
+PARAMS_CONTEXT = "params_file"  # validation context key: the file every block remembers
 
 
-def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
+# --- types ---------------------------------------------------------------------------------------------
 
 
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        bool: "true/false",
-        dict: "a mapping",
-        list: "a list",
-        type(None): "null",
-    }
-    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+@dataclasses.dataclass(frozen=True)
+class Expect:
+    """A field's own wording, in its annotation (pydantic ignores it; :func:`_input_error` reads it).
+
+    ``what``: any error at or below the field reads "expected <what>, got <value>" (and "missing
+    (expected <what>)"); ``keys``: an unknown key of this mapping reads "unknown key (expected <keys>)".
+    """
+
+    what: str = ""
+    keys: str = ""
 
 
-@dataclass(frozen=True)
+def _error(message: str, *at: str | int) -> PydanticCustomError:
+    """A rule's own full message, about the keys ``at`` below where its validator runs."""
+    return PydanticCustomError("params", "{message}", {"message": message, "at": at})
+
+
+def _as_written(value: Any, handler: Any) -> Any:
+    handler(value)  # checked against the annotated type...
+    return value  # ...and kept as written: 50 stays 50 (not 50.0), keys keep their order
+
+
+def _copy(cls: type, src: Any, **changes: Any) -> Any:
+    """A ``cls`` with ``src``'s values of its fields, but ``changes``."""
+    same = [f.name for f in dataclasses.fields(cls) if f.name not in changes]
+    return cls(**{name: getattr(src, name) for name in same}, **changes)
+
+
+def _or(empty: type) -> AfterValidator:
+    return AfterValidator(lambda v: empty() if v is None else v)  # null reads as empty
+
+
+AsWritten = WrapValidator(_as_written)
+Int0 = Annotated[StrictInt, Field(ge=0)]
+Int1 = Annotated[StrictInt, Field(ge=1)]
+Number = Annotated[StrictFloat, AllowInfNan(False)]  # an int is a number, true is not
+Globs = Annotated[list[StrictStr] | None, Expect("a list of glob patterns"), _or(list)]
+
+
+# --- the blocks ----------------------------------------------------------------------------------------
+
+_CONFIG = ConfigDict(extra="forbid")  # a misspelt key is an error, not a default silently kept
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class ParamsBlock:
     """One block of the params file; remembers the file so every later message can name it."""
 
     BLOCK: ClassVar[str] = ""
-    params_file: str = field(default="params.yaml", compare=False, kw_only=True)
+    params_file: SkipJsonSchema[str] = field(default="params.yaml", compare=False, kw_only=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _remember_file(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict) or PARAMS_CONTEXT not in (info.context or {}):
+            return data  # built in Python (dataclasses.replace included)
+        if "params_file" in data:
+            raise PydanticCustomError("extra_forbidden", "unknown key", {"at": ("params_file",)})
+        return {**data, "params_file": info.context[PARAMS_CONTEXT]}
 
     def where(self, name: str) -> str:
         """``"<params file>: <block>.<name>"``: how every message about a param starts."""
         return f"{self.params_file}: {self.BLOCK}.{name}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class CaptionsParams(ParamsBlock):
-    """Where the COCO captions live and how the calibration sample is drawn."""
+    """Stage prepare_captions: where the COCO captions live and how the calibration sample is drawn."""
 
     BLOCK: ClassVar[str] = "captions"
-    annotations: Path
-    images_dir: Path
-    count: int
-    eval_count: int  # the held-out split, from images the calibration sample does not use
-    seed: int
-    captions_per_image: str
-    max_side: int
-    mode: str
+    annotations: Path = Field(
+        description="A COCO captions JSON (e.g. .../annotations/captions_train2017.json)."
+    )
+    images_dir: Path = Field(description="Its image folder (e.g. .../train2017).")
+    count: Int1 = Field(description="Image+caption pairs drawn for calibration.")
+    eval_count: Int1 = Field(
+        description="Held-out pairs (images the calibration sample does not use) to validate keep-lists on."
+    )
+    seed: StrictInt = Field(description="Same seed + same file = same sample.")
+    captions_per_image: Literal[CAPTIONS_PER_IMAGE] = Field(
+        description="one (one caption per image) | all (every caption of each drawn image, up to count "
+        "pairs)."
+    )
+    max_side: Int0 = Field(description="Resized copies with this longest side in pixels; 0 copies originals.")
+    mode: Literal[CALIBRATION_MODES] = Field(
+        description="image_caption (chat prompt with image + caption) | text_only (caption only: the vision "
+        "tower is kept fp32 and not scored)."
+    )
 
 
-@dataclass(frozen=True)
+@with_config(_CONFIG)
+class TinyText(TypedDict):
+    hidden_size: Annotated[Int1, Field(description="Width; a multiple of num_attention_heads.")]
+    intermediate_size: Annotated[Int1, Field(description="MLP width.")]
+    num_hidden_layers: Annotated[Int1, Field(description="Decoder layers.")]
+    num_attention_heads: Annotated[
+        Int1,
+        Field(
+            description="Heads; hidden_size / heads is a multiple of 4 and >= 8 (3-axis rotary embedding)."
+        ),
+    ]
+    num_key_value_heads: Annotated[Int1, Field(description="KV heads; num_attention_heads is a multiple.")]
+
+
+@with_config(_CONFIG)
+class TinyVision(TypedDict):
+    depth: Annotated[Int1, Field(description="Vision blocks.")]
+    hidden_size: Annotated[Int1, Field(description="Width: num_heads x a multiple of 4.")]
+    intermediate_size: Annotated[Int1, Field(description="MLP width.")]
+    num_heads: Annotated[Int1, Field(description="Heads.")]
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class TinyModelParams:
     """Reduced Qwen2.5-VL sizes for the embedded default (same architecture, seeded weights)."""
 
-    text: dict[str, int]
-    vision: dict[str, int]
-    vocab_size: int
+    text: TinyText = Field(description="Language model sizes (hidden/intermediate size, layers, heads).")
+    vision: TinyVision = Field(description="Vision tower sizes (blocks, hidden/intermediate size, heads).")
+    vocab_size: Annotated[StrictInt, Field(ge=300, le=1_000_000)] = Field(
+        description="Byte-level BPE trained on the sample captions (upper bound)."
+    )
+
+    @model_validator(mode="after")
+    def _heads(self) -> TinyModelParams:
+        text = self.text
+        hidden, heads, kv = text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"]
+        if hidden % heads:
+            raise _error(
+                f"expected a multiple of num_attention_heads ({heads}), got {hidden}", "text", "hidden_size"
+            )
+        if heads % kv:
+            raise _error(
+                f"expected a multiple of num_key_value_heads ({kv}), got {heads}",
+                "text",
+                "num_attention_heads",
+            )
+        if (hidden // heads) % 4 or hidden // heads < 8:
+            raise _error(
+                "head size hidden_size/num_attention_heads must be a multiple of 4 "
+                f"and >= 8 for the 3-axis rotary embedding, got {hidden // heads}",
+                "text",
+            )
+        width, vheads = self.vision["hidden_size"], self.vision["num_heads"]
+        if width % vheads or (width // vheads) % 4:
+            raise _error(
+                f"expected num_heads * a multiple of 4, got {width} with num_heads {vheads}",
+                "vision",
+                "hidden_size",
+            )
+        return self
 
 
-@dataclass(frozen=True)
+Pixels = Annotated[
+    Annotated[StrictInt, Field(ge=MERGED_PATCH_PIXELS)] | None,
+    Expect(f"null or >= {MERGED_PATCH_PIXELS} (one 28x28 merged patch)"),
+]
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class ProcessorParams:
+    """Image resizing bounds in pixels, so the number of image tokens; null keeps the snapshot's own."""
+
+    min_pixels: Pixels = Field(default=None, description="Smallest image area (3136 = 56*56).")
+    max_pixels: Pixels = Field(
+        default=None, description="Largest image area (12544 = 112*112: 16 image tokens)."
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> ProcessorParams:
+        lo, hi = self.min_pixels, self.max_pixels
+        if lo is not None and hi is not None and hi < lo:
+            raise _error(f"expected >= min_pixels ({lo}), got {hi}", "max_pixels")
+        return self
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class ModelBlock(ParamsBlock):
+    """Stage load_model: where the model comes from (the params file's shape of ModelParams)."""
+
+    BLOCK: ClassVar[str] = "model"
+    source: Literal[MODEL_SOURCES] = Field(
+        description="tiny (embedded default, random weights) | hf_dir (local HF snapshot) | full_size_random "
+        "(published 3B or 7B architecture, random weights)."
+    )
+    input: Path = Field(
+        description="The one path the source reads (so the stage's one data dep): the calibration sample "
+        "(tiny, full_size_random: their tokenizer is trained on its captions) or the snapshot dir (hf_dir)."
+    )
+    seed: StrictInt = Field(description="tiny / full_size_random: weight init seed.")
+    full_size: Literal[FULL_SIZES] = Field(
+        default="3b", description="full_size_random: the published architecture to build, 3b | 7b."
+    )
+    tiny: TinyModelParams = Field(description="Sizes of the embedded default (source tiny).")
+    processor: ProcessorParams = Field(
+        default_factory=ProcessorParams,
+        description="Image resizing bounds in pixels; null keeps the snapshot's own.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "hf_dir" in data:
+            raise _error(
+                "replaced by model.input, the one path the source reads (the snapshot directory with "
+                "source hf_dir; the calibration sample with tiny / full_size_random)",
+                "hf_dir",
+            )
+        return data
+
+    def to_params(self) -> ModelParams:
+        pixels = self.processor
+        return _copy(ModelParams, self, min_pixels=pixels.min_pixels, max_pixels=pixels.max_pixels)
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class ModelParams(ParamsBlock):
     """Where the model comes from. ``input`` is the one path the source reads, so the one DVC dep:
     the calibration sample for the random sources (their tokenizer is trained on its captions),
-    the snapshot directory for ``hf_dir``."""
+    the snapshot directory for ``hf_dir``. ``min_pixels`` / ``max_pixels`` are ``model.processor``'s."""
 
     BLOCK: ClassVar[str] = "model"
-    source: str
+    source: Literal[MODEL_SOURCES]
     input: Path
-    seed: int
-    full_size: str  # with source full_size_random: 3b | 7b
+    seed: StrictInt
+    full_size: Literal[FULL_SIZES]  # with source full_size_random: 3b | 7b
     tiny: TinyModelParams
-    min_pixels: int | None
-    max_pixels: int | None
+    min_pixels: Pixels
+    max_pixels: Pixels
 
 
-@dataclass(frozen=True)
+# INC's op-wise config (op_type_dict, op_name_dict) as INC's static PyTorch pass would use it:
+# known op types, {weight|activation: {dtype: [...]}} with the dtypes it takes.
+IncDtype = Annotated[
+    Literal[INC_DTYPES],
+    Expect(f"one of {', '.join(INC_DTYPES)} (the dtypes INC's static PyTorch pass takes op-wise)"),
+]
+
+
+@with_config(_CONFIG)
+class OpPart(TypedDict, total=False):
+    dtype: Annotated[
+        list[IncDtype],
+        Field(
+            description="The dtypes INC may pick for it; [fp32] keeps it in high precision (both engines)."
+        ),
+    ]
+
+
+# scheme, granularity, algorithm: INC would take them, the native engine not
+_DTYPE_ONLY = Expect(keys="dtype: both engines read only the dtype of an op-wise config")
+
+
+@with_config(ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1}))
+class OpConfig(TypedDict, total=False):
+    weight: Annotated[OpPart, _DTYPE_ONLY, Field(description="The op's weight.")]
+    activation: Annotated[OpPart, _DTYPE_ONLY, Field(description="The op's input activation.")]
+
+
+def _some_part(cfg: OpConfig) -> OpConfig:
+    if not cfg:
+        raise ValueError("no part")  # worded by the Expect below
+    return cfg
+
+
+def _regex(name: str) -> str:
+    try:
+        re.compile(name)
+    except re.error as e:
+        raise _error(f"expected a module name or a regular expression ({e})") from e
+    return name
+
+
+OpValue = Annotated[
+    OpConfig,
+    AfterValidator(_some_part),
+    Expect(
+        "a mapping with 'weight' and/or 'activation' entries, each a mapping like {dtype: [fp32]} "
+        "(INC op-wise config)"
+    ),
+]
+OpType = Annotated[
+    Literal[INC_OP_TYPES],
+    Expect(f"an op type INC's PyTorch adaptor quantizes (one of {', '.join(INC_OP_TYPES)})"),
+]
+OpDict = Annotated[dict[Annotated[StrictStr, AfterValidator(_regex)], OpValue] | None, AsWritten, _or(dict)]
+OpTypeDict = Annotated[dict[OpType, OpValue] | None, AsWritten, _or(dict)]
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class NativeParams:
-    """The native engine's knobs (see ``engines.native``); the defaults are the ones params.yaml may omit."""
+    """The native engine's knobs (see ``engines.native``); the defaults are the ones params.yaml may omit.
+    Used by engine native and by the crosscheck stage."""
 
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    arithmetic: str = "auto"  # auto | int8_kernels (cpu, bit-exact with INC) | fake_quant (any device)
-    reduce_range: str = "auto"  # auto (as INC decides from the CPU) | true | false
-    requant_mode: str = "cumulative"  # cumulative (INC's curve) | isolated (only this op int8)
-    allow_tf32: bool = False
-    suffix_reuse: bool = True  # recompute a trial from the toggled op's block onward (same values)
-    processes: int = 1  # shard the trials over this many processes (one GPU each on cuda)
-    scheme: str = "inc_cpu"  # the deployment scheme measured (op_sensitivity.schemes)
+    device: Literal[DEVICES] = Field(default="auto", description="auto | cpu | cuda.")
+    dtype: Literal[DTYPES] = Field(
+        default="float32",
+        description="Compute dtype: float32 | bfloat16 | float16 (check anything but float32 against it "
+        "first).",
+    )
+    arithmetic: Literal[ARITHMETICS] = Field(
+        default="auto",
+        description="auto (int8_kernels on cpu/float32 with scheme inc_cpu, else fake_quant) | int8_kernels "
+        "(cpu, bit-exact with INC) | fp8_kernels (fp8 schemes) | fake_quant (any device).",
+    )
+    reduce_range: Annotated[
+        Literal["auto", "true", "false"] | StrictBool,
+        Expect("auto, true or false"),
+        AfterValidator(lambda v: str(v).lower()),  # true -> "true"
+    ] = Field(default="auto", description="auto (as INC decides from this CPU) | true | false.")
+    requant_mode: Literal[REQUANT_MODES] = Field(
+        default="cumulative",
+        description="cumulative (INC's curve) | isolated (only this op int8: a true per-op measure).",
+    )
+    allow_tf32: StrictBool = Field(
+        default=False, description="cuda: TF32 matmuls (check against float32 first)."
+    )
+    suffix_reuse: StrictBool = Field(
+        default=True,
+        description="A trial recomputes from the toggled op's block onward (values unchanged); false: every "
+        "trial runs the whole model.",
+    )
+    processes: Int1 = Field(
+        default=1,
+        description="Shard the trials over N processes (N GPUs with device cuda); same values.",
+    )
+    scheme: Literal[SCHEMES] = Field(
+        default="inc_cpu",
+        description="The main pass's deployment scheme: inc_cpu (INC's; engine inc measures only this) | "
+        "modelopt_int8 | modelopt_fp8 | llmcompressor_w8a8 | ort_qdq.",
+    )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class SensitivityParams(ParamsBlock):
+    """Stage sensitivity: INC mse_v2 pass (fallback + requant phases), or the native engine."""
+
     BLOCK: ClassVar[str] = "sensitivity"
-    confidence_batches: int
-    batch_size: int
-    max_ops: int
-    tolerable_loss: float
-    op_type_dict: dict[str, Any] = field(default_factory=dict)
-    op_name_dict: dict[str, Any] = field(default_factory=dict)
-    engine: str = "inc"
-    native: NativeParams = field(default_factory=NativeParams)
+    confidence_batches: Int1 = Field(
+        description="INC scores each op once per batch; each batch both calibrates and measures."
+    )
+    batch_size: Int1 = Field(description="Samples per confidence batch.")
+    max_ops: Int1 = Field(
+        description="Refuse to start a pass that would score more ops (INC costs seconds..minutes per op)."
+    )
+    tolerable_loss: Annotated[Number, Field(gt=0, lt=1), Expect("a relative loss in (0, 1)")] = Field(
+        description="INC's accuracy criterion, in (0, 1); the pass is forced anyway."
+    )
+    op_type_dict: OpTypeDict = Field(
+        default_factory=dict,
+        json_schema_extra={"default": {}},
+        description="INC op_type_dict: op type -> {weight: {dtype: [...]}, activation: {dtype: [...]}}, e.g. "
+        "{Embedding: {weight: {dtype: [fp32]}, activation: {dtype: [fp32]}}} keeps every Embedding fp32.",
+    )
+    op_name_dict: OpDict = Field(
+        default_factory=dict,
+        json_schema_extra={"default": {}},
+        description="INC op_name_dict: module name or regular expression -> the same value shape.",
+    )
+    engine: Literal[ENGINES] = Field(
+        default="inc",
+        description="inc (reference: INC's own loop) | native (same numbers in plain PyTorch, CPU or GPU).",
+    )
+    native: NativeParams = Field(default_factory=NativeParams, description="The native engine's knobs.")
 
 
-@dataclass(frozen=True)
+def _one_stage_each(run: tuple[str, ...]) -> tuple[str, ...]:
+    if not run:
+        raise _error(
+            "expected at least one scheme, got []: fallback_list and rank_report read reports/schemes/, "
+            "which only the scheme_sensitivity stages write (one per scheme listed here)"
+        )
+    if len(set(run)) != len(run):
+        raise _error(f"lists a scheme twice ({list(run)}); DVC would run one stage twice")
+    return run
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class SchemesParams(ParamsBlock):
-    """Stage scheme_sensitivity: the native pass again under each listed deployment scheme."""
+    """Stage scheme_sensitivity: the native pass again under each listed deployment scheme, one cached
+    stage each."""
 
     BLOCK: ClassVar[str] = "schemes"
-    run: tuple[str, ...] = ()  # one cached DVC stage per name (foreach), compared in rank_report
-    arithmetic: str = "fake_quant"  # fake_quant | kernels (the scheme's int8 / fp8 matmul where it has one)
+    run: Annotated[
+        tuple[Literal[SCHEMES], ...],
+        Field(json_schema_extra={"minItems": 1, "uniqueItems": True}),  # checked by _one_stage_each
+        AfterValidator(_one_stage_each),
+    ] = Field(
+        description="Deployment schemes, one cached DVC stage each (foreach), compared in the report; each "
+        "tool's export is built from its own. At least one: fallback_list and rank_report read their outputs."
+    )
+    arithmetic: Literal[SCHEME_ARITHMETICS] = Field(
+        default="fake_quant",
+        description="fake_quant (the tools' own QDQ, to the bit) | kernels (int8: torch._int_mm, fp8: "
+        "torch._scaled_mm, where the scheme is symmetric).",
+    )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class CrosscheckParams(ParamsBlock):
-    """Where INC is checked against the native engine (stage crosscheck, validate's INC PTQ check).
+    """Stage crosscheck and validate's INC PTQ check: INC against the native engine, on the real weights.
 
     INC's per-op loop needs 50-75 GB and ~45 s per op at 3B width, so a model above
     ``whole_max_params`` is compared on a carved copy (``model.carve``): the first
@@ -203,60 +521,250 @@ class CrosscheckParams(ParamsBlock):
     """
 
     BLOCK: ClassVar[str] = "crosscheck"
-    whole_max_params: int = 500_000_000  # up to this many parameters INC runs on the whole model
-    carve_layers: int = 2  # above it: the first decoder layers kept in the carved copy
-    carve_vision_blocks: int = 2  # and the first vision blocks
+    whole_max_params: Int0 = Field(
+        default=500_000_000,
+        description="Up to this many parameters INC runs on the whole model; above (the 3B and 7B), on a "
+        "carved copy.",
+    )
+    carve_layers: Int1 = Field(
+        default=2, description="Carved copy: the first decoder layers kept (real weights)."
+    )
+    carve_vision_blocks: Int1 = Field(default=2, description="Carved copy: the first vision blocks kept.")
 
     def carves(self, params: int) -> bool:
         return params > self.whole_max_params
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class ReportParams(ParamsBlock):
+    """Stage rank_report: markdown report, PNG plots, rank metrics."""
+
     BLOCK: ClassVar[str] = "report"
-    table_top: int | None = None  # rows per phase table; None = every op
-    plot_top: int = 30  # ops in the spectrum plot and in the dvc-plots CSVs
+    table_top: Annotated[Int1 | None, Expect("an integer >= 1 or null (all ops)")] = Field(
+        default=None, description="Rows per phase table in op_sensitivity.md; null = every op."
+    )
+    plot_top: Int1 = Field(
+        default=30, description="Ops in the spectrum plot and in rank/top_<phase>.csv (dvc plots)."
+    )
 
 
-@dataclass(frozen=True)
+Share = Annotated[
+    Number,
+    Field(gt=0, le=1),
+    Expect("a share in (0, 1] (0.9: 90 % of the all-int8 damage given back)"),
+]
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class CurveParams(ParamsBlock):
-    """How keep-lists are measured on the eval split (stage ``curve``; ``validate`` reuses the baseline)."""
+    """Stage curve: each ranking's top-n keep-lists measured on the held-out eval split (``validate``
+    reuses the baseline)."""
 
     BLOCK: ClassVar[str] = "curve"
-    metric: str = "kl"  # the headline metric: orders the measured ranking, drawn in the plots
-    # curve sizes per ranking: "auto" (every n up to validation.curve.DENSE_MAX scored ops, else
-    # log-spaced), None (every n from 0 to all scored ops) or at most this many, log-spaced
-    max_points: int | str | None = "auto"
-    # ops measured alone for the measured ranking: "auto" (every op up to DENSE_MAX, else the top
-    # DENSE_MAX of the fallback and of the requant ranking), "all", or the top K of each
-    single_op: int | str = "auto"
-    # shares of the all-int8 damage given back whose smallest n is bisected on every ranking (headline
-    # metric) where the grid is log-spaced: what the report and a measured_budget policy read
-    crossings: tuple[float, ...] = (0.5, 0.9, 0.99)
-    random_lists: int = 5  # random keep-lists per size: the baseline a ranking must beat
-    seed: int = 0
-    batch_size: int = 8  # eval samples per forward
+    metric: Literal[METRICS] = Field(
+        default="kl",
+        description="Headline metric (kl | top1 | nll | logit_se): orders the measured ranking, drawn in "
+        "plots.",
+    )
+    max_points: Annotated[
+        Literal["auto"] | Annotated[StrictInt, Field(ge=2)] | None,
+        Expect("auto, null (every size) or an integer >= 2"),
+    ] = Field(
+        default="auto",
+        description="Sizes n per ranking: auto (every n up to 32 scored ops, else log-spaced, bisected "
+        "where a policy or the report reads), null (every n) or an integer (at most that many).",
+    )
+    single_op: Annotated[
+        Literal["auto", "all"] | Int1,
+        Expect("auto, all or an integer >= 1 (the top K of each ranking)"),
+    ] = Field(
+        default="auto",
+        description="Ops measured alone, for the measured ranking: auto (all up to 32, else the top 32 of "
+        "the fallback and of the requant ranking), all, or an integer K (the top K of each).",
+    )
+    crossings: tuple[Share, ...] = Field(
+        default=(0.5, 0.9, 0.99),
+        description="Shares of the all-int8 damage given back: the smallest n reaching each is bisected on "
+        "every ranking where the grid is log-spaced (the report and measured_budget read them).",
+    )
+    random_lists: Int1 = Field(
+        default=5, description="Random keep-lists per size: the baseline a ranking must beat (seeded)."
+    )
+    seed: StrictInt = Field(default=0, description="Seed of the random keep-lists.")
+    batch_size: Int1 = Field(default=8, description="Eval samples per forward.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class ValidateParams(ParamsBlock):
+    """Stage validate: the chosen keep-list on the eval split, against random lists of its size."""
+
     BLOCK: ClassVar[str] = "validate"
-    inc_check: bool = True  # also quantize with INC's own PTQ from the exported op_name_dict and compare
+    inc_check: StrictBool = Field(
+        default=True,
+        description="Also quantize with INC's own PTQ from the exported op_name_dict, and compare.",
+    )
 
 
-@dataclass(frozen=True)
+# --- fallback: one typed settings block per policy --------------------------------------------------
+
+
+@with_config(_CONFIG)
+class TopK(TypedDict):
+    """top_k: the k most sensitive ops."""
+
+    k: Annotated[Int1, Field(description="How many ops to keep.")]
+
+
+@with_config(_CONFIG)
+class TopFraction(TypedDict):
+    """top_fraction: the top ceil(fraction x N) ops."""
+
+    fraction: Annotated[
+        Number,
+        Field(gt=0, le=1, description="Share of the scored ops, in (0, 1]."),
+        Expect("a fraction in (0, 1]"),
+    ]
+
+
+@with_config(_CONFIG)
+class Threshold(TypedDict):
+    """threshold: ops with score > value (x the max score when relative)."""
+
+    value: Annotated[Number, Field(description="The score threshold."), Expect("a finite number")]
+    relative: NotRequired[
+        Annotated[StrictBool, Field(description="value is x the max score (default false).")]
+    ]
+
+
+@with_config(_CONFIG)
+class ErrorBudget(TypedDict):
+    """error_budget: the fewest top ops holding >= percent % of the summed single-op scores."""
+
+    percent: Annotated[
+        Number,
+        Field(gt=0, le=100, description="Percentage, in (0, 100]."),
+        Expect("a percentage in (0, 100]"),
+    ]
+
+
+@with_config(_CONFIG)
+class MeasuredBudget(TypedDict):
+    """measured_budget: the fewest top ops of the ranking whose measured eval damage is <= percent % of
+    all-int8's."""
+
+    metric: Annotated[Literal[METRICS], Field(description="The metric the damage is measured by.")]
+    percent: Annotated[
+        Number,
+        Field(ge=0, lt=100, description="Damage left, in % of all-int8's, in [0, 100)."),
+        Expect("the damage left, in % of all-int8's, in [0, 100)"),
+    ]
+    ranking: Annotated[Literal[RANKINGS], Field(description="The ranking whose top ops are kept.")]
+
+
+@with_config(
+    ConfigDict(
+        extra="forbid", json_schema_extra={"oneOf": [{"required": ["bits"]}, {"required": ["params_share"]}]}
+    )
+)
+class BitsBudget(TypedDict):
+    """bits_budget: most measured gain within an effective-weight-bits (or params_share) budget."""
+
+    metric: Annotated[Literal[METRICS], Field(description="The metric the gain is measured by.")]
+    bits: NotRequired[
+        Annotated[
+            Number,
+            Field(gt=8, le=32, description="Effective weight bits, in (8, 32]."),
+            Expect("effective weight bits in (8, 32]"),
+        ]
+    ]
+    params_share: NotRequired[
+        Annotated[
+            Number,
+            Field(gt=0, le=1, description="Share of the weight params kept, in (0, 1]."),
+            Expect("a share of weight params in (0, 1]"),
+        ]
+    ]
+
+
+def _one_budget(block: BitsBudget | None) -> BitsBudget | None:
+    budgets = [k for k in ("bits", "params_share") if k in (block or {})]
+    if block is not None and len(budgets) != 1:
+        raise _error(f"expected exactly one of bits or params_share, got {budgets}", "bits")
+    return block
+
+
+_POLICY_DOC = "Settings of policy {0} (checked whatever the policy; read when policy is {0})."
+
+
+def _settings(policy: str) -> Any:
+    return Field(default=None, description=_POLICY_DOC.format(policy))
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class FallbackBlock(ParamsBlock):
+    """Stage fallback_list: which ops to keep in high precision, and the per-tool exports (the params
+    file's shape of FallbackParams: every policy's settings block)."""
+
+    BLOCK: ClassVar[str] = "fallback"
+    phase: Literal[SELECTABLE_PHASES] = Field(
+        description="Ranking for top_k | top_fraction | threshold | error_budget: fallback | requant | both "
+        "(combined by mean rank)."
+    )
+    policy: Literal[POLICIES] = Field(
+        description="top_k | top_fraction | threshold | error_budget | measured_budget | bits_budget; each "
+        "reads its own block below."
+    )
+    top_k: Annotated[TopK | None, AsWritten] = _settings("top_k")
+    top_fraction: Annotated[TopFraction | None, AsWritten] = _settings("top_fraction")
+    threshold: Annotated[Threshold | None, AsWritten] = _settings("threshold")
+    error_budget: Annotated[ErrorBudget | None, AsWritten] = _settings("error_budget")
+    measured_budget: Annotated[MeasuredBudget | None, AsWritten] = _settings("measured_budget")
+    bits_budget: Annotated[BitsBudget | None, AsWritten, AfterValidator(_one_budget)] = _settings(
+        "bits_budget"
+    )
+    fused_groups: StrictBool = Field(
+        default=True,
+        description="Keep or quantize q/k/v and gate/up groups whole (what vLLM / SGLang / TensorRT-LLM "
+        "load).",
+    )
+    always_keep: Globs = Field(
+        default_factory=list,
+        json_schema_extra={"default": []},
+        description="fnmatch globs on module names, added whatever the policy says.",
+    )
+    never_keep: Globs = Field(
+        default_factory=list,
+        json_schema_extra={"default": []},
+        description="Globs removed from the list (wins over always_keep).",
+    )
+    onnx_model: Path = Field(
+        default=Path("data/onnx"),
+        description="An exported .onnx (or a directory holding at most one): real ONNX Runtime node names.",
+    )
+
+    @model_validator(mode="after")
+    def _chosen(self) -> FallbackBlock:
+        if getattr(self, self.policy) is None:
+            raise _error(f"missing (expected a mapping: the settings of policy {self.policy})", self.policy)
+        return self
+
+    def to_params(self) -> FallbackParams:
+        return _copy(FallbackParams, self, settings=dict(getattr(self, self.policy)))
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class FallbackParams(ParamsBlock):
     BLOCK: ClassVar[str] = "fallback"
-    phase: str
-    policy: str
+    phase: Literal[SELECTABLE_PHASES]
+    policy: Literal[POLICIES]
     settings: dict[str, Any]  # the chosen policy's own block
-    always_keep: list[str] = field(default_factory=list)
-    never_keep: list[str] = field(default_factory=list)
+    always_keep: Globs = field(default_factory=list)
+    never_keep: Globs = field(default_factory=list)
     onnx_model: Path = Path("data/onnx")  # an .onnx file, or a directory holding at most one
-    fused_groups: bool = True  # keep or quantize a fused group (q/k/v, gate/up) whole
+    fused_groups: StrictBool = True  # keep or quantize a fused group (q/k/v, gate/up) whole
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class Params:
     captions: CaptionsParams
     model: ModelParams
@@ -269,317 +777,183 @@ class Params:
     report: ReportParams
 
 
-TINY_TEXT_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-)
-TINY_VISION_KEYS = ("depth", "hidden_size", "intermediate_size", "num_heads")
+@dataclass(frozen=True, config=_CONFIG)
+class ParamsFile:
+    """op-sensitivity's params.yaml: one block per DVC stage. DVC reruns a stage only when its block (or
+    its code/data) changes; every stage validates the whole file first."""
 
-
-def _captions(b: _Block) -> CaptionsParams:
-    return CaptionsParams(
-        annotations=Path(b.get("annotations", str)),
-        images_dir=Path(b.get("images_dir", str)),
-        count=b.int_in("count", 1),
-        eval_count=b.int_in("eval_count", 1),
-        seed=b.get("seed", int),
-        captions_per_image=b.choice("captions_per_image", CAPTIONS_PER_IMAGE),
-        max_side=b.int_in("max_side", 0),
-        mode=b.choice("mode", CALIBRATION_MODES),
-        params_file=b.source,
+    captions: CaptionsParams = Field(
+        description="Stage prepare_captions: COCO captions -> calibration sample."
+    )
+    model: ModelBlock = Field(description="Stage load_model: a loadable HF directory + op inventory.")
+    sensitivity: SensitivityParams = Field(
+        description="Stage sensitivity: INC mse_v2 pass (fallback + requant phases), or the native engine."
+    )
+    schemes: SchemesParams = Field(
+        description="Stage scheme_sensitivity: the native pass again under each deployment scheme."
+    )
+    crosscheck: CrosscheckParams = Field(
+        default_factory=CrosscheckParams,
+        description="Stage crosscheck and validate's INC PTQ check: INC against the native engine.",
+    )
+    curve: CurveParams = Field(
+        default_factory=CurveParams,
+        description="Stage curve: each ranking's top-n keep-lists measured on the held-out eval split.",
+    )
+    fallback: FallbackBlock = Field(
+        description="Stage fallback_list: which ops to keep in high precision, and the per-tool exports."
+    )
+    validate: ValidateParams = Field(
+        default_factory=ValidateParams,
+        description="Stage validate: the chosen keep-list on the eval split, against random lists of its "
+        "size.",
+    )
+    report: ReportParams = Field(
+        default_factory=ReportParams,
+        description="Stage rank_report: markdown report, PNG plots, rank metrics.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _optional_blocks(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        # an omitted optional block is validated too, so its defaults remember the params file
+        optional = [k for k, f in cls.__pydantic_fields__.items() if not f.is_required()]
+        return {**dict.fromkeys(optional, {}), **data}
 
-def _sizes(b: _Block, keys: tuple[str, ...]) -> dict[str, int]:
-    return {k: b.int_in(k, 1) for k in keys}
-
-
-def _tiny(b: _Block) -> TinyModelParams:
-    text = _sizes(b.block("text"), TINY_TEXT_KEYS)
-    vision = _sizes(b.block("vision"), TINY_VISION_KEYS)
-    where = f"{b.source}: {b.path}"
-    if text["hidden_size"] % text["num_attention_heads"]:
-        raise InputError(
-            f"{where}.text.hidden_size: expected a multiple of num_attention_heads "
-            f"({text['num_attention_heads']}), got {text['hidden_size']}"
-        )
-    if text["num_attention_heads"] % text["num_key_value_heads"]:
-        raise InputError(
-            f"{where}.text.num_attention_heads: expected a multiple of num_key_value_heads "
-            f"({text['num_key_value_heads']}), got {text['num_attention_heads']}"
-        )
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
-    if head_dim % 4 or head_dim < 8:
-        raise InputError(
-            f"{where}.text: head size hidden_size/num_attention_heads must be a multiple of 4 "
-            f"and >= 8 for the 3-axis rotary embedding, got {head_dim}"
-        )
-    if vision["hidden_size"] % vision["num_heads"] or (vision["hidden_size"] // vision["num_heads"]) % 4:
-        raise InputError(
-            f"{where}.vision.hidden_size: expected num_heads * a multiple of 4, "
-            f"got {vision['hidden_size']} with num_heads {vision['num_heads']}"
-        )
-    return TinyModelParams(text=text, vision=vision, vocab_size=b.int_in("vocab_size", 300, 1_000_000))
+    def to_params(self) -> Params:
+        return _copy(Params, self, model=self.model.to_params(), fallback=self.fallback.to_params())
 
 
-MERGED_PATCH_PIXELS = 28 * 28  # the smallest image the processor can emit: one merged 2x2 patch of 14 px
+# --- pydantic's errors in this project's words -------------------------------------------------------------
+
+_UNKNOWN_KEY = ("extra_forbidden", "unexpected_keyword_argument")
+_NOT_A_MAPPING = ("dict_type", "dataclass_type", "model_type")
+_TYPE_ERRORS = {  # what a value of the wrong type should have been, whatever the field's bounds
+    **{"int_type": "an integer", "bool_type": "true/false", "float_type": "a number"},
+    **{"string_type": "a string", "path_type": "a string", "list_type": "a list", "tuple_type": "a list"},
+    "finite_number": "a finite number",
+}
 
 
-def _model(b: _Block) -> ModelParams:
-    if "hf_dir" in b.data:
-        raise InputError(
-            f"{b.where('hf_dir')}: replaced by model.input, the one path the source reads "
-            "(the snapshot directory with source hf_dir; the calibration sample with tiny / full_size_random)"
-        )
-    proc = b.block("processor")
-    bounds = {}
-    for key in ("min_pixels", "max_pixels"):
-        value = proc.get(key, (int, type(None)), None)
-        if value is not None and value < MERGED_PATCH_PIXELS:
-            raise InputError(
-                f"{proc.where(key)}: expected null or >= {MERGED_PATCH_PIXELS} (one 28x28 merged patch), "
-                f"got {value}"
-            )
-        bounds[key] = value
-    min_px, max_px = bounds["min_pixels"], bounds["max_pixels"]
-    if min_px is not None and max_px is not None and max_px < min_px:
-        raise InputError(f"{proc.where('max_pixels')}: expected >= min_pixels ({min_px}), got {max_px}")
-    return ModelParams(
-        source=b.choice("source", MODEL_SOURCES),
-        input=Path(b.get("input", str)),
-        seed=b.get("seed", int),
-        full_size=b.choice("full_size", FULL_SIZES, "3b"),
-        tiny=_tiny(b.block("tiny")),
-        min_pixels=min_px,
-        max_pixels=max_px,
-        params_file=b.source,
-    )
+def _unwrap(tp: Any) -> tuple[Any, tuple[Any, ...]]:
+    """``tp`` without Annotated, NotRequired and a None option, and the metadata they carried."""
+    meta: tuple[Any, ...] = ()
+    while True:
+        origin, args = get_origin(tp), get_args(tp)
+        if origin is Annotated:
+            tp = args[0]
+            for m in args[1:]:
+                meta += tuple(m.metadata) if isinstance(m, FieldInfo) else (m,)
+        elif origin in (NotRequired, Required):
+            tp = args[0]
+        elif origin in (Union, UnionType) and len(options := [a for a in args if a is not NoneType]) == 1:
+            tp = options[0]  # X | None: X
+        else:
+            return tp, meta
 
 
-def _op_dict(b: _Block, key: str) -> dict[str, Any]:
-    value = b.get(key, (dict, type(None)), None) or {}
-    for name, cfg in value.items():
-        parts_ok = isinstance(cfg, dict) and bool(cfg) and set(cfg) <= {"weight", "activation"}
-        if parts_ok:
-            parts_ok = all(
-                isinstance(part, dict)
-                and (
-                    "dtype" not in part
-                    or (isinstance(part["dtype"], list) and all(isinstance(d, str) for d in part["dtype"]))
-                )
-                for part in cfg.values()
-            )
-        if not isinstance(name, str) or not parts_ok:
-            raise InputError(
-                f"{b.where(key)}.{name}: expected a mapping with 'weight' and/or 'activation' entries, each "
-                f"a mapping like {{dtype: [fp32]}} (INC op-wise config), got {cfg!r}"
-            )
-        if key == "op_name_dict":
-            try:
-                re.compile(name)
-            except re.error as e:
-                raise InputError(
-                    f"{b.where(key)}.{name}: expected a module name or a regular expression ({e})"
-                ) from e
-    return value
+def _keys(tp: Any) -> dict[str, Any]:
+    """The keys the mapping type ``tp`` takes in the params file, with their annotated types."""
+    if is_typeddict(tp):
+        return get_type_hints(tp, include_extras=True)
+    if dataclasses.is_dataclass(tp):
+        fields = tp.__pydantic_fields__.items()
+        return {name: f.rebuild_annotation() for name, f in fields if name != "params_file"}
+    return {}
 
 
-def _sensitivity(b: _Block) -> SensitivityParams:
-    loss = b.get("tolerable_loss", (int, float))
-    if not 0 < loss < 1:
-        raise InputError(f"{b.where('tolerable_loss')}: expected a relative loss in (0, 1), got {loss!r}")
-    return SensitivityParams(
-        confidence_batches=b.int_in("confidence_batches", 1),
-        batch_size=b.int_in("batch_size", 1),
-        max_ops=b.int_in("max_ops", 1),
-        tolerable_loss=float(loss),
-        op_type_dict=_op_dict(b, "op_type_dict"),
-        op_name_dict=_op_dict(b, "op_name_dict"),
-        engine=b.choice("engine", ENGINES, SensitivityParams.engine),
-        native=_native(b.block("native")),
-        params_file=b.source,
-    )
+def _walk(root: type, loc: tuple[str | int, ...]) -> list[tuple[Any, tuple[Any, ...]]]:
+    """(type, metadata) below ``root`` at each step of an error's ``loc``, as far as the types name it."""
+    steps = [_unwrap(root)]
+    for i, part in enumerate(loc):
+        tp = steps[-1][0]
+        origin, args, keys = get_origin(tp), get_args(tp), _keys(tp)
+        if origin is dict:  # an error of the key itself is at (..., key, "[key]")
+            tp = args[0] if loc[i + 1 : i + 2] == ("[key]",) else args[1]
+        elif origin in (list, tuple) and isinstance(part, int):
+            tp = args[0]
+        elif part in keys:
+            tp = keys[part]
+        else:
+            break
+        steps.append(_unwrap(tp))
+    return steps
 
 
-def _native(b: _Block) -> NativeParams:
-    d = NativeParams
-    reduce_range = b.get("reduce_range", (str, bool), d.reduce_range)
-    if isinstance(reduce_range, bool):
-        reduce_range = str(reduce_range).lower()
-    if reduce_range not in ("auto", "true", "false"):
-        raise InputError(f"{b.where('reduce_range')}: expected auto, true or false, got {reduce_range!r}")
-    return NativeParams(
-        device=b.choice("device", DEVICES, d.device),
-        dtype=b.choice("dtype", DTYPES, d.dtype),
-        arithmetic=b.choice("arithmetic", ARITHMETICS, d.arithmetic),
-        reduce_range=reduce_range,
-        requant_mode=b.choice("requant_mode", REQUANT_MODES, d.requant_mode),
-        allow_tf32=b.get("allow_tf32", bool, d.allow_tf32),
-        suffix_reuse=b.get("suffix_reuse", bool, d.suffix_reuse),
-        processes=b.int_in("processes", 1, default=d.processes),
-        scheme=b.choice("scheme", SCHEMES, d.scheme),
-    )
+def _own(meta: tuple[Any, ...], attr: str) -> str:
+    return next((getattr(m, attr) for m in meta if isinstance(m, Expect) and getattr(m, attr)), "")
 
 
-def _schemes(b: _Block) -> SchemesParams:
-    run = b.get("run", list, [])
-    for i, name in enumerate(run):
-        if name not in SCHEMES:
-            raise InputError(f"{b.where('run')}[{i}]: expected one of {', '.join(SCHEMES)}, got {name!r}")
-    if len(set(run)) != len(run):
-        raise InputError(f"{b.where('run')}: lists a scheme twice ({run}); DVC would run one stage twice")
-    return SchemesParams(
-        run=tuple(run),
-        arithmetic=b.choice("arithmetic", SCHEME_ARITHMETICS, SchemesParams.arithmetic),
-        params_file=b.source,
-    )
+def _expected(tp: Any, meta: tuple[Any, ...]) -> str:
+    """What a value of this annotated type is, in words."""
+    if get_origin(tp) is Literal:
+        return f"one of {', '.join(map(str, get_args(tp)))}"
+    if tp is int:
+        lo = next((m.ge for m in meta if isinstance(m, annotated_types.Ge)), None)
+        hi = next((m.le for m in meta if isinstance(m, annotated_types.Le)), None)
+        return "an integer" + ("" if lo is None else f" >= {lo}" if hi is None else f" in [{lo}, {hi}]")
+    words = {bool: "true/false", float: "a number", str: "a string", Path: "a string (a path)"}
+    return "a list" if get_origin(tp) in (list, tuple) else words.get(tp, "a mapping")
 
 
-def _report(b: _Block) -> ReportParams:
-    table_top = b.get("table_top", (int, type(None)), ReportParams.table_top)
-    if table_top is not None and table_top < 1:
-        raise InputError(
-            f"{b.where('table_top')}: expected an integer >= 1 or null (all ops), got {table_top!r}"
-        )
-    return ReportParams(
-        table_top=table_top,
-        plot_top=b.int_in("plot_top", 1, default=ReportParams.plot_top),
-        params_file=b.source,
-    )
-
-
-def _crosscheck(b: _Block) -> CrosscheckParams:
-    d = CrosscheckParams
-    return CrosscheckParams(
-        whole_max_params=b.int_in("whole_max_params", 0, default=d.whole_max_params),
-        carve_layers=b.int_in("carve_layers", 1, default=d.carve_layers),
-        carve_vision_blocks=b.int_in("carve_vision_blocks", 1, default=d.carve_vision_blocks),
-        params_file=b.source,
-    )
-
-
-def _curve(b: _Block) -> CurveParams:
-    d = CurveParams
-    max_points = b.get("max_points", (int, str, type(None)), d.max_points)
-    if max_points != "auto" and max_points is not None and (isinstance(max_points, str) or max_points < 2):
-        raise InputError(
-            f"{b.where('max_points')}: expected auto, null (every size) or an integer >= 2, "
-            f"got {max_points!r}"
-        )
-    single_op = b.get("single_op", (int, str), d.single_op)
-    if single_op not in ("auto", "all") and (isinstance(single_op, str) or single_op < 1):
-        raise InputError(
-            f"{b.where('single_op')}: expected auto, all or an integer >= 1 (the top K of each ranking), "
-            f"got {single_op!r}"
-        )
-    crossings = b.get("crossings", list, list(d.crossings))
-    if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 < c <= 1 for c in crossings):
-        raise InputError(
-            f"{b.where('crossings')}: expected a list of shares in (0, 1] (0.9: 90 % of the all-int8 damage "
-            f"given back), got {crossings!r}"
-        )
-    return CurveParams(
-        metric=b.choice("metric", METRICS, d.metric),
-        max_points=max_points,
-        single_op=single_op,
-        crossings=tuple(float(c) for c in crossings),
-        random_lists=b.int_in("random_lists", 1, default=d.random_lists),
-        seed=b.get("seed", int, d.seed),
-        batch_size=b.int_in("batch_size", 1, default=d.batch_size),
-        params_file=b.source,
-    )
-
-
-def _validate(b: _Block) -> ValidateParams:
-    return ValidateParams(inc_check=b.get("inc_check", bool, ValidateParams.inc_check), params_file=b.source)
-
-
-def _finite(b: _Block, key: str) -> float:
-    value = b.get(key, (int, float))
-    if not math.isfinite(value):
-        raise InputError(f"{b.where(key)}: expected a finite number, got {value!r}")
-    return float(value)
-
-
-def _policy_settings(b: _Block, policy: str) -> dict[str, Any]:
-    """Check the chosen policy's block; the other policies' blocks may hold anything."""
-    if policy == "top_k":
-        b.int_in("k", 1)
-    elif policy == "top_fraction":
-        if not 0 < _finite(b, "fraction") <= 1:
-            raise InputError(
-                f"{b.where('fraction')}: expected a fraction in (0, 1], got {b.data['fraction']!r}"
-            )
-    elif policy == "threshold":
-        _finite(b, "value")
-        b.get("relative", bool, False)
-    elif policy == "error_budget":
-        if not 0 < _finite(b, "percent") <= 100:
-            raise InputError(
-                f"{b.where('percent')}: expected a percentage in (0, 100], got {b.data['percent']!r}"
-            )
-    elif policy == "measured_budget":
-        b.choice("metric", METRICS)
-        b.choice("ranking", RANKINGS)
-        if not 0 <= _finite(b, "percent") < 100:
-            raise InputError(
-                f"{b.where('percent')}: expected the damage left, in % of all-int8's, in [0, 100), "
-                f"got {b.data['percent']!r}"
-            )
+def _input_error(e: ValidationError, root: type, source: str, prefix: tuple[str, ...] = ()) -> InputError:
+    """The first problem in one line, ``<source>: <block>.<field>: expected ..., got <value>`` (an unknown
+    key before any other: a misspelt key explains a missing one)."""
+    errors = e.errors(include_url=False)
+    err = next((x for x in errors if x["type"] in _UNKNOWN_KEY), errors[0])
+    kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
+    loc = (*err["loc"], *ctx.get("at", ()))  # a rule's message may name keys below its validator
+    steps = _walk(root, loc)  # steps[i]: the annotated type at loc[:i]
+    worded = [i for i, (_, meta) in enumerate(steps) if _own(meta, "what")]
+    if worded and kind not in ("params", *_UNKNOWN_KEY):
+        loc = loc[: worded[-1]]  # the deepest field with its own wording speaks for every error below it
+    tp, meta = steps[min(len(loc), len(steps) - 1)]
+    what = _own(meta, "what") or _TYPE_ERRORS.get(kind) or _expected(tp, meta)
+    if kind == "params":
+        text = ctx["message"]
+    elif kind in _UNKNOWN_KEY:
+        tp, meta = steps[min(len(loc), len(steps)) - 1]  # the mapping holding the key
+        text = f"unknown key (expected {_own(meta, 'keys') or 'one of ' + ', '.join(_keys(tp))})"
+    elif len(steps) <= len(loc):  # a type the walk does not know (none should be left)
+        text = f"{err['msg']}, got {got!r}"
+    elif kind == "missing":
+        block = isinstance(tp, type) and issubclass(tp, ParamsBlock)
+        text = "expected a mapping (the block is missing)" if block else f"missing (expected {what})"
+    elif kind in _NOT_A_MAPPING and not _own(meta, "what"):
+        text = f"expected a mapping, got {'null' if got is None else type(got).__name__}"
     else:
-        b.choice("metric", METRICS)
-        budgets = [k for k in ("bits", "params_share") if k in b.data]
-        if len(budgets) != 1:
-            raise InputError(
-                f"{b.where('bits')}: expected exactly one of bits or params_share, got {budgets}"
-            )
-        if budgets == ["bits"] and not 8 < _finite(b, "bits") <= 32:
-            raise InputError(
-                f"{b.where('bits')}: expected effective weight bits in (8, 32], got {b.data['bits']!r}"
-            )
-        if budgets == ["params_share"] and not 0 < _finite(b, "params_share") <= 1:
-            raise InputError(
-                f"{b.where('params_share')}: expected a share of weight params in (0, 1], "
-                f"got {b.data['params_share']!r}"
-            )
-    return dict(b.data)
+        text = f"expected {what}, got {got!r}"
+    path = ""
+    for part in (*prefix, *loc):
+        if part != "[key]":
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return InputError(f"{source}: {path}: {text}" if path else f"{source}: {text}")
 
 
-def _globs(b: _Block, key: str) -> list[str]:
-    value = b.get(key, (list, type(None)), None) or []
-    if not all(isinstance(v, str) for v in value):
-        raise InputError(f"{b.where(key)}: expected a list of glob patterns, got {value!r}")
-    return value
+# --- reading the file, and its JSON Schema ---------------------------------------------------------------
 
 
-def _fallback(b: _Block) -> FallbackParams:
-    policy = b.choice("policy", POLICIES)
-    return FallbackParams(
-        phase=b.choice("phase", SELECTABLE_PHASES),
-        policy=policy,
-        settings=_policy_settings(_Block(b.data.get(policy), f"{b.path}.{policy}", b.source), policy),
-        always_keep=_globs(b, "always_keep"),
-        never_keep=_globs(b, "never_keep"),
-        onnx_model=Path(b.get("onnx_model", str, str(FallbackParams.onnx_model))),
-        fused_groups=b.get("fused_groups", bool, FallbackParams.fused_groups),
-        params_file=b.source,
-    )
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _validate(cls: type, data: Any, source: str, prefix: tuple[str, ...] = ()) -> Any:
+    try:
+        return _adapter(cls).validate_python(data, context={PARAMS_CONTEXT: source})
+    except ValidationError as e:
+        raise _input_error(e, cls, source, prefix) from None
 
 
 def parse_fallback(raw: Any, source: str = "params.yaml") -> FallbackParams:
     """The ``fallback`` block alone (a keep-list can be re-derived with other policies in a notebook)."""
-    return _fallback(_Block(raw, "fallback", source))
+    return _validate(FallbackBlock, raw, source, ("fallback",)).to_params()
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> Params:
-    """Read and validate every block of the params file; raise :class:`InputError` on the first problem.
-
-    Every stage validates the whole file, so a typo in a later block stops the first stage that
-    runs, before hours of work upstream of it.
-    """
+def read_params_file(path: str | os.PathLike) -> Any:
+    """The params file's YAML, or :class:`InputError` saying why it cannot be read."""
     source = str(path)
     try:
         data = yaml.safe_load(Path(path).read_text())
@@ -589,14 +963,32 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
         raise InputError(f"{source}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a mapping with the blocks {', '.join(BLOCKS)}")
-    return Params(
-        captions=_captions(_Block(data.get("captions"), "captions", source)),
-        model=_model(_Block(data.get("model"), "model", source)),
-        sensitivity=_sensitivity(_Block(data.get("sensitivity"), "sensitivity", source)),
-        schemes=_schemes(_Block(data.get("schemes", {}), "schemes", source)),
-        crosscheck=_crosscheck(_Block(data.get("crosscheck", {}), "crosscheck", source)),
-        curve=_curve(_Block(data.get("curve", {}), "curve", source)),
-        fallback=_fallback(_Block(data.get("fallback"), "fallback", source)),
-        validate=_validate(_Block(data.get("validate", {}), "validate", source)),
-        report=_report(_Block(data.get("report", {}), "report", source)),
-    )
+    return data
+
+
+def validate_params(data: Any, source: str = "params.yaml") -> Params:
+    """Validate the params file's content (a mapping of blocks); :class:`InputError` on the first problem."""
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: expected a mapping with the blocks {', '.join(BLOCKS)}")
+    return _validate(ParamsFile, data, source).to_params()
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Read and validate every block of the params file; raise :class:`InputError` on the first problem.
+
+    Every stage validates the whole file, so a typo in a later block stops the first stage that
+    runs, before hours of work upstream of it.
+    """
+    return validate_params(read_params_file(path), str(path))
+
+
+class _Schema(GenerateJsonSchema):
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False  # "Max Points" above "max_points" tells an editor's user nothing
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of params.yaml (what ``params.schema.json`` holds), from the models above."""
+    schema = _adapter(ParamsFile).json_schema(schema_generator=_Schema)
+    schema["title"] = "params.yaml"
+    return {"$schema": _Schema.schema_dialect, **schema}

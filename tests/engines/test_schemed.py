@@ -72,7 +72,7 @@ def test_scheme_stage_params_pick_the_schemes_kernel():
         "llmcompressor_w8a8": "int8_kernels",
         "ort_qdq": "fake_quant",  # asymmetric activations: no zero-point-free int8 GEMM
     }
-    assert scheme_params(base, "ort_qdq", SchemesParams()).engine == "native"
+    assert scheme_params(base, "ort_qdq", SchemesParams(run=("ort_qdq",))).engine == "native"
 
 
 @pytest.fixture(scope="module")
