@@ -64,7 +64,7 @@ from ..schemes import Scheme
 from ..schemes import inc as inc_scheme
 from ..schemes import load as load_scheme
 from .contract import Capture, HelperCall, PassResult, PassSpec
-from .distributed import ONE_PROCESS, Shard, run_sharded
+from .distributed import ONE_PROCESS, Shard, check_processes, run_sharded
 from .reuse import SuffixCache, vision_cache
 from .schemed import SchemeQuant, check_kernels
 
@@ -565,6 +565,12 @@ def resolve_numerics(params: SensitivityParams) -> Numerics:
     return Numerics(dev, n.dtype, reduce_range, arithmetic, n.allow_tf32, scheme)
 
 
+def check_native_processes(params: SensitivityParams) -> None:
+    """``sensitivity.native.processes`` against this machine's cores (cpu) or GPUs (cuda)."""
+    n, where = params.native, params.where
+    check_processes(n.processes, resolve_device(n.device, where("native.device")), where("native.processes"))
+
+
 TRIAL_LOG = "native_trials.jsonl"
 
 
@@ -653,8 +659,10 @@ def run_pass(
     num = resolve_numerics(spec.params)
     n = spec.params.native
     if n.processes > 1 and shard.world == 1:
-        workspace = workspace or Path(tempfile.mkdtemp(prefix="op_sensitivity_"))
-        result = run_sharded(run_pass, model, spec, workspace, num.device)
+        with contextlib.ExitStack() as scratch:
+            if workspace is None:  # the workers' trial logs, for this call only
+                workspace = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="op_sensitivity_")))
+            result = run_sharded(run_pass, model, spec, workspace, num.device)
         if on_call is not None:
             on_call(result.capture)
         return result
