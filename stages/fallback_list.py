@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         spectra = read_spectra(args.schemes_dir, names)
         paths = {n: (spectra[n], scheme_report_path(args.schemes_dir, n)) for n in names}
         scheme_docs = scheme_fallbacks(doc, paths, inventory, params)
-    write_fallback(doc, inventory, graph, args.out_dir, args.metrics, scheme_docs)
+    write_fallback(doc, inventory, graph, args.out_dir, args.metrics, scheme_docs, params.where("onnx_model"))
     logging.getLogger("fallback_list").info(
         "%s/%s on %s: keep %d ops in fp32 (%s) -> %s",
         params.policy,

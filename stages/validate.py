@@ -10,7 +10,7 @@ from op_sensitivity.atomic import atomic_file, dump_json
 from op_sensitivity.cli import pass_input_parser, run_stage
 from op_sensitivity.engines.artifact import read_report
 from op_sensitivity.fallback.exports import inc_op_name_dict
-from op_sensitivity.fallback.keep_list import read_keep_list
+from op_sensitivity.fallback.keep_list import check_keep_list_ops, read_keep_list
 from op_sensitivity.inventory import read_inventory
 from op_sensitivity.model.source import load_model_dir, read_card
 from op_sensitivity.params import load_params
@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     report, curve = read_report(args.sensitivity), read_curve(args.curve)
     keep_list, inventory = read_keep_list(args.keep_list), read_inventory(args.inventory)
+    scored, excluded = scored_and_excluded(report)
+    check_keep_list_ops(keep_list, args.keep_list, scored, args.sensitivity)
     keep = [o["module"] for o in keep_list["ops"]]
-    _, excluded = scored_and_excluded(report)
     card, check, batch_size = read_card(args.model), params.crosscheck, params.curve.batch_size
     carved = params.validate.inc_check and check.carves(card.params)
     with open_measurer(

@@ -117,17 +117,84 @@ def write_inventory(ops: list[OpInfo], model_type: str, path: Path) -> dict:
     return doc
 
 
+_OP_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "type": (str,),
+    "shape": (list,),
+    "params": (int,),
+    "tower": (str,),
+    "tied_with": (str, type(None)),
+    "fused_group": (str, type(None)),
+}
+
+
+def _check_op(raw: Any, i: int) -> str | None:
+    """What is wrong with ``ops[i]`` of an inventory (None: nothing)."""
+    if not isinstance(raw, dict):
+        return f"ops[{i}]: expected an object, got {raw!r}"
+    unknown = sorted(set(raw) - set(_OP_TYPES))
+    if unknown:
+        return f"ops[{i}]: unknown key {unknown[0]!r}"
+    for key, kinds in _OP_TYPES.items():
+        if key not in raw and key != "fused_group":
+            return f"ops[{i}].{key}: missing"
+        value = raw.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            return f"ops[{i}].{key}: expected {expected}, got {value!r}"
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw["shape"]):
+        return f"ops[{i}].shape: expected a list of sizes, got {raw['shape']!r}"
+    if raw["tower"] not in TOWERS:
+        return f"ops[{i}].tower: expected one of {', '.join(TOWERS)}, got {raw['tower']!r}"
+    return None
+
+
 def read_inventory(path: Path) -> list[OpInfo]:
+    """Read ``op_inventory.json`` back, every op checked field by field (a bad one is named)."""
     try:
         doc = json.loads(Path(path).read_text())
-        ops = [OpInfo(**o) for o in doc["ops"]]
     except FileNotFoundError as e:
         raise InputError(f"{path}: op inventory missing (run the load_model stage first)") from e
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not an op inventory of schema_version {SCHEMA_VERSION} ({e})") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("ops"), list):
+        raise InputError(
+            f"{path}: not an op inventory of schema_version {SCHEMA_VERSION} (expected an object with "
+            "a list 'ops'; rerun the load_model stage)"
+        )
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise InputError(
             f"{path}: schema_version {SCHEMA_VERSION} expected, got {doc.get('schema_version')!r} "
             "(rerun the load_model stage)"
         )
+    for i, raw in enumerate(doc["ops"]):
+        problem = _check_op(raw, i)
+        if problem:
+            raise InputError(f"{path}: {problem} (rerun the load_model stage)")
+    ops = [OpInfo(**o) for o in doc["ops"]]
+    seen: set[str] = set()
+    for i, op in enumerate(ops):
+        if op.name in seen:
+            raise InputError(f"{path}: ops[{i}]: {op.name!r} listed twice (rerun the load_model stage)")
+        seen.add(op.name)
+    if not ops:
+        raise InputError(f"{path}: no ops (rerun the load_model stage)")
     return ops
+
+
+def check_ops_in_model(ops: list[OpInfo], model: nn.Module, path: Path) -> None:
+    """Every inventory op must be a module of ``model``, of the type the inventory says: checked before
+    any pass starts (an inventory of another model would fail hours in, or score the wrong ops)."""
+    modules = dict(model.named_modules())
+    for i, op in enumerate(ops):
+        module = modules.get(op.name)
+        if module is None:
+            raise InputError(
+                f"{path}: ops[{i}] {op.name!r} is not a module of the model (an inventory of another "
+                "model? rerun the load_model stage)"
+            )
+        if type(module).__name__ != op.type:
+            raise InputError(
+                f"{path}: ops[{i}] {op.name!r} is a {type(module).__name__} in the model, the inventory "
+                f"says {op.type} (rerun the load_model stage)"
+            )

@@ -67,6 +67,26 @@ def test_load_calibration_rejects_tampered_manifest(tmp_path, cap_params):
         load_calibration(out)
 
 
+@pytest.mark.parametrize(
+    ("breaks", "message"),
+    [
+        (lambda f: f.write_bytes(b""), "image of record 0 does not decode"),
+        (
+            lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
+            "image of record 0 does not decode",
+        ),
+        (lambda f: Image.new("RGB", (7, 5)).save(f), "image of record 0 is 7x5, the manifest says"),
+    ],
+)
+def test_load_calibration_decodes_every_image(tmp_path, cap_params, breaks, message):
+    """An image emptied, cut short or replaced after prepare_captions: named when the split is read."""
+    out = tmp_path / "out"
+    records = prepare_calibration(cap_params, out)
+    breaks(out / records[0].image)
+    with pytest.raises(InputError, match=f"{records[0].image}: {message}"):
+        load_calibration(out)
+
+
 def test_eval_split_is_disjoint_by_image_and_deterministic(tmp_path, cap_params):
     a, b = tmp_path / "a", tmp_path / "b"
     cal = prepare_calibration(cap_params, a / "cal", a / "eval")

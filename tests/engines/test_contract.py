@@ -2,7 +2,7 @@
 
 import pytest
 
-from op_sensitivity.engines.contract import FP32, build_spec, exclusion_reason
+from op_sensitivity.engines.contract import FP32, build_spec, check_op_dicts, exclusion_reason
 from op_sensitivity.errors import InputError
 from op_sensitivity.inventory import read_inventory
 from tests.helpers import EXCLUDE, EXCLUDED, sensitivity_params
@@ -59,3 +59,27 @@ def test_exclusion_rule_matches_names_regexes_and_types():
     assert exclusion_reason("x", "Embedding", {"Embedding": FP32}, {}) == (
         "kept fp32 by sensitivity.op_type_dict['Embedding']"
     )
+
+
+def test_op_dict_keys_must_match_an_op_as_inc_matches_them(inventory):
+    """INC ignores a key that matches nothing (re.fullmatch on its op names): refused before any work."""
+    ok = {
+        "lm_head": FP32,
+        "lm_head.module": FP32,  # INC's name of a wrapped module
+        r"model\.visual\.blocks\.0\..*": FP32,
+        r"model\.language_model\.layers\.0\.mlp\.(gate|up)_proj": {"weight": {"dtype": ["int8"]}},
+    }
+    check_op_dicts(sensitivity_params(op_name_dict=ok, op_type_dict={"Conv3d": FP32}), inventory, "inv.json")
+    for key in ("lm_hed", r"model\.visual", "visual.*", r"model\.visual\.blocks\.9\..*"):
+        with pytest.raises(
+            InputError,
+            match=r"params.yaml: sensitivity.op_name_dict\..*: matches no op of the "
+            r"model \(17 ops in inv.json; e.g. 'model.visual",
+        ):
+            check_op_dicts(sensitivity_params(op_name_dict={key: FP32}), inventory, "inv.json")
+    with pytest.raises(
+        InputError,
+        match=r"sensitivity.op_type_dict.Conv2d: matches no op type of the model "
+        r"\(17 ops in inv.json, of types Conv3d, Embedding, Linear\)",
+    ):
+        check_op_dicts(sensitivity_params(op_type_dict={"Conv2d": FP32}), inventory, "inv.json")

@@ -57,18 +57,62 @@ def test_ort_resolves_real_node_names_from_an_onnx_file(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph), path)
     qkv = "model.visual.blocks.0.attn.qkv"
-    doc = ort_nodes_to_exclude([DOWN, HEAD, "model.visual.merger.mlp.0", qkv], path)
+    doc = ort_nodes_to_exclude([DOWN, HEAD, "model.visual.merger.mlp.0"], path, model_ops=[DOWN, HEAD, qkv])
     assert doc["nodes_to_exclude"] == [
         "/model/language_model/layers.0/mlp/down_proj/MatMul",
         "/lm_head/MatMul",
         "/model/visual/merger/mlp/mlp.0/Gemm",
     ]
-    assert doc["unresolved_modules"] == [qkv]
-    assert doc["node_name_prefixes"][3] == "/model/visual/blocks.0/attn/qkv/"
+    assert doc["unresolved_modules"] == []
+    assert ort_nodes_to_exclude([qkv], None)["node_name_prefixes"] == ["/model/visual/blocks.0/attn/qkv/"]
+    # a kept module without a node: ONNX Runtime would quantize it, so the export is refused
+    with pytest.raises(
+        InputError, match=r"x.yaml: fallback.onnx_model: .*1 of the 2 kept modules have no node"
+    ):
+        ort_nodes_to_exclude([DOWN, qkv], path, "x.yaml: fallback.onnx_model")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"nope")
     with pytest.raises(InputError, match="not a loadable ONNX model"):
         ort_nodes_to_exclude([DOWN], bad)
+
+
+def _other_network(path):
+    """A valid ONNX graph of another network (a small conv net exported by torch.onnx)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["h"], name="/features/features.0/Conv"),
+        helper.make_node("Relu", ["h"], ["r"], name="/features/features.1/Relu"),
+        helper.make_node("Flatten", ["r"], ["f"], name="/Flatten"),
+        helper.make_node("MatMul", ["f", "w2"], ["y"], name="/classifier/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "other",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        initializer=[
+            helper.make_tensor("w", TensorProto.FLOAT, [2, 3, 1, 1], [0.5] * 6),
+            helper.make_tensor("w2", TensorProto.FLOAT, [32, 2], [0.1] * 64),
+        ],
+    )
+    onnx.save(helper.make_model(graph), path)
+
+
+def test_ort_refuses_a_graph_of_another_network(tmp_path):
+    """Nothing of the model in the graph: refused, even with an empty keep-list (nothing to exclude
+    would read as 'quantize everything')."""
+    path = tmp_path / "other.onnx"
+    _other_network(path)
+    ops = [op.name for op in INVENTORY]
+    for keep in ([DOWN], []):
+        with pytest.raises(
+            InputError, match=r"fallback.onnx_model: .*other.onnx: not an export of this model"
+        ):
+            ort_nodes_to_exclude(keep, path, model_ops=ops)
+    with pytest.raises(InputError, match=r"1 of the 1 kept modules have no node in the graph: '"):
+        ort_nodes_to_exclude([DOWN], path)  # without the inventory: the keep-list alone
 
 
 def test_llmcompressor_collapses_whole_groups_only():

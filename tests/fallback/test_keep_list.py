@@ -4,7 +4,13 @@ import re
 import pytest
 
 from op_sensitivity.engines.artifact import read_report
-from op_sensitivity.fallback.keep_list import EXPORT_SCHEME, build_fallback, write_fallback
+from op_sensitivity.errors import InputError
+from op_sensitivity.fallback.keep_list import (
+    EXPORT_SCHEME,
+    build_fallback,
+    check_keep_list_ops,
+    write_fallback,
+)
 from tests.handmade import DOWN, HEAD, INVENTORY, UP, fallback_params, make_report
 
 
@@ -70,7 +76,8 @@ def test_fallback_document_and_exports(tmp_path, report_file):
     assert ignore["spectrum"] == main
     exports = json.loads((out / "exports.json").read_text())
     assert exports == dict.fromkeys(EXPORT_SCHEME, main)
-    assert json.loads((tmp_path / "fallback_metrics.json").read_text())["ops_kept"] == 2
+    headline = json.loads((tmp_path / "fallback_metrics.json").read_text())
+    assert headline == {"kept": 2, "bits": doc["totals"]["effective_weight_bits"]}
 
 
 def test_each_scheme_gets_its_own_list_of_the_main_policys_size(tmp_path):
@@ -110,3 +117,13 @@ def test_each_scheme_gets_its_own_list_of_the_main_policys_size(tmp_path):
     assert [e["quantizer_name"] for e in frag["quant_cfg"]] == [f"{UP}.*", "lm_head.*"]
     assert frag["spectrum"]["scheme"] == "modelopt_int8"
     assert json.loads((tmp_path / "out" / "schemes" / "modelopt_int8.json").read_text()) == doc
+
+
+def test_a_keep_list_op_the_report_did_not_score_is_named(report_file):
+    doc = build_fallback(
+        read_report(report_file), report_file, INVENTORY, fallback_params(policy="top_k", top_k={"k": 2})
+    )
+    check_keep_list_ops(doc, "keep.json", [DOWN, HEAD, UP], report_file)
+    doc["ops"][1]["module"] = "model.nope"
+    with pytest.raises(InputError, match=r"keep.json: ops\[1\].module 'model.nope' is not an op .* scored"):
+        check_keep_list_ops(doc, "keep.json", [DOWN, HEAD, UP], report_file)

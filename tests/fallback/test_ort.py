@@ -74,8 +74,13 @@ def test_every_scored_op_of_a_real_torch_onnx_export_resolves(calibration_dir, s
     path = tmp_path / "m.onnx"
     export_onnx(model, spec.batches[0], path)
     ops = [op.name for op in inventory if op.type in ("Linear", "Conv3d")]
-    doc = ort_nodes_to_exclude(ops, path)
+    doc = ort_nodes_to_exclude(ops, path, model_ops=[op.name for op in inventory])
     assert doc["unresolved_modules"] == []
+    # the Embedding too (an inc_cpu keep-list may hold it): kept modules without a node are refused
+    embed = [op.name for op in inventory if op.type == "Embedding"]
+    # its Gather is scoped under the outer model (which calls it), found by the weight it reads
+    gathers = ort_nodes_to_exclude(embed, path)["nodes_to_exclude"]
+    assert gathers and all(n.endswith("/Gather") for n in gathers)
     by_module = {
         m: [n for n in doc["nodes_to_exclude"] if n.startswith(doc["node_name_prefixes"][i])]
         for i, m in enumerate(ops)

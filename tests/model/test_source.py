@@ -10,7 +10,7 @@ from op_sensitivity.data.calibration import load_calibration
 from op_sensitivity.errors import InputError
 from op_sensitivity.inventory import op_inventory, read_inventory
 from op_sensitivity.model.processor import IMAGE_PAD
-from op_sensitivity.model.source import dir_sha256, load_model_dir, materialize_model
+from op_sensitivity.model.source import CARD, dir_sha256, load_model_dir, materialize_model
 
 
 def test_materialized_dir_loads_back_identically(small_model_dir, calibration_dir):
@@ -88,3 +88,43 @@ def test_bad_hf_dir_is_a_clear_error(
     with pytest.raises(InputError, match=message):
         materialize_model(params, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _card_edit(edit):
+    def breaks(model_dir):
+        card = json.loads((model_dir / CARD).read_text())
+        edit(card)
+        (model_dir / CARD).write_text(json.dumps(card))
+
+    return breaks
+
+
+@pytest.mark.parametrize(
+    ("breaks", "message"),
+    [
+        (lambda d: (d / CARD).write_text("{garbage"), f"{CARD}: not valid JSON"),
+        (lambda d: (d / CARD).write_text("[]"), f"{CARD}: expected a JSON object"),
+        (_card_edit(lambda c: c.update(extra=1)), f"{CARD}: unknown key 'extra'"),
+        (_card_edit(lambda c: c.pop("sha256")), f"{CARD}: key 'sha256' missing"),
+        (_card_edit(lambda c: c.update(params="7")), f"{CARD}: params: expected int, got '7'"),
+        (_card_edit(lambda c: c.update(seed=True)), f"{CARD}: seed: expected int or null"),
+        (_card_edit(lambda c: c.update(sha256="abc")), f"{CARD}: sha256: expected 64 hex digits"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes(b""),
+            "model.safetensors: not a readable safetensors",
+        ),
+        (
+            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
+            "model.safetensors: not a readable safetensors",
+        ),
+        (lambda d: (d / "model.safetensors").unlink(), "no weights"),
+        (lambda d: (d / "config.json").unlink(), "config.json: missing"),
+    ],
+)
+def test_a_damaged_model_dir_is_a_clear_error(tmp_path, small_model_dir, breaks, message):
+    """What load_model wrote, damaged afterwards: named before any loader meets it."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(small_model_dir, model_dir)
+    breaks(model_dir)
+    with pytest.raises(InputError, match=message):
+        load_model_dir(model_dir)

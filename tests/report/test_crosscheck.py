@@ -1,4 +1,5 @@
-"""The crosscheck stage when the main spectrum was measured under another scheme than INC's."""
+"""The crosscheck stage when the main spectrum was measured in other numerics than INC's (another
+scheme, or the native engine's isolated requant mode)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import replace
 from op_sensitivity.engines.contract import VISION_FP32
 from op_sensitivity.engines.runner import run_sensitivity
 from op_sensitivity.params import CrosscheckParams
-from op_sensitivity.report.crosscheck import run_crosscheck
+from op_sensitivity.report.comparison import summary_lines
+from op_sensitivity.report.crosscheck import carved_pass, inc_numerics, run_crosscheck
 from tests.helpers import sensitivity_params
 
 
@@ -48,3 +50,64 @@ def test_a_modelopt_spectrum_is_crosschecked_as_native_inc_cpu_against_inc(
     # native inc_cpu reproduces INC (docs/engines.md): the same ranking in both phases
     assert doc["phases"]["fallback"]["spearman"] == 1.0
     assert doc["phases"]["requant"]["spearman"] == 1.0
+
+
+def test_an_isolated_requant_spectrum_is_crosschecked_by_a_cumulative_native_rerun(
+    calibration_dir, small_model_dir, tmp_path
+):
+    """params accept requant_mode isolated, so the crosscheck must get through it: INC's requant phase
+    is cumulative, so the native engine reruns the pass cumulative and that run is compared."""
+    params = sensitivity_params(engine="native", op_name_dict=VISION_FP32)
+    params = replace(params, native=replace(params.native, requant_mode="isolated"))
+    inventory = small_model_dir.parent / "op_inventory.json"
+    report = tmp_path / "op_sensitivity.json"
+    stored = run_sensitivity(
+        params,
+        calibration_dir,
+        small_model_dir,
+        inventory,
+        report,
+        tmp_path / "m.json",
+        None,
+        tmp_path / "ws",
+    )
+    assert stored["phases"]["requant"]["cumulative"] is False
+    before = report.read_bytes()
+    out = tmp_path / "crosscheck.json"
+    doc = run_crosscheck(
+        params,
+        CrosscheckParams(),
+        calibration_dir,
+        small_model_dir,
+        inventory,
+        report,
+        out,
+        None,
+        tmp_path / "cc",
+    )
+    written = json.loads(out.read_text())
+    assert written["checked_requant_mode"] == "cumulative"
+    assert "requant_mode isolated" in written["native_rerun"]
+    assert doc["candidate"]["engine"] == "native" and doc["reference"]["engine"] == "inc"
+    assert doc["phases"]["requant"]["compared"] == "per-op increments of the cumulative curve"
+    # native inc_cpu reproduces INC (docs/engines.md)
+    assert doc["phases"]["fallback"]["spearman"] == 1.0
+    assert doc["phases"]["requant"]["spearman"] == 1.0
+    assert any("requant_mode isolated" in line for line in summary_lines(doc))
+    assert report.read_bytes() == before  # the isolated spectrum stays the stage's output
+
+
+def test_the_native_side_runs_in_inc_numerics_whatever_the_main_pass_asked():
+    """A kernel valid for the main pass's scheme (fp8_kernels under modelopt_fp8) is not one inc_cpu
+    runs: the crosscheck takes inc_cpu's own arithmetic rather than refusing after the main pass."""
+    p = sensitivity_params(engine="native")
+    fp8 = replace(p, native=replace(p.native, scheme="modelopt_fp8", arithmetic="fp8_kernels"))
+    fp8 = replace(fp8, native=replace(fp8.native, requant_mode="isolated"))
+    for q in (inc_numerics(fp8), carved_pass(fp8)):
+        assert (q.native.scheme, q.native.arithmetic, q.native.requant_mode) == (
+            "inc_cpu",
+            "auto",
+            "cumulative",
+        )
+    kept = replace(p, native=replace(p.native, arithmetic="fake_quant", requant_mode="isolated"))
+    assert inc_numerics(kept).native == replace(kept.native, requant_mode="cumulative")  # inc_cpu's own kept

@@ -72,7 +72,7 @@ def _open_rgb(path: Path, annotations: Path) -> Image.Image:
         raise InputError(
             f"{path}: image listed in {annotations} is missing (check captions.images_dir)"
         ) from e
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"{path}: image listed in {annotations} does not open as an image ({e})") from e
 
 
@@ -168,7 +168,11 @@ def _typed(cls: type, raw: Any, where: str) -> Any:
 def load_calibration(
     cal_dir: Path, split: str = "calibration"
 ) -> tuple[CalibrationMeta, list[CalibrationRecord]]:
-    """Read and validate a directory written by :func:`prepare_calibration`; it must hold ``split``."""
+    """Read and validate a directory written by :func:`prepare_calibration`; it must hold ``split``.
+
+    In mode ``image_caption`` every image is decoded whole and its size checked against the
+    manifest, so a damaged one is named here, before any model loads.
+    """
     meta_path, manifest = cal_dir / META, cal_dir / MANIFEST
     for p in (meta_path, manifest):
         require(p.is_file(), p, "missing (run the prepare_captions stage first)")
@@ -191,4 +195,23 @@ def load_calibration(
     require(bool(records), manifest, "no records")
     for r in records:
         require((cal_dir / r.image).is_file(), cal_dir / r.image, f"image of record {r.index} is missing")
+        if meta.mode == "image_caption":
+            _check_image(cal_dir / r.image, r)
     return meta, records
+
+
+def _check_image(path: Path, record: CalibrationRecord) -> None:
+    """Decode the image whole (an emptied or truncated file is named here, not deep in a batch)."""
+    rerun = "rerun the prepare_captions stage"
+    try:
+        with Image.open(path) as im:
+            im.load()
+            size = im.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"{path}: image of record {record.index} does not decode ({e}); {rerun}") from e
+    require(
+        size == (record.width, record.height),
+        path,
+        f"image of record {record.index} is {size[0]}x{size[1]}, the manifest says "
+        f"{record.width}x{record.height}; {rerun}",
+    )

@@ -142,21 +142,63 @@ def _wants_fp32(cfg: dict) -> bool:
     return any("fp32" in (cfg.get(part, {}).get("dtype") or []) for part in ("weight", "activation"))
 
 
+def name_matches(pattern: str, module: str) -> bool:
+    """An op_name_dict key against a module, as INC 3.7.1 matches it: ``re.fullmatch`` on its op names
+    (``strategy.utils.tuning_space._merge_op_wise_cfg``), which are the module path or, where its
+    tracing wrapped the module, ``<path>.module``."""
+    return any(n == pattern or re.fullmatch(pattern, n) for n in (module, module + ".module"))
+
+
+def type_matches(key: str, op_type: str) -> bool:
+    """An op_type_dict key against an op type (the module's class name), as INC 3.7.1 matches it:
+    ``re.fullmatch`` (``_merge_optype_wise_cfg``); a key that is no regex matches only itself."""
+    if key == op_type:
+        return True
+    try:
+        return re.fullmatch(key, op_type) is not None
+    except re.error:
+        return False
+
+
 def exclusion_reason(module: str, op_type: str, op_type_dict: dict, op_name_dict: dict) -> str | None:
     """Why params keep this op fp32 (None if they do not): the one rule both engines report.
 
     op_name_dict keys are matched (exactly or as a regex) against the module path and INC's
-    ``<path>.module`` name; op_type_dict by type. Only entries asking for fp32 exclude.
+    ``<path>.module`` name; op_type_dict keys against the type (:func:`name_matches`,
+    :func:`type_matches`). Only entries asking for fp32 exclude.
     """
     for pattern, cfg in op_name_dict.items():
-        if _wants_fp32(cfg) and any(
-            n == pattern or re.fullmatch(pattern, n) for n in (module, module + ".module")
-        ):
+        if _wants_fp32(cfg) and name_matches(pattern, module):
             return f"kept fp32 by sensitivity.op_name_dict[{pattern!r}]"
-    cfg = op_type_dict.get(op_type)
-    if cfg is not None and _wants_fp32(cfg):
-        return f"kept fp32 by sensitivity.op_type_dict[{op_type!r}]"
+    for key, cfg in op_type_dict.items():
+        if _wants_fp32(cfg) and type_matches(key, op_type):
+            return f"kept fp32 by sensitivity.op_type_dict[{key!r}]"
     return None
+
+
+def check_op_dicts(params: SensitivityParams, inventory: list[OpInfo], source: Path | str) -> None:
+    """Every op_name_dict key must match an op of the model and every op_type_dict key a type it has,
+    matched as INC matches them: INC ignores a key that matches nothing, so a typo would give a pass
+    (hours) and a report byte-identical to no setting. ``inventory``: the whole model's (``source``,
+    named in the message), not a carved copy's, checked before any work."""
+    names = [op.name for op in inventory]
+    for pattern in params.op_name_dict:
+        if not any(name_matches(pattern, n) for n in names):
+            examples = ", ".join(
+                repr(n) for n in dict.fromkeys([names[0], names[len(names) // 2], names[-1]])
+            )
+            raise InputError(
+                f"{params.where('op_name_dict')}.{pattern}: matches no op of the model ({len(names)} ops in "
+                f"{source}; e.g. {examples}; a key is a module name or a regular expression full-matched "
+                "against it, as INC does)"
+            )
+    types = sorted({op.type for op in inventory})
+    for key in params.op_type_dict:
+        if not any(type_matches(key, t) for t in types):
+            raise InputError(
+                f"{params.where('op_type_dict')}.{key}: matches no op type of the model ({len(names)} ops "
+                f"in {source}, of types {', '.join(types)})"
+            )
 
 
 def scheme_exclusion(scheme: Scheme, module: str, op_type: str) -> str | None:

@@ -14,7 +14,10 @@
   becomes nodes named ``/model/language_model/layers.0/mlp/up_proj/<OpType>`` (``ORT_RULE``).
   Without an ``.onnx`` file we emit the module names, the rule and the node-name prefixes; with one
   (``fallback.onnx_model``: the file, or a directory holding it) we map every node of the graph back
-  to its module (:func:`node_module`) with the ``onnx`` package.
+  to its module (:func:`node_module`) with the ``onnx`` package. That graph must be such an export
+  of this whole model: one with no node of any op of the model (another network, another
+  exporter's names) is an error, and so is a kept module with no node in it (``nodes_to_exclude``
+  would miss it and ONNX Runtime quantize it); ``unresolved_modules`` is therefore always empty.
 * llm-compressor / compressed-tensors: an ``ignore`` list of module names; a ``re:`` pattern only
   where a whole group (a tower, or one vision block / decoder layer) is chosen.
 """
@@ -36,7 +39,9 @@ ORT_RULE = (
     "ModuleList never runs, so module 'model.language_model.layers.0.mlp.up_proj' gives "
     "'/model/language_model/layers.0/mlp/up_proj/MatMul'; a Sequential runs, so 'model.visual.merger.mlp.0' "
     "gives '/model/visual/merger/mlp/mlp.0/Gemm'. node_name_prefixes assume ModuleLists; with the .onnx "
-    "given, every node is mapped back to its module from its scopes (both cases)"
+    "given, every node is mapped back to its module from its scopes (both cases), or, outside every op's "
+    "scope, from the weight it reads by name (embed_tokens, called from the outer model: "
+    "'/model/embed_tokens/Gather' reads 'model.language_model.embed_tokens.weight')"
 )
 
 
@@ -180,7 +185,26 @@ def onnx_graph(path: Path, where: str) -> Path | None:
     return graphs[0] if graphs else None
 
 
-def ort_nodes_to_exclude(modules: list[str], onnx_path: Path | None) -> dict[str, Any]:
+def load_onnx(path: Path, where: str) -> Any:
+    """The ``onnx.ModelProto`` at ``path`` (its graph only: external weight data is not read)."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and friends for a bad file
+        raise InputError(f"{where}: {path}: not a loadable ONNX model ({e})") from e
+
+
+def ort_nodes_to_exclude(
+    modules: list[str],
+    onnx_path: Path | None,
+    where: str = "fallback.onnx_model",
+    model_ops: list[str] | None = None,
+) -> dict[str, Any]:
+    """ONNX Runtime's export of the keep-list ``modules``; with a graph, its nodes of those modules.
+
+    ``where`` names the param in errors; ``model_ops``: every op of the model (the inventory), to
+    refuse a graph none of whose nodes belongs to one (checked even for an empty keep-list)."""
     doc: dict[str, Any] = {
         "module_names": modules,
         "mapping_rule": ORT_RULE,
@@ -190,22 +214,66 @@ def ort_nodes_to_exclude(modules: list[str], onnx_path: Path | None) -> dict[str
     }
     if onnx_path is None:
         return doc
-    import onnx
-
-    try:
-        graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    except Exception as e:  # onnx raises DecodeError and friends for a bad file
-        raise InputError(f"{onnx_path}: not a loadable ONNX model ({e})") from e
-    owners = [(n.name, node_module(n.name)) for n in graph.node]
+    graph = load_onnx(onnx_path, where).graph
+    ops = {*modules, *(model_ops or [])}
+    owners = [(n.name, node_owner(n.name, n.input, ops)) for n in graph.node]
+    if model_ops:
+        _check_graph_of_model(owners, model_ops, onnx_path, where)
     resolved, unresolved = [], []
     for m in modules:
         hits = [n for n, owner in owners if owner == m or owner.startswith(m + ".")]
         resolved.extend(hits)
         if not hits:
             unresolved.append(m)
+    if unresolved:
+        raise InputError(
+            f"{where}: {onnx_path}: {len(unresolved)} of the {len(modules)} kept modules have no node in "
+            f"the graph: {_some(unresolved)} (ONNX Runtime would quantize them; expected a torch.onnx.export "
+            f"(TorchScript exporter) of this whole model, e.g. nodes named {ort_prefix(unresolved[0])}...)"
+        )
     doc["nodes_to_exclude"] = resolved
     doc["unresolved_modules"] = unresolved
     return doc
+
+
+def _op_of(owner: str, ops: set[str]) -> str | None:
+    """The op ``owner`` is or lies under (None: none of ``ops``)."""
+    parts = owner.split(".")
+    return next((p for i in range(len(parts), 0, -1) if (p := ".".join(parts[:i])) in ops), None)
+
+
+def node_owner(node_name: str, inputs: Iterable[str], ops: set[str]) -> str:
+    """The module a node belongs to: its scopes (:func:`node_module`) where they name one of ``ops``
+    or a module under one, else the op whose weight it reads by name (the exporter keeps parameter
+    names for initializers): Qwen2.5-VL calls ``embed_tokens`` from the outer model, so its Gather
+    is scoped ``/model/embed_tokens/`` but reads ``model.language_model.embed_tokens.weight``."""
+    owner = node_module(node_name)
+    if _op_of(owner, ops) is not None:
+        return owner
+    for name in inputs:
+        if name.endswith(".weight") and name[: -len(".weight")] in ops:
+            return name[: -len(".weight")]
+    return owner
+
+
+def _some(items: list[str], n: int = 5) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(repr(i) for i in items[:n]) + more
+
+
+def _check_graph_of_model(
+    owners: list[tuple[str, str]], model_ops: list[str], onnx_path: Path, where: str
+) -> None:
+    """Some node of the graph belongs to an op of the model (the op's scope or one under it)."""
+    ops = set(model_ops)
+    if not any(_op_of(owner, ops) is not None for _, owner in owners):
+        names = [n for n, _ in owners]
+        raise InputError(
+            f"{where}: {onnx_path}: not an export of this model: none of its {len(names)} nodes belongs to "
+            f"one of the model's {len(ops)} ops (nodes like {_some(names, 3) or 'none'}; expected a "
+            "torch.onnx.export (TorchScript exporter) of this whole model, nodes named like "
+            f"{ort_prefix(model_ops[0])}<OpType>)"
+        )
 
 
 def _groups(inventory: list[OpInfo]) -> dict[str, list[str]]:

@@ -158,8 +158,10 @@ def scheme_fallbacks(
 
 
 def fallback_metrics(doc: dict[str, Any]) -> dict[str, Any]:
-    """For `dvc metrics diff`: what a policy change does to the list."""
-    return {"policy": doc["policy"]["name"], "phase": doc["policy"]["phase"], **doc["totals"]}
+    """The list's headline numbers for ``dvc metrics``: its size and what it costs in effective
+    weight bits (the policy, phase and params shares stay in ``fallback_ops.json``)."""
+    totals = doc["totals"]
+    return {"kept": totals["ops_kept"], "bits": totals["effective_weight_bits"]}
 
 
 def write_fallback(
@@ -169,11 +171,14 @@ def write_fallback(
     out_dir: Path,
     metrics_path: Path,
     scheme_docs: dict[str, dict[str, Any]] | None = None,
+    onnx_where: str = "fallback.onnx_model",
 ) -> None:
     """All files or none: the canonical list and every export land together (metrics last).
 
     ``onnx_graph``: the exported graph to resolve ONNX Runtime node names from (``exports.onnx_graph``).
     ``scheme_docs``: :func:`scheme_fallbacks`; each export takes its own scheme's list where there is one.
+    ``onnx_where``: the param naming the graph, for errors (a graph not of this model, a kept module
+    with no node in it: ``exports.ort_nodes_to_exclude``), raised before anything is written.
     """
     scheme_docs = scheme_docs or {}
     source = {f: scheme_docs.get(s, doc) for f, s in EXPORT_SCHEME.items()}
@@ -185,7 +190,9 @@ def write_fallback(
         d = source[file]
         return {"scheme": d["scheme"], **d["source"], "ops_kept": len(d["ops"])}
 
-    ort = ort_nodes_to_exclude(modules("ort_nodes_to_exclude.json"), onnx_graph)
+    ort = ort_nodes_to_exclude(
+        modules("ort_nodes_to_exclude.json"), onnx_graph, onnx_where, [op.name for op in inventory]
+    )
     with atomic_dir(out_dir) as tmp:
         dump_json(doc, tmp / "fallback_ops.json")
         dump_json({f: spectrum(f) for f in EXPORT_SCHEME}, tmp / "exports.json")
@@ -221,3 +228,14 @@ def read_keep_list(path: Path) -> dict[str, Any]:
             f"{path}: not a keep-list of schema_version {SCHEMA_VERSION} (expected ops with module)"
         )
     return doc
+
+
+def check_keep_list_ops(doc: dict[str, Any], path: Path, scored: list[str], report_path: Path) -> None:
+    """Every op of the keep-list must be one the sensitivity report scored (before any model loads)."""
+    known = set(scored)
+    for i, op in enumerate(doc["ops"]):
+        if op["module"] not in known:
+            raise InputError(
+                f"{path}: ops[{i}].module {op['module']!r} is not an op {report_path} scored (a keep-list "
+                "of another model or report? rerun the fallback_list stage)"
+            )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,14 +66,14 @@ def dir_sha256(path: Path, exclude: tuple[str, ...] = (CARD,)) -> str:
     return h.hexdigest()
 
 
-def _check_weights(path: Path) -> None:
+def _check_weights(path: Path, fix: str = "re-copy the snapshot") -> None:
     """Open every safetensors header: a truncated or foreign file is named here, not deep in transformers."""
     for f in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt") as handle:
                 handle.keys()
         except (SafetensorError, OSError) as e:
-            raise InputError(f"{f}: not a readable safetensors file ({e}); re-copy the snapshot") from e
+            raise InputError(f"{f}: not a readable safetensors file ({e}); {fix}") from e
 
 
 def check_hf_dir(path: Path, where: str = "model.input") -> None:
@@ -170,16 +171,57 @@ def materialize_model(
     return model, processor, card
 
 
+_CARD_TYPES: dict[str, tuple[type, ...]] = {
+    "source": (str,),
+    "origin": (str,),
+    "random_weights": (bool,),
+    "seed": (int, type(None)),
+    "sha256": (str,),
+    "params": (int,),
+    "model_type": (str,),
+}
+
+
 def read_card(model_dir: Path) -> ModelCard:
+    """Read the card back, checked field by field: a damaged card is named with the key that is off."""
     path = model_dir / CARD
     if not path.is_file():
         raise InputError(f"{path}: missing (run the load_model stage first)")
-    return ModelCard(**json.loads(path.read_text()))
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e}); rerun the load_model stage") from e
+    rerun = "rerun the load_model stage"
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a JSON object (a model card), got {type(raw).__name__}; {rerun}")
+    unknown = sorted(set(raw) - set(_CARD_TYPES))
+    if unknown:
+        raise InputError(
+            f"{path}: unknown key {unknown[0]!r} (a model card has {', '.join(_CARD_TYPES)}); {rerun}"
+        )
+    for key, kinds in _CARD_TYPES.items():
+        if key not in raw:
+            raise InputError(f"{path}: key {key!r} missing; {rerun}")
+        value = raw[key]
+        ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+        if not ok:
+            expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise InputError(f"{path}: {key}: expected {expected}, got {value!r}; {rerun}")
+    if not re.fullmatch(r"[0-9a-f]{64}", raw["sha256"]):
+        raise InputError(f"{path}: sha256: expected 64 hex digits, got {raw['sha256']!r}; {rerun}")
+    if raw["params"] < 0:
+        raise InputError(f"{path}: params: expected an integer >= 0, got {raw['params']}; {rerun}")
+    return ModelCard(**raw)
 
 
 def weights_dir(model_dir: Path, card: ModelCard) -> Path:
-    """Where the card's weights are: the snapshot it names (checked against its hash) or the dir itself."""
+    """Where the card's weights are: the snapshot it names (checked against its hash) or the dir itself.
+
+    A random source's output has its safetensors headers opened (:func:`_check_weights`): a damaged
+    file is named here, before any loader meets it.
+    """
     if card.source != "hf_dir":
+        _check_model_dir(model_dir)
         return model_dir
     snapshot = Path(card.origin)
     if not snapshot.is_dir():
@@ -191,7 +233,19 @@ def weights_dir(model_dir: Path, card: ModelCard) -> Path:
             f"{snapshot}: the snapshot changed since load_model hashed it ({card.sha256[:12]}); "
             "rerun the load_model stage"
         )
-    return snapshot
+    return snapshot  # the bytes load_model checked (check_hf_dir), by their hash
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    """What a random source's output must hold: its config and weights, every header readable."""
+    config = model_dir / "config.json"
+    if not config.is_file():
+        raise InputError(f"{config}: missing (rerun the load_model stage)")
+    if not any(any(model_dir.glob(g)) for g in WEIGHT_GLOBS):
+        raise InputError(
+            f"{model_dir}: no weights (expected {' or '.join(WEIGHT_GLOBS)}; rerun the load_model stage)"
+        )
+    _check_weights(model_dir, "rerun the load_model stage")
 
 
 def load_model_dir(
@@ -199,7 +253,13 @@ def load_model_dir(
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageTextProcessor, ModelCard]:
     """Load what :func:`materialize_model` described: weights in their stored dtype, eval mode."""
     card = read_card(model_dir)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        weights_dir(model_dir, card), dtype="auto", local_files_only=True
-    ).eval()
+    source = weights_dir(model_dir, card)
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            source, dtype="auto", local_files_only=True
+        ).eval()
+    except (OSError, ValueError, SafetensorError) as e:
+        raise InputError(
+            f"{source}: weights do not load as Qwen2.5-VL ({e}); rerun the load_model stage"
+        ) from e
     return model, ImageTextProcessor.load(model_dir), card
