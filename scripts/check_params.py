@@ -2,9 +2,9 @@
 
     python scripts/check_params.py [params.yaml] [--all] [--no-probe]
 
-Why before DVC: a stage whose dep path is missing fails inside `dvc repro` only after DVC has
-removed that stage's previous outputs, and a stage that cannot fit this machine (INC on a 3B
-in 24 GB, a CUDA device that is absent) fails after hours of the stages before it. `make repro`
+Why before DVC: the DAG's first stage (check_params) makes the same input check, but a stage
+that cannot fit this machine (INC on a 3B in 24 GB, a CUDA device that is absent) fails after
+hours of the stages before it. `make repro`
 runs this first: it prints, per stage DVC will run, what it will do, on which device, and the
 expected time and peak memory where this machine can tell (``op_sensitivity.plan``), then exits
 2 with one line naming the param to change when something cannot run, 0 otherwise.
@@ -20,13 +20,11 @@ import warnings
 from pathlib import Path
 
 from op_sensitivity.cli import run_stage
-from op_sensitivity.errors import require
-from op_sensitivity.fallback.exports import onnx_graph
-from op_sensitivity.model.source import check_hf_dir
 from op_sensitivity.params import load_params
 from op_sensitivity.plan.model import describe
 from op_sensitivity.plan.pending import all_stages, stages_to_run
 from op_sensitivity.plan.stages import build_plan, check
+from op_sensitivity.preflight.inputs import check_inputs
 
 MODEL_DIR = Path("models/qwen2_5_vl")  # load_model's output (dvc.yaml)
 DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"  # this project's pipeline
@@ -41,12 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)  # torch's deprecations, from the probe
     p = load_params(args.params)
-    c = p.captions
-    require(c.annotations.is_file(), c.where("annotations"), f"{c.annotations} is not a file")
-    require(c.images_dir.is_dir(), c.where("images_dir"), f"{c.images_dir} is not a directory")
-    if p.model.source == "hf_dir":
-        check_hf_dir(p.model.input, p.model.where("input"))
-    onnx_graph(p.fallback.onnx_model, p.fallback.where("onnx_model"))
+    check_inputs(p)  # the check_params stage's own check
     print(f"{args.params}: ok (model source {p.model.source}, engine {p.sensitivity.engine})")
     # what DVC would run applies to the project's own params.yaml; another file: a run from scratch
     ours = args.params.resolve() == Path("params.yaml").resolve()

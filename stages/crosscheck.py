@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from op_sensitivity.atomic import dump_json
 from op_sensitivity.cli import pass_input_parser, run_stage
 from op_sensitivity.params import load_params
-from op_sensitivity.report.comparison import summary_lines
+from op_sensitivity.report.comparison import agreement, summary_lines
 from op_sensitivity.report.crosscheck import run_crosscheck
 
 
@@ -16,6 +17,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = pass_input_parser(__doc__)
     ap.add_argument("--sensitivity", default="reports/sensitivity/op_sensitivity.json", type=Path)
     ap.add_argument("--out", default="reports/sensitivity/crosscheck.json", type=Path)
+    ap.add_argument(
+        "--metrics",
+        default="reports/sensitivity/agreement.json",
+        type=Path,
+        help="the headline numbers (a DVC metric)",
+    )
     ap.add_argument(
         "--runtime", default=None, type=Path, help="the rerun's seconds and memory (a DVC metric)"
     )
@@ -33,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         args.runtime,
         args.workspace,
     )
+    dump_json(agreement(result), args.metrics)  # after crosscheck.json, as its summary
     for line in summary_lines(result):
         logging.getLogger("crosscheck").info(line)
 

@@ -1,4 +1,4 @@
-"""Stage rank_report: op_sensitivity.json -> reports/op_sensitivity.md, PNG plots, scores and metrics."""
+"""Stage rank_report: op_sensitivity.json -> reports/op_sensitivity.md, PNG plots, scores and a summary."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from op_sensitivity.params import load_params
 from op_sensitivity.phases import FALLBACK
 from op_sensitivity.report.comparison import read_crosscheck
 from op_sensitivity.report.rank import read_section, write_rank_report
-from op_sensitivity.report.schemes import compare_schemes, read_spectra, render_section, scheme_metrics
+from op_sensitivity.report.schemes import compare_schemes, read_spectra, render_section, scheme_summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     params = all_params.report
     check = read_crosscheck(args.crosscheck) if args.crosscheck else None
     report, inventory = read_report(args.sensitivity), read_inventory(args.inventory)
-    sections, extra_metrics = [], {}
+    sections, extra_summary = [], {}
     if args.schemes_dir is not None and all_params.schemes.run:
         main = scheme_name(report)
         matrix = read_spectra(args.schemes_dir, list(all_params.schemes.run))
@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> None:
         doc = compare_schemes(spectra, inventory)
         dump_json(doc, args.out_dir / "rank" / "schemes.json")
         sections.append(render_section(doc))
-        extra_metrics["schemes"] = scheme_metrics(doc)
+        extra_summary["schemes"] = scheme_summary(doc)
     if args.validation:
         sections.append(read_section(args.validation))
-    m = write_rank_report(report, inventory, args.out_dir, params, check, sections, extra_metrics)
+    m = write_rank_report(report, inventory, args.out_dir, params, check, sections, extra_summary)
     logging.getLogger("rank_report").info(
         "report written to %s: spearman %.3f, most sensitive %s",
         args.out_dir / "op_sensitivity.md",

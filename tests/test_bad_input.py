@@ -172,6 +172,84 @@ def _report_with(mutate: Callable[[dict], None]) -> Callable[[Path, Path], list[
     return setup
 
 
+def _model_copy(breaks: Callable[[Path], None]) -> Callable[[Path, Path], list[str]]:
+    """A copy of the good model directory (the tiny source's), broken by ``breaks``."""
+
+    def setup(ws: Path, bad: Path) -> list[str]:
+        model = bad / "model"
+        shutil.copytree(ws / "models/qwen2_5_vl", model)
+        breaks(model)
+        return ["--model", str(model)]
+
+    return setup
+
+
+def _card(content: str) -> Callable[[Path], None]:
+    return lambda model: (model / "op_sensitivity_model.json").write_text(content)
+
+
+def _card_with(**extra) -> Callable[[Path], None]:
+    def breaks(model: Path) -> None:
+        card = json.loads((model / "op_sensitivity_model.json").read_text())
+        (model / "op_sensitivity_model.json").write_text(json.dumps({**card, **extra}))
+
+    return breaks
+
+
+def _split_copy(split: str, arg: str, breaks: Callable[[Path], None]) -> Callable[[Path, Path], list[str]]:
+    """A copy of the good ``data/<split>`` with its first record's image broken by ``breaks``."""
+
+    def setup(ws: Path, bad: Path) -> list[str]:
+        copy_dir = bad / split
+        shutil.copytree(ws / "data" / split, copy_dir)
+        first = json.loads((copy_dir / "manifest.jsonl").read_text().splitlines()[0])
+        breaks(copy_dir / first["image"])
+        return [arg, str(copy_dir)]
+
+    return setup
+
+
+def _coco_images(breaks: Callable[[Path], None]) -> Callable[[Path, Path], list[str]]:
+    """The sample's COCO images, every one broken by ``breaks`` (captions.images_dir: bad/images)."""
+
+    def setup(ws: Path, bad: Path) -> list[str]:
+        shutil.copytree(SAMPLE_IMAGES, bad / "images")
+        for image in (bad / "images").iterdir():
+            breaks(image)
+        return []
+
+    return setup
+
+
+def _truncate_file(keep: int | None = None) -> Callable[[Path], None]:
+    """Cut a file to ``keep`` bytes (None: to half its size)."""
+    return lambda path: os.truncate(path, path.stat().st_size // 2 if keep is None else keep)
+
+
+def _weights(breaks: Callable[[Path], None]) -> Callable[[Path], None]:
+    return lambda model: breaks(model / "model.safetensors")
+
+
+def _json_copy(rel: str, arg: str, mutate: Callable[[dict], None]) -> Callable[[Path, Path], list[str]]:
+    """A copy of the good run's JSON artifact ``rel``, changed by ``mutate``."""
+
+    def setup(ws: Path, bad: Path) -> list[str]:
+        doc = json.loads((ws / rel).read_text())
+        mutate(doc)
+        (bad / Path(rel).name).write_text(json.dumps(doc))
+        return [arg, str(bad / Path(rel).name)]
+
+    return setup
+
+
+def _rename_first_op(doc: dict) -> None:
+    doc["ops"][0]["name"] = "model.nope"
+
+
+def _keep_unknown(doc: dict) -> None:
+    doc["ops"].insert(0, {**(doc["ops"][0] if doc["ops"] else {}), "module": "model.nope"})
+
+
 def _onnx_dir(n: int, content: bytes = b"") -> Callable[[Path, Path], list[str]]:
     def setup(ws: Path, bad: Path) -> list[str]:
         for i in range(n):
@@ -184,12 +262,34 @@ def _onnx_dir(n: int, content: bytes = b"") -> Callable[[Path, Path], list[str]]
     return setup
 
 
+def _onnx_graph(*node_names: str) -> Callable[[Path, Path], list[str]]:
+    """A valid ONNX graph (one MatMul per name, ``onnx.helper``) as fallback.onnx_model."""
+
+    def setup(ws: Path, bad: Path) -> list[str]:
+        import onnx
+        from onnx import TensorProto, helper
+
+        nodes = [helper.make_node("MatMul", ["x", "w"], [f"y{i}"], name=n) for i, n in enumerate(node_names)]
+        value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2]) for n in ("x", "w")]
+        outs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [2, 2]) for i in range(len(nodes))]
+        onnx.save(helper.make_model(helper.make_graph(nodes, "other", value, outs)), bad / "other.onnx")
+        data = yaml.safe_load((ws / "case.yaml").read_text())
+        data["fallback"]["onnx_model"] = str(bad / "other.onnx")
+        (ws / "case.yaml").write_text(yaml.safe_dump(data))
+        return []
+
+    return setup
+
+
+def _op_name_dict(key: str, cfg: dict | None = None, **sensitivity) -> Callable[[dict], None]:
+    def mutate(d: dict) -> None:
+        d["sensitivity"].update(op_name_dict={key: cfg or FP32}, **sensitivity)
+
+    return mutate
+
+
 def _not_nan(report: dict) -> None:
     report["phases"]["fallback"]["ops"][0]["mse"] = float("nan")
-
-
-def _isolated(report: dict) -> None:
-    report["phases"]["requant"]["cumulative"] = False
 
 
 CASES = [
@@ -273,6 +373,15 @@ CASES = [
         "prepare_captions",
         "case.yaml: captions.images_dir: bad/nope is not a directory",
         params=_set("captions", images_dir="bad/nope"),
+    ),
+    # sweep: a COCO image cut short opens (its header is whole) and fails when decoded
+    Case(
+        "coco-image-truncated",
+        "prepare_captions",
+        "does not open as an image",
+        params=_set("captions", images_dir="bad/images"),
+        files=_coco_images(_truncate_file()),
+        names_params_file=False,
     ),
     # --- load_model ----------------------------------------------------------------------------
     Case(
@@ -400,6 +509,83 @@ CASES = [
         "case.yaml: sensitivity.native.arithmetic: int8_kernels runs on cpu",
         params=lambda d: d["sensitivity"]["native"].update(dtype="bfloat16", arithmetic="int8_kernels"),
     ),
+    # more processes than usable cores (cpu) or GPUs (cuda): refused before the model loads, none started
+    Case(
+        "processes-over-cores",
+        "sensitivity",
+        "case.yaml: sensitivity.native.processes: 1000 processes on cpu, but this run may use",
+        params=lambda d: d["sensitivity"]["native"].update(device="cpu", processes=1000),  # engine native
+    ),
+    # params the models reject (op_sensitivity.params): a misspelt key no longer leaves its default
+    # in force, a value INC's static PyTorch pass cannot do is no longer ignored, and an empty
+    # schemes.run no longer fails later in `dvc repro`; every stage stops, the first one included
+    Case(
+        "native-key-typo",
+        "prepare_captions",
+        "case.yaml: sensitivity.native.devcie: unknown key (expected one of device, dtype,",
+        params=lambda d: d["sensitivity"]["native"].update(devcie="cuda"),
+    ),
+    Case(
+        "op-dtype-int4",
+        "sensitivity",
+        "case.yaml: sensitivity.op_type_dict.Linear.weight.dtype[0]: expected one of fp32, bf16, int8, "
+        "uint8 (the dtypes INC's static PyTorch pass takes op-wise), got 'int4'",
+        params=_set("sensitivity", op_type_dict={"Linear": {"weight": {"dtype": ["int4"]}}}),
+    ),
+    Case(
+        "op-type-unknown",
+        "sensitivity",
+        "case.yaml: sensitivity.op_type_dict.Foo: expected an op type INC's PyTorch adaptor quantizes "
+        "(one of Conv1d, Conv2d, Conv3d,",
+        params=_set("sensitivity", op_type_dict={"Foo": FP32}),
+    ),
+    Case(
+        "schemes-run-empty",
+        "prepare_captions",
+        "case.yaml: schemes.run: expected at least one scheme, got []",
+        params=_set("schemes", run=[]),
+    ),
+    # sweep: an op_name_dict / op_type_dict key INC would ignore (a typo gave a report identical to
+    # no setting), for both engines and the scheme passes
+    Case(
+        "op-name-matches-no-op",
+        "sensitivity",
+        "case.yaml: sensitivity.op_name_dict.lm_hed: matches no op of the model (17 ops in "
+        "reports/model/op_inventory.json; e.g. ",
+        params=_op_name_dict("lm_hed"),
+    ),
+    Case(  # sweep: full-matched as INC does, so a prefix is no match
+        "op-name-regex-prefix-only",
+        "sensitivity",
+        "case.yaml: sensitivity.op_name_dict.model\\.visual: matches no op of the model",
+        params=_op_name_dict(r"model\.visual"),
+    ),
+    Case(  # sweep: a key asking for int8 is checked too
+        "op-name-int8-matches-no-op",
+        "sensitivity",
+        "case.yaml: sensitivity.op_name_dict.model\\.language_model\\.layers\\.9\\..*: matches no op",
+        params=_op_name_dict(r"model\.language_model\.layers\.9\..*", {"weight": {"dtype": ["int8"]}}),
+    ),
+    Case(  # sweep: INC's own engine
+        "op-name-matches-no-op-inc",
+        "sensitivity",
+        "case.yaml: sensitivity.op_name_dict.lm_hed: matches no op of the model",
+        params=_op_name_dict("lm_hed", engine="inc"),
+    ),
+    Case(  # sweep: a scheme pass reads the same block
+        "op-name-matches-no-op-scheme",
+        "sensitivity",
+        "case.yaml: sensitivity.op_name_dict.lm_hed: matches no op of the model",
+        params=_op_name_dict("lm_hed"),
+        args=["--scheme", "modelopt_int8"],
+    ),
+    Case(  # sweep
+        "op-type-matches-no-op",
+        "sensitivity",
+        "case.yaml: sensitivity.op_type_dict.Conv2d: matches no op type of the model (17 ops in "
+        "reports/model/op_inventory.json, of types Conv3d, Embedding, Linear)",
+        params=_set("sensitivity", op_type_dict={"Conv2d": FP32}),
+    ),
     Case(
         "model-dir-without-card",
         "sensitivity",
@@ -421,6 +607,35 @@ CASES = [
         args=["--calibration", "bad"],
         names_params_file=False,
     ),
+    # sweep: the model directory's own weights and card, a calibration image, the inventory's ops
+    Case(
+        "model-safetensors-truncated",
+        "sensitivity",
+        "model/model.safetensors: not a readable safetensors file",
+        files=_model_copy(_weights(_truncate_file())),
+        names_params_file=False,
+    ),
+    Case(
+        "model-card-garbage",
+        "sensitivity",
+        "op_sensitivity_model.json: not valid JSON",
+        files=_model_copy(_card("garbage")),
+        names_params_file=False,
+    ),
+    Case(
+        "calibration-image-empty",
+        "sensitivity",
+        "image of record 0 does not decode",
+        files=_split_copy("calibration", "--calibration", _truncate_file(0)),
+        names_params_file=False,
+    ),
+    Case(
+        "inventory-op-not-in-model",
+        "sensitivity",
+        "op_inventory.json: ops[0] 'model.nope' is not a module of the model",
+        files=_json_copy("reports/model/op_inventory.json", "--inventory", _rename_first_op),
+        names_params_file=False,
+    ),
     # --- crosscheck (failing before its INC rerun) ---------------------------------------------
     Case(
         "crosscheck-report-truncated",
@@ -429,11 +644,18 @@ CASES = [
         names_params_file=False,
         files=_truncated_copy("reports/sensitivity/op_sensitivity.json", "--sensitivity"),
     ),
-    Case(
-        "crosscheck-report-isolated",
+    Case(  # sweep
+        "crosscheck-op-name-matches-no-op",
         "crosscheck",
-        "made with requant_mode isolated; crosscheck needs cumulative",
-        files=_report_with(_isolated),
+        "case.yaml: sensitivity.op_name_dict.lm_hed: matches no op of the model",
+        params=_op_name_dict("lm_hed"),
+    ),
+    # sweep: the model's weights (crosscheck loads the model dir as the sensitivity stage does)
+    Case(
+        "crosscheck-model-safetensors-empty",
+        "crosscheck",
+        "model/model.safetensors: not a readable safetensors file",
+        files=_model_copy(_weights(_truncate_file(0))),
         names_params_file=False,
     ),
     # --- rank_report ---------------------------------------------------------------------------
@@ -457,6 +679,14 @@ CASES = [
         "mse values must be finite numbers",
         names_params_file=False,
         files=_report_with(_not_nan),
+    ),
+    # sweep: the report's validator checks each level's type before reading the next
+    Case(
+        "report-phases-empty-list",
+        "rank_report",
+        "op_sensitivity.json: phases: expected an object with fallback and requant, got []",
+        names_params_file=False,
+        files=_report_with(lambda r: r.update(phases=[])),
     ),
     Case(
         "report-missing",
@@ -509,6 +739,43 @@ CASES = [
         params=_set("fallback", onnx_model="bad/none.onnx"),
     ),
     Case("onnx-two-graphs", "fallback_list", "holds 2 .onnx files", files=_onnx_dir(2)),
+    Case(  # sweep: a valid graph of another network would give nodes_to_exclude [] (quantize all)
+        "onnx-other-network",
+        "fallback_list",
+        "other.onnx: not an export of this model: none of its 2 nodes belongs to one of the model's",
+        files=_onnx_graph("/features/features.0/MatMul", "/classifier/MatMul"),
+    ),
+    Case(  # sweep: a graph of part of the model, without the kept lm_head: ORT would quantize it
+        "onnx-kept-modules-missing",
+        "fallback_list",
+        "kept modules have no node in the graph: ",
+        files=_onnx_graph("/model/language_model/layers.0/mlp/down_proj/MatMul"),
+    ),
+    # --- check_params: the DAG's first stage, before DVC deletes any other stage's outputs ------
+    Case(  # sweep: the pre-check only tested that the file exists; DVC then deleted reports/fallback
+        "check-onnx-garbage",
+        "check_params",
+        "case.yaml: fallback.onnx_model: ",
+        files=_onnx_dir(1, b"nope"),
+    ),
+    Case(
+        "check-later-block",
+        "check_params",
+        "case.yaml: fallback.policy: expected one of top_k, top_fraction",
+        params=_set("fallback", policy="best"),
+    ),
+    Case(  # sweep: `model.input: 5` made `dvc status` itself crash (dvc.yaml now appends "/")
+        "check-model-input-not-a-path",
+        "check_params",
+        "case.yaml: model.input: expected a string",
+        params=_set("model", input=5),
+    ),
+    Case(
+        "check-annotations-missing",
+        "check_params",
+        "case.yaml: captions.annotations: bad/none.json is not a file",
+        params=_set("captions", annotations="bad/none.json"),
+    ),
     Case(
         "onnx-garbage",
         "fallback_list",
@@ -553,6 +820,49 @@ CASES = [
         "curve",
         "not the model the sensitivity report scored",
         files=_report_with(lambda r: r["metadata"]["model"].update(sha256="0" * 64)),
+        names_params_file=False,
+    ),
+    # sweep: an eval image, the model's weights and card, read by curve and validate
+    Case(
+        "eval-image-truncated",
+        "curve",
+        "image of record 0 does not decode",
+        files=_split_copy("eval", "--eval", _truncate_file()),
+        names_params_file=False,
+    ),
+    Case(
+        "curve-model-safetensors-garbage",
+        "curve",
+        "model/model.safetensors: not a readable safetensors file",
+        files=_model_copy(_weights(lambda f: f.write_bytes(b"garbage" * 999))),
+        names_params_file=False,
+    ),
+    Case(
+        "curve-model-card-unknown-key",
+        "curve",
+        "op_sensitivity_model.json: unknown key 'extra'",
+        files=_model_copy(_card_with(extra=1)),
+        names_params_file=False,
+    ),
+    Case(
+        "validate-model-safetensors-truncated",
+        "validate",
+        "model/model.safetensors: not a readable safetensors file",
+        files=_model_copy(_weights(_truncate_file())),
+        names_params_file=False,
+    ),
+    Case(
+        "validate-keep-list-unknown-module",
+        "validate",
+        "fallback_ops.json: ops[0].module 'model.nope' is not an op",
+        files=_json_copy("reports/fallback/fallback_ops.json", "--keep-list", _keep_unknown),
+        names_params_file=False,
+    ),
+    Case(
+        "validate-report-without-excluded-ops",
+        "validate",
+        "op_sensitivity.json: metadata.excluded_ops: missing",
+        files=_report_with(lambda r: r["metadata"].pop("excluded_ops")),
         names_params_file=False,
     ),
     Case(
@@ -617,6 +927,16 @@ if not torch.cuda.is_available():
             "sensitivity",
             "case.yaml: sensitivity.native.device: cuda requested",
             params=lambda d: d["sensitivity"]["native"].update(device="cuda"),
+        )
+    )
+    CASES.append(
+        Case(  # sweep: INC reads no native settings, but curve / validate / crosscheck do: refused upfront
+            "cuda-missing-inc-engine",
+            "sensitivity",
+            "case.yaml: sensitivity.native.device: cuda requested",
+            params=lambda d: d["sensitivity"].update(
+                engine="inc", native={**d["sensitivity"]["native"], "device": "cuda"}
+            ),
         )
     )
 

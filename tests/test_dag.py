@@ -23,10 +23,15 @@ SRC = REPO / "src"
 PACKAGE = "op_sensitivity"
 PACKAGE_DIR = SRC / PACKAGE
 # top-level modules first
-LAYERS = ("data", "model", "schemes", "engines", "report", "validation", "fallback", "plan")
-# What make repro runs before DVC (the params check and the plan), and the profile it applies:
-# library users besides the stages, never a stage's dep.
-TOOLS = (REPO / "scripts/check_params.py", REPO / "scripts/apply_profile.py")
+LAYERS = ("data", "model", "schemes", "engines", "report", "validation", "fallback", "preflight", "plan")
+# What make repro runs before DVC (the params check and the plan), the profile it applies and the
+# params schema writer: library users besides the stages, never a stage's dep.
+TOOLS = (
+    REPO / "scripts/check_params.py",
+    REPO / "scripts/apply_profile.py",
+    REPO / "scripts/params_schema.py",
+    REPO / "scripts/check_reproduced.py",  # CI's last step: the fresh clone's run against HEAD
+)
 
 
 def module_file(name: str) -> Path | None:
@@ -141,7 +146,7 @@ def _rank(module: str) -> int:
 
 def test_layers_import_downward_only():
     """shared vocabulary <- data <- model <- schemes <- engines <- report <- validation <- fallback
-    <- plan; no stage imports."""
+    <- preflight <- plan; no stage imports."""
     violations = []
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
         rel = path.relative_to(SRC).with_suffix("")
@@ -170,6 +175,6 @@ def test_data_deps_are_what_each_stage_reads():
     """The model stage reads one path, which its source decides; the ONNX graph is always a dep."""
     stages = _stages()
     load_data = [d for d in stages["load_model"]["deps"] if not d.startswith(("src/", "stages/"))]
-    assert load_data == ["${model.input}"]
+    assert load_data == ["${model.input}/", "reports/params_check.json"]
     assert "${fallback.onnx_model}" in stages["fallback_list"]["deps"]
     assert "--calibration" not in stages["load_model"]["cmd"]

@@ -16,6 +16,7 @@ from op_sensitivity.fallback.exports import inc_pattern
 from tests.helpers import REPO, SMALL_TINY, copy_repo, run
 
 STAGES = (
+    "check_params",
     "prepare_captions",
     "load_model",
     "sensitivity",
@@ -104,11 +105,17 @@ def test_repro_runs_all_stages_and_writes_both_phases(repo):
     assert check["phases"]["fallback"]["spearman"] == 1.0
     assert "## Engine crosscheck" in (root / "reports/op_sensitivity.md").read_text()
     metrics = json.loads((root / "reports/sensitivity/metrics.json").read_text())
-    assert metrics["fallback"]["ops_scored"] == n_ops
-    assert metrics["requant"]["mse_max"] == max(o["mse"] for o in report["phases"]["requant"]["ops"])
-    validation = json.loads((root / "reports/validation/metrics.json").read_text())
-    assert validation["ops"] >= 1 and 0 < validation["kl"]["keep_list"] < validation["kl"]["all_int8"]
-    assert validation["kl"]["fp32"] == 0.0 and validation["inc_ptq_rel_diff"]["logit_se"] < 1e-4
+    last = max(report["phases"]["requant"]["ops"], key=lambda o: o["position"])  # INC: the curve's end
+    assert metrics == {"ops": n_ops, "int8_mse": last["mse"]}
+    agreement = json.loads((root / "reports/sensitivity/agreement.json").read_text())
+    assert agreement == {"engine_rho": 1.0, "engine_diff": 0.0}  # INC to the bit
+    headline = json.loads((root / "reports/validation/metrics.json").read_text())
+    assert set(headline) == {"kl_int8", "kl_kept", "kl_recovered", "kl_random"}
+    assert 0 < headline["kl_kept"] < headline["kl_int8"] and 0 < headline["kl_recovered"] <= 1
+    validation = json.loads((root / "reports/validation/validation.json").read_text())
+    assert (
+        validation["reference"]["fp32"]["kl"] == 0.0 and validation["inc_ptq"]["rel_diff"]["logit_se"] < 1e-4
+    )
     curve = (root / "reports/validation/curve.csv").read_text().splitlines()
     assert curve[0].startswith("n,fallback_kl_recovered") and len(curve) == 2 + n_ops  # n = 0..N
     assert "## Validation on held-out captions" in (root / "reports/op_sensitivity.md").read_text()
@@ -118,9 +125,30 @@ def test_repro_runs_all_stages_and_writes_both_phases(repo):
         if op["fused_group"]:
             members = {o["name"] for o in inventory["ops"] if o["fused_group"] == op["fused_group"]}
             assert members <= kept or not members & kept
-    runtime = json.loads((root / "reports/runtime/sensitivity.json").read_text())
+    runtime = json.loads((root / "reports/runtime/sensitivity.json").read_text())["passes"][0]
     assert runtime["engine"] == "inc" and runtime["seconds"]["fallback"] > 0
-    assert json.loads((root / "reports/runtime/crosscheck.json").read_text())["engine"] == "native"
+    crosscheck_runtime = json.loads((root / "reports/runtime/crosscheck.json").read_text())
+    assert crosscheck_runtime["passes"][0]["engine"] == "native"
+
+
+HEADLINE = {"ops", "int8_mse", "engine_rho", "engine_diff", "kept", "bits", "seconds", "peak_gib"}
+
+
+def test_dvc_metrics_are_the_headline_numbers_and_fit_200_columns(repo):
+    """Per-op names, configuration and strings stay in the artifacts (docs/artifacts.md)."""
+    root, _ = repo
+    table = run(["dvc", "metrics", "show"], root).stdout
+    assert max(len(line) for line in table.splitlines()) <= 200, table
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], root).stdout)
+    files = next(iter(shown.values()))["data"]
+    keys = {k for f in files.values() for k, v in f["data"].items() if not isinstance(v, list)}
+    assert keys == HEADLINE | {"kl_int8", "kl_kept", "kl_recovered", "kl_random"}
+    assert all(
+        isinstance(v, (int, float))
+        for f in files.values()
+        for v in f["data"].values()
+        if v is not None and not isinstance(v, list)
+    )
 
 
 def _artifacts(root):
@@ -139,9 +167,9 @@ def test_fresh_clone_repro_gives_the_same_bytes_and_lock(repo, tmp_path):
     root, _ = repo
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(root), str(clone)], tmp_path)
-    # No cache: every stage with a cached output recomputes it. crosscheck's only output is a
-    # git-tracked metric whose inputs come back byte-identical, so DVC rightly leaves it be.
-    assert _ran(run(["dvc", "repro"], clone).stdout) == set(STAGES) - {"crosscheck"}
+    # No cache: every stage with a cached output recomputes it. crosscheck's and check_params'
+    # outputs are git-tracked and their inputs come back byte-identical: DVC rightly leaves them be.
+    assert _ran(run(["dvc", "repro"], clone).stdout) == set(STAGES) - {"crosscheck", "check_params"}
     assert run(["git", "diff", "--stat", "dvc.lock"], clone).stdout == ""
     changed = {line[3:] for line in run(["git", "status", "--porcelain"], clone).stdout.splitlines()}
     assert all(path.startswith("reports/runtime/") for path in changed), changed  # seconds and host facts
@@ -158,8 +186,9 @@ def test_second_repro_reruns_nothing_and_param_change_reruns_from_sensitivity(re
     _set_params(root, sensitivity={"tolerable_loss": 0.5})
     check_before = _digest(root, "reports/sensitivity/crosscheck.json")
     out = run(["dvc", "repro"], root).stdout
-    # Both passes rerun; their outputs come back byte-identical, so nothing downstream reruns.
-    assert _ran(out) == {"sensitivity", "crosscheck"}
+    # Both passes rerun (and the params check, first); their outputs come back byte-identical,
+    # so nothing downstream reruns.
+    assert _ran(out) == {"check_params", "sensitivity", "crosscheck"}
     assert _digest(root, "reports/sensitivity/crosscheck.json") == check_before
     assert {rel: _digest(root, rel) for rel in OUTPUTS[:3]} == before
     params = json.loads(run(["dvc", "params", "diff", "--json"], root).stdout)["params.yaml"]
@@ -170,9 +199,9 @@ def test_second_repro_reruns_nothing_and_param_change_reruns_from_sensitivity(re
     # The criterion does not enter a forced pass: same MSE values bit for bit, only timings move,
     # and they move in the runtime file, not in a stage's output.
     metrics = json.loads(run(["dvc", "metrics", "diff", "--json"], root).stdout)
-    assert "seconds.fallback" in metrics["reports/runtime/sensitivity.json"]
+    assert "seconds" in metrics["reports/runtime/sensitivity.json"]
     assert "reports/sensitivity/metrics.json" not in metrics
-    assert "reports/sensitivity/crosscheck.json" not in metrics
+    assert "reports/sensitivity/agreement.json" not in metrics
     assert _digest(root, "reports/sensitivity/op_sensitivity.json") == report_before
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "looser criterion"], root)
@@ -187,18 +216,20 @@ def test_fallback_param_change_reruns_only_what_reads_the_keep_list(repo):
     _set_params(
         root, fallback={"policy": "top_k", "top_k": {"k": 5}, "always_keep": [], "fused_groups": False}
     )
-    assert _planned(root, probe=False) == {"fallback_list", "validate", "rank_report"}
-    assert _ran(run(["dvc", "repro"], root).stdout) == {"fallback_list", "validate", "rank_report"}
+    changed = {"check_params", "fallback_list", "validate", "rank_report"}
+    assert _planned(root, probe=False) == changed
+    assert _ran(run(["dvc", "repro"], root).stdout) == changed
     assert {rel: _digest(root, rel) for rel in upstream} == upstream
     doc = json.loads((root / "reports/fallback/fallback_ops.json").read_text())
     assert [o["rank"] for o in doc["ops"]] == [1, 2, 3, 4, 5]
     inc = json.loads((root / "reports/fallback/inc_op_name_dict.json").read_text())
     assert list(inc) == [inc_pattern(o["module"]) for o in doc["ops"]]
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], root).stdout)
-    changed = diff["reports/fallback_metrics.json"]
-    assert changed["policy"]["new"] == "top_k" and changed["policy"]["old"] == "measured_budget"
-    assert changed["ops_kept"]["new"] == 5
-    assert diff["reports/validation/metrics.json"]["ops"]["new"] == 5
+    assert diff["reports/fallback_metrics.json"]["kept"]["new"] == 5
+    assert (
+        diff["reports/validation/metrics.json"]["kl_kept"]["new"]
+        != diff["reports/validation/metrics.json"]["kl_kept"]["old"]
+    )
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "top 5"], root)
 
@@ -210,6 +241,7 @@ def test_a_new_scheme_runs_only_its_stage_and_the_two_that_compare(repo):
     keep_list = _digest(root, "reports/fallback/fallback_ops.json")
     _set_params(root, schemes={"run": [*data["schemes"]["run"], "inc_cpu"]})
     assert _ran(run(["dvc", "repro"], root).stdout) == {
+        "check_params",
         "scheme_sensitivity@inc_cpu",
         "fallback_list",
         "rank_report",
@@ -222,7 +254,7 @@ def test_a_new_scheme_runs_only_its_stage_and_the_two_that_compare(repo):
     assert exports["inc_op_name_dict.json"]["path"] == "reports/schemes/inc_cpu/op_sensitivity.json"
     assert exports["ort_nodes_to_exclude.json"]["scheme"] == "ort_qdq"
     assert "Deployment schemes" in (root / "reports/op_sensitivity.md").read_text()
-    metrics = json.loads((root / "reports/rank/metrics.json").read_text())["schemes"]
+    metrics = json.loads((root / "reports/rank/summary.json").read_text())["schemes"]
     assert set(metrics["all_int8_mse"]) == {"inc_cpu", *data["schemes"]["run"], "inc_cpu (native)"}
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "inc_cpu natively too"], root)
@@ -234,28 +266,47 @@ def test_a_new_onnx_export_reruns_only_the_fallback_stage(repo):
     import onnx
     from onnx import TensorProto, helper
 
-    doc = json.loads((root / "reports/fallback/fallback_ops.json").read_text())
-    module = doc["ops"][0]["module"]
-    node = "/" + module.replace(".", "/") + "/MatMul"
+    # one node per module the ORT export keeps (a kept module without one is an error)
+    before = json.loads((root / "reports/fallback/ort_nodes_to_exclude.json").read_text())
+    names = [prefix + "MatMul" for prefix in before["node_name_prefixes"]]
+    assert names and len(names) == len(before["module_names"])
+    node = names[0]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name=node)],
+        [helper.make_node("MatMul", ["x", "w"], [f"y{i}"], name=n) for i, n in enumerate(names)],
         "g",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2]) for n in ("x", "w")],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [2, 2]) for i in range(len(names))],
     )
     onnx.save(helper.make_model(graph), root / "data/onnx/model.onnx")
     assert "fallback_list" in run(["dvc", "status"], root).stdout
-    assert _ran(run(["dvc", "repro"], root).stdout) == {"fallback_list"}
+    assert _ran(run(["dvc", "repro"], root).stdout) == {"check_params", "fallback_list"}
     ort = json.loads((root / "reports/fallback/ort_nodes_to_exclude.json").read_text())
     assert ort["onnx_model"] == "data/onnx/model.onnx" and node in ort["nodes_to_exclude"]
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "onnx export"], root)
 
 
-def test_a_failed_repro_is_undone_by_make_restore(repo):
-    """DVC removes a stage's outputs before it finds a missing dep; `make restore` brings them back."""
+def test_a_bad_param_or_path_stops_dvc_repro_before_any_output_is_deleted(repo):
+    """check_params runs first: a bad value stops a bare `dvc repro` while every other stage's
+    outputs are intact; `make restore` brings back its own stamp, which DVC removed."""
     root, _ = repo
+    stamp = "reports/params_check.json"
     before = _artifacts(root)
+    _set_params(root, fallback={"policy": "best"})
+    failed = run(["dvc", "repro"], root, check=False)
+    assert failed.returncode != 0 and _ran(failed.stdout) == {"check_params"}
+    assert "error: params.yaml: fallback.policy: expected one of top_k" in failed.stderr + failed.stdout
+    assert {k: v for k, v in _artifacts(root).items() if k != stamp} == {
+        k: v for k, v in before.items() if k != stamp
+    }
+    run(["git", "checkout", "--", "params.yaml"], root)
+    _set_params(root, model={"input": 5})  # a path param that is no string: DVC itself must not crash
+    status = run(["dvc", "status"], root, check=False)
+    assert status.returncode == 0 and "unexpected error" not in status.stderr, status.stderr
+    failed = run(["dvc", "repro"], root, check=False)
+    assert failed.returncode != 0 and _ran(failed.stdout) == {"check_params"}
+    assert "error: params.yaml: model.input: expected a string" in failed.stderr + failed.stdout
+    run(["git", "checkout", "--", "params.yaml"], root)
     _set_params(root, captions={"annotations": "data/missing.json"})
     check = run(["python", "scripts/check_params.py", "params.yaml"], root, check=False)
     assert (
@@ -263,7 +314,7 @@ def test_a_failed_repro_is_undone_by_make_restore(repo):
         and "params.yaml: captions.annotations: data/missing.json is not a file" in check.stderr
     )
     failed = run(["dvc", "repro"], root, check=False)
-    assert failed.returncode != 0 and not (root / "data/calibration").exists()  # DVC removed it
+    assert failed.returncode != 0 and (root / "data/calibration/manifest.jsonl").is_file()
     run(["git", "checkout", "--", "params.yaml"], root)
     run(["make", "restore", f"VENV={Path(sys.executable).parents[1]}"], root)
     assert _artifacts(root) == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -61,16 +62,34 @@ def run_stage(main: Callable[[], None]) -> None:
         main()
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
+        _what_dvc_did()
         sys.exit(2)
     except (Terminated, KeyboardInterrupt) as e:
         signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
         name = signal.Signals(signum).name
-        print(f"error: stopped by {name}; outputs left as they were before this run", file=sys.stderr)
+        if os.environ.get("DVC_STAGE"):
+            print(f"error: stopped by {name}; nothing of this run was written", file=sys.stderr)
+            _what_dvc_did()
+        else:
+            print(f"error: stopped by {name}; outputs left as they were before this run", file=sys.stderr)
         sys.exit(128 + signum)
     finally:
         _PENDING.clear()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _what_dvc_did() -> None:
+    """Under ``dvc repro`` (which sets ``DVC_STAGE``) the stage's previous outputs were deleted by
+    DVC before this command started: say so, and how to get them back, instead of implying they
+    are intact."""
+    stage = os.environ.get("DVC_STAGE")
+    if stage:
+        print(
+            f"note: dvc repro removed stage {stage}'s previous outputs before starting it; "
+            "`make restore` brings back the last committed run",
+            file=sys.stderr,
+        )
 
 
 def pass_input_parser(doc: str | None) -> argparse.ArgumentParser:

@@ -47,7 +47,7 @@ def lean_reference(mid_model_dir, calibration_dir, tmp_path_factory):
 
 
 def test_the_pass_adds_at_most_the_scaled_full_size_bound(lean_reference, mid_model_dir):
-    runtime = json.loads((lean_reference["out"] / "runtime.json").read_text())
+    runtime = json.loads((lean_reference["out"] / "runtime.json").read_text())["passes"][0]
     report = json.loads((lean_reference["out"] / "op_sensitivity.json").read_text())
     scored = {o["module"] for o in report["phases"]["fallback"]["ops"]}
     stored = 2 * sum(
@@ -106,7 +106,7 @@ def test_a_killed_pass_resumes_without_remeasuring_and_reports_the_same_bytes(le
     assert 24 <= len(done) < 87, len(done)  # killed mid-pass: 1 + 2 x 43 trials in all
     assert not (out / "op_sensitivity.json").exists()
     subprocess.run(cmd, env=venv_env(), check=True, capture_output=True)
-    runtime = json.loads((out / "runtime.json").read_text())
+    runtime = json.loads((out / "runtime.json").read_text())["passes"][0]
     assert runtime["trials_resumed"] >= len(done) - 1  # a line cut by the kill is measured again
     assert runtime["trials_resumed"] <= len(done)
     ref = lean_reference["out"]

@@ -41,6 +41,7 @@ def test_embedded_default_plan_lists_every_stage_with_its_work():
     assert len(facts.ops) == 29 and not facts.exact  # vocabulary: the params' upper bound
     plan = build_plan(p, facts, all_stages(p.schemes.run, REPO / "dvc.yaml"), CPU_24GB, probe_forward=False)
     assert [s.stage for s in plan.stages] == [
+        "check_params",
         "prepare_captions",
         "load_model",
         "sensitivity",
@@ -55,6 +56,7 @@ def test_embedded_default_plan_lists_every_stage_with_its_work():
         "rank_report",
     ]
     work = _work(plan)
+    assert work["check_params"] == "check params.yaml and the paths it names"
     # 29 ops: patch embedding + 2 vision blocks x 5 + merger 2 + embedding + 2 layers x 7 + lm_head
     assert work["sensitivity"] == "INC pass: 29 ops x 2 phases x 2 batches: 116 per-op model copies"
     # ModelOpt: the 14 text Linears (its stock config skips *visual* and *lm_head*);
@@ -163,10 +165,10 @@ def test_a_runtime_file_of_this_machine_gives_the_time_of_the_same_pass(tmp_path
     facts = describe(p.model)
     host = {"machine": "x86_64", "cpu": CPU_24GB.cpu, "cpu_count": CPU_24GB.cores, "gpu": None}
     doc = {"engine": "inc", "seconds_per_op": 0.5, "ops": 29, "batches": 2, "model_params": facts.params}
-    (tmp_path / "sensitivity.json").write_text(json.dumps({**doc, "host": host}))
+    (tmp_path / "sensitivity.json").write_text(json.dumps({"passes": [{**doc, "host": host}]}))
     plan = build_plan(p, facts, ["sensitivity"], CPU_24GB, tmp_path, probe_forward=False)
     assert (plan.stages[0].seconds, plan.stages[0].basis) == (0.5 * 2 * 2 * 29, "runtime file")
     for other in ({"ops": 17}, {"host": {**host, "cpu": "another CPU"}}, {"engine": "native"}):
-        (tmp_path / "sensitivity.json").write_text(json.dumps({**doc, "host": host, **other}))
+        (tmp_path / "sensitivity.json").write_text(json.dumps({"passes": [{**doc, "host": host, **other}]}))
         plan = build_plan(p, facts, ["sensitivity"], CPU_24GB, tmp_path, probe_forward=False)
         assert (plan.stages[0].seconds, plan.stages[0].basis) == (None, "not estimated"), other

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from op_sensitivity.errors import InputError
-from op_sensitivity.report.schemes import compare_schemes, read_spectra, render_section, scheme_metrics
+from op_sensitivity.report.schemes import compare_schemes, read_spectra, render_section, scheme_summary
 from tests.handmade import DOWN, EMBED, HEAD, INVENTORY, PATCH, UP, make_report
 
 # fallback scores (E - mse) / E over the ops both score: main DOWN .5 > HEAD .4 > PATCH .2 > UP 0,
@@ -47,7 +47,7 @@ def test_pairs_compare_the_common_ops_with_known_spearman_and_moves():
         "text": {"ops": 1, "spearman": None},
         "vision": {"ops": 2, "spearman": None},
     }
-    m = scheme_metrics(doc)
+    m = scheme_summary(doc)
     assert m["all_int8_mse"] == {"inc_cpu": 10.0, "modelopt_int8": 10.0}
     assert m["spearman"]["inc_cpu~modelopt_int8:fallback"] == pytest.approx(-0.4)
     section = render_section(doc)

@@ -45,8 +45,14 @@ def test_the_planted_pair_beats_every_random_pair(measured, planted):
     widened = [{"group": "m.{gate_proj,up_proj}", "added": ["m.gate_proj"], "params_added": 2048}]
     assert "Fused group `m.{gate_proj,up_proj}` kept whole" in section(good, planted["curve"], widened)
     assert "2,048 params" in section(good, planted["curve"], widened)
-    flat = metrics(good)
-    assert flat["kl"]["beats_random"] is True and flat["kl"]["all_int8"] > flat["kl"]["keep_list"] > 0
+    headline = metrics(good)  # the headline metric's numbers only, named after it
+    assert headline == {
+        "kl_int8": good["reference"]["all_int8"]["kl"],
+        "kl_kept": good["chosen"]["values"]["kl"],
+        "kl_recovered": good["chosen"]["recovered"]["kl"],
+        "kl_random": good["random"]["recovered"]["kl"]["mean"],
+    }
+    assert headline["kl_int8"] > headline["kl_kept"] > 0 and headline["kl_recovered"] > headline["kl_random"]
 
 
 def test_a_list_no_better_than_random_is_called_out(measured, planted):

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -175,18 +176,18 @@ def _versions() -> dict[str, str]:
     }
 
 
+def all_int8_error(report: dict[str, Any]) -> float:
+    """E: measured directly when the engine did (native), else the requant curve's last point."""
+    if "all_int8_mse" in report["metadata"]:
+        return float(report["metadata"]["all_int8_mse"])
+    ops = sorted(report["phases"][REQUANT]["ops"], key=lambda o: o["position"])
+    return float(ops[-1]["mse"])
+
+
 def metrics(report: dict[str, Any]) -> dict[str, Any]:
-    """Small, diffable numbers for ``dvc metrics diff``."""
-    out: dict[str, Any] = {}
-    for phase in PHASES:
-        values = [op["mse"] for op in report["phases"][phase]["ops"]]
-        out[phase] = {
-            "ops_scored": len(values),
-            "mse_min": min(values),
-            "mse_max": max(values),
-        }
-    out["excluded_ops"] = len(report["metadata"]["excluded_ops"])
-    return out
+    """The pass's headline numbers for ``dvc metrics``: ops scored and the all-int8 error (the
+    same two keys in every scheme's file, so ``dvc metrics show`` puts them in one column each)."""
+    return {"ops": len(report["phases"][FALLBACK]["ops"]), "int8_mse": all_int8_error(report)}
 
 
 def write_report(report: dict[str, Any], path: Path, metrics_path: Path) -> None:
@@ -207,33 +208,95 @@ _OP_FIELDS = {
 }
 
 
+def _kind(value: Any, kind: type) -> bool:
+    """``value`` is a ``kind`` (an int counts as a float; a bool is neither int nor float)."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def _finite(value: Any) -> bool:
+    return _kind(value, float) and math.isfinite(value)
+
+
 def validate(doc: Any, where: str) -> dict[str, Any]:
-    """Check the schema and that every value is a finite float; raise InputError naming the field."""
+    """Check the schema, at every level a consumer reads, and that every value is a finite float;
+    raise InputError naming the field. Never crashes on a wrong type: each level is checked
+    before the next is read."""
 
     def fail(msg: str) -> None:
         raise InputError(f"{where}: {msg}")
+
+    def need(cond: bool, field: str, expected: str, value: Any) -> None:
+        if not cond:
+            fail(f"{field}: expected {expected}, got {value!r}")
 
     if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
         fail(f"expected an op sensitivity report with schema_version {SCHEMA_VERSION}")
     for key in ("engine", "metadata", "phases"):
         if key not in doc:
             fail(f"field '{key}' missing")
+    need(isinstance(doc["engine"], str), "engine", "a string", doc["engine"])
+    _validate_metadata(doc["metadata"], fail, need)
+    phases = doc["phases"]
+    need(isinstance(phases, dict), "phases", f"an object with {' and '.join(PHASES)}", phases)
     for phase in PHASES:
-        ph = doc["phases"].get(phase)
+        ph = phases.get(phase)
         if not isinstance(ph, dict) or not isinstance(ph.get("ops"), list) or not ph["ops"]:
             fail(f"phases.{phase}.ops: expected a non-empty list")
+        if "cumulative" in ph:
+            need(
+                isinstance(ph["cumulative"], bool),
+                f"phases.{phase}.cumulative",
+                "true/false",
+                ph["cumulative"],
+            )
         for i, op in enumerate(ph["ops"]):
+            need(isinstance(op, dict), f"phases.{phase}.ops[{i}]", "an object", op)
             for name, kind in _OP_FIELDS.items():
-                value = op.get(name) if isinstance(op, dict) else None
-                if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                    value = float(value)
-                if not isinstance(value, kind):
+                value = op.get(name)
+                if not _kind(value, kind):
                     fail(f"phases.{phase}.ops[{i}].{name}: expected {kind.__name__}, got {value!r}")
-            if not all(
-                isinstance(v, (int, float)) and math.isfinite(v) for v in [op["mse"], *op["mse_per_batch"]]
-            ):
+            if not all(_finite(v) for v in [op["mse"], *op["mse_per_batch"]]):
                 fail(f"phases.{phase}.ops[{i}] ({op['op_name']}): mse values must be finite numbers")
     return doc
+
+
+def _validate_metadata(meta: Any, fail: Callable[[str], None], need: Callable[..., None]) -> None:
+    """The metadata fields the stages read: excluded_ops, the model's hash and size, where the error
+    is measured, and the optional scheme, engine details and all-int8 error."""
+    need(isinstance(meta, dict), "metadata", "an object", meta)
+    for key in ("excluded_ops", "model", "measured_at"):
+        if key not in meta:
+            fail(f"metadata.{key}: missing")
+    excluded = meta["excluded_ops"]
+    need(isinstance(excluded, list), "metadata.excluded_ops", "a list", excluded)
+    for i, e in enumerate(excluded):
+        ok = isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("op_name", "op_type", "reason"))
+        need(ok, f"metadata.excluded_ops[{i}]", "an object with string op_name, op_type and reason", e)
+    model = meta["model"]
+    need(isinstance(model, dict), "metadata.model", "an object (the model card)", model)
+    for key, kind in (("sha256", str), ("origin", str), ("params", int)):
+        need(_kind(model.get(key), kind), f"metadata.model.{key}", kind.__name__, model.get(key))
+    need(isinstance(meta["measured_at"], str), "metadata.measured_at", "a string", meta["measured_at"])
+    if "scheme" in meta:
+        scheme = meta["scheme"]
+        ok = isinstance(scheme, dict) and isinstance(scheme.get("name"), str)
+        need(ok, "metadata.scheme", "an object with a string name", scheme)
+    if "engine_details" in meta:
+        need(
+            isinstance(meta["engine_details"], dict),
+            "metadata.engine_details",
+            "an object",
+            meta["engine_details"],
+        )
+    if "all_int8_mse" in meta:
+        need(_finite(meta["all_int8_mse"]), "metadata.all_int8_mse", "a finite number", meta["all_int8_mse"])
+    if "requant_mode" in meta:
+        ok = meta["requant_mode"] in ("cumulative", "isolated")
+        need(ok, "metadata.requant_mode", "cumulative or isolated", meta["requant_mode"])
 
 
 def scheme_name(report: dict[str, Any]) -> str:

@@ -6,7 +6,14 @@ run named by engine, params, model and calibration fingerprints and start time);
 written atomically.
 
 Runtime file (``--runtime``, e.g. ``reports/runtime/sensitivity.json``), a DVC metric that no
-stage hashes or reads, so timings never change a versioned artifact::
+stage hashes or reads, so timings never change a versioned artifact. Its two top-level numbers
+are what ``dvc metrics show`` prints (lists are not shown); each pass's details follow::
+
+    {"seconds": float (the passes' measured seconds, summed),
+     "peak_gib": float (the largest peak: GPU memory of a cuda pass, else resident memory),
+     "passes": [RuntimeDoc]}     one pass (sensitivity); the crosscheck's: one per engine run
+
+RuntimeDoc (:func:`runtime_doc`)::
 
     {"engine": str, "seconds": {fallback, requant}, "seconds_per_op": float | null,
      "peak_rss_gib" | "peak_gpu_memory_gib": float, "peak_rss_scope": "pass" | "process",
@@ -37,7 +44,7 @@ from ..atomic import dump_json
 from ..cli import raise_if_terminated
 from ..data.calibration import load_calibration
 from ..errors import InputError
-from ..inventory import OpInfo, op_inventory, read_inventory
+from ..inventory import OpInfo, check_ops_in_model, op_inventory, read_inventory
 from ..model.batches import build_batches
 from ..model.carve import Carve, batch_tokens, load_carved
 from ..model.processor import ImageTextProcessor
@@ -46,7 +53,7 @@ from ..params import SchemesParams, SensitivityParams
 from ..phases import FALLBACK
 from ..schemes import load as load_scheme
 from .artifact import build_report, write_report
-from .contract import Capture, Engine, PassResult, PassSpec, build_spec
+from .contract import Capture, Engine, PassResult, PassSpec, build_spec, check_op_dicts
 from .schemed import kernel_for
 
 log = logging.getLogger(__name__)
@@ -133,7 +140,9 @@ def load_inputs(
     """Model, validated pass spec (first confidence_batches x batch_size records), inventory, metadata."""
     meta, used, calibration = _calibration_records(params, cal_dir)
     inventory = read_inventory(inventory_path)
+    check_op_dicts(params, inventory, inventory_path)  # a key matching no op: before the model loads
     model, processor, card = load_model_dir(model_dir)
+    check_ops_in_model(inventory, model, inventory_path)  # before any pass, trial log or partial file
     batches = build_batches(used, cal_dir, processor, meta.mode, params.batch_size)
     spec = replace(build_spec(params, inventory, batches, meta.mode), model_sha256=card.sha256)
     return model, spec, inventory, {"model": asdict(card), "calibration": calibration}
@@ -171,20 +180,28 @@ def load_carved_inputs(
     )
 
 
+# CPU features that decide which int8 / float kernels run (oneDNN's ISA, INC's reduce_range from
+# VNNI), so the last bits of a value: two machines with the same ones give the same bytes.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
 def host_facts() -> dict[str, Any]:
-    """Where a runtime was measured: a number means little without the machine."""
+    """Where a runtime was measured: a number means little without the machine. ``isa`` is the
+    machine kind for reproducibility: the same one gives the same artifact bytes (``cpu``, a model
+    name, may be masked by a VM)."""
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [
-            ln.split(":", 1)[1].strip()
-            for ln in cpuinfo.read_text().splitlines()
-            if ln.startswith("model name")
-        ]
+        lines = cpuinfo.read_text().splitlines()
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
         cpu = names[0] if names else cpu
+        flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
+    isa = [torch.backends.cpu.get_cpu_capability(), *(f for f in ISA_FLAGS if f in flags)]
     return {
         "machine": platform.machine(),
         "cpu": cpu,
+        "isa": " ".join(isa),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -216,6 +233,13 @@ def runtime_doc(result: PassResult, model_params: int | None = None) -> dict[str
     return doc
 
 
+def runtime_file(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runtime file of a stage from its passes' :func:`runtime_doc` (module doc)."""
+    seconds = sum(sum(p["seconds"].values()) for p in passes)
+    peak = max(p.get("peak_gpu_memory_gib") or p["peak_rss_gib"] for p in passes)
+    return {"seconds": round(seconds, 3), "peak_gib": peak, "passes": passes}
+
+
 def scheme_params(params: SensitivityParams, name: str, schemes: SchemesParams) -> SensitivityParams:
     """The pass of stage scheme_sensitivity: the native engine under scheme ``name``.
 
@@ -242,12 +266,22 @@ def run_sensitivity(
     runtime_json: Path | None,
     workspace: Path,
 ) -> dict:
+    if params.engine == "inc":
+        # INC reads no sensitivity.native, but the crosscheck, curve and validate measure with it: a
+        # value this machine cannot run (device, arithmetic) is refused now, not after the INC pass
+        from .native import resolve_numerics
+
+        resolve_numerics(params)
+    elif params.native.processes > 1:  # more than this machine's cores or GPUs: before the model loads
+        from .native import check_native_processes
+
+        check_native_processes(params)
     model, spec, inventory, metadata = load_inputs(params, cal_dir, model_dir, inventory_path)
     result = run_engine(params.engine, model, spec, workspace, run_fingerprint(params, metadata))
     report = build_report(result, inventory, metadata)
     write_report(report, out_json, metrics_json)
     if runtime_json is not None:
-        dump_json(runtime_doc(result, metadata["model"]["params"]), runtime_json)
+        dump_json(runtime_file([runtime_doc(result, metadata["model"]["params"])]), runtime_json)
     log.info(
         "wrote %s (%s engine): %s",
         out_json,

@@ -14,6 +14,10 @@ import yaml
 
 from ..errors import InputError
 
+# Stages whose output is the same bytes whenever they pass (dvc.yaml: check_params writes a
+# constant stamp): DVC reruns nothing downstream of them for their own rerun.
+CONSTANT_OUTPUT = {"check_params"}
+
 
 def stages_to_run(repo_root: Path) -> list[str] | None:
     """Stage names (``scheme_sensitivity@<scheme>`` for foreach stages) in the order DVC runs them;
@@ -31,7 +35,8 @@ def stages_to_run(repo_root: Path) -> list[str] | None:
         nodes = {stage.addressing: stage for stage in graph.nodes}
         run = set()
         for name in changed & set(nodes):
-            run |= {name} | {s.addressing for s in nx.ancestors(graph, nodes[name])}
+            downstream = set() if name in CONSTANT_OUTPUT else nx.ancestors(graph, nodes[name])
+            run |= {name} | {s.addressing for s in downstream}
         order = [s.addressing for s in nx.topological_sort(graph.reverse(copy=False))]
     return [name for name in order if name in run]
 

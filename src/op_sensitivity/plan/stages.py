@@ -53,7 +53,11 @@ DEFAULT_PIXELS = (56 * 56, 28 * 28 * 1280)  # Qwen2VLImageProcessor's own bounds
 CARVED_VOCAB_PER_SAMPLE = 64  # vocabulary rows a carved copy keeps, at most, per sample (plus specials)
 RUNTIME_FILES = {"sensitivity": "sensitivity.json", "crosscheck": "crosscheck.json"}
 RUNTIME_PARAMS_TOLERANCE = 0.05  # a runtime file of a model this close in size counts as the same model
-LIGHT_STAGES = {"fallback_list": "choose the keep-list, write the exports", "rank_report": "report and plots"}
+LIGHT_STAGES = {
+    "check_params": "check params.yaml and the paths it names",
+    "fallback_list": "choose the keep-list, write the exports",
+    "rank_report": "report and plots",
+}
 
 
 @dataclass(frozen=True)
@@ -235,8 +239,8 @@ class Planner:
             return None
         path = self.runtime_dir / name
         try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError):
+            doc = json.loads(path.read_text())["passes"][0]  # engines.runner.runtime_file
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
             return None
         host, here = doc.get("host") or {}, self.machine
         ran = doc.get("model_params")
@@ -265,7 +269,10 @@ class Planner:
             return None, "not estimated"
         cumulative = sens.native.requant_mode == "cumulative"
         per_batch = model.pass_seconds(scored, sens.native.suffix_reuse, cumulative, sens.batch_size)
-        return per_batch * sens.confidence_batches / sens.native.processes, "probe"
+        # One GPU per process divides the trials; on the CPU the processes share the same cores
+        # (each with the stage's thread count, so the values do not depend on them): no speedup.
+        shards = sens.native.processes if self.device(sens) == "cuda" else 1
+        return per_batch * sens.confidence_batches / shards, "probe"
 
     # -- stages --------------------------------------------------------------------------------
     def prepare_captions(self) -> StagePlan:

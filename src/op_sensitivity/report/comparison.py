@@ -10,7 +10,9 @@ Artifact ``crosscheck.json`` (stage ``crosscheck``; a function of its inputs, no
     {"candidate": {engine, path, arithmetic}, "reference": {engine, path}, "bar": {...},
      "phases": {fallback|requant: {ops, compared, spearman, top10_overlap, median_rel_diff, max_rel_diff,
                                    largest_diffs: [{module, candidate, reference, rel_diff}]}},
-     "passes_bar": bool, "checked_scheme": "inc_cpu",
+     "passes_bar": bool, "checked_scheme": "inc_cpu", "checked_requant_mode": "cumulative",
+     "native_rerun": str | null (why the candidate is a native rerun in INC's numerics, not the
+                     report: the report's scheme or its isolated requant mode; whole model only),
      "compared": {model: "whole" | "carved", model_sha256, params, whole_max_params (null: two
                   reports compared outside the stage),
                   carved only: source_params, decoder_layers, of_decoder_layers, vision_blocks,
@@ -19,6 +21,10 @@ Artifact ``crosscheck.json`` (stage ``crosscheck``; a function of its inputs, no
 ``compared.model_sha256`` is the weights' content hash (the model card's); a carved copy keeps
 the first decoder layers and vision blocks of those weights and the vocabulary rows the batches
 use (``model.carve``), and scores every op it has.
+
+Its headline numbers (:func:`agreement`, ``agreement.json``) are the stage's DVC metrics:
+``engine_rho`` (the lowest Spearman of the two phases, to 6 digits) and ``engine_diff`` (the largest relative
+difference of any op in either phase; 0.0 when the engines agree to the bit).
 
 Pure comparison; ``report.crosscheck`` runs the other engine for the stage.
 """
@@ -124,6 +130,15 @@ def crosscheck(
     }
 
 
+def agreement(result: dict[str, Any]) -> dict[str, Any]:
+    """The crosscheck's headline numbers for ``dvc metrics`` (module doc)."""
+    phases = result["phases"].values()
+    return {
+        "engine_rho": round(min(p["spearman"] for p in phases), 6),
+        "engine_diff": max(p["max_rel_diff"] for p in phases),
+    }
+
+
 def summary_lines(result: dict[str, Any]) -> list[str]:
     lines = [
         f"Crosscheck {result['candidate']['engine']} vs {result['reference']['engine']}: "
@@ -133,6 +148,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     compared = result.get("compared")
     if compared is not None:
         lines.append(compared_line(compared))
+    if result.get("native_rerun"):
+        lines.append(f"Not the report's own values: {result['native_rerun']}.")
     for phase, v in result["phases"].items():
         lines.append(
             f"- {phase} ({v['compared']}, {v['ops']} ops): Spearman {v['spearman']:.3f}, top-10 overlap "

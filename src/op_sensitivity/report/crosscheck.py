@@ -11,8 +11,14 @@ Two ways, chosen by the model's size (``crosscheck.whole_max_params``):
   arithmetic per op type and width, which the copy has; the report's own values are not
   compared (they are the full model's).
 
+Both engines are compared in INC's own numerics, scheme inc_cpu with the cumulative requant
+curve, whatever ``sensitivity.native.scheme`` / ``requant_mode`` say: where the report was measured
+otherwise (another scheme, or ``requant_mode: isolated``, whose requant values are not INC's
+quantity), the native engine reruns the pass that way on the whole model and that run is the
+candidate, not the report (``native_rerun`` says why; ``checked_scheme``, ``checked_requant_mode``).
+
 ``crosscheck.json`` says which (``compared``). The comparison itself (and the rest of the
-schema) is ``report.comparison``; seconds go to a runtime file (``engines.runner.runtime_doc``),
+schema) is ``report.comparison``; seconds go to a runtime file (``engines.runner.runtime_file``),
 never into ``crosscheck.json``.
 """
 
@@ -25,8 +31,16 @@ from typing import Any
 
 from ..atomic import dump_json
 from ..engines.artifact import build_report, read_report, scheme_name
-from ..engines.runner import load_carved_inputs, load_inputs, run_engine, run_fingerprint, runtime_doc
-from ..errors import InputError
+from ..engines.contract import check_op_dicts
+from ..engines.runner import (
+    load_carved_inputs,
+    load_inputs,
+    run_engine,
+    run_fingerprint,
+    runtime_doc,
+    runtime_file,
+)
+from ..inventory import read_inventory
 from ..model.source import read_card
 from ..params import CrosscheckParams, SensitivityParams
 from ..phases import REQUANT
@@ -49,23 +63,25 @@ def run_crosscheck(
     """INC against the native engine, whole or carved (module doc); the native one is the candidate.
 
     The native run uses ``requant_mode: cumulative`` here, whatever params say, so the two curves
-    are comparable. INC computes one scheme, inc_cpu: a report measured under another scheme
-    has no INC reference, so then both engines run under inc_cpu (``checked_scheme``).
+    are comparable (INC's requant phase is cumulative). INC computes one scheme, inc_cpu: a report
+    measured under another scheme, or with ``requant_mode: isolated``, has no INC reference, so the
+    native engine then reruns under inc_cpu, cumulative (``native_rerun``, ``checked_scheme``).
     """
+    check_op_dicts(params, read_inventory(inventory_path), inventory_path)  # before any work
     stored = read_report(report_path)
-    if stored["engine"] == "native" and stored["phases"][REQUANT].get("cumulative") is False:
-        raise InputError(f"{report_path}: made with requant_mode isolated; crosscheck needs cumulative")
-    params = replace(params, native=replace(params.native, requant_mode="cumulative"))
+    params = replace(params, native=replace(params.native, requant_mode="cumulative"))  # INC's mode
     card = read_card(model_dir)
     if check.carves(card.params):
         doc, runtime = _carved(params, check, cal_dir, model_dir, workspace)
+        doc["native_rerun"] = None
     else:
         doc, runtime = _whole(params, stored, cal_dir, model_dir, inventory_path, workspace)
         doc["compared"] = whole_model(stored, check.whole_max_params)
     doc["checked_scheme"] = "inc_cpu"
+    doc["checked_requant_mode"] = "cumulative"
     dump_json(doc, out_path)
     if runtime_path is not None:
-        dump_json(runtime, runtime_path)
+        dump_json(runtime_file(runtime), runtime_path)
     return doc
 
 
@@ -76,10 +92,12 @@ def _whole(
     model_dir: Path,
     inventory_path: Path,
     workspace: Path,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The other engine on the whole model, against the stored report (or inc_cpu natively)."""
-    if scheme_name(stored) != "inc_cpu":
-        params = replace(params, engine="native", native=replace(params.native, scheme="inc_cpu"))
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The other engine on the whole model, against the stored report (or a native rerun in INC's
+    numerics, :func:`native_rerun`)."""
+    rerun = native_rerun(stored)
+    if rerun is not None:
+        params = replace(inc_numerics(params), engine="native")
         model, spec, inventory, metadata = load_inputs(params, cal_dir, model_dir, inventory_path)
         run = run_engine("native", model, spec, workspace / "native", run_fingerprint(params, metadata))
         stored = build_report(run, inventory, metadata)
@@ -90,20 +108,48 @@ def _whole(
     native, inc = (fresh, stored) if other == "native" else (stored, fresh)
     doc = crosscheck(native, inc)
     doc["candidate"]["arithmetic"] = native["metadata"].get("engine_details", {}).get("arithmetic")
-    return doc, {**runtime_doc(result, metadata["model"]["params"]), "model": "whole"}
+    doc["native_rerun"] = rerun
+    return doc, [{**runtime_doc(result, metadata["model"]["params"]), "model": "whole"}]
+
+
+def native_rerun(stored: dict[str, Any]) -> str | None:
+    """Why the report's own values cannot be compared with INC's (None: they can): the native engine
+    then reruns the pass in INC's numerics, scheme inc_cpu, requant cumulative."""
+    scheme = scheme_name(stored)
+    if scheme != "inc_cpu":
+        return (
+            f"the report was measured under scheme {scheme}; INC computes inc_cpu only, so the native "
+            "engine reran the pass under inc_cpu (requant cumulative) and that run was compared"
+        )
+    if stored["engine"] == "native" and stored["phases"][REQUANT].get("cumulative") is False:
+        return (
+            "the report was measured with sensitivity.native.requant_mode isolated; INC's requant phase "
+            "is cumulative, so the native engine reran the pass cumulative and that run was compared"
+        )
+    return None
 
 
 def carved_pass(params: SensitivityParams) -> SensitivityParams:
     """The pass both engines run on the carved copy: every op of it scored (the full pass's
     op_name_dict names the full model's ops and may leave none of the copy's), under inc_cpu,
     requant cumulative; the rest (batches, numerics) as the full pass."""
-    native = replace(params.native, scheme="inc_cpu", requant_mode="cumulative")
-    return replace(params, op_name_dict={}, op_type_dict={}, max_ops=UNBOUNDED_OPS, native=native)
+    return replace(inc_numerics(params), op_name_dict={}, op_type_dict={}, max_ops=UNBOUNDED_OPS)
+
+
+def inc_numerics(params: SensitivityParams) -> SensitivityParams:
+    """The native engine's settings for a comparison with INC: scheme inc_cpu, requant cumulative.
+    A kernel asked for another scheme (``fp8_kernels``; ``int8_kernels`` on a GPU) need not run
+    under inc_cpu, so the arithmetic then becomes ``auto`` (inc_cpu's own: torch's quantized
+    modules on CPU in float32): never an error after the main pass has run."""
+    native = params.native
+    if native.scheme != "inc_cpu":
+        native = replace(native, scheme="inc_cpu", arithmetic="auto")
+    return replace(params, native=replace(native, requant_mode="cumulative"))
 
 
 def _carved(
     params: SensitivityParams, check: CrosscheckParams, cal_dir: Path, model_dir: Path, workspace: Path
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Both engines on the carved copy (:func:`carved_pass`): one INC pass of a few dozen ops."""
     params = carved_pass(params)
     reports, runtimes = {}, {}
@@ -120,5 +166,4 @@ def _carved(
     compared = {"model": "carved", **carve.as_dict(), "whole_max_params": check.whole_max_params}
     doc = crosscheck(reports["native"], reports["inc"], compared=compared)
     doc["candidate"]["arithmetic"] = reports["native"]["metadata"]["engine_details"]["arithmetic"]
-    runtime = {**runtimes["inc"], "model": "carved", "native": runtimes["native"]}
-    return doc, runtime
+    return doc, [{**runtimes[engine], "model": "carved"} for engine in ("native", "inc")]

@@ -7,7 +7,8 @@ Outputs (under the report dir, default ``reports/``):
 * ``plots/*.png``: spectrum, score vs depth, cumulative error share, requant curve.
 * ``rank/scores.csv``: every op x phase (the data behind the plots); ``rank/top_<phase>.csv``:
   the top ops for ``dvc plots`` (template ``bar_horizontal_sorted``).
-* ``rank/metrics.json``: diffable numbers, see :func:`metrics`.
+* ``rank/summary.json``: the spectrum's shape in numbers, see :func:`summary` (git-tracked, not a
+  DVC metric: per-op names and one Spearman per scheme pair are details, not headlines).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def top_share(df: pd.DataFrame, fraction: float = 0.05) -> float:
     return float(positive.iloc[:k].sum() / total) if total > 0 else 0.0
 
 
-def metrics(scores: dict[str, pd.DataFrame], rho: float) -> dict[str, Any]:
-    """What `dvc metrics diff` should show across commits: size, concentration, agreement, the leaders."""
+def summary(scores: dict[str, pd.DataFrame], rho: float) -> dict[str, Any]:
+    """Size, concentration, phase agreement and the leaders of each phase, per tower."""
     out: dict[str, Any] = {"phase_spearman": round(rho, 6)}
     for phase, df in scores.items():
         out[phase] = {
@@ -190,7 +191,7 @@ def write_rank_report(
     params: ReportParams,
     check: dict[str, Any] | None = None,
     sections: list[str] | None = None,
-    extra_metrics: dict[str, Any] | None = None,
+    extra_summary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     top, plot_top = params.table_top, params.plot_top
     scores = phase_scores(report, inventory)
@@ -223,6 +224,6 @@ def write_rank_report(
     plots.requant_curve(scores[REQUANT], plot_dir / "requant_curve.png")
     with atomic_file(out_dir / "op_sensitivity.md") as tmp:
         tmp.write_text(render_markdown(report, scores, rho, worst, top, check, sections or []))
-    m = {"all_int8_mse": all_int8_error(report), **metrics(scores, rho), **(extra_metrics or {})}
-    dump_json(m, rank_dir / "metrics.json")
+    m = {"all_int8_mse": all_int8_error(report), **summary(scores, rho), **(extra_summary or {})}
+    dump_json(m, rank_dir / "summary.json")
     return m

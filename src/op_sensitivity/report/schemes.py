@@ -109,8 +109,8 @@ def compare_schemes(
     return {"schemes": schemes, "pairs": pairs}
 
 
-def scheme_metrics(doc: dict[str, Any]) -> dict[str, Any]:
-    """For `dvc metrics diff`: each scheme's all-int8 error and each pair's Spearman per phase."""
+def scheme_summary(doc: dict[str, Any]) -> dict[str, Any]:
+    """For ``rank/summary.json``: each scheme's all-int8 error and each pair's Spearman per phase."""
     return {
         "all_int8_mse": {n: s["all_int8_mse"] for n, s in doc["schemes"].items()},
         "spearman": {f"{p['a']}~{p['b']}:{p['phase']}": p["spearman"] for p in doc["pairs"]},

@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..engines.artifact import all_int8_error
 from ..errors import InputError
 from ..inventory import OpInfo
 from ..phases import BOTH, FALLBACK, PHASES, REQUANT
@@ -44,14 +45,6 @@ def _with_ranks(df: pd.DataFrame) -> pd.DataFrame:
     df = df.sort_values(["score", "position"], ascending=[False, True], kind="stable").reset_index(drop=True)
     df["rank"] = range(1, len(df) + 1)
     return df
-
-
-def all_int8_error(report: dict[str, Any]) -> float:
-    """E: measured directly when the engine did (native), else the requant curve's last point."""
-    if "all_int8_mse" in report["metadata"]:
-        return float(report["metadata"]["all_int8_mse"])
-    ops = sorted(report["phases"][REQUANT]["ops"], key=lambda o: o["position"])
-    return float(ops[-1]["mse"])
 
 
 def all_int8_source(report: dict[str, Any]) -> str:

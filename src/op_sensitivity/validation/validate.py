@@ -1,7 +1,8 @@
 """The chosen keep-list, measured: on held-out captions, against random lists of its size, and
 against INC's own PTQ run from the exported ``op_name_dict``.
 
-Artifact ``reports/validation/metrics.json`` (stage ``validate``, DVC metrics)::
+Artifact ``reports/validation/validation.json`` (stage ``validate``; its headline numbers, in
+``metrics.json``, are DVC metrics: :func:`metrics`)::
 
     keep_list: {ops, ops_scored, params_kept, params_total, share_params_kept, effective_weight_bits}
     metric: headline metric
@@ -199,19 +200,16 @@ def _smallest_n(curve: dict[str, Any], ranking: str, metric: str, share: float) 
 
 
 def metrics(doc: dict[str, Any]) -> dict[str, Any]:
-    """For ``dvc metrics diff``: the list's cost and, per metric, its recovered share and the random mean."""
-    out: dict[str, Any] = {
-        k: doc["keep_list"][k] for k in ("ops", "share_params_kept", "effective_weight_bits")
+    """The headline numbers for ``dvc metrics``, in the headline metric ``m`` (``curve.metric``,
+    named in each key so two metrics never share a column): ``m_int8`` and ``m_kept`` (the damage
+    all-int8 and under the list), ``m_recovered`` (share of the all-int8 damage the list gives
+    back) and ``m_random`` (the same for random lists of its size, mean; null when there are
+    none). Every metric, the fp32 reference and INC's PTQ check stay in ``validation.json``."""
+    m = doc["metric"]
+    random = doc["random"]["recovered"][m]["mean"] if doc["random"] else None
+    return {
+        f"{m}_int8": doc["reference"]["all_int8"][m],
+        f"{m}_kept": doc["chosen"]["values"][m],
+        f"{m}_recovered": doc["chosen"]["recovered"][m],
+        f"{m}_random": random,
     }
-    for m in METRICS:
-        out[m] = {
-            "keep_list": doc["chosen"]["values"][m],
-            "fp32": doc["reference"]["fp32"][m],
-            "all_int8": doc["reference"]["all_int8"][m],
-            "recovered": doc["chosen"]["recovered"][m],
-            "random_mean": doc["random"]["recovered"][m]["mean"] if doc["random"] else None,
-            "beats_random": doc["beats_random"][m],
-        }
-    if doc["inc_ptq"] is not None:
-        out["inc_ptq_rel_diff"] = doc["inc_ptq"]["rel_diff"]
-    return out
