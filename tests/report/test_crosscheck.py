@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 from op_sensitivity.engines.contract import VISION_FP32
 from op_sensitivity.engines.runner import run_sensitivity
@@ -14,42 +15,38 @@ from op_sensitivity.report.crosscheck import carved_pass, inc_numerics, run_cros
 from tests.helpers import sensitivity_params
 
 
+def _stored_then_checked(native: dict, calibration_dir, model_dir, tmp_path) -> tuple[dict, Path, dict]:
+    """The native pass under ``native`` settings, then the crosscheck of its report: (stored
+    report, its path, crosscheck.json as written)."""
+    params = sensitivity_params(engine="native", op_name_dict=VISION_FP32)
+    params = replace(params, native=replace(params.native, **native))
+    inventory, report, out = model_dir.parent / "op_inventory.json", tmp_path / "r.json", tmp_path / "c.json"
+    ws = tmp_path / "ws"
+    stored = run_sensitivity(
+        params, calibration_dir, model_dir, inventory, report, tmp_path / "m.json", None, ws
+    )
+    before = report.read_bytes()
+    doc = run_crosscheck(
+        params, CrosscheckParams(), calibration_dir, model_dir, inventory, report, out, None, tmp_path / "cc"
+    )
+    assert json.loads(out.read_text()) == doc
+    assert report.read_bytes() == before  # the main spectrum stays the stage's output
+    # native inc_cpu reproduces INC (docs/engines.md): the same ranking in both phases
+    assert doc["phases"]["fallback"]["spearman"] == 1.0
+    assert doc["phases"]["requant"]["spearman"] == 1.0
+    assert doc["checked_scheme"] == "inc_cpu" and doc["checked_requant_mode"] == "cumulative"
+    return stored, report, doc
+
+
 def test_a_modelopt_spectrum_is_crosschecked_as_native_inc_cpu_against_inc(
     calibration_dir, small_model_dir, tmp_path
 ):
     """INC computes only inc_cpu: both engines then run under it, and the document says so."""
-    params = sensitivity_params(engine="native", op_name_dict=VISION_FP32)
-    params = replace(params, native=replace(params.native, scheme="modelopt_int8"))
-    inventory = small_model_dir.parent / "op_inventory.json"
-    report = tmp_path / "op_sensitivity.json"
-    stored = run_sensitivity(
-        params,
-        calibration_dir,
-        small_model_dir,
-        inventory,
-        report,
-        tmp_path / "m.json",
-        None,
-        tmp_path / "ws",
+    stored, _, doc = _stored_then_checked(
+        {"scheme": "modelopt_int8"}, calibration_dir, small_model_dir, tmp_path
     )
     assert stored["metadata"]["scheme"]["name"] == "modelopt_int8"
-    out = tmp_path / "crosscheck.json"
-    doc = run_crosscheck(
-        params,
-        CrosscheckParams(),
-        calibration_dir,
-        small_model_dir,
-        inventory,
-        report,
-        out,
-        None,
-        tmp_path / "cc",
-    )
-    assert doc["checked_scheme"] == "inc_cpu"
-    assert json.loads(out.read_text())["checked_scheme"] == "inc_cpu"
-    # native inc_cpu reproduces INC (docs/engines.md): the same ranking in both phases
-    assert doc["phases"]["fallback"]["spearman"] == 1.0
-    assert doc["phases"]["requant"]["spearman"] == 1.0
+    assert "modelopt_int8" in doc["native_rerun"]
 
 
 def test_an_isolated_requant_spectrum_is_crosschecked_by_a_cumulative_native_rerun(
@@ -57,44 +54,13 @@ def test_an_isolated_requant_spectrum_is_crosschecked_by_a_cumulative_native_rer
 ):
     """params accept requant_mode isolated, so the crosscheck must get through it: INC's requant phase
     is cumulative, so the native engine reruns the pass cumulative and that run is compared."""
-    params = sensitivity_params(engine="native", op_name_dict=VISION_FP32)
-    params = replace(params, native=replace(params.native, requant_mode="isolated"))
-    inventory = small_model_dir.parent / "op_inventory.json"
-    report = tmp_path / "op_sensitivity.json"
-    stored = run_sensitivity(
-        params,
-        calibration_dir,
-        small_model_dir,
-        inventory,
-        report,
-        tmp_path / "m.json",
-        None,
-        tmp_path / "ws",
-    )
+    native = {"requant_mode": "isolated"}
+    stored, _, doc = _stored_then_checked(native, calibration_dir, small_model_dir, tmp_path)
     assert stored["phases"]["requant"]["cumulative"] is False
-    before = report.read_bytes()
-    out = tmp_path / "crosscheck.json"
-    doc = run_crosscheck(
-        params,
-        CrosscheckParams(),
-        calibration_dir,
-        small_model_dir,
-        inventory,
-        report,
-        out,
-        None,
-        tmp_path / "cc",
-    )
-    written = json.loads(out.read_text())
-    assert written["checked_requant_mode"] == "cumulative"
-    assert "requant_mode isolated" in written["native_rerun"]
+    assert "requant_mode isolated" in doc["native_rerun"]
     assert doc["candidate"]["engine"] == "native" and doc["reference"]["engine"] == "inc"
     assert doc["phases"]["requant"]["compared"] == "per-op increments of the cumulative curve"
-    # native inc_cpu reproduces INC (docs/engines.md)
-    assert doc["phases"]["fallback"]["spearman"] == 1.0
-    assert doc["phases"]["requant"]["spearman"] == 1.0
     assert any("requant_mode isolated" in line for line in summary_lines(doc))
-    assert report.read_bytes() == before  # the isolated spectrum stays the stage's output
 
 
 def test_the_native_side_runs_in_inc_numerics_whatever_the_main_pass_asked():
