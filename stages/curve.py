@@ -1,4 +1,6 @@
-"""Stage curve: each ranking's top-n keep-lists measured on the eval split -> reports/validation/curve.*"""
+"""Stage curve: each ranking's top-n keep-lists measured on the selection split -> reports/validation/curve.*
+
+The measured keep-list policies choose from these numbers; validate never reads this split."""
 
 from __future__ import annotations
 
@@ -12,11 +14,17 @@ from op_sensitivity.params import load_params
 from op_sensitivity.report.scores import phase_scores
 from op_sensitivity.validation.curve import curve_table, measure_curve, write_curve
 from op_sensitivity.validation.inputs import open_measurer, scored_and_excluded
+from op_sensitivity.validation.measure import SELECTION
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = pass_input_parser(__doc__)
-    ap.add_argument("--eval", default="data/eval", type=Path, help="the held-out split (prepare_captions)")
+    ap.add_argument(
+        "--selection",
+        default="data/selection",
+        type=Path,
+        help="the held-out selection split (prepare_captions): the measured keep-list policies choose on it",
+    )
     ap.add_argument("--sensitivity", default="reports/sensitivity/op_sensitivity.json", type=Path)
     ap.add_argument("--out", default="reports/validation/curve.json", type=Path)
     ap.add_argument("--csv", default="reports/validation/curve.csv", type=Path)
@@ -27,7 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     rankings = {phase: list(df["module"]) for phase, df in phase_scores(report, inventory).items()}
     _, excluded = scored_and_excluded(report)
     with open_measurer(
-        params.sensitivity, params.curve.batch_size, args.calibration, args.eval, args.model, report
+        params.sensitivity,
+        params.curve.batch_size,
+        args.calibration,
+        args.selection,
+        args.model,
+        report,
+        SELECTION,
     ) as measurer:
         doc = measure_curve(measurer, rankings, excluded, inventory, params.curve)
     write_curve(doc, args.out, args.csv)

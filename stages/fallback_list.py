@@ -1,12 +1,15 @@
-"""Stage fallback_list: ranked spectrum + fallback policy -> reports/fallback/ (canonical list + exports)."""
+"""Stage fallback_list: ranked spectrum + fallback policy -> reports/fallback/ (canonical list + exports).
+
+``measured_budget`` measures the lists it would ship on the selection split (the model, the
+calibration sample and the selection split are read only for it)."""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import logging
 from pathlib import Path
 
-from op_sensitivity.cli import run_stage
+from op_sensitivity.cli import pass_input_parser, run_stage
 from op_sensitivity.engines.artifact import read_report
 from op_sensitivity.fallback.exports import onnx_graph
 from op_sensitivity.fallback.keep_list import build_fallback, scheme_fallbacks, write_fallback
@@ -15,13 +18,15 @@ from op_sensitivity.inventory import read_inventory
 from op_sensitivity.params import load_params
 from op_sensitivity.report.schemes import read_spectra, scheme_report_path
 from op_sensitivity.validation.curve import read_curve
+from op_sensitivity.validation.inputs import open_measurer
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
+    ap = pass_input_parser(__doc__)
+    ap.add_argument(
+        "--selection", default="data/selection", type=Path, help="the split the choice is made on"
+    )
     ap.add_argument("--sensitivity", default="reports/sensitivity/op_sensitivity.json", type=Path)
-    ap.add_argument("--inventory", default="reports/model/op_inventory.json", type=Path)
     ap.add_argument("--out-dir", default="reports/fallback", type=Path)
     ap.add_argument("--metrics", default="reports/fallback_metrics.json", type=Path)
     ap.add_argument(
@@ -40,14 +45,24 @@ def main(argv: list[str] | None = None) -> None:
     inventory = read_inventory(args.inventory)
     measured = params.policy in MEASURED_POLICIES
     curve = read_curve(args.curve) if measured else None
-    doc = build_fallback(
-        read_report(args.sensitivity),
-        args.sensitivity,
-        inventory,
-        params,
-        curve,
-        args.curve if measured else None,
-    )
+    report = read_report(args.sensitivity)
+    with contextlib.ExitStack() as stack:
+        measure = None
+        if params.policy == "measured_budget":
+            measurer = stack.enter_context(
+                open_measurer(
+                    all_params.sensitivity,
+                    all_params.curve.batch_size,
+                    args.calibration,
+                    args.selection,
+                    args.model,
+                    report,
+                )
+            )
+            measure = measurer.measure
+        doc = build_fallback(
+            report, args.sensitivity, inventory, params, curve, args.curve if measured else None, measure
+        )
     scheme_docs = {}
     if args.schemes_dir is not None and all_params.schemes.run:
         names = list(all_params.schemes.run)

@@ -1,4 +1,4 @@
-"""Stage prepare_captions: COCO captions file + images -> calibration sample directory."""
+"""Stage prepare_captions: COCO captions file + images -> calibration sample, selection and test splits."""
 
 from __future__ import annotations
 
@@ -15,18 +15,28 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="data/calibration", type=Path)
-    ap.add_argument("--eval-out", default="data/eval", type=Path, help="the held-out evaluation split")
+    ap.add_argument(
+        "--selection-out",
+        default="data/selection",
+        type=Path,
+        help="the held-out split the curve and the measured keep-list policies read",
+    )
+    ap.add_argument(
+        "--test-out", default="data/test", type=Path, help="the held-out split only validate reads"
+    )
     args = ap.parse_args(argv)
     params = load_params(args.params).captions
-    records = prepare_calibration(params, args.out, args.eval_out)
+    records = prepare_calibration(params, args.out, args.selection_out, args.test_out)
     logging.getLogger("prepare_captions").info(
-        "wrote %d calibration and %d eval image+caption pairs (%s, mode %s) to %s and %s",
+        "wrote %d calibration, %d selection and %d test image+caption pairs (%s, mode %s) to %s, %s and %s",
         len(records),
-        params.eval_count,
+        params.selection_count,
+        params.test_count,
         params.captions_per_image,
         params.mode,
         args.out,
-        args.eval_out,
+        args.selection_out,
+        args.test_out,
     )
 
 

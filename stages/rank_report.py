@@ -15,6 +15,8 @@ from op_sensitivity.phases import FALLBACK
 from op_sensitivity.report.comparison import read_crosscheck
 from op_sensitivity.report.rank import read_section, write_rank_report
 from op_sensitivity.report.schemes import compare_schemes, read_spectra, render_section, scheme_summary
+from op_sensitivity.report.stability import read_chosen_list, stability, write_stability
+from op_sensitivity.report.stability import render_section as stability_section
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,12 +39,19 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         help="stage scheme_sensitivity's reports (<dir>/<scheme>/op_sensitivity.json) to compare",
     )
+    ap.add_argument(
+        "--keep-list",
+        default="reports/fallback/fallback_ops.json",
+        type=Path,
+        help="the fallback_list stage's fallback_ops.json: how stable its choice is",
+    )
     ap.add_argument("--out-dir", default="reports", type=Path)
     args = ap.parse_args(argv)
     all_params = load_params(args.params)
     params = all_params.report
     check = read_crosscheck(args.crosscheck) if args.crosscheck else None
     report, inventory = read_report(args.sensitivity), read_inventory(args.inventory)
+    stable = stability(report, inventory, read_chosen_list(args.keep_list))
     sections, extra_summary = [], {}
     if args.schemes_dir is not None and all_params.schemes.run:
         main = scheme_name(report)
@@ -52,14 +61,17 @@ def main(argv: list[str] | None = None) -> None:
         dump_json(doc, args.out_dir / "rank" / "schemes.json")
         sections.append(render_section(doc))
         extra_summary["schemes"] = scheme_summary(doc)
+    sections.append(stability_section(stable))
     if args.validation:
         sections.append(read_section(args.validation))
     m = write_rank_report(report, inventory, args.out_dir, params, check, sections, extra_summary)
+    write_stability(stable, args.out_dir)
     logging.getLogger("rank_report").info(
-        "report written to %s: spearman %.3f, most sensitive %s",
+        "report written to %s: spearman %.3f, most sensitive %s; stability: %s",
         args.out_dir / "op_sensitivity.md",
         m["phase_spearman"],
         m[FALLBACK]["most_sensitive"],
+        stable["verdict"],
     )
 
 

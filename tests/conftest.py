@@ -47,18 +47,24 @@ def repo_params():
 
 @pytest.fixture(scope="session")
 def calibration_dir(tmp_path_factory, repo_params) -> Path:
-    """4 calibration pairs; the eval split (6 pairs, other images) beside it, ``eval_dir``."""
+    """4 calibration pairs; the selection and test splits (6 pairs each, other images) beside it,
+    ``selection_dir`` and ``test_dir``."""
     out = tmp_path_factory.mktemp("cal") / "calibration"
     captions = replace(
         repo_params.captions, annotations=SAMPLE_ANNOTATIONS, images_dir=SAMPLE_IMAGES, count=4
     )
-    prepare_calibration(captions, out, out.parent / "eval")
+    prepare_calibration(captions, out, out.parent / "selection", out.parent / "test")
     return out
 
 
 @pytest.fixture(scope="session")
-def eval_dir(calibration_dir) -> Path:
-    return calibration_dir.parent / "eval"
+def selection_dir(calibration_dir) -> Path:
+    return calibration_dir.parent / "selection"
+
+
+@pytest.fixture(scope="session")
+def test_dir(calibration_dir) -> Path:
+    return calibration_dir.parent / "test"
 
 
 @pytest.fixture(scope="session")

@@ -696,6 +696,13 @@ CASES = [
         names_params_file=False,
     ),
     Case(
+        "keep-list-foreign",
+        "rank_report",
+        "fallback_ops.json: not a keep-list of schema_version 2",
+        names_params_file=False,
+        files=_bad_file("fallback_ops.json", "{}", "--keep-list"),
+    ),
+    Case(
         "table-top-zero",
         "rank_report",
         "case.yaml: report.table_top: expected an integer >= 1 or null",
@@ -783,18 +790,32 @@ CASES = [
         files=_onnx_dir(1, b"nope"),
         names_params_file=False,
     ),
-    # --- the held-out split, the curve and validate ---------------------------------------------
-    Case(
-        "eval-count-too-large",
+    # --- the held-out splits, the curve and validate --------------------------------------------
+    Case(  # 20 images: count 4 leaves 16
+        "selection-count-too-large",
         "prepare_captions",
-        "case.yaml: captions.eval_count: expected at most 16",
-        params=_set("captions", eval_count=99),
+        "case.yaml: captions.selection_count: expected at most 16 (images with captions outside the "
+        "calibration sample (captions.count)), got 99",
+        params=_set("captions", selection_count=99),
+    ),
+    Case(  # count 4 + selection_count 6 leave 10
+        "test-count-too-large",
+        "prepare_captions",
+        "case.yaml: captions.test_count: expected at most 10 (images with captions outside the calibration "
+        "sample and the selection split (captions.count + selection_count)), got 11",
+        params=_set("captions", test_count=11),
     ),
     Case(
-        "eval-count-zero",
+        "test-count-zero",
         "prepare_captions",
-        "captions.eval_count: expected an integer >= 1, got 0",
-        params=_set("captions", eval_count=0),
+        "captions.test_count: expected an integer >= 1, got 0",
+        params=_set("captions", test_count=0),
+    ),
+    Case(
+        "eval-count-legacy-key",
+        "prepare_captions",
+        "case.yaml: captions.eval_count: replaced by selection_count and test_count",
+        params=lambda d: d["captions"].update(eval_count=6),
     ),
     Case(
         "curve-metric-unknown",
@@ -811,8 +832,15 @@ CASES = [
     Case(
         "curve-splits-swapped",
         "curve",
-        "data/calibration/meta.json: the eval split expected, got the calibration",
-        args=["--eval", "data/calibration"],
+        "data/calibration/meta.json: the selection split expected, got the calibration",
+        args=["--selection", "data/calibration"],
+        names_params_file=False,
+    ),
+    Case(  # the list was chosen on the selection split: validate refuses to prove it there
+        "validate-on-the-selection-split",
+        "validate",
+        "data/selection/meta.json: the test split expected, got the selection split",
+        args=["--test", "data/selection"],
         names_params_file=False,
     ),
     Case(
@@ -822,12 +850,19 @@ CASES = [
         files=_report_with(lambda r: r["metadata"]["model"].update(sha256="0" * 64)),
         names_params_file=False,
     ),
-    # sweep: an eval image, the model's weights and card, read by curve and validate
+    # sweep: a held-out image, the model's weights and card, read by curve and validate
     Case(
-        "eval-image-truncated",
+        "selection-image-truncated",
         "curve",
         "image of record 0 does not decode",
-        files=_split_copy("eval", "--eval", _truncate_file()),
+        files=_split_copy("selection", "--selection", _truncate_file()),
+        names_params_file=False,
+    ),
+    Case(
+        "test-image-truncated",
+        "validate",
+        "image of record 0 does not decode",
+        files=_split_copy("test", "--test", _truncate_file()),
         names_params_file=False,
     ),
     Case(

@@ -37,16 +37,12 @@ def test_repo_params_load_with_expected_defaults():
     assert (p.report.table_top, p.report.plot_top) == (None, 30)
     assert (p.fallback.policy, p.fallback.settings, p.fallback.always_keep, p.fallback.fused_groups) == (
         "measured_budget",
-        {"metric": "kl", "percent": 50, "ranking": "fallback"},
+        {"metric": "kl", "percent": 50, "ranking": "auto"},
         ["lm_head"],
         True,
     )
-    assert (p.curve.metric, p.curve.random_lists, p.validate.inc_check, p.captions.eval_count) == (
-        "kl",
-        5,
-        True,
-        6,
-    )
+    assert (p.curve.metric, p.curve.random_lists, p.validate.inc_check) == ("kl", 5, True)
+    assert (p.captions.count, p.captions.selection_count, p.captions.test_count) == (8, 6, 6)
 
 
 def test_omitted_optional_fields_take_the_dataclass_defaults(tmp_path):
@@ -156,7 +152,8 @@ def test_omitted_optional_fields_take_the_dataclass_defaults(tmp_path):
         # unknown keys: a misspelt key would otherwise leave its default in force
         (
             lambda d: d["captions"].update(cout=3),
-            "captions.cout: unknown key (expected one of annotations, images_dir, count, eval_count",
+            "captions.cout: unknown key (expected one of annotations, images_dir, count, selection_count, "
+            "test_count",
         ),
         (
             lambda d: d.update(sensitvity={}),
@@ -179,6 +176,18 @@ def test_omitted_optional_fields_take_the_dataclass_defaults(tmp_path):
             "fallback.top_k.kk: unknown key (expected one of k)",
         ),
         (lambda d: d["model"].update(hf_dir="data/hf"), "model.hf_dir: replaced by model.input"),
+        (
+            lambda d: d["captions"].update(eval_count=6),
+            "captions.eval_count: replaced by selection_count and test_count, two disjoint held-out splits",
+        ),
+        (
+            lambda d: d["captions"].update(test_count=0),
+            "captions.test_count: expected an integer >= 1, got 0",
+        ),
+        (
+            lambda d: d["captions"].pop("selection_count"),
+            "captions.selection_count: missing",
+        ),
         # what INC's static PyTorch pass cannot do
         (
             lambda d: d["sensitivity"].update(op_type_dict={"Linear": {"weight": {"dtype": ["int4"]}}}),

@@ -33,6 +33,8 @@ STAGES = (
 )
 OUTPUTS = (
     "data/calibration/manifest.jsonl",
+    "data/selection/manifest.jsonl",
+    "data/test/manifest.jsonl",
     "models/qwen2_5_vl/model.safetensors",
     "reports/model/op_inventory.json",
     "reports/sensitivity/op_sensitivity.json",
@@ -108,7 +110,15 @@ def test_repro_runs_all_stages_and_writes_both_phases(repo):
     last = max(report["phases"]["requant"]["ops"], key=lambda o: o["position"])  # INC: the curve's end
     assert metrics == {"ops": n_ops, "int8_mse": last["mse"]}
     agreement = json.loads((root / "reports/sensitivity/agreement.json").read_text())
-    assert agreement == {"engine_rho": 1.0, "engine_diff": 0.0}  # INC to the bit
+    assert agreement == {"engine_rho": 1.0}
+    assert check["phases"]["fallback"]["max_rel_diff"] == 0.0  # INC to the bit
+    splits = {
+        split: [json.loads(line) for line in (root / f"data/{split}/manifest.jsonl").read_text().splitlines()]
+        for split in ("calibration", "selection", "test")
+    }
+    assert [len(r) for r in splits.values()] == [4, 6, 6]
+    images = [{r["image_id"] for r in records} for records in splits.values()]
+    assert sum(len(i) for i in images) == len(set().union(*images))  # disjoint by image
     headline = json.loads((root / "reports/validation/metrics.json").read_text())
     assert set(headline) == {"kl_int8", "kl_kept", "kl_recovered", "kl_random"}
     assert 0 < headline["kl_kept"] < headline["kl_int8"] and 0 < headline["kl_recovered"] <= 1
@@ -116,9 +126,21 @@ def test_repro_runs_all_stages_and_writes_both_phases(repo):
     assert (
         validation["reference"]["fp32"]["kl"] == 0.0 and validation["inc_ptq"]["rel_diff"]["logit_se"] < 1e-4
     )
+    assert validation["test"]["samples"] == 6  # the test split, not the selection split the curve used
+    curve_doc = json.loads((root / "reports/validation/curve.json").read_text())
+    assert curve_doc["selection"]["samples"] == 6
+    assert validation["reference"]["all_int8"] != curve_doc["reference"]["all_int8"]
+    for name in ("fallback", "requant", "measured", "random"):
+        row = json.loads((root / f"reports/rankings/{name}.json").read_text())
+        shares = validation["rankings"][name]
+        assert row == {"n50": shares["0.5"], "n90": shares["0.9"], "n99": shares["0.99"]}
+        assert all(n is None or 0 <= n <= n_ops for n in row.values())
     curve = (root / "reports/validation/curve.csv").read_text().splitlines()
     assert curve[0].startswith("n,fallback_kl_recovered") and len(curve) == 2 + n_ops  # n = 0..N
-    assert "## Validation on held-out captions" in (root / "reports/op_sensitivity.md").read_text()
+    text = (root / "reports/op_sensitivity.md").read_text()
+    assert "## Validation on held-out captions" in text
+    assert "on the test split, images neither the calibration nor the choice used" in text
+    assert "| INC fallback |" in text and "| random |" in text
     keep = json.loads((root / "reports/fallback/fallback_ops.json").read_text())
     kept = {o["module"] for o in keep["ops"]}
     for op in inventory["ops"]:  # no fused group split: kept whole or quantized whole
@@ -131,7 +153,9 @@ def test_repro_runs_all_stages_and_writes_both_phases(repo):
     assert crosscheck_runtime["passes"][0]["engine"] == "native"
 
 
-HEADLINE = {"ops", "int8_mse", "engine_rho", "engine_diff", "kept", "bits", "seconds", "peak_gib"}
+HEADLINE = {
+    *("ops", "int8_mse", "engine_rho", "kept", "bits", "seconds", "peak_gib", "top_same"),
+}
 
 
 def test_dvc_metrics_are_the_headline_numbers_and_fit_200_columns(repo):
@@ -142,7 +166,11 @@ def test_dvc_metrics_are_the_headline_numbers_and_fit_200_columns(repo):
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], root).stdout)
     files = next(iter(shown.values()))["data"]
     keys = {k for f in files.values() for k, v in f["data"].items() if not isinstance(v, list)}
-    assert keys == HEADLINE | {"kl_int8", "kl_kept", "kl_recovered", "kl_random"}
+    # DVC leaves out a null: top_same is null when the list takes no op from the ranking
+    stability = json.loads((root / "reports/rank/stability_metrics.json").read_text())
+    assert list(stability) == ["top_same"]
+    shown_keys = keys | ({"top_same"} if stability["top_same"] is None else set())
+    assert shown_keys == HEADLINE | {"kl_int8", "kl_kept", "kl_recovered", "kl_random", "n50", "n90", "n99"}
     assert all(
         isinstance(v, (int, float))
         for f in files.values()
@@ -153,7 +181,7 @@ def test_dvc_metrics_are_the_headline_numbers_and_fit_200_columns(repo):
 
 def _artifacts(root):
     """Every file the DAG writes except the runtime metrics (seconds and host facts)."""
-    tops = ("data/calibration", "models", "reports")
+    tops = ("data/calibration", "data/selection", "data/test", "models", "reports")
     return {
         str(p.relative_to(root)): _digest(root, p.relative_to(root))
         for top in tops
@@ -181,7 +209,7 @@ def test_second_repro_reruns_nothing_and_param_change_reruns_from_sensitivity(re
     root, _ = repo
     assert _planned(root, probe=False) == set()
     assert _ran(run(["dvc", "repro"], root).stdout) == set()
-    before = {rel: _digest(root, rel) for rel in OUTPUTS[:3]}
+    before = {rel: _digest(root, rel) for rel in OUTPUTS[:5]}
     report_before = _digest(root, "reports/sensitivity/op_sensitivity.json")
     _set_params(root, sensitivity={"tolerable_loss": 0.5})
     check_before = _digest(root, "reports/sensitivity/crosscheck.json")
@@ -190,7 +218,7 @@ def test_second_repro_reruns_nothing_and_param_change_reruns_from_sensitivity(re
     # so nothing downstream reruns.
     assert _ran(out) == {"check_params", "sensitivity", "crosscheck"}
     assert _digest(root, "reports/sensitivity/crosscheck.json") == check_before
-    assert {rel: _digest(root, rel) for rel in OUTPUTS[:3]} == before
+    assert {rel: _digest(root, rel) for rel in OUTPUTS[:5]} == before
     params = json.loads(run(["dvc", "params", "diff", "--json"], root).stdout)["params.yaml"]
     assert (params["sensitivity.tolerable_loss"]["old"], params["sensitivity.tolerable_loss"]["new"]) == (
         0.99,

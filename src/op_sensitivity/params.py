@@ -188,9 +188,14 @@ class CaptionsParams(ParamsBlock):
         description="A COCO captions JSON (e.g. .../annotations/captions_train2017.json)."
     )
     images_dir: Path = Field(description="Its image folder (e.g. .../train2017).")
-    count: Int1 = Field(description="Image+caption pairs drawn for calibration.")
-    eval_count: Int1 = Field(
-        description="Held-out pairs (images the calibration sample does not use) to validate keep-lists on."
+    count: Int1 = Field(description="Image+caption pairs drawn for calibration (data/calibration).")
+    selection_count: Int1 = Field(
+        description="Held-out pairs (data/selection: images neither calibration nor test uses) the curve "
+        "stage and every measured keep-list policy measure on."
+    )
+    test_count: Int1 = Field(
+        description="Held-out pairs (data/test: images neither calibration nor selection uses) only the "
+        "validate stage measures on, to prove the chosen list."
     )
     seed: StrictInt = Field(description="Same seed + same file = same sample.")
     captions_per_image: Literal[CAPTIONS_PER_IMAGE] = Field(
@@ -202,6 +207,17 @@ class CaptionsParams(ParamsBlock):
         description="image_caption (chat prompt with image + caption) | text_only (caption only: the vision "
         "tower is kept fp32 and not scored)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "eval_count" in data:
+            raise _error(
+                "replaced by selection_count and test_count, two disjoint held-out splits (selection: "
+                "the curve stage and the measured keep-list policies; test: validate only)",
+                "eval_count",
+            )
+        return data
 
 
 @with_config(_CONFIG)
@@ -557,8 +573,8 @@ Share = Annotated[
 
 @dataclass(frozen=True, config=_CONFIG)
 class CurveParams(ParamsBlock):
-    """Stage curve: each ranking's top-n keep-lists measured on the held-out eval split (``validate``
-    reuses the baseline)."""
+    """Stage curve: each ranking's top-n keep-lists measured on the held-out selection split (``validate``
+    measures the same rankings and random lists again on the test split, with the same settings)."""
 
     BLOCK: ClassVar[str] = "curve"
     metric: Literal[METRICS] = Field(
@@ -585,18 +601,19 @@ class CurveParams(ParamsBlock):
     crossings: tuple[Share, ...] = Field(
         default=(0.5, 0.9, 0.99),
         description="Shares of the all-int8 damage given back: the smallest n reaching each is bisected on "
-        "every ranking where the grid is log-spaced (the report and measured_budget read them).",
+        "every ranking where the grid is log-spaced (the report and measured_budget read them; validate "
+        "finds them again on the test split).",
     )
     random_lists: Int1 = Field(
         default=5, description="Random keep-lists per size: the baseline a ranking must beat (seeded)."
     )
     seed: StrictInt = Field(default=0, description="Seed of the random keep-lists.")
-    batch_size: Int1 = Field(default=8, description="Eval samples per forward.")
+    batch_size: Int1 = Field(default=8, description="Held-out samples per forward (curve and validate).")
 
 
 @dataclass(frozen=True, config=_CONFIG)
 class ValidateParams(ParamsBlock):
-    """Stage validate: the chosen keep-list on the eval split, against random lists of its size."""
+    """Stage validate: the chosen keep-list on the test split, against random lists of its size."""
 
     BLOCK: ClassVar[str] = "validate"
     inc_check: StrictBool = Field(
@@ -649,8 +666,8 @@ class ErrorBudget(TypedDict):
 
 @with_config(_CONFIG)
 class MeasuredBudget(TypedDict):
-    """measured_budget: the fewest top ops of the ranking whose measured eval damage is <= percent % of
-    all-int8's."""
+    """measured_budget: the fewest top ops of the ranking whose measured damage on the selection split is
+    <= percent % of all-int8's."""
 
     metric: Annotated[Literal[METRICS], Field(description="The metric the damage is measured by.")]
     percent: Annotated[
@@ -658,7 +675,13 @@ class MeasuredBudget(TypedDict):
         Field(ge=0, lt=100, description="Damage left, in % of all-int8's, in [0, 100)."),
         Expect("the damage left, in % of all-int8's, in [0, 100)"),
     ]
-    ranking: Annotated[Literal[RANKINGS], Field(description="The ranking whose top ops are kept.")]
+    ranking: Annotated[
+        Literal[(*RANKINGS, "auto")],
+        Field(
+            description="The ranking whose top ops are walked: fallback | requant | measured, or auto (the "
+            "one whose curve reaches the budget with the fewest ops on the selection split)."
+        ),
+    ]
 
 
 @with_config(
@@ -798,15 +821,15 @@ class ParamsFile:
     )
     curve: CurveParams = Field(
         default_factory=CurveParams,
-        description="Stage curve: each ranking's top-n keep-lists measured on the held-out eval split.",
+        description="Stage curve: each ranking's top-n keep-lists measured on the held-out selection split.",
     )
     fallback: FallbackBlock = Field(
         description="Stage fallback_list: which ops to keep in high precision, and the per-tool exports."
     )
     validate: ValidateParams = Field(
         default_factory=ValidateParams,
-        description="Stage validate: the chosen keep-list on the eval split, against random lists of its "
-        "size.",
+        description="Stage validate: the chosen keep-list on the test split, against random lists of its "
+        "size, and the ops each ranking needs there.",
     )
     report: ReportParams = Field(
         default_factory=ReportParams,

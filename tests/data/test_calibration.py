@@ -87,25 +87,62 @@ def test_load_calibration_decodes_every_image(tmp_path, cap_params, breaks, mess
         load_calibration(out)
 
 
-def test_eval_split_is_disjoint_by_image_and_deterministic(tmp_path, cap_params):
-    a, b = tmp_path / "a", tmp_path / "b"
-    cal = prepare_calibration(cap_params, a / "cal", a / "eval")
-    prepare_calibration(cap_params, b / "cal", b / "eval")
-    meta, held_out = load_calibration(a / "eval", "eval")
-    assert meta.split == "eval" and meta.count == len(held_out) == cap_params.eval_count
-    assert not {r.image_id for r in cal} & {r.image_id for r in held_out}
-    assert load_calibration(b / "eval", "eval")[1] == held_out  # same params, same split
-    assert (a / "eval/manifest.jsonl").read_bytes() == (b / "eval/manifest.jsonl").read_bytes()
-    other = prepare_calibration(replace(cap_params, seed=1), tmp_path / "c/cal", tmp_path / "c/eval")
-    assert {r.image_id for r in other} != {r.image_id for r in cal}
-    with pytest.raises(InputError, match=r"the calibration split expected, got the eval split"):
-        load_calibration(a / "eval")
+def _splits(root, params):
+    cal = prepare_calibration(params, root / "cal", root / "selection", root / "test")
+    return {
+        "calibration": cal,
+        "selection": load_calibration(root / "selection", "selection")[1],
+        "test": load_calibration(root / "test", "test")[1],
+    }
 
 
-def test_eval_count_larger_than_what_calibration_leaves_is_a_param_error(tmp_path, cap_params):
-    with pytest.raises(
-        InputError,
-        match=r"captions.eval_count: expected at most 14 \(images with captions outside the calibration",
-    ):
-        prepare_calibration(replace(cap_params, eval_count=15), tmp_path / "cal", tmp_path / "eval")
-    assert not (tmp_path / "cal").exists() and not (tmp_path / "eval").exists()
+def test_three_splits_are_disjoint_by_image_and_deterministic(tmp_path, cap_params):
+    a = _splits(tmp_path / "a", cap_params)
+    assert [len(a[s]) for s in a] == [cap_params.count, cap_params.selection_count, cap_params.test_count]
+    images = {split: {r.image_id for r in records} for split, records in a.items()}
+    assert not images["calibration"] & images["selection"]
+    assert not images["calibration"] & images["test"]
+    assert not images["selection"] & images["test"]
+    for split in ("selection", "test"):
+        meta, _ = load_calibration(tmp_path / "a" / split, split)
+        assert meta.split == split and meta.seed == cap_params.seed
+    assert _splits(tmp_path / "b", cap_params) == a  # same params, same splits
+    for split in ("cal", "selection", "test"):
+        assert (tmp_path / "a" / split / "manifest.jsonl").read_bytes() == (
+            tmp_path / "b" / split / "manifest.jsonl"
+        ).read_bytes()
+    other = _splits(tmp_path / "c", replace(cap_params, seed=1))
+    assert {r.image_id for r in other["test"]} != images["test"]
+    # the calibration sample does not depend on the held-out sizes (the sensitivity pass stays cached)
+    fewer = _splits(tmp_path / "d", replace(cap_params, selection_count=2, test_count=3))
+    assert fewer["calibration"] == a["calibration"]
+    with pytest.raises(InputError, match=r"the calibration split expected, got the selection split"):
+        load_calibration(tmp_path / "a/selection")
+    with pytest.raises(InputError, match=r"the selection split expected, got the test split"):
+        load_calibration(tmp_path / "a/test", "selection")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"selection_count": 15},
+            r"captions.selection_count: expected at most 14 \(images with captions outside the calibration "
+            r"sample \(captions.count\)\), got 15",
+        ),
+        (
+            {"test_count": 9},
+            r"captions.test_count: expected at most 8 \(images with captions outside the calibration sample "
+            r"and the selection split \(captions.count \+ selection_count\)\), got 9",
+        ),
+    ],
+)
+def test_held_out_counts_larger_than_what_the_sample_leaves_are_param_errors(
+    tmp_path, cap_params, changes, message
+):
+    """20 images: count 6 + selection_count + test_count must fit; nothing is written."""
+    with pytest.raises(InputError, match=message):
+        prepare_calibration(
+            replace(cap_params, **changes), tmp_path / "cal", tmp_path / "sel", tmp_path / "test"
+        )
+    assert not any(tmp_path.iterdir())

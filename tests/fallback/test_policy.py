@@ -3,9 +3,20 @@ from dataclasses import replace
 import pytest
 
 from op_sensitivity.errors import InputError
-from op_sensitivity.fallback.policy import choose
+from op_sensitivity.fallback.policy import auto_ranking, choose
 from op_sensitivity.report.scores import phase_scores, select_phase
-from tests.handmade import DOWN, EMBED, HEAD, INVENTORY, PATCH, UP, fallback_params, make_curve, make_report
+from tests.handmade import (
+    DOWN,
+    EMBED,
+    HEAD,
+    INVENTORY,
+    PATCH,
+    RANKINGS,
+    UP,
+    fallback_params,
+    make_curve,
+    make_report,
+)
 
 
 @pytest.mark.parametrize(
@@ -118,3 +129,91 @@ def test_measured_policies_need_the_curve():
     p = fallback_params(policy="measured_budget")
     with pytest.raises(InputError, match="measured_budget needs the ranking curve"):
         choose(select_phase(phase_scores(make_report(), INVENTORY), "fallback"), p, None, INVENTORY)
+
+
+# --- measured_budget measures the list it ships (issue 19) -----------------------------------------
+
+
+def _values(kl: float) -> dict[str, float]:
+    return {"kl": kl, "top1": 1.0, "nll": 1.0, "nll_fp32": 1.0, "logit_se": kl}
+
+
+def _walk(measure, **raw) -> list[str]:
+    p = fallback_params(**raw)
+    curve = {**make_curve(), "reference": {"all_int8": _values(1.0), "fp32": _values(0.0)}}
+    df = select_phase(phase_scores(make_report(), INVENTORY), p.phase)
+    chosen = choose(df, p, curve, INVENTORY, measure)
+    return list(zip(chosen["module"], chosen["reason"], strict=True))
+
+
+def test_an_always_kept_op_that_carries_all_the_damage_gets_nothing_added():
+    """lm_head alone holds every bit of the damage and always_keep keeps it: the walk measures the
+    list as shipped, so n = 0 already meets the budget (the curve's pure lists would need 2 ops)."""
+    measured: list[list[str]] = []
+
+    def measure(keep: list[str]) -> dict[str, float]:
+        measured.append(keep)
+        return _values(0.0 if HEAD in keep else 1.0)
+
+    budget = {"metric": "kl", "percent": 10, "ranking": "fallback"}
+    chosen = _walk(measure, policy="measured_budget", measured_budget=budget, always_keep=["lm_head"])
+    assert chosen == [(HEAD, "always_keep: lm_head")]
+    assert measured == [[HEAD]]  # n = 0 with the forced op in place: one measurement
+    p = fallback_params(policy="measured_budget", measured_budget=budget, always_keep=["lm_head"])
+    curve = {**make_curve(), "reference": {"all_int8": _values(1.0), "fp32": _values(0.0)}}
+    df = select_phase(phase_scores(make_report(), INVENTORY), p.phase)
+    reason = choose(df, p, curve, INVENTORY, measure).attrs["reason"]
+    assert reason.startswith("measured_budget: nothing beyond the forced ops (ranking fallback)")
+    # without always_keep, the walk goes down the fallback ranking to lm_head (2nd): DOWN, HEAD
+    chosen = _walk(measure, policy="measured_budget", measured_budget=budget, always_keep=[])
+    assert [m for m, _ in chosen] == [DOWN, HEAD]
+    assert "the top 2 ops of the fallback ranking" in chosen[0][1] and "as shipped" in chosen[0][1]
+
+
+def test_the_walk_bisects_n_on_the_shipped_lists():
+    """Damage falls by the share of each op kept (planted); the smallest n meeting 10 % is found."""
+    share = {DOWN: 0.5, HEAD: 0.2, PATCH: 0.22, EMBED: 0.05, UP: 0.03}
+
+    def measure(keep: list[str]) -> dict[str, float]:
+        return _values(1.0 - sum(share[m] for m in keep))
+
+    budget = {"metric": "kl", "percent": 10, "ranking": "fallback"}  # recovered >= 0.9: DOWN+HEAD+PATCH
+    chosen = _walk(measure, policy="measured_budget", measured_budget=budget, always_keep=[])
+    assert [m for m, _ in chosen] == [DOWN, HEAD, PATCH]
+    assert "leaves 8.0 % of all-int8's kl damage" in chosen[0][1]
+
+
+def test_auto_walks_the_ranking_that_reaches_the_budget_with_the_fewest_ops():
+    """Planted curve: the measured ranking reaches 90 % at n = 2, fallback and requant at n = 4."""
+    curve = make_curve()
+    slow, fast = [0.0, 0.3, 0.6, 0.8, 0.95, 1.0], [0.0, 0.5, 0.93, 0.96, 0.99, 1.0]
+    for q in curve["points"]:
+        q["recovered"]["kl"] = (fast if q["ranking"] == "measured" else slow)[q["n"]]
+    assert auto_ranking(curve, "kl", 0.9) == (
+        "measured",
+        "ranking auto: measured, the fewest ops to reach it on the curve (fallback 4, requant 4, measured 2)",
+    )
+    # a tie in n goes to the larger area under the curve up to it, then to fallback, requant, measured
+    tie = make_curve()
+    assert auto_ranking(tie, "kl", 0.9)[0] == "fallback"
+    p = fallback_params(
+        policy="measured_budget",
+        always_keep=[],
+        measured_budget={"metric": "kl", "percent": 10, "ranking": "auto"},
+    )
+    chosen = choose(select_phase(phase_scores(make_report(), INVENTORY), p.phase), p, curve, INVENTORY)
+    assert list(chosen["module"]) == RANKINGS["measured"][:2]
+
+
+def test_bits_budget_counts_the_forced_ops_first():
+    """always_keep's lm_head (300 of 1,300 params) takes its share of the budget and is no item to
+    buy: within 0.5 (650 params) the knapsack gets the 350 left (PATCH + UP, 300); before, it
+    bought DOWN + PATCH (500) and lm_head came on top (800, over the budget)."""
+    budget = {"metric": "kl", "params_share": 0.5}
+    assert _choose(policy="bits_budget", bits_budget=budget) == [DOWN, PATCH]  # most sensitive first
+    forced = _choose(policy="bits_budget", bits_budget=budget, always_keep=["lm_head"])
+    assert forced == [HEAD, PATCH, UP]
+    tight = _choose(
+        policy="bits_budget", bits_budget={"metric": "kl", "params_share": 0.25}, always_keep=["lm_head"]
+    )
+    assert tight == [HEAD]  # 25 params of room left: nothing to buy, the forced op stays

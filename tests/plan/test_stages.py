@@ -73,7 +73,11 @@ def test_embedded_default_plan_lists_every_stage_with_its_work():
     assert work["crosscheck"] == "native rerun on the whole model: 29 ops x 2 phases x 2 batches"
     # every n (29 <= 32): 3 references + 29 single-op + 3 rankings x 28 + 5 random x 28
     assert work["curve"].startswith("29 ops, 30 sizes: <= 256 configurations")
-    assert work["validate"] == "8 eval configurations + INC PTQ of the whole model"
+    # the list: 2 references + the list + 5 random lists; the rankings: (3 + 5 random) x 28 inner sizes
+    assert work["validate"] == (
+        "<= 232 test configurations (8 for the list, <= 224 for the rankings' crossings) + INC PTQ of the "
+        "whole model"
+    )
     assert plan.stops == [] and all(s.seconds is None for s in plan.stages)  # no probe, no runtime file
 
 
@@ -92,6 +96,8 @@ def test_full_size_3b_plan_on_the_meta_device():
     assert work["crosscheck"].endswith("29 ops x 2 phases x 2 batches each")
     # 27 sizes; 3 + 64 + 3 x 25 + 5 x 25 + 9 x 7 (tests/validation/test_curve.py)
     assert work["curve"].startswith("417 ops, 27 sizes: <= 330 configurations")
+    # (3 + 5 random) x (25 inner sizes + 3 crossings x 7 bisection steps)
+    assert work["validate"].startswith("<= 376 test configurations (8 for the list, <= 368 for the rankings'")
     assert "INC PTQ on the carved copy" in work["validate"]
     peak = {s.stage: s.memory_gib for s in plan.stages}
     # measured: 17.3 GiB for this pass on the 2-core CPU (docs/benchmarks.md); the estimate errs high

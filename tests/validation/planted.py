@@ -18,6 +18,7 @@ from op_sensitivity.params import CurveParams
 from op_sensitivity.report.scores import phase_scores
 from op_sensitivity.validation.curve import measure_curve
 from op_sensitivity.validation.inputs import open_measurer, scored_and_excluded
+from op_sensitivity.validation.measure import SELECTION
 from tests.helpers import sensitivity_params
 
 MLP = "model.language_model.layers.0.mlp"
@@ -48,8 +49,9 @@ def planted_copy(model_dir: Path, inventory: Path, out: Path) -> Path:
     return out
 
 
-def build_planted(small_model_dir: Path, calibration_dir: Path, eval_dir: Path, work: Path) -> dict:
-    """The planted model as a model dir, its native sensitivity report, and its measured curve."""
+def build_planted(small_model_dir: Path, calibration_dir: Path, selection_dir: Path, work: Path) -> dict:
+    """The planted model as a model dir, its native sensitivity report, and its measured curve (on the
+    selection split, as the curve stage measures it)."""
     inventory = small_model_dir.parent / "op_inventory.json"
     out = planted_copy(small_model_dir, inventory, work / "planted" / "qwen2_5_vl")
     # lm_head kept fp32 (as ModelOpt's stock INT8 config does): the planted pair is the damage left
@@ -60,6 +62,6 @@ def build_planted(small_model_dir: Path, calibration_dir: Path, eval_dir: Path, 
     rankings = {p: list(df["module"]) for p, df in phase_scores(report, inventory).items()}
     _, excluded = scored_and_excluded(report)
     curve_params = CurveParams(random_lists=5)
-    with open_measurer(params, 8, calibration_dir, eval_dir, out, report) as measurer:
+    with open_measurer(params, 8, calibration_dir, selection_dir, out, report, SELECTION) as measurer:
         curve = measure_curve(measurer, rankings, excluded, inventory, curve_params)
     return {"dir": out, "report": report, "curve": curve, "inventory": inventory, "params": params}

@@ -8,7 +8,7 @@ from op_sensitivity.params import CurveParams
 from op_sensitivity.phases import RANKINGS
 from op_sensitivity.report.scores import phase_scores
 from op_sensitivity.validation.curve import (
-    _bisect,
+    bisect_crossing,
     curve_cost,
     curve_sizes,
     curve_table,
@@ -18,6 +18,7 @@ from op_sensitivity.validation.curve import (
     write_curve,
 )
 from op_sensitivity.validation.inputs import open_measurer, scored_and_excluded
+from op_sensitivity.validation.measure import SELECTION
 from tests.validation.planted import PLANTED
 
 
@@ -125,14 +126,14 @@ def test_bisection_finds_the_crossing_inside_a_grid_gap():
         seen.append(n)
         return {"recovered": {"kl": recovered[n]}}
 
-    assert _bisect(point, "fallback", "kl", 0.9, [0, 1, 2, 10]) == 8
-    assert _bisect(point, "fallback", "kl", 0.5, [0, 1, 2, 10]) == 3
-    assert _bisect(point, "fallback", "kl", 0.3, [0, 1, 2, 10]) == 1  # on the grid: no search
-    assert _bisect(point, "fallback", "kl", 1.01, [0, 1, 2, 10]) is None
+    assert bisect_crossing(point, "fallback", "kl", 0.9, [0, 1, 2, 10]) == 8
+    assert bisect_crossing(point, "fallback", "kl", 0.5, [0, 1, 2, 10]) == 3
+    assert bisect_crossing(point, "fallback", "kl", 0.3, [0, 1, 2, 10]) == 1  # on the grid: no search
+    assert bisect_crossing(point, "fallback", "kl", 1.01, [0, 1, 2, 10]) is None
     assert max(seen) == 10 and len(set(seen)) < len(recovered)  # measured a few sizes, not all
 
 
-def test_a_sparse_grid_gives_the_dense_curves_values_and_crossings(planted, calibration_dir, eval_dir):
+def test_a_sparse_grid_gives_the_dense_curves_values_and_crossings(planted, calibration_dir, selection_dir):
     """The same measurer on a 4-size grid with a 2-op single-op pool: every value it measured equals
     the every-n curve's, each bisected crossing is one of that curve's crossings (reaches the share,
     n - 1 does not), and the measured ranking is the pool by damage, then the rest in fallback order."""
@@ -140,7 +141,9 @@ def test_a_sparse_grid_gives_the_dense_curves_values_and_crossings(planted, cali
     rankings = {p: list(df["module"]) for p, df in phase_scores(report, inventory).items()}
     _, excluded = scored_and_excluded(report)
     params = CurveParams(max_points=4, single_op=2, random_lists=1)
-    with open_measurer(planted["params"], 8, calibration_dir, eval_dir, planted["dir"], report) as measurer:
+    with open_measurer(
+        planted["params"], 8, calibration_dir, selection_dir, planted["dir"], report, SELECTION
+    ) as measurer:
         sparse = measure_curve(measurer, rankings, excluded, inventory, params)
     n_ops = len(dense["ops"])
     assert sparse["sizes"] == [0, 1, 4, n_ops] and len(dense["sizes"]) == n_ops + 1

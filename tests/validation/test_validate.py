@@ -1,47 +1,80 @@
-"""The chosen list on held-out captions, against random lists and INC's own quantizer (real runs)."""
+"""The chosen list on the test split, against random lists and INC's own quantizer, and the ops
+each ranking needs there (real runs)."""
 
+import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 
+from op_sensitivity.errors import InputError
 from op_sensitivity.fallback.exports import inc_op_name_dict
 from op_sensitivity.model.source import load_model_dir
 from op_sensitivity.params import CrosscheckParams, CurveParams
+from op_sensitivity.validation.curve import random_lists
 from op_sensitivity.validation.inc_check import whole_check
 from op_sensitivity.validation.inputs import open_measurer, scored_and_excluded
+from op_sensitivity.validation.measure import SELECTION, TEST
+from op_sensitivity.validation.metrics import recovered
 from op_sensitivity.validation.plots import pareto
-from op_sensitivity.validation.validate import metrics, section, validate_keep_list
+from op_sensitivity.validation.validate import (
+    metrics,
+    rankings_metrics,
+    section,
+    validate_cost,
+    validate_keep_list,
+)
+from tests.helpers import REPO
 from tests.validation.planted import PLANTED
+
+PARAMS = CurveParams(random_lists=5)
 
 
 @pytest.fixture(scope="module")
-def measured(planted, calibration_dir, eval_dir, tmp_path_factory):
-    """The planted pair and the two least damaging ops, validated; the pair also through INC's PTQ."""
-    report, inventory = planted["report"], planted["inventory"]
+def measured(planted, calibration_dir, test_dir, tmp_path_factory):
+    """The planted pair and the two least damaging ops, validated on the test split; the pair also
+    through INC's PTQ. Third: the test split's recovered share of every ranking's top n and of
+    every random list, measured directly (for the rankings table)."""
+    report, inventory, curve = planted["report"], planted["inventory"], planted["curve"]
     _, excluded = scored_and_excluded(report)
-    params = CurveParams(random_lists=5)
-    quiet = planted["curve"]["rankings"]["measured"][-2:]
-    with open_measurer(planted["params"], 8, calibration_dir, eval_dir, planted["dir"], report) as measurer:
-        good = validate_keep_list(measurer, sorted(PLANTED), excluded, inventory, params)
-        bad = validate_keep_list(measurer, quiet, excluded, inventory, params)
+    quiet = curve["rankings"]["measured"][-2:]
+    with open_measurer(
+        planted["params"], 8, calibration_dir, test_dir, planted["dir"], report, TEST
+    ) as measurer:
+        good = validate_keep_list(measurer, sorted(PLANTED), excluded, inventory, PARAMS, curve)
+        bad = validate_keep_list(measurer, quiet, excluded, inventory, PARAMS, curve)
+        ops, all_int8 = measurer.scored, measurer.measure([])
+        direct = {
+            name: [
+                recovered(measurer.measure(curve["rankings"][name][:n]), all_int8)["kl"]
+                for n in range(len(ops) + 1)
+            ]
+            for name in curve["rankings"]
+        }
+        direct["random"] = [
+            statistics.fmean(
+                recovered(measurer.measure(keep), all_int8)["kl"]
+                for keep in random_lists(ops, n, 5, PARAMS.seed)
+            )
+            for n in range(len(ops) + 1)
+        ]
         model, _, _ = load_model_dir(planted["dir"])
         fp32_ops = [*sorted(PLANTED), *excluded]  # excluded: lm_head, fp32 in the pass
         ws = tmp_path_factory.mktemp("inc")
         whole_check(good, measurer, model, fp32_ops, inc_op_name_dict, 8, ws, report, CrosscheckParams())
-    return good, bad
+    return good, bad, direct
 
 
 def test_the_planted_pair_beats_every_random_pair(measured, planted):
-    good, _ = measured
+    good, _, _ = measured
     assert good["keep_list"]["ops"] == 2 and good["random"]["n"] == 2 and good["random"]["lists"] == 5
     assert good["chosen"]["recovered"]["kl"] >= 0.9
     assert good["beats_random"]["kl"] is True and good["beats_random"]["logit_se"] is True
     assert good["beats_random"]["top1"] is None  # all-int8 kept every argmax: nothing to give back
-    # the same list as the curve's measured top-2: the same numbers
-    top2 = next(p for p in planted["curve"]["points"] if p["ranking"] == "measured" and p["n"] == 2)
-    assert good["chosen"]["values"] == top2["values"]
+    assert good["test"] == {"samples": 6, "caption_tokens": good["reference"]["all_int8"]["tokens"]}
     text = section(good, planted["curve"])
     assert "gives back" in text and "does better than every random list" in text
+    assert "on the test split, images neither the calibration nor the choice used" in text
     widened = [{"group": "m.{gate_proj,up_proj}", "added": ["m.gate_proj"], "params_added": 2048}]
     assert "Fused group `m.{gate_proj,up_proj}` kept whole" in section(good, planted["curve"], widened)
     assert "2,048 params" in section(good, planted["curve"], widened)
@@ -55,15 +88,83 @@ def test_the_planted_pair_beats_every_random_pair(measured, planted):
     assert headline["kl_int8"] > headline["kl_kept"] > 0 and headline["kl_recovered"] > headline["kl_random"]
 
 
+def test_validate_measures_on_the_test_split_not_the_selection_split(measured, planted):
+    """The curve (selection split) and validate (test split) score other images: the all-int8
+    reference and the same list's values differ; validate's stage reads data/test, never data/selection."""
+    good, _, _ = measured
+    curve = planted["curve"]
+    assert good["reference"]["all_int8"] != curve["reference"]["all_int8"]
+    top2 = next(p for p in curve["points"] if p["ranking"] == "measured" and p["n"] == 2)
+    assert set(top2["kept"]) == PLANTED and good["chosen"]["values"] != top2["values"]
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["validate"]
+    assert "data/test" in stage["deps"] and "--test data/test" in stage["cmd"]
+    assert not any("selection" in str(d) for d in stage["deps"]) and "selection" not in stage["cmd"]
+
+
+def test_a_measurer_holds_the_calibration_split_and_one_held_out_split(planted, calibration_dir, test_dir):
+    report = planted["report"]
+    with pytest.raises(InputError, match="the selection split expected, got the test split"):
+        open_measurer(planted["params"], 8, calibration_dir, test_dir, planted["dir"], report, SELECTION)
+
+
+def test_the_rankings_table_is_the_smallest_n_measured_directly(measured, planted):
+    """Every n is on the planted curve's grid (16 ops): validate's crossings are the smallest n
+    whose directly measured test-split share reaches 50 / 90 / 99 %, random: the lists' mean."""
+    good, _, direct = measured
+    assert set(good["rankings"]) == {"fallback", "requant", "measured", "random"}
+    for name, shares in direct.items():
+        want = {
+            f"{s:g}": next((n for n, got in enumerate(shares) if got >= s - 1e-12), None)
+            for s in PARAMS.crossings
+        }
+        assert good["rankings"][name] == want, name
+    assert good["rankings"]["measured"]["0.9"] <= 2  # the planted pair
+    files = rankings_metrics(good, PARAMS.crossings)
+    assert files["random"] == {
+        "n50": good["rankings"]["random"]["0.5"],
+        "n90": good["rankings"]["random"]["0.9"],
+        "n99": good["rankings"]["random"]["0.99"],
+    }
+    assert all(set(row) == {"n50", "n90", "n99"} for row in files.values())
+    text = section(good, planted["curve"])
+    assert "ops needed to give back 50 / 90 / 99 % of the all-int8 kl damage, test split" in text.lower()
+    for label in ("| INC fallback |", "| INC requant |", "| measured |", "| random |"):
+        assert label in text
+
+
+def test_a_sparse_grid_gives_the_same_crossings_where_the_curve_is_monotone(
+    measured, planted, calibration_dir, test_dir
+):
+    """curve.json's grid is log-spaced past 32 ops: the crossings are bisected inside a grid gap,
+    the same n as every n measured wherever the share rises monotonically."""
+    good, _, direct = measured
+    n_ops = len(planted["curve"]["ops"])  # 16: lm_head is kept fp32 by the pass
+    curve = {**planted["curve"], "sizes": [0, 1, 2, n_ops]}
+    report, inventory = planted["report"], planted["inventory"]
+    _, excluded = scored_and_excluded(report)
+    with open_measurer(
+        planted["params"], 8, calibration_dir, test_dir, planted["dir"], report, TEST
+    ) as measurer:
+        sparse = validate_keep_list(measurer, sorted(PLANTED), excluded, inventory, PARAMS, curve)
+    for name, shares in direct.items():
+        if all(a <= b + 1e-12 for a, b in zip(shares, shares[1:], strict=False)):
+            assert sparse["rankings"][name] == good["rankings"][name], name
+
+
+def test_validate_cost_bounds_the_configurations():
+    cost = validate_cost(17, PARAMS)  # every n: 16 inner sizes per row, 3 rankings + 5 random lists
+    assert cost == {"keep_list": 8, "rankings_max": 8 * 16, "total_max": 8 + 128}
+
+
 def test_a_list_no_better_than_random_is_called_out(measured, planted):
-    _, bad = measured
+    _, bad, _ = measured
     assert bad["beats_random"]["kl"] is False
     assert "**The list is no better than a random list of its size**" in section(bad, planted["curve"])
 
 
 def test_inc_own_ptq_matches_the_native_prediction(measured):
     """Same scheme, same calibration sample, same int8 kernels on CPU: near-equality expected."""
-    good, _ = measured
+    good, _, _ = measured
     inc = good["inc_ptq"]
     assert (
         inc["compared"]["model"] == "whole"
@@ -78,17 +179,21 @@ def test_inc_own_ptq_matches_the_native_prediction(measured):
 def test_pareto_png_is_drawn(measured, planted, tmp_path):
     from PIL import Image
 
-    good, _ = measured
+    good, _, _ = measured
     pareto(planted["curve"], good, tmp_path / "pareto.png")
     with Image.open(tmp_path / "pareto.png") as im:
         assert im.size[0] > 1000 and len(set(im.convert("L").getdata())) > 10
 
 
-def test_unscored_ops_are_refused(planted, calibration_dir, eval_dir):
+def test_unscored_ops_are_refused(planted, calibration_dir, test_dir):
     report = planted["report"]
     with (
-        open_measurer(planted["params"], 8, calibration_dir, eval_dir, planted["dir"], report) as measurer,
+        open_measurer(
+            planted["params"], 8, calibration_dir, test_dir, planted["dir"], report, TEST
+        ) as measurer,
         pytest.raises(ValueError, match="did not score"),
     ):
-        validate_keep_list(measurer, ["lm_head"], set(), planted["inventory"], CurveParams())
+        validate_keep_list(
+            measurer, ["lm_head"], set(), planted["inventory"], CurveParams(), planted["curve"]
+        )
     assert Path(planted["dir"]).is_dir()

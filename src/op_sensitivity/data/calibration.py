@@ -1,9 +1,13 @@
 """The sample directories of stage ``prepare_captions``: write them, read them back validated.
 
-Two directories of one format: the calibration sample (``data/calibration``: observers are
-calibrated on it and the sensitivity pass measures on it) and the held-out evaluation split
-(``data/eval``: ``captions.eval_count`` pairs from images the calibration sample does not use,
-where keep-lists are validated)::
+Three directories of one format, disjoint by image, each drawn from ``captions.seed``:
+
+* ``data/calibration`` (``captions.count`` pairs): observers are calibrated on it and the
+  sensitivity pass measures on it (and the curve's single-op damage that orders ``measured``);
+* ``data/selection`` (``captions.selection_count``): the ``curve`` stage measures every ranking's
+  top-n lists on it, and the measured keep-list policies choose the list from those numbers;
+* ``data/test`` (``captions.test_count``): only ``validate`` measures on it, so the list is proven
+  on images neither the calibration nor the choice used::
 
     <out>/meta.json        CalibrationMeta: where the sample came from, how it was drawn, which split
     <out>/manifest.jsonl   one CalibrationRecord per line, in sample order
@@ -27,10 +31,10 @@ from PIL import Image, UnidentifiedImageError
 from ..atomic import atomic_dir
 from ..errors import InputError, require
 from ..params import CaptionsParams
-from .coco import draw_eval, draw_sample, load_coco
+from .coco import draw_held_out, draw_sample, load_coco
 
 SCHEMA_VERSION = 2
-SPLITS = ("calibration", "eval")
+SPLITS = ("calibration", "selection", "test")
 MANIFEST = "manifest.jsonl"
 META = "meta.json"
 IMAGES = "images"
@@ -53,7 +57,7 @@ class CalibrationRecord:
 @dataclass(frozen=True)
 class CalibrationMeta:
     schema_version: int
-    split: str  # calibration | eval
+    split: str  # calibration | selection | test
     annotations: str
     annotations_sha256: str
     images_dir: str
@@ -133,25 +137,55 @@ def _write_split(
     return records
 
 
-def prepare_calibration(
-    params: CaptionsParams, out_dir: Path, eval_dir: Path | None = None
-) -> list[CalibrationRecord]:
-    """Draw the calibration sample (and the eval split), check every chosen image opens, write atomically.
-
-    Both directories land together or not at all.
-    """
+def draw_splits(params: CaptionsParams) -> dict[str, list[tuple[dict, dict]]]:
+    """The three splits' (image, annotation) pairs, in :data:`SPLITS` order; same file and params,
+    same pairs. The calibration sample is drawn first (as when it was the only split), then the
+    selection split from the images it leaves, then the test split from the images both leave."""
     coco = load_coco(params.annotations)
     if not params.images_dir.is_dir():
         raise InputError(f"{params.where('images_dir')}: {params.images_dir} is not a directory")
-    pairs = draw_sample(coco, params.count, params.seed, params.captions_per_image, params.where("count"))
-    held_out = draw_eval(
-        coco, pairs, params.eval_count, params.seed, params.captions_per_image, params.where("eval_count")
+    mode = params.captions_per_image
+    calibration = draw_sample(coco, params.count, params.seed, mode, params.where("count"))
+    selection = draw_held_out(
+        coco,
+        calibration,
+        params.selection_count,
+        params.seed,
+        "selection",
+        mode,
+        params.where("selection_count"),
+        "the calibration sample (captions.count)",
     )
+    test = draw_held_out(
+        coco,
+        calibration + selection,
+        params.test_count,
+        params.seed,
+        "test",
+        mode,
+        params.where("test_count"),
+        "the calibration sample and the selection split (captions.count + selection_count)",
+    )
+    return {"calibration": calibration, "selection": selection, "test": test}
+
+
+def prepare_calibration(
+    params: CaptionsParams, out_dir: Path, selection_dir: Path | None = None, test_dir: Path | None = None
+) -> list[CalibrationRecord]:
+    """Draw the three splits, check every chosen image opens, write the calibration sample to
+    ``out_dir`` and the held-out splits to ``selection_dir`` / ``test_dir`` (each where given).
+
+    The directories land together or not at all. Returns the calibration records.
+    """
+    pairs = draw_splits(params)
     sha256 = _sha256(params.annotations)
     with contextlib.ExitStack() as stack:
-        if eval_dir is not None:
-            _write_split(stack.enter_context(atomic_dir(eval_dir)), held_out, params, "eval", sha256)
-        return _write_split(stack.enter_context(atomic_dir(out_dir)), pairs, params, "calibration", sha256)
+        for split, where in (("selection", selection_dir), ("test", test_dir)):
+            if where is not None:
+                _write_split(stack.enter_context(atomic_dir(where)), pairs[split], params, split, sha256)
+        return _write_split(
+            stack.enter_context(atomic_dir(out_dir)), pairs["calibration"], params, "calibration", sha256
+        )
 
 
 def _typed(cls: type, raw: Any, where: str) -> Any:

@@ -99,28 +99,23 @@ def draw_sample(
     return _draw(coco, pool, count, random.Random(seed), captions_per_image, where, "images with captions")
 
 
-def draw_eval(
+def draw_held_out(
     coco: COCO,
-    calibration: list[tuple[dict, dict]],
+    taken: list[tuple[dict, dict]],
     count: int,
     seed: int,
+    split: str,
     captions_per_image: str,
-    where: str = "captions.eval_count",
+    where: str,
+    outside: str,
 ) -> list[tuple[dict, dict]]:
-    """The held-out split: ``count`` pairs from images the calibration sample does not use.
+    """A held-out split (``selection``, ``test``): ``count`` pairs from images ``taken`` does not use.
 
-    Disjoint by image, so no picture the observers saw is scored; its own random stream, so the
-    split depends on the calibration sample only through the images it takes.
+    Disjoint by image, so no picture an earlier split holds is scored again; its own random stream
+    (seeded by the split's name and ``seed``), so the split depends on the earlier ones only
+    through the images they take. ``outside`` names them in the error ("the calibration sample").
     """
-    taken = {img["id"] for img, _ in calibration}
-    pool = [i for i in _captioned_images(coco) if i not in taken]
-    rng = random.Random(f"eval-{seed}")
-    return _draw(
-        coco,
-        pool,
-        count,
-        rng,
-        captions_per_image,
-        where,
-        "images with captions outside the calibration sample",
-    )
+    used = {img["id"] for img, _ in taken}
+    pool = [i for i in _captioned_images(coco) if i not in used]
+    rng = random.Random(f"{split}-{seed}")
+    return _draw(coco, pool, count, rng, captions_per_image, where, f"images with captions outside {outside}")

@@ -2,7 +2,9 @@
 
 ``fallback_ops.json`` (schema_version 2)::
 
-    policy: {name, params, phase, always_keep, never_keep, fused_groups}
+    policy: {name, params, phase, ranking, reason, always_keep, never_keep, fused_groups}
+                                           ranking: the one measured_budget walked (auto resolved), else null;
+                                           reason: the policy's own, in words (what it measured)
     source: {path, sha256}                 the sensitivity report this list was derived from
     scheme: str                            the scheme that report was measured under
     curve: {path, sha256} | null           the ranking curve the measured policies read
@@ -44,7 +46,7 @@ from .exports import (
     modelopt_quant_cfg,
     ort_nodes_to_exclude,
 )
-from .policy import MEASURED_POLICIES, check_globs, choose
+from .policy import MEASURED_POLICIES, Measure, check_globs, choose, walked_ranking
 
 SCHEMA_VERSION = 2
 # export file -> the scheme whose spectrum it is built from, when that scheme was run
@@ -91,10 +93,13 @@ def build_fallback(
     p: FallbackParams,
     curve: dict[str, Any] | None = None,
     curve_path: Path | None = None,
+    measure: Measure | None = None,
 ) -> dict[str, Any]:
+    """The keep-list document; ``measure``: the selection split's measure of a list, with which
+    ``measured_budget`` measures the lists it would ship (``policy``)."""
     check_globs(p, [op.name for op in inventory])
     df = select_phase(phase_scores(report, inventory), p.phase)
-    chosen = choose(df, p, curve, inventory)
+    chosen = choose(df, p, curve, inventory, measure)
     group = {op.name: op.fused_group for op in inventory}
     excluded = {module_name(e["op_name"]) for e in report["metadata"]["excluded_ops"]}
     ops = [
@@ -116,6 +121,8 @@ def build_fallback(
             "name": p.policy,
             "params": p.settings,
             "phase": p.phase,
+            "ranking": walked_ranking(p, curve),
+            "reason": chosen.attrs["reason"],
             "always_keep": p.always_keep,
             "never_keep": p.never_keep,
             "fused_groups": p.fused_groups,

@@ -8,14 +8,23 @@ Policies (``fallback.policy`` picks one; each reads its own params block):
 * ``error_budget``: the fewest top ops whose cumulative share (``scores.cumulative_share``) reaches
   ``percent`` % of the summed single-op scores. Single-op effects do not add up, so this is a
   heuristic; the measured policies below say what a list really gives back.
-* ``measured_budget``: the fewest top ops of a ranking (``fallback``, ``requant`` or ``measured``)
-  whose measured damage on the eval split is at most ``percent`` % of all-int8's, by ``metric``
-  (read from the ranking curve, ``validation.curve``).
+* ``measured_budget``: the fewest top ops of a ranking (``fallback``, ``requant``, ``measured`` or
+  ``auto``) whose list, as shipped, leaves at most ``percent`` % of all-int8's damage by
+  ``metric`` on the selection split. Each candidate is measured with ``always_keep``,
+  ``never_keep`` and the widened fused groups in place (the stage passes a measure of the
+  selection split): when the forced ops alone meet the budget, the ranking adds nothing. The
+  smallest n is bisected (the damage falls as n grows, as the curve's crossings assume).
+  ``auto`` walks the ranking whose curve (``validation.curve``, the pure top-n lists) reaches the
+  budget with the fewest ops; a tie goes to the larger area under its recovery curve up to
+  there, then to the order fallback, requant, measured. Without a measure (a notebook), the
+  curve's own points are read, which hold no forced ops.
 * ``bits_budget``: the ops whose measured single-op damage (the curve's ``single_op``: the share of
   all-int8's damage with only that op int8, on the calibration captions; past
   ``validation.curve.DENSE_MAX`` ops, the curve's pool of candidates) sums highest within a
   budget of effective weight bits (``bits``) or of the share of weight params kept
   (``params_share``): a 0/1 knapsack, as ModelOpt's and AutoRound's mixed-precision search do.
+  The forced ops (``always_keep`` and the groups they widen) are in place first: their params
+  count against the budget and they are no item to buy.
 
 Then ``always_keep`` adds and ``never_keep`` removes ops by glob on the module name (fnmatch,
 e.g. ``lm_head``, ``model.visual.patch_embed.*``); ``never_keep`` wins. With ``fused_groups`` (the
@@ -27,6 +36,7 @@ carries the reason it was chosen. The params are checked by ``params.load_params
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fnmatch import fnmatchcase
 
 import pandas as pd
@@ -35,25 +45,109 @@ from ..errors import InputError
 from ..inventory import OpInfo, cost
 from ..params import FallbackParams
 from ..report.scores import cumulative_share
+from ..validation.metrics import recovered
 
 MEASURED_POLICIES = ("measured_budget", "bits_budget")  # read the ranking curve
 KNAPSACK_UNITS = 2000  # budget resolution of the knapsack: 0.05 % of the budget
+AUTO_ORDER = ("fallback", "requant", "measured")  # ranking: auto's last tie-break
+# A keep-list (module names) -> its Values on the selection split (``validation.measure``)
+Measure = Callable[[list[str]], dict[str, float]]
+
+
+def auto_ranking(curve: dict, metric: str, target: float) -> tuple[str, str]:
+    """``ranking: auto``: the ranking whose pure top-n curve reaches ``target`` (share of the
+    all-int8 damage given back) with the fewest ops, then the larger mean recovered share up to
+    there, then :data:`AUTO_ORDER`; and why, in words."""
+    found = {}
+    for ranking in curve["rankings"]:
+        points = sorted((q for q in curve["points"] if q["ranking"] == ranking), key=lambda q: q["n"])
+        shares = [q["recovered"][metric] for q in points]
+        hit = next((i for i, r in enumerate(shares) if r is None or r >= target - 1e-12), None)
+        n = math.inf if hit is None else points[hit]["n"]
+        upto = [r for r in shares[: (len(shares) if hit is None else hit + 1)] if r is not None]
+        area = sum(upto) / len(upto) if upto else 1.0
+        found[ranking] = (n, -area, AUTO_ORDER.index(ranking) if ranking in AUTO_ORDER else len(AUTO_ORDER))
+    best = min(found, key=found.get)
+    counts = ", ".join(f"{r} {'none' if math.isinf(v[0]) else v[0]}" for r, v in found.items())
+    return best, f"ranking auto: {best}, the fewest ops to reach it on the curve ({counts})"
+
+
+def _ranking(p: FallbackParams, curve: dict) -> tuple[str, str]:
+    s = p.settings
+    if s["ranking"] != "auto":
+        return s["ranking"], f"ranking {s['ranking']}"
+    return auto_ranking(curve, s["metric"], 1 - s["percent"] / 100)
+
+
+def walked_ranking(p: FallbackParams, curve: dict | None) -> str | None:
+    """The ranking ``measured_budget`` walks (``auto`` resolved); None for the other policies."""
+    if p.policy != "measured_budget" or curve is None:
+        return None
+    return _ranking(p, curve)[0]
 
 
 def _measured_budget(p: FallbackParams, curve: dict) -> tuple[list[str], str]:
+    """From the curve's own points: pure top-n lists, no forced ops (no measure given)."""
     s = p.settings
     target = 1 - s["percent"] / 100
-    points = sorted((q for q in curve["points"] if q["ranking"] == s["ranking"]), key=lambda q: q["n"])
+    ranking, why = _ranking(p, curve)
+    points = sorted((q for q in curve["points"] if q["ranking"] == ranking), key=lambda q: q["n"])
     for q in points:
         share = q["recovered"][s["metric"]]
         if share is None or share >= target - 1e-12:
             left = "no" if share is None else f"{100 * (1 - share):.1f} %"
             return q["kept"], (
-                f"measured_budget: the top {q['n']} ops of the {s['ranking']} ranking leave {left} of "
-                f"all-int8's {s['metric']} damage on the eval split (<= {s['percent']:g} %)"
-                + _resolution(curve, s["ranking"], s["metric"], target)
+                f"measured_budget: the top {q['n']} ops of the {ranking} ranking ({why}) leave {left} of "
+                f"all-int8's {s['metric']} damage on the selection split (<= {s['percent']:g} %; the "
+                "curve's lists, without the forced ops)" + _resolution(curve, ranking, s["metric"], target)
             )
     raise InputError(f"{p.where('measured_budget.percent')}: no curve point reaches it")  # n = N always does
+
+
+def _shipped_walk(
+    p: FallbackParams, curve: dict, df: pd.DataFrame, groups: dict[str, str | None], measure: Measure
+) -> tuple[list[str], str]:
+    """The fewest top ops of the ranking whose list *as shipped* (forced ops, never_keep, widened
+    groups: :func:`ship`) meets the budget, measured on the selection split, n bisected."""
+    s = p.settings
+    metric, target = s["metric"], 1 - s["percent"] / 100
+    ranking, why = _ranking(p, curve)
+    order = curve["rankings"][ranking]
+    op_name = dict(zip(df["module"], df["op_name"], strict=True))
+    module = {v: k for k, v in op_name.items()}
+    shares: dict[int, float | None] = {}
+
+    def share(n: int) -> float | None:
+        if n not in shares:
+            kept = ship([op_name[m] for m in order[:n]], "", df, p, groups)
+            values = measure(sorted(module[o] for o in kept))
+            shares[n] = recovered(values, curve["reference"]["all_int8"])[metric]
+        return shares[n]
+
+    def meets(n: int) -> bool:
+        r = share(n)
+        return r is None or r >= target - 1e-12
+
+    lo, hi = 0, len(order)
+    if meets(lo):
+        hi = lo
+    elif not meets(hi):
+        raise InputError(
+            f"{p.where('measured_budget.percent')}: even every scored op kept leaves "
+            f"{100 * (1 - share(hi)):.1f} % of all-int8's {metric} damage on the selection split "
+            "(never_keep drops ops the budget needs); raise the percentage or shorten never_keep"
+        )
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+    left = share(hi)
+    left_text = "no" if left is None else f"{100 * (1 - left):.1f} %"
+    what = "nothing beyond the forced ops" if hi == 0 else f"the top {hi} ops of the {ranking} ranking"
+    return [op_name[m] for m in order[:hi]], (
+        f"measured_budget: {what} ({why}); the list as shipped (always_keep, never_keep and fused groups in "
+        f"place) leaves {left_text} of all-int8's {metric} damage on the selection split "
+        f"(<= {s['percent']:g} %; n bisected, {len(shares)} lists measured)"
+    )
 
 
 def _resolution(curve: dict, ranking: str, metric: str, share: float) -> str:
@@ -98,10 +192,15 @@ def knapsack(values: list[float], weights: list[int], capacity: int) -> list[int
 
 
 def _bits_budget(
-    p: FallbackParams, curve: dict, inventory: list[OpInfo], groups: dict[str, str | None]
+    p: FallbackParams,
+    curve: dict,
+    inventory: list[OpInfo],
+    groups: dict[str, str | None],
+    forced_modules: list[str] | None = None,
 ) -> tuple[list[str], str]:
     s = p.settings
-    base = cost(set(curve["excluded"]), inventory)
+    forced = set(forced_modules) if forced_modules else set()
+    base = cost(set(curve["excluded"]) | forced, inventory)
     total = base["params_total"]
     limit = (s["bits"] - 8) / 24 * total if "bits" in s else s["params_share"] * total
     room = limit - base["params_kept"]
@@ -110,7 +209,7 @@ def _bits_budget(
     # ops outside the curve's single-op pool were not measured alone: no measured gain to buy
     single = curve["single_op"]
     gain = {m: (single[m]["damage_share"][s["metric"]] if m in single else None) or 0.0 for m in curve["ops"]}
-    items = _items(curve["ops"], groups if p.fused_groups else {})
+    items = _items([m for m in curve["ops"] if m not in forced], groups if p.fused_groups else {})
     names = [k for k, members in items.items() if sum(gain[m] for m in members) > 0]
     chosen: list[str] = []
     if room > 0 and names:
@@ -118,15 +217,19 @@ def _bits_budget(
         weights = [math.ceil(sum(params[m] for m in items[k]) / unit) for k in names]
         values = [sum(gain[m] for m in items[k]) for k in names]
         chosen = [m for i in knapsack(values, weights, KNAPSACK_UNITS) for m in items[names[i]]]
-    if not chosen:
+    if room < 0 or not (chosen or forced):
+        what = "the forced ops (always_keep, with their fused groups) and " if forced else ""
         raise InputError(
             f"{p.where('bits_budget')}: {label} leave no room for any op with a measured gain "
-            f"(ops kept fp32 by the sensitivity params already take {100 * base['share_params_kept']:.2f} %)"
+            f"({what}ops kept fp32 by the sensitivity params already take "
+            f"{100 * base['share_params_kept']:.2f} %)"
         )
     order = {m: i for i, m in enumerate(curve["ops"])}
     among = curve.get("single_op_pool", {}).get("rule", "every scored op")
+    in_place = f"; the {len(forced)} forced ops in place first" if forced else ""
     return sorted(chosen, key=order.get), (
-        f"bits_budget: highest summed single-op {s['metric']} damage within {label} (knapsack over {among})"
+        f"bits_budget: highest summed single-op {s['metric']} damage within {label} (knapsack over {among}"
+        f"{in_place})"
     )
 
 
@@ -136,15 +239,21 @@ def _policy_choice(
     curve: dict | None,
     inventory: list[OpInfo],
     groups: dict[str, str | None],
+    measure: Measure | None = None,
 ) -> tuple[list[str], str]:
-    """The policy's own pick, as op names (INC's), before always_keep / never_keep / groups."""
+    """The policy's own pick, as op names (INC's), before always_keep / never_keep / groups (the
+    measured policies take them into account: see the module doc)."""
     if p.policy in MEASURED_POLICIES:
         if curve is None:
             raise InputError(f"{p.where('policy')}: {p.policy} needs the ranking curve (stage curve)")
+        if p.policy == "measured_budget" and measure is not None:
+            return _shipped_walk(p, curve, df, groups, measure)
         if p.policy == "measured_budget":
             modules, reason = _measured_budget(p, curve)
         else:
-            modules, reason = _bits_budget(p, curve, inventory, groups)
+            module = dict(zip(df["op_name"], df["module"], strict=True))
+            forced = [module[o] for o in ship([], "", df, p, groups)]
+            modules, reason = _bits_budget(p, curve, inventory, groups, forced)
         op_name = dict(zip(df["module"], df["op_name"], strict=True))
         return [op_name[m] for m in modules], reason
     s, n = p.settings, len(df)
@@ -190,11 +299,28 @@ def choose(
     p: FallbackParams,
     curve: dict | None = None,
     inventory: list[OpInfo] | None = None,
+    measure: Measure | None = None,
 ) -> pd.DataFrame:
-    """The chosen ops (most sensitive first) with a ``reason`` column."""
+    """The chosen ops (most sensitive first) with a ``reason`` column; the policy's own reason also
+    in ``attrs["reason"]`` (it holds when the policy picked nothing beyond the forced ops).
+    ``measure``: the selection split's measure of a keep-list, for ``measured_budget`` to measure
+    the lists it ships."""
     inventory = inventory or []
     groups = {op.name: op.fused_group for op in inventory}
-    chosen, reason = _policy_choice(df, p, curve, inventory, groups)
+    chosen, reason = _policy_choice(df, p, curve, inventory, groups, measure)
+    reasons = ship(chosen, reason, df, p, groups)
+    out = df[df["op_name"].isin(list(reasons))].copy()
+    out["reason"] = [reasons[o] for o in out["op_name"]]
+    out = out.reset_index(drop=True)
+    out.attrs["reason"] = reason
+    return out
+
+
+def ship(
+    chosen: list[str], reason: str, df: pd.DataFrame, p: FallbackParams, groups: dict[str, str | None]
+) -> dict[str, str]:
+    """The list as shipped from the policy's pick (op names): ``always_keep`` added, ``never_keep``
+    removed, fused groups widened; op name -> the reason it is kept."""
     reasons = dict.fromkeys(chosen, reason)
     module = dict(zip(df["op_name"], df["module"], strict=True))
     for op in df["op_name"]:
@@ -206,9 +332,7 @@ def choose(
             reasons.pop(op, None)
     if p.fused_groups:
         _widen(reasons, df, p, groups)
-    out = df[df["op_name"].isin(list(reasons))].copy()
-    out["reason"] = [reasons[o] for o in out["op_name"]]
-    return out.reset_index(drop=True)
+    return reasons
 
 
 def _widen(

@@ -1,9 +1,9 @@
-"""Per stage that will run: what it does (trials, eval forwards, INC ops), where, and what it costs.
+"""Per stage that will run: what it does (trials, held-out forwards, INC ops), where, and what it costs.
 
 Counts are exact, from the params and the model's ops (``plan.model``: the architecture on the
 meta device). Seconds are given only where this machine can tell: a runtime file it wrote for
 the same engine, device and model size (``reports/runtime/*.json``), or the forward probe
-(``plan.probe``, native trials and eval forwards). INC's seconds come only from a runtime file:
+(``plan.probe``, native trials and held-out forwards). INC's seconds come only from a runtime file:
 no probe of a few seconds runs INC's per-op loop. Memory is estimated from the measured
 figures documented in docs/benchmarks.md ("What each family member needs", "Whole DAG"):
 
@@ -41,6 +41,7 @@ from ..engines.runner import host_facts, scheme_params
 from ..errors import InputError
 from ..params import Params, SensitivityParams
 from ..validation.curve import curve_cost
+from ..validation.validate import validate_cost
 from .model import ModelFacts, carved_facts
 from .probe import CostModel, ForwardCosts, probe, typical_image
 
@@ -279,7 +280,8 @@ class Planner:
         c = self.p.captions
         return StagePlan(
             "prepare_captions",
-            f"draw {c.count} calibration + {c.eval_count} eval pairs ({c.mode}) from {c.annotations.name}",
+            f"draw {c.count} calibration + {c.selection_count} selection + {c.test_count} test pairs "
+            f"({c.mode}) from {c.annotations.name}",
         )
 
     def load_model(self) -> StagePlan:
@@ -333,9 +335,10 @@ class Planner:
 
     def carved(self) -> tuple[int, int]:
         """(parameters, ops) of the crosscheck's carved copy, its vocabulary rows bounded by the
-        samples it reads (``CARVED_VOCAB_PER_SAMPLE`` each, and the special tokens)."""
+        samples it reads (calibration and test: ``CARVED_VOCAB_PER_SAMPLE`` each, and the special
+        tokens)."""
         c, check = self.p.captions, self.p.crosscheck
-        rows = (c.count + c.eval_count) * CARVED_VOCAB_PER_SAMPLE + 64
+        rows = (c.count + c.test_count) * CARVED_VOCAB_PER_SAMPLE + 64
         return carved_facts(self.facts, check.carve_layers, check.carve_vision_blocks, rows)
 
     def crosscheck(self) -> StagePlan:
@@ -362,16 +365,17 @@ class Planner:
         return StagePlan("crosscheck", what, "cpu", seconds, basis, peak)
 
     def measurer_seconds(
-        self, scored: list[str], eval_configs: int, calibration_configs: int
+        self, scored: list[str], held_out_configs: int, calibration_configs: int, held_out: int
     ) -> tuple[float | None, str]:
         """The curve's and validate's measurer: calibrated once over the calibration split, fp32
-        references on both splits, then the split in forwards of ``curve.batch_size`` per
+        references on both splits (the held-out one has ``held_out`` samples: selection for the
+        curve, test for validate), then the split in forwards of ``curve.batch_size`` per
         configuration (a configuration keeps some ops in high precision: counted halfway
         between all-int8 and fp32; a single-op one, with one op int8, as fp32)."""
         model = self.cost_model()
         if model is None:
             return None, "not estimated"
-        c, e, bs = self.p.captions.count, self.p.captions.eval_count, self.p.curve.batch_size
+        c, e, bs = self.p.captions.count, held_out, self.p.curve.batch_size
         none, every = set(), set(scored)
 
         def split(samples: int, int8: set[str]) -> float:
@@ -380,20 +384,22 @@ class Planner:
         setup = split(c, none) * model.costs.observe_factor + split(c, none) + split(e, none)
         setup += model.costs.setup_per_param * sum(model.params[n] for n in scored)
         mixed = (split(e, none) + split(e, every)) / 2
-        return setup + eval_configs * mixed + calibration_configs * split(c, none), "probe"
+        return setup + held_out_configs * mixed + calibration_configs * split(c, none), "probe"
 
     def curve(self) -> StagePlan:
         sens, cp = self.p.sensitivity, self.p.curve
         scored = self.scored(sens)
         n = len(scored)
         cost = curve_cost(n, cp)
-        eval_configs = cost["total_max"] - cost["single_op_max"] - 1
-        seconds, basis = self.measurer_seconds(scored, eval_configs, cost["single_op_max"] + 1)
+        selection_configs = cost["total_max"] - cost["single_op_max"] - 1
+        seconds, basis = self.measurer_seconds(
+            scored, selection_configs, cost["single_op_max"] + 1, self.p.captions.selection_count
+        )
         return StagePlan(
             "curve",
             f"{n} ops, {cost['sizes']} sizes: <= {cost['total_max']} configurations ("
             f"{cost['single_op_max'] + 1} x {self.p.captions.count} calibration samples, the rest x "
-            f"{self.p.captions.eval_count} eval samples)",
+            f"{self.p.captions.selection_count} selection samples)",
             self.device(sens),
             seconds,
             basis,
@@ -404,9 +410,12 @@ class Planner:
     def validate(self) -> StagePlan:
         sens, check, f = self.p.sensitivity, self.p.crosscheck, self.facts
         scored = self.scored(sens)
-        configs = 3 + self.p.curve.random_lists
-        seconds, basis = self.measurer_seconds(scored, configs, 0)
-        work = f"{configs} eval configurations"
+        cost = validate_cost(len(scored), self.p.curve)
+        seconds, basis = self.measurer_seconds(scored, cost["total_max"], 0, self.p.captions.test_count)
+        work = (
+            f"<= {cost['total_max']} test configurations ({cost['keep_list']} for the list, <= "
+            f"{cost['rankings_max']} for the rankings' crossings)"
+        )
         peak = native_peak_gib(f, scored)
         if self.p.validate.inc_check:
             if check.carves(f.params):

@@ -9,6 +9,8 @@ Outputs (under the report dir, default ``reports/``):
   the top ops for ``dvc plots`` (template ``bar_horizontal_sorted``).
 * ``rank/summary.json``: the spectrum's shape in numbers, see :func:`summary` (git-tracked, not a
   DVC metric: per-op names and one Spearman per scheme pair are details, not headlines).
+* ``rank/stability.json``, ``rank/stability_metrics.json``, ``plots/rank_intervals.png`` and the
+  "Stability" section: ``report.stability`` (written by the stage beside these).
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
-"""The ranking curve: what keeping each ranking's top-n ops in high precision buys on held-out captions.
+"""The ranking curve: what keeping each ranking's top-n ops in high precision buys on the selection split.
 
 For each ranking (``fallback`` and ``requant`` from the sensitivity report, ``measured``: each
 op's own damage when it alone is int8, by the headline metric on the calibration captions) and
 each size n, the top-n ops are kept in high precision, every other scored op is int8, and the
-metrics are measured on the held-out eval split (``validation.metrics``). No ranking has seen
-the eval split. The single-op damage catches what single-op *fallback* misses: two ops that are
-each enough to wreck the output (an outlier channel that swamps both up_proj's output and
-down_proj's input scales) each look harmless to restore alone.
+metrics are measured on the held-out selection split (``validation.metrics``). No ranking has
+seen the selection split; the measured keep-list policies choose from these numbers, so
+``validate`` proves the chosen list on a third split, ``test``, and finds the same crossings
+there (``validation.validate``, with :func:`bisect_crossing`). The single-op damage catches
+what single-op *fallback* misses: two ops that are each enough to wreck the output (an outlier
+channel that swamps both up_proj's output and down_proj's input scales) each look harmless to
+restore alone.
 Random keep-lists of every size (seeded) are the baseline a ranking must beat. n = 0 is the
 all-int8 model, n = N (every scored op) the fp32 one.
 
@@ -32,9 +35,9 @@ configuration per op is about (4 + R) x N forwards: 3,750 forwards of the full m
 
 Artifact ``reports/validation/curve.json`` (stage ``curve``)::
 
-    schema_version: 2
+    schema_version: 3
     metric: headline metric (params curve.metric)
-    eval: {samples, caption_tokens}
+    selection: {samples, caption_tokens}         the held-out split measured (data/selection)
     numerics: {device, dtype, allow_tf32, arithmetic, reduce_range}
     reference: {all_int8: Values, fp32: Values, calibration_all_int8: Values}
                                                   Values: kl, top1, nll, nll_fp32, ppl_ratio, logit_se, tokens
@@ -81,7 +84,7 @@ from .metrics import damage, recovered
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DENSE_MAX = 32  # up to this many scored ops every size is measured and every op alone
 DENSE_HEAD = 8  # a log-spaced grid still has every n up to this
 PER_OCTAVE = 3  # then this many sizes per doubling of n
@@ -136,7 +139,7 @@ def refinement_steps(sizes: list[int]) -> int:
 
 def curve_cost(n_ops: int, params: CurveParams) -> dict[str, int]:
     """Configurations the curve stage measures for ``n_ops`` scored ops (each is one forward over a
-    split: eval for points and random lists, calibration for single-op damage). The bisections'
+    split: selection for points and random lists, calibration for single-op damage). The bisections'
     cost is an upper bound (``refinement_max``: every crossing in the grid's widest gap)."""
     sizes = curve_sizes(n_ops, params.max_points)
     inner = len([n for n in sizes if 0 < n < n_ops])
@@ -255,7 +258,8 @@ def measure_curve(
         for n in sizes:
             point(name, n)
     crossings = [
-        {"ranking": r, "metric": m, "share": s, "n": _bisect(point, r, m, s, sizes)} for r, m, s in targets
+        {"ranking": r, "metric": m, "share": s, "n": bisect_crossing(point, r, m, s, sizes)}
+        for r, m, s in targets
     ]
     baseline = []
     for n in inner:
@@ -265,7 +269,7 @@ def measure_curve(
     return {
         "schema_version": SCHEMA_VERSION,
         "metric": params.metric,
-        "eval": {"samples": measurer.samples(), "caption_tokens": all_int8["tokens"]},
+        "selection": {"samples": measurer.samples(), "caption_tokens": all_int8["tokens"]},
         "numerics": {**measurer.numerics.details(), "reduce_range": measurer.numerics.reduce_range},
         "reference": {"all_int8": all_int8, "fp32": fp32, "calibration_all_int8": cal_int8},
         "ops": ops,
@@ -285,8 +289,11 @@ def _reaches(p: dict[str, Any], metric: str, share: float) -> bool:
     return got is None or got >= share - 1e-12  # None: all-int8 did no damage, nothing to give back
 
 
-def _bisect(point, ranking: str, metric: str, share: float, sizes: list[int]) -> int | None:
-    """The smallest n reaching ``share`` on the grid, then bisected down inside its grid gap."""
+def bisect_crossing(point, ranking: str, metric: str, share: float, sizes: list[int]) -> int | None:
+    """The smallest n reaching ``share`` on the grid, then bisected down inside its grid gap.
+
+    ``point(ranking, n)`` is called lazily (a dict with ``recovered: {metric: share}``), from the
+    grid's small end: only the sizes up to the first that reaches the share, then the bisection's."""
     hi = next((n for n in sizes if _reaches(point(ranking, n), metric, share)), None)
     if hi is None:
         return None
@@ -344,13 +351,15 @@ def read_curve(path: Path) -> dict[str, Any]:
     ok = ok and isinstance(doc.get("rankings"), dict) and set(doc["rankings"]) == set(RANKINGS)
     ok = ok and isinstance(doc.get("single_op"), dict) and set(doc["single_op"]) <= set(doc["ops"])
     ok = ok and isinstance(doc.get("sizes"), list) and isinstance(doc.get("targets"), list)
+    ok = ok and isinstance(doc.get("selection"), dict)
     ok = ok and all(
         isinstance(p, dict) and {"ranking", "n", "kept", "cost", "values", "recovered"} <= set(p)
         for p in doc["points"]
     )
     if not ok:
         raise InputError(
-            f"{path}: not a ranking curve of schema_version {SCHEMA_VERSION} (expected ops, rankings "
-            f"{'/'.join(RANKINGS)}, single_op, sizes, targets, points and random; rerun the curve stage)"
+            f"{path}: not a ranking curve of schema_version {SCHEMA_VERSION} (expected selection, ops, "
+            f"rankings {'/'.join(RANKINGS)}, single_op, sizes, targets, points and random; rerun the curve "
+            "stage)"
         )
     return doc

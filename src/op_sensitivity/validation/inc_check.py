@@ -1,5 +1,5 @@
 """validate's INC check: INC's own PTQ (``quantization.fit``) of the keep-list against the native
-prediction for the same list, on the eval split.
+prediction for the same list, on the test split.
 
 Up to ``crosscheck.whole_max_params`` it quantizes the whole model, from the op_name_dict a user
 of the export would pass. Above it INC's PTQ of the whole model does not fit a 24 GB machine
@@ -23,7 +23,7 @@ from ..model.carve import Carve, load_carved
 from ..params import CrosscheckParams, SensitivityParams
 from ..report.comparison import whole_model
 from .inputs import open_carved_measurer
-from .measure import Measurer
+from .measure import TEST, Measurer
 from .validate import compare_with_inc
 
 OpNameDict = Callable[[Iterable[str]], dict[str, Any]]  # fallback.exports.inc_op_name_dict
@@ -58,7 +58,7 @@ def carved_check(
     report: dict[str, Any],
     workspace: Path,
 ) -> None:
-    """INC's PTQ and the native prediction, both on the carved copy. ``dirs``: calibration, eval, model.
+    """INC's PTQ and the native prediction, both on the carved copy. ``dirs``: calibration, test, model.
 
     When the keep-list and the pass's exclusions leave no op of the copy int8 there is nothing to
     compare (both sides are the fp32 copy): ``inc_ptq`` stays null and ``inc_ptq_note`` says why.
@@ -67,11 +67,12 @@ def carved_check(
         sensitivity,
         batch_size,
         dirs["calibration"],
-        dirs["eval"],
+        dirs["test"],
         dirs["model"],
         report,
         check.carve_layers,
         check.carve_vision_blocks,
+        TEST,
     )
     with measurer:
         keep_c = [m for m in keep if m in measurer.scored]

@@ -1,5 +1,5 @@
-"""A stage's measurer: the model (or a carved copy), every calibration record, the eval split, the
-pass's scored ops."""
+"""A stage's measurer: the model (or a carved copy), every calibration record, one held-out split
+(``selection`` for the curve stage, ``test`` for validate), the pass's scored ops."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ..model.processor import ImageTextProcessor
 from ..model.source import load_model_dir, read_card
 from ..params import SensitivityParams
 from ..phases import FALLBACK
-from .measure import CALIBRATION, EVAL, Measurer
+from .measure import CALIBRATION, HELD_OUT, SELECTION, Measurer
 
 
 def scored_and_excluded(report: dict) -> tuple[list[str], set[str]]:
@@ -33,15 +33,21 @@ def _check_same_model(model_dir: Path, sha256: str, report: dict) -> None:
         )
 
 
-def _read_splits(cal_dir: Path, eval_dir: Path) -> Callable[[ImageTextProcessor, int], dict[str, list]]:
-    """Read both splits now (a bad one is named before the model loads); encode them later."""
+def _read_splits(
+    cal_dir: Path, held_out_dir: Path, split: str
+) -> Callable[[ImageTextProcessor, int], dict[str, list]]:
+    """Read both splits now (a bad one is named before the model loads); encode them later.
+
+    ``split``: which held-out split ``held_out_dir`` must hold (``selection`` or ``test``)."""
+    if split not in HELD_OUT:
+        raise ValueError(f"expected a held-out split of {HELD_OUT}, got {split!r}")
     meta, calibration = load_calibration(cal_dir)
-    _, held_out = load_calibration(eval_dir, "eval")
+    _, held_out = load_calibration(held_out_dir, split)
 
     def encode(processor: ImageTextProcessor, batch_size: int) -> dict[str, list]:
         return {
             CALIBRATION: build_eval_batches(calibration, cal_dir, processor, meta.mode, batch_size),
-            EVAL: build_eval_batches(held_out, eval_dir, processor, meta.mode, batch_size),
+            split: build_eval_batches(held_out, held_out_dir, processor, meta.mode, batch_size),
         }
 
     return encode
@@ -51,12 +57,14 @@ def open_measurer(
     sensitivity: SensitivityParams,
     batch_size: int,
     cal_dir: Path,
-    eval_dir: Path,
+    held_out_dir: Path,
     model_dir: Path,
     report: dict,
+    split: str = SELECTION,
 ) -> Measurer:
-    """The measurer for a stage: the model, every calibration record, the eval split, the pass's ops."""
-    encode = _read_splits(cal_dir, eval_dir)
+    """The measurer for a stage: the model, every calibration record, the held-out ``split`` (read
+    from ``held_out_dir``), the pass's ops."""
+    encode = _read_splits(cal_dir, held_out_dir, split)
     model, processor, card = load_model_dir(model_dir)
     _check_same_model(model_dir, card.sha256, report)
     scored, excluded = scored_and_excluded(report)
@@ -68,16 +76,17 @@ def open_carved_measurer(
     sensitivity: SensitivityParams,
     batch_size: int,
     cal_dir: Path,
-    eval_dir: Path,
+    held_out_dir: Path,
     model_dir: Path,
     report: dict,
     layers: int,
     vision_blocks: int,
+    split: str = SELECTION,
 ) -> tuple[Measurer, Carve]:
     """The same measurer on a carved copy of the model (``model.carve``): the pass's scored ops
     that the copy has are scored, every other op of the copy stays in high precision (the ops
     the pass's params kept fp32, as in the full model)."""
-    encode = _read_splits(cal_dir, eval_dir)
+    encode = _read_splits(cal_dir, held_out_dir, split)
     _check_same_model(model_dir, read_card(model_dir).sha256, report)
     splits = encode(ImageTextProcessor.load(model_dir), batch_size)
     tokens = batch_tokens(b for batches in splits.values() for b, _ in batches)

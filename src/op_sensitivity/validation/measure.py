@@ -1,4 +1,4 @@
-"""Measure any keep-list on the eval split: calibrate once, then toggle ops per configuration.
+"""Measure any keep-list on a held-out split: calibrate once, then toggle ops per configuration.
 
 The quantization is the sensitivity pass's (the native engine's ``FakeQuantModel`` with INC's
 scheme and ``sensitivity.native``'s numerics), with one difference that makes it what a real
@@ -19,15 +19,18 @@ from ..engines.native import FakeQuantModel, Numerics
 from .metrics import Totals, reference
 
 EvalBatch = tuple[dict[str, torch.Tensor], torch.Tensor]  # model inputs, caption target mask
-CALIBRATION, EVAL = "calibration", "eval"
+CALIBRATION, SELECTION, TEST = "calibration", "selection", "test"
+HELD_OUT = (SELECTION, TEST)  # a measurer holds the calibration split and one of these
 
 
 class Measurer(AbstractContextManager):
     """One calibrated model; :meth:`measure` scores a configuration against the fp32 reference.
 
     Two splits: ``calibration`` (the observers are calibrated on all of it; per-op damage that
-    ranks ops is measured on it, so no ranking has seen the eval data) and ``eval`` (held out:
-    every curve point and the chosen list are measured on it).
+    ranks ops is measured on it, so no ranking has seen held-out data) and one held-out split,
+    :attr:`held_out`: ``selection`` for the curve stage (every curve point, which the measured
+    policies choose from) or ``test`` for validate (the chosen list, the random lists and the
+    rankings' crossings, on images neither the calibration nor the choice used).
     """
 
     def __init__(
@@ -54,6 +57,10 @@ class Measurer(AbstractContextManager):
             name: [(numerics.batch(b), m.to(numerics.device)) for b, m in batches]
             for name, batches in splits.items()
         }
+        held_out = [name for name in self.splits if name != CALIBRATION]
+        if CALIBRATION not in self.splits or len(held_out) != 1 or held_out[0] not in HELD_OUT:
+            raise ValueError(f"expected the calibration split and one of {HELD_OUT}, got {list(self.splits)}")
+        self.held_out = held_out[0]
         self.calibration = [b for b, _ in self.splits[CALIBRATION]]
         with torch.no_grad():
             self.fq.calibrate(self.calibration)
@@ -66,8 +73,8 @@ class Measurer(AbstractContextManager):
                 for name, batches in self.splits.items()
             }
 
-    def measure(self, keep: Iterable[str], split: str = EVAL) -> dict[str, float]:
-        """All scored ops int8 except ``keep``; the split's metrics against fp32."""
+    def measure(self, keep: Iterable[str], split: str | None = None) -> dict[str, float]:
+        """All scored ops int8 except ``keep``; the split's metrics against fp32 (default: held-out)."""
         keep = set(keep)
         unknown = keep - set(self.scored)
         if unknown:
@@ -78,16 +85,17 @@ class Measurer(AbstractContextManager):
 
     @torch.no_grad()
     def measure_forward(
-        self, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], split: str = EVAL
+        self, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], split: str | None = None
     ) -> dict[str, float]:
-        """Score any model's logits (e.g. a real quantizer's output model) on a split."""
+        """Score any model's logits (e.g. a real quantizer's output model) on a split (default: held-out)."""
+        split = split or self.held_out
         totals = Totals()
         for (batch, _), ref in zip(self.splits[split], self.refs[split], strict=True):
             totals.add(ref, forward(batch))
         return totals.values()
 
-    def samples(self, split: str = EVAL) -> int:
-        return sum(len(b["input_ids"]) for b, _ in self.splits[split])
+    def samples(self, split: str | None = None) -> int:
+        return sum(len(b["input_ids"]) for b, _ in self.splits[split or self.held_out])
 
     def __exit__(self, *exc) -> None:
         self.fq.remove()

@@ -1,6 +1,6 @@
-"""Quality metrics of a quantized configuration against fp32, teacher-forced on the eval captions.
+"""Quality metrics of a quantized configuration against fp32, teacher-forced on held-out captions.
 
-Each eval sample is image + prompt + caption; only the caption's own tokens are scored (the
+Each held-out sample is image + prompt + caption; only the caption's own tokens are scored (the
 processor's ``target_mask``): the logits at position ``t - 1`` predict caption token ``t``.
 
 Metrics and the damage each one counts (0 for the fp32 model itself):
@@ -30,7 +30,7 @@ from ..phases import METRICS
 
 @dataclass
 class Reference:
-    """The fp32 model's outputs on one eval batch, kept to compare every configuration against."""
+    """The fp32 model's outputs on one held-out batch, kept to compare every configuration against."""
 
     logits: torch.Tensor  # [B, T, V] float32, the whole batch (logit_se reads every real position)
     log_probs: torch.Tensor  # [N, V] at the positions that predict caption tokens
@@ -52,7 +52,7 @@ def reference(
 
 @dataclass
 class Totals:
-    """Sums over eval batches, so a split in several batches scores like one batch."""
+    """Sums over held-out batches, so a split in several batches scores like one batch."""
 
     tokens: int = 0
     kl: float = 0.0

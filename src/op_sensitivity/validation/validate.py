@@ -1,11 +1,18 @@
-"""The chosen keep-list, measured: on held-out captions, against random lists of its size, and
-against INC's own PTQ run from the exported ``op_name_dict``.
+"""The chosen keep-list, measured: on the test split, against random lists of its size, and
+against INC's own PTQ run from the exported ``op_name_dict``; and the ops each ranking needs there.
+
+Three disjoint splits (``data.calibration``): the sensitivity pass and the observers use the
+calibration sample, the curve stage and the measured keep-list policies the selection split, and
+this stage only the test split, so the list is proven on images neither the calibration nor the
+choice used. Every number below, the all-int8 and fp32 references included, is measured here on
+the test split; nothing is taken from ``curve.json`` but the rankings' orders and its grid of sizes.
 
 Artifact ``reports/validation/validation.json`` (stage ``validate``; its headline numbers, in
 ``metrics.json``, are DVC metrics: :func:`metrics`)::
 
     keep_list: {ops, ops_scored, params_kept, params_total, share_params_kept, effective_weight_bits}
     metric: headline metric
+    test: {samples, caption_tokens}          the split measured (data/test)
     chosen: {values: Values, recovered: {metric: share}}
     random: {n, lists, cost_mean, recovered: {metric: {mean, std, min, max}}} | null (n = 0 or all)
     beats_random: {metric: bool | null}      chosen recovered > the best random list of its size
@@ -18,6 +25,18 @@ Artifact ``reports/validation/validation.json`` (stage ``validate``; its headlin
                          int8_ops}}
              | null        (params validate.inc_check; validation.inc_check)
     inc_ptq_note: str      only when a carved copy has no op int8 under the list (nothing to check)
+    rankings: {fallback | requant | measured | random: {"<share>": n | null}}
+                           per share of curve.crossings (keys as "0.5", "0.9", "0.99"), the smallest
+                           n of the ranking's top ops (its order in curve.json) giving back at least
+                           that share of the all-int8 damage in the headline metric, on the test
+                           split; random: the mean over curve.random_lists seeded random lists of
+                           each size. Found on curve.json's grid of sizes, then bisected inside the
+                           grid gap (``curve.bisect_crossing``: exact where the curve rises
+                           monotonically in that gap); null if no size reaches it (ranking_crossings)
+
+The rankings' numbers are also written one small file per row, ``reports/rankings/
+<ranking>.json`` = ``{"n50": n, "n90": n, "n99": n}`` (:func:`rankings_metrics`; the same keys in
+every file, so ``dvc metrics show`` puts them in as many columns).
 
 Values and recovered shares as in ``validation.metrics``. The same numbers, in words, are the
 "Validation" section of ``op_sensitivity.md`` (:func:`section`), and ``pareto.png`` draws the
@@ -26,12 +45,13 @@ chosen list on the ranking curves.
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from ..inventory import OpInfo, cost
 from ..params import CurveParams
-from ..phases import METRICS, RANKINGS
-from .curve import random_baseline
+from ..phases import FALLBACK, MEASURED, METRICS, RANKINGS, REQUANT
+from .curve import bisect_crossing, curve_sizes, random_baseline, random_lists, refinement_steps
 from .measure import Measurer
 from .metrics import damage, recovered
 
@@ -41,6 +61,9 @@ METRIC_NAMES = {
     "nll": "caption NLL",
     "logit_se": "logit squared error (INC's measure)",
 }
+RANDOM = "random"
+ROWS = (*RANKINGS, RANDOM)  # the rankings table's rows, as keys of validation.json's rankings
+ROW_NAMES = {FALLBACK: "INC fallback", REQUANT: "INC requant", MEASURED: "measured", RANDOM: "random"}
 
 
 def validate_keep_list(
@@ -49,8 +72,11 @@ def validate_keep_list(
     excluded: set[str],
     inventory: list[OpInfo],
     params: CurveParams,
+    curve: dict[str, Any],
 ) -> dict[str, Any]:
-    """Measure ``keep`` and ``params.random_lists`` random lists of its size on the eval split."""
+    """Measure ``keep`` and ``params.random_lists`` random lists of its size on the measurer's
+    held-out split (validate: the test split), and each ranking of ``curve`` there
+    (:func:`ranking_crossings`)."""
     ops = measurer.scored
     unknown = sorted(set(keep) - set(ops))
     if unknown:
@@ -74,12 +100,77 @@ def validate_keep_list(
     return {
         "keep_list": {"ops": len(keep), "ops_scored": len(ops), **cost(set(keep) | excluded, inventory)},
         "metric": params.metric,
+        "test": {"samples": measurer.samples(), "caption_tokens": all_int8["tokens"]},
         "chosen": chosen,
         "random": baseline,
         "beats_random": beats,
         "reference": {"all_int8": all_int8, "fp32": fp32},
         "inc_ptq": None,
+        "rankings": ranking_crossings(measurer, curve, params, all_int8, fp32),
     }
+
+
+def validate_cost(n_ops: int, params: CurveParams) -> dict[str, int]:
+    """Configurations validate measures on the test split for ``n_ops`` scored ops: the list's
+    (references, the list, its random lists) and, at most, the rankings' crossings (every inner
+    size of the curve's grid, then each crossing's bisection in the grid's widest gap, for each
+    ranking and each random list)."""
+    sizes = curve_sizes(n_ops, params.max_points)
+    inner = len([n for n in sizes if 0 < n < n_ops])
+    per_row = inner + len(params.crossings) * refinement_steps(sizes)
+    rows = len(RANKINGS) + params.random_lists
+    cost = {"keep_list": 3 + params.random_lists, "rankings_max": rows * per_row}
+    cost["total_max"] = cost["keep_list"] + cost["rankings_max"]
+    return cost
+
+
+def share_key(share: float) -> str:
+    """A share of ``curve.crossings`` as a key of validation.json's rankings: 0.9 -> "0.9"."""
+    return f"{share:g}"
+
+
+def ranking_crossings(
+    measurer: Measurer,
+    curve: dict[str, Any],
+    params: CurveParams,
+    all_int8: dict[str, float],
+    fp32: dict[str, float],
+) -> dict[str, dict[str, int | None]]:
+    """Per ranking of ``curve`` (its orders) and for the random lists, per share of
+    ``params.crossings``: the smallest n of top ops giving back that share of the all-int8 damage
+    in ``params.metric``, on the measurer's held-out split; see the module doc.
+
+    ``all_int8`` and ``fp32``: the measurer's references (n = 0 and n = N, no choice at either end).
+    """
+    ops = measurer.scored
+    if list(curve["ops"]) != list(ops):
+        raise ValueError("the curve's ops are not the measurer's scored ops")
+    metric, sizes = params.metric, list(curve["sizes"])
+    known = {0: all_int8, len(ops): fp32}
+    points: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def point(name: str, n: int) -> dict[str, Any]:
+        if (name, n) not in points:
+            if n in known:
+                shares = [recovered(known[n], all_int8)[metric]]
+            elif name == RANDOM:
+                lists = random_lists(ops, n, params.random_lists, params.seed)
+                shares = [recovered(measurer.measure(keep), all_int8)[metric] for keep in lists]
+            else:
+                shares = [recovered(measurer.measure(curve["rankings"][name][:n]), all_int8)[metric]]
+            got = [x for x in shares if x is not None]
+            points[name, n] = {"recovered": {metric: statistics.fmean(got) if got else None}}
+        return points[name, n]
+
+    return {
+        name: {share_key(s): bisect_crossing(point, name, metric, s, sizes) for s in params.crossings}
+        for name in ROWS
+    }
+
+
+def rankings_metrics(doc: dict[str, Any], crossings: tuple[float, ...]) -> dict[str, dict[str, int | None]]:
+    """One DVC metrics file per row of the rankings table: ``{ranking: {"n50": n, "n90": n, ...}}``."""
+    return {name: {f"n{100 * s:g}": doc["rankings"][name][share_key(s)] for s in crossings} for name in ROWS}
 
 
 def compare_with_inc(
@@ -103,26 +194,36 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
-def section(doc: dict[str, Any], curve: dict[str, Any], widened: list[dict[str, Any]] | None = None) -> str:
+def section(
+    doc: dict[str, Any],
+    curve: dict[str, Any],
+    widened: list[dict[str, Any]] | None = None,
+    chosen_by: str | None = None,
+) -> str:
     """The "Validation" section of ``op_sensitivity.md``: what the list buys, in plain words.
 
-    ``widened``: the keep-list's ``groups_widened`` (fused groups kept whole for the runtimes).
+    ``widened``: the keep-list's ``groups_widened`` (fused groups kept whole for the runtimes);
+    ``chosen_by``: its policy's reason (which ranking it walked and why, what it measured).
     """
     m = doc["metric"]
     k = doc["keep_list"]
     rec = doc["chosen"]["recovered"][m]
+    t = doc["test"]
     lines = [
         "## Validation on held-out captions",
         "",
-        f"Eval split: {curve['eval']['samples']} image+caption pairs from images the calibration sample does "
-        f"not use, {curve['eval']['caption_tokens']} caption tokens, teacher-forced. Headline metric: "
-        f"{METRIC_NAMES[m]}.",
+        f"Every number of this section is measured on the test split, images neither the calibration nor "
+        f"the choice used: {t['samples']} image+caption pairs, {t['caption_tokens']} caption tokens, "
+        f"teacher-forced (the keep-list was chosen from the ranking curves of the selection split, "
+        f"{curve['selection']['samples']} pairs of other images). Headline metric: {METRIC_NAMES[m]}.",
         "",
         f"The keep-list ({k['ops']} of {k['ops_scored']} ops, {100 * k['share_params_kept']:.2f} % of the "
         f"weight parameters, {k['effective_weight_bits']:.3g} effective weight bits) gives back "
         f"{_pct(rec)} of the all-int8 damage.",
         "",
     ]
+    if chosen_by:
+        lines += [f"How it was chosen (on the selection split): {chosen_by}.", ""]
     for g in widened or []:
         lines += [
             f"Fused group `{g['group']}` kept whole (vLLM / SGLang / TensorRT-LLM load it as one layer): "
@@ -156,13 +257,7 @@ def section(doc: dict[str, Any], curve: dict[str, Any], widened: list[dict[str, 
             f"{chosen['values'][metric]:.6g} | {_pct(chosen['recovered'][metric])} | {_pct(mean)} |"
         )
     lines += rows + [""]
-    best = {name: _smallest_n(curve, name, m, 0.9) for name in RANKINGS}
-    lines += [
-        "Ops each ranking needs to give back 90 % of the damage: "
-        + ", ".join(f"{name} {'-' if n is None else n}" for name, n in best.items())
-        + " (see `validation/curve.csv` and `validation/pareto.png`).",
-        "",
-    ]
+    lines += rankings_table(doc["rankings"], m) + [""]
     if doc["inc_ptq"] is not None:
         d = doc["inc_ptq"]
         c = d["compared"]
@@ -190,13 +285,23 @@ def section(doc: dict[str, Any], curve: dict[str, Any], widened: list[dict[str, 
     return "\n".join(lines)
 
 
-def _smallest_n(curve: dict[str, Any], ranking: str, metric: str, share: float) -> int | None:
-    ns = [
-        p["n"]
-        for p in curve["points"]
-        if p["ranking"] == ranking and p["recovered"][metric] is not None and p["recovered"][metric] >= share
+def rankings_table(rankings: dict[str, dict[str, int | None]], metric: str) -> list[str]:
+    """The Markdown table of the rankings' crossings on the test split (validation.json's ``rankings``)."""
+    shares = list(rankings[RANDOM])
+    head = " / ".join(f"{100 * float(s):g}" for s in shares)
+    lines = [
+        f"Ops needed to give back {head} % of the all-int8 {metric} damage, test split (each ranking's top "
+        "ops in the order the curve stage recorded; random: the mean of the seeded random lists of each "
+        "size; - where no size does):",
+        "",
+        "| ranking | " + " | ".join(f"{100 * float(s):g} %" for s in shares) + " |",
+        "|---|" + "---|" * len(shares),
     ]
-    return min(ns) if ns else None
+    for name in ROWS:
+        cells = ["-" if rankings[name][s] is None else str(rankings[name][s]) for s in shares]
+        lines.append(f"| {ROW_NAMES[name]} | " + " | ".join(cells) + " |")
+    lines += ["", "The selection split's curves: `validation/curve.csv` and `validation/pareto.png`."]
+    return lines
 
 
 def metrics(doc: dict[str, Any]) -> dict[str, Any]:
