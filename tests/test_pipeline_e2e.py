@@ -375,3 +375,14 @@ def test_bad_input_fails_stage_with_clear_error_and_no_output(repo, tmp_path):
     assert "error: params.yaml: captions.count: expected at most 20" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (work / "data/fresh").exists()
+
+
+def test_dvc_exp_run_on_a_fallback_param_reruns_only_what_reads_the_keep_list(repo):
+    """An experiment on fallback.* (dvc exp run -S): the keep-list, its validation and the report,
+    nothing upstream (fallback_list now reads the model and the splits, which do not change)."""
+    root, _ = repo
+    upstream = {rel: _digest(root, rel) for rel in OUTPUTS[:4]}
+    out = run(["dvc", "exp", "run", "-S", "fallback.top_k.k=3", "-S", "fallback.policy=top_k"], root).stdout
+    assert _ran(out) == {"check_params", "fallback_list", "validate", "rank_report"}
+    assert {rel: _digest(root, rel) for rel in upstream} == upstream
+    assert json.loads((root / "reports/fallback_metrics.json").read_text())["kept"] >= 3

@@ -3,7 +3,7 @@ from dataclasses import replace
 import pytest
 
 from op_sensitivity.errors import InputError
-from op_sensitivity.fallback.policy import auto_ranking, choose
+from op_sensitivity.fallback.policy import auto_ranking, choose, walk_cost
 from op_sensitivity.report.scores import phase_scores, select_phase
 from tests.handmade import (
     DOWN,
@@ -174,12 +174,16 @@ def test_the_walk_bisects_n_on_the_shipped_lists():
     """Damage falls by the share of each op kept (planted); the smallest n meeting 10 % is found."""
     share = {DOWN: 0.5, HEAD: 0.2, PATCH: 0.22, EMBED: 0.05, UP: 0.03}
 
+    lists: list[list[str]] = []
+
     def measure(keep: list[str]) -> dict[str, float]:
+        lists.append(keep)
         return _values(1.0 - sum(share[m] for m in keep))
 
     budget = {"metric": "kl", "percent": 10, "ranking": "fallback"}  # recovered >= 0.9: DOWN+HEAD+PATCH
     chosen = _walk(measure, policy="measured_budget", measured_budget=budget, always_keep=[])
     assert [m for m, _ in chosen] == [DOWN, HEAD, PATCH]
+    assert len(lists) <= walk_cost(5) == 5  # n = 0, n = 5, then 3, 1, 2 (the plan's bound)
     assert "leaves 8.0 % of all-int8's kl damage" in chosen[0][1]
 
 

@@ -104,6 +104,11 @@ def _measured_budget(p: FallbackParams, curve: dict) -> tuple[list[str], str]:
     raise InputError(f"{p.where('measured_budget.percent')}: no curve point reaches it")  # n = N always does
 
 
+def walk_cost(n_ops: int) -> int:
+    """Lists the shipped walk measures at most: n = 0 and n = N, then a bisection over [0, N]."""
+    return 2 + math.ceil(math.log2(max(n_ops, 1)))
+
+
 def _shipped_walk(
     p: FallbackParams, curve: dict, df: pd.DataFrame, groups: dict[str, str | None], measure: Measure
 ) -> tuple[list[str], str]:

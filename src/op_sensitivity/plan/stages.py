@@ -39,6 +39,7 @@ from ..engines.contract import check_scored, exclusions
 from ..engines.native import resolve_numerics
 from ..engines.runner import host_facts, scheme_params
 from ..errors import InputError
+from ..fallback.policy import walk_cost
 from ..params import Params, SensitivityParams
 from ..validation.curve import curve_cost
 from ..validation.validate import validate_cost
@@ -400,6 +401,26 @@ class Planner:
             f"{n} ops, {cost['sizes']} sizes: <= {cost['total_max']} configurations ("
             f"{cost['single_op_max'] + 1} x {self.p.captions.count} calibration samples, the rest x "
             f"{self.p.captions.selection_count} selection samples)",
+            self.device(sens),
+            seconds,
+            basis,
+            native_peak_gib(self.facts, scored),
+            self.device(sens),
+        )
+
+    def fallback_list(self) -> StagePlan:
+        """Light, but for measured_budget: it measures the lists it would ship on the selection
+        split (the curve's model and measurer, at most :func:`walk_cost` lists)."""
+        if self.p.fallback.policy != "measured_budget":
+            return StagePlan("fallback_list", LIGHT_STAGES["fallback_list"])
+        sens = self.p.sensitivity
+        scored = self.scored(sens)
+        lists = walk_cost(len(scored))
+        seconds, basis = self.measurer_seconds(scored, lists, 0, self.p.captions.selection_count)
+        return StagePlan(
+            "fallback_list",
+            f"measured_budget: <= {lists} shipped lists x {self.p.captions.selection_count} selection "
+            "samples, then the exports",
             self.device(sens),
             seconds,
             basis,
