@@ -73,6 +73,16 @@ def test_embedded_default_plan_lists_every_stage_with_its_work():
     assert work["crosscheck"] == "native rerun on the whole model: 29 ops x 2 phases x 2 batches"
     # every n (29 <= 32): 3 references + 29 single-op + 3 rankings x 28 + 5 random x 28
     assert work["curve"].startswith("29 ops, 30 sizes: <= 256 configurations")
+    # measured_budget's walk: n = 0, n = 29, then a bisection over [0, 29]: 2 + 5 lists
+    assert (
+        work["fallback_list"] == "measured_budget: <= 7 shipped lists x 6 selection samples, then the exports"
+    )
+    fallback = next(s for s in plan.stages if s.stage == "fallback_list")
+    curve = next(s for s in plan.stages if s.stage == "curve")
+    assert fallback.memory_gib == curve.memory_gib  # the curve's measurer, on the same model
+    top_k = replace(p, fallback=replace(p.fallback, policy="top_k", settings={"k": 3}))
+    light = build_plan(top_k, facts, ["fallback_list"], CPU_24GB, probe_forward=False).stages[0]
+    assert (light.work, light.memory_gib) == ("choose the keep-list, write the exports", None)
     # the list: 2 references + the list + 5 random lists; the rankings: (3 + 5 random) x 28 inner sizes
     assert work["validate"] == (
         "<= 232 test configurations (8 for the list, <= 224 for the rankings' crossings) + INC PTQ of the "

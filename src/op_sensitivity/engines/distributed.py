@@ -2,8 +2,8 @@
 
 Why: every trial of a pass is independent given its op state, so N processes on N GPUs finish a
 pass in about 1/N of the time. On the CPU the processes share the cores, each with the stage's
-thread count (below): no faster than one process (measured on 2 cores: 9.4 s against 5.2 s for
-a 43-op model); it is there so the sharded path runs where CI can test it. Each process
+thread count (below): no faster than one process (``benchmarks/processes.py``, 2 cores: the
+stage takes 1.6x as long on two); it is there so the sharded path runs where CI can test it. Each process
 calibrates on the same batch (the same qparams: the computation is deterministic) and measures
 its share of the trials:
 

@@ -63,7 +63,7 @@ Interval: module, op_name, tower, rank, score (the report's: ``report.scores``),
 [...], rank: [...]}, batch_interval: {score: [min, max], rank: [min, max]}, bootstrap: {score:
 [p5, p95], rank: [p5, p95]} | null.
 
-``reports/rank/stability_metrics.json`` (DVC metrics): ``top_same`` and ``list_jaccard``.
+``reports/rank/stability_metrics.json`` (DVC metrics): ``top_same`` (:func:`stability_metrics`).
 """
 
 from __future__ import annotations
