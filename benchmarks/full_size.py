@@ -39,14 +39,10 @@ import numpy as np
 from engines import _machine, full_size_inputs  # this directory is on sys.path when run as a script
 
 from op_sensitivity.engines.contract import build_spec
-from op_sensitivity.engines.native import (
-    TRIAL_LOG,
-    TrialLog,
-    current_rss_gib,
-    pass_fingerprint,
-    resolve_numerics,
-    run_pass,
-)
+from op_sensitivity.engines.memory import current_rss_gib
+from op_sensitivity.engines.native import run_pass
+from op_sensitivity.engines.numerics import resolve_numerics
+from op_sensitivity.engines.trial_log import TRIAL_LOG, TrialLog, pass_fingerprint
 from op_sensitivity.params import load_params
 from op_sensitivity.phases import FALLBACK, REQUANT
 

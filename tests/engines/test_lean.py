@@ -14,8 +14,10 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from op_sensitivity.engines.native import TRIAL_LOG, FakeQuantModel, TrialLog, resolve_numerics
+from op_sensitivity.engines.fakequant import FakeQuantModel
+from op_sensitivity.engines.numerics import resolve_numerics
 from op_sensitivity.engines.runner import load_inputs
+from op_sensitivity.engines.trial_log import TRIAL_LOG, TrialLog
 from op_sensitivity.inventory import read_inventory
 from tests.helpers import REPO, sensitivity_params, sensitivity_stage, venv_env
 

@@ -12,14 +12,14 @@ import torch
 from op_sensitivity.data.calibration import load_calibration
 from op_sensitivity.engines.artifact import build_report
 from op_sensitivity.engines.contract import build_spec
-from op_sensitivity.engines.native import (
+from op_sensitivity.engines.fakequant import (
     FakeQuantModel,
     _act_observer,
     _fq_tensor,
     _qparams,
     fake_quant_weight,
-    run_pass,
 )
+from op_sensitivity.engines.native import run_pass
 from op_sensitivity.engines.runner import load_inputs, run_engine
 from op_sensitivity.errors import InputError
 from op_sensitivity.inventory import module_name

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from op_sensitivity.engines.native import FakeQuantModel, run_pass
+from op_sensitivity.engines.fakequant import FakeQuantModel
+from op_sensitivity.engines.native import run_pass
 from op_sensitivity.engines.reuse import SuffixCache, block_stacks
 from op_sensitivity.engines.runner import load_inputs
 from tests.helpers import sensitivity_params

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from op_sensitivity.engines.native import resolve_numerics
+from op_sensitivity.engines.numerics import resolve_numerics
 from op_sensitivity.errors import InputError
 from op_sensitivity.inventory import OpInfo
 from op_sensitivity.model.full_size import full_size_config

@@ -269,11 +269,11 @@ def run_sensitivity(
     if params.engine == "inc":
         # INC reads no sensitivity.native, but the crosscheck, curve and validate measure with it: a
         # value this machine cannot run (device, arithmetic) is refused now, not after the INC pass
-        from .native import resolve_numerics
+        from .numerics import resolve_numerics
 
         resolve_numerics(params)
     elif params.native.processes > 1:  # more than this machine's cores or GPUs: before the model loads
-        from .native import check_native_processes
+        from .numerics import check_native_processes
 
         check_native_processes(params)
     model, spec, inventory, metadata = load_inputs(params, cal_dir, model_dir, inventory_path)

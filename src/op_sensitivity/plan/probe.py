@@ -33,7 +33,8 @@ from transformers.initialization import no_init_weights
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from ..engines.contract import scheme_exclusion
-from ..engines.native import FakeQuantModel, Numerics
+from ..engines.fakequant import FakeQuantModel
+from ..engines.numerics import Numerics
 from ..errors import InputError
 from ..inventory import op_inventory
 from ..model.carve import TEXT_TOKEN_FIELDS, TOKEN_FIELDS, carved_config

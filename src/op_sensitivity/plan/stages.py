@@ -36,7 +36,7 @@ import torch
 from tabulate import tabulate
 
 from ..engines.contract import check_scored, exclusions
-from ..engines.native import resolve_numerics
+from ..engines.numerics import resolve_numerics
 from ..engines.runner import host_facts, scheme_params
 from ..errors import InputError
 from ..fallback.policy import walk_cost
@@ -196,7 +196,7 @@ class Planner:
 
     # -- what a pass scores, where ------------------------------------------------------------
     def device(self, sens: SensitivityParams) -> str:
-        """The native engine's device on *this plan's* machine (``engines.native.resolve_device``'s
+        """The native engine's device on *this plan's* machine (``engines.numerics.resolve_device``'s
         rule, read from :class:`Machine` so a plan can be made for a machine described by hand)."""
         setting = sens.native.device
         if setting == "cuda" and self.machine.gpu is None:

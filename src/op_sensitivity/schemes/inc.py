@@ -1,5 +1,5 @@
 """``inc_cpu``: the scheme INC's FX path applies by default on CPU, as the native engine computes it
-(``engines.native``; its values equal INC's, see docs/engines.md). Activations: uint8 asymmetric
+(``engines.fakequant``; its values equal INC's, see docs/engines.md). Activations: uint8 asymmetric
 per tensor from a histogram (KL) observer at each op's input and output; weights int8 symmetric
 per output channel; Embedding weight-only (float qparams per row)."""
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..data.calibration import load_calibration
-from ..engines.native import resolve_numerics
+from ..engines.numerics import resolve_numerics
 from ..errors import InputError
 from ..inventory import module_name, op_inventory
 from ..model.batches import build_eval_batches

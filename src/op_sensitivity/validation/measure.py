@@ -15,7 +15,8 @@ from contextlib import AbstractContextManager
 import torch
 from torch import nn
 
-from ..engines.native import FakeQuantModel, Numerics
+from ..engines.fakequant import FakeQuantModel
+from ..engines.numerics import Numerics
 from .metrics import Totals, reference
 
 EvalBatch = tuple[dict[str, torch.Tensor], torch.Tensor]  # model inputs, caption target mask
