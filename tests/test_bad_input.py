@@ -509,6 +509,25 @@ CASES = [
         "case.yaml: sensitivity.native.arithmetic: int8_kernels runs on cpu",
         params=lambda d: d["sensitivity"]["native"].update(dtype="bfloat16", arithmetic="int8_kernels"),
     ),
+    # screening refines in float32: a pass that is not float32, or tf32 off CUDA, is refused upfront
+    Case(
+        "screening-bf16-pass",
+        "sensitivity",
+        "case.yaml: sensitivity.native.screening: bfloat16 screening refines in float32, so the pass must",
+        params=lambda d: d["sensitivity"]["native"].update(dtype="bfloat16", screening="bfloat16"),
+    ),
+    Case(
+        "screening-tf32-cpu",
+        "sensitivity",
+        "case.yaml: sensitivity.native.screening: tf32 is a CUDA matmul mode (device cpu)",
+        params=lambda d: d["sensitivity"]["native"].update(device="cpu", screening="tf32"),
+    ),
+    Case(
+        "screening-margin",
+        "sensitivity",
+        "sensitivity.native.screening_margin: expected a positive number",
+        params=lambda d: d["sensitivity"]["native"].update(screening_margin=0),
+    ),
     # more processes than usable cores (cpu) or GPUs (cuda): refused before the model loads, none started
     Case(
         "processes-over-cores",

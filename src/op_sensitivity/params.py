@@ -74,6 +74,7 @@ ENGINES = ("inc", "native")
 DEVICES = ("auto", "cpu", "cuda")
 ARITHMETICS = ("auto", "int8_kernels", "fp8_kernels", "fake_quant")
 REQUANT_MODES = ("cumulative", "isolated")
+SCREENINGS = ("none", "bfloat16", "tf32")
 # op_sensitivity.schemes describes each (it checks this tuple against its registry)
 SCHEMES = ("inc_cpu", "modelopt_int8", "modelopt_fp8", "llmcompressor_w8a8", "ort_qdq")
 POLICIES = ("top_k", "top_fraction", "threshold", "error_budget", "measured_budget", "bits_budget")
@@ -459,6 +460,33 @@ class NativeParams:
         default="inc_cpu",
         description="The main pass's deployment scheme: inc_cpu (INC's; engine inc measures only this) | "
         "modelopt_int8 | modelopt_fp8 | llmcompressor_w8a8 | ort_qdq.",
+    )
+    trial_batch: Int1 = Field(
+        default=8,
+        description="Fallback trials of ops in the last trial_batch_layers decoder layers (and lm_head) run "
+        "this many per forward, the trial as a batch dimension (values identical on CPU; 1: one each). "
+        "Memory: the logits this many times over.",
+    )
+    trial_batch_layers: Annotated[StrictInt, Field(ge=0)] = Field(
+        default=2, description="trial_batch: the last decoder layers whose fallback trials are batched."
+    )
+    screening: Literal[SCREENINGS] = Field(
+        default="none",
+        description="none | bfloat16 (autocast, cpu or cuda) | tf32 (cuda): run every trial in this fast "
+        "precision, then re-measure in float32 each op that could stand in a phase's top exact_top (a "
+        "derived bound, docs/engines.md); those values equal a float32 pass's. Needs dtype float32.",
+    )
+    exact_top: Int1 = Field(
+        default=32,
+        description="screening: the top ops of each phase's ranking whose values and order are float32's "
+        "(below them the order is the screen's).",
+    )
+    screening_margin: Annotated[Number, Field(gt=0), Expect("a positive number")] = Field(
+        default=1.0,
+        description="screening: a value's error bound as a multiple of the rounding error measured at the "
+        "all-fp32 and all-int8 states; 1 is the triangle-inequality bound (docs/engines.md), below 1 "
+        "trusts the error's projection to be smaller. Widened by the pass wherever a refined op shows it "
+        "too narrow.",
     )
 
 

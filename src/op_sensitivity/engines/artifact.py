@@ -19,6 +19,9 @@ Document (``schema_version`` 1)::
       requant_mode: "cumulative" | "isolated" (native only)
       all_int8_mse: float           native engine: the all-int8 error, measured directly
       engine_details: {...}         native engine: device, dtype, allow_tf32, arithmetic
+      screening: {precision, exact_top, margin, margin_used, noise: [{fp32, int8}], refined: {phase: [op]},
+                  observed_ratio}     native screening only (engines.screening); each op then has
+                                    ``precision``: float32 (re-measured) or the screen's
     phases:
       fallback | requant:
         semantics: str; direction: str; cumulative: bool
@@ -135,11 +138,16 @@ def build_report(result: PassResult, inventory: list[OpInfo], metadata: dict[str
         ops = _phase_scores(calls, result.op_order, excluded, towers)
         if not ops:
             raise InputError(f"{result.engine} {phase} phase scored no op: refusing to write an empty report")
+        rows = [asdict(o) for o in ops]
+        if result.screening is not None:
+            exact = set(result.screening["refined"][phase])
+            for row in rows:
+                row["precision"] = "float32" if row["op_name"] in exact else result.screening["precision"]
         phases[phase] = {
             "semantics": semantics,
             "direction": direction,
             "cumulative": phase == REQUANT and not isolated,
-            "ops": [asdict(o) for o in ops],
+            "ops": rows,
         }
     phases[FALLBACK]["double_check"] = [
         {"batch": c.batch, "ops": [{"op_name": k[0], "op_type": k[1], "mse": v} for k, v in c.double_check]}
@@ -159,6 +167,7 @@ def build_report(result: PassResult, inventory: list[OpInfo], metadata: dict[str
         "requant_mode": result.requant_mode,
         **({"all_int8_mse": result.all_int8_mse} if result.all_int8_mse is not None else {}),
         **({"engine_details": result.details} if result.details else {}),
+        **({"screening": result.screening} if result.screening is not None else {}),
     }
     return {"schema_version": SCHEMA_VERSION, "engine": result.engine, "metadata": meta, "phases": phases}
 
@@ -292,6 +301,10 @@ def _validate_metadata(meta: Any, fail: Callable[[str], None], need: Callable[..
             "an object",
             meta["engine_details"],
         )
+    if "screening" in meta:
+        screening = meta["screening"]
+        ok = isinstance(screening, dict) and isinstance(screening.get("refined"), dict)
+        need(ok, "metadata.screening", "an object with the refined ops per phase", screening)
     if "all_int8_mse" in meta:
         need(_finite(meta["all_int8_mse"]), "metadata.all_int8_mse", "a finite number", meta["all_int8_mse"])
     if "requant_mode" in meta:

@@ -125,6 +125,7 @@ class PassResult:
     scheme: Scheme = field(
         default_factory=inc.describe
     )  # the deployment scheme the values were measured under
+    screening: dict[str, Any] | None = None  # native screening: precision, bound, ops refined in float32
 
 
 class Engine(Protocol):

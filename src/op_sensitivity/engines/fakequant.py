@@ -30,7 +30,9 @@ replicated.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,6 +155,8 @@ class _Op:
     sq: SchemeQuant | None = None  # a scheme other than inc_cpu: its quantizers for this op
     enabled: bool = False
     observers: dict[str, Any] = field(default_factory=dict)
+    # batched trials (:meth:`FakeQuantModel.trials`): this op's on/off per trial, in place of ``enabled``
+    per_trial: tuple[bool, ...] | None = None
 
 
 def _affine(mod: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -168,6 +172,46 @@ def _functional(op: _Op, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if isinstance(mod, nn.Embedding):
         return F.embedding(x, weight, mod.padding_idx, mod.max_norm, mod.norm_type, mod.scale_grad_by_freq)
     return _affine(mod, x, weight, mod.bias)
+
+
+def by_trial(
+    x: torch.Tensor, keys: Sequence[Hashable], run: Callable[[torch.Tensor, Hashable], torch.Tensor]
+) -> torch.Tensor:
+    """``run(rows, key)`` for each trial's own ``keys[t]``, the trials carried trial-major along dim 0
+    of ``x`` (trial t's B rows at ``t*B .. t*B+B-1``).
+
+    The key most trials share runs on all rows, then every other key on its own trials' rows only,
+    written over them: for the fallback phase (one trial float, the rest int8) one full-size call
+    and one B-row call, no gather. Only row-wise computations may run so (a dynamic per-tensor
+    scale would see other trials' rows: :func:`.trial_batch.batchable` refuses those schemes).
+    """
+    groups: dict[Hashable, list[int]] = {}
+    for t, key in enumerate(keys):
+        groups.setdefault(key, []).append(t)
+    ranked = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    out = run(x, ranked[0][0])
+    if len(ranked) == 1:
+        return out
+    rows, rest = divmod(x.shape[0], len(keys))
+    if rest or out.shape[0] != x.shape[0]:
+        raise ValueError(f"by_trial: {x.shape[0]} rows do not split into {len(keys)} trials")
+    if out is x:
+        out = x.clone()
+    for key, trials in ranked[1:]:
+        if trials == list(range(trials[0], trials[-1] + 1)):  # one run of trials: views, no gather
+            y = run(x.narrow(0, trials[0] * rows, len(trials) * rows), key)
+            target = out.narrow(0, trials[0] * rows, len(trials) * rows)
+            index = None
+        else:
+            index = torch.tensor([t * rows + j for t in trials for j in range(rows)], device=x.device)
+            y, target = run(x.index_select(0, index), key), None
+        if y.dtype != out.dtype:  # a single forward would hand the next op this trial's own dtype
+            raise RuntimeError(f"by_trial: paths give {out.dtype} and {y.dtype}; cannot batch them")
+        if index is None:
+            target.copy_(y)
+        else:
+            out.index_copy_(0, index, y)
+    return out
 
 
 class FakeQuantModel:
@@ -203,6 +247,7 @@ class FakeQuantModel:
         self.compute_dtype = compute_dtype
         self.observing = False
         self.trace: list[str] | None = None  # names of scored ops as they run (SuffixCache.learn)
+        self.trial_count: int | None = None  # T while batched trials run (:meth:`trials`)
         self.readers: dict[str, list[str]] = {}  # Scheme.shared_input: the other readers of an op's input
         self._last_read: tuple[str, torch.Tensor] | None = None
         self.ops: dict[str, _Op] = {}
@@ -270,18 +315,24 @@ class FakeQuantModel:
                 if not op.weight_only:
                     op.observers["out"](out.detach().float())
                 return out
-            if not op.enabled:
-                return _functional(op, x, self._weight(op))
-            if op.qmodule is not None:
-                scale, zero_point = float(op.in_qp[0]), int(op.in_qp[1])
-                q = torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8)
-                return op.qmodule(q).dequantize()
-            if op.weight_only:
-                return _functional(op, x, self._dequantized(op))
-            out = _functional(op, _fq_tensor(x, op.in_qp), self._dequantized(op))
-            return _fq_tensor(out, op.out_qp)
+            if op.per_trial is not None:
+                return by_trial(x, op.per_trial, functools.partial(self._compute, op))
+            return self._compute(op, x, op.enabled)
 
         return forward
+
+    def _compute(self, op: _Op, x: torch.Tensor, enabled: bool) -> torch.Tensor:
+        """The op's int8 (``enabled``) or float computation of ``x``."""
+        if not enabled:
+            return _functional(op, x, self._weight(op))
+        if op.qmodule is not None:
+            scale, zero_point = float(op.in_qp[0]), int(op.in_qp[1])
+            q = torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8)
+            return op.qmodule(q).dequantize()
+        if op.weight_only:
+            return _functional(op, x, self._dequantized(op))
+        out = _functional(op, _fq_tensor(x, op.in_qp), self._dequantized(op))
+        return _fq_tensor(out, op.out_qp)
 
     def _scheme_forward(self, op: _Op):
         call = functools.partial(_affine, op.module)
@@ -291,19 +342,35 @@ class FakeQuantModel:
                 self.trace.append(op.name)
             if self.observing:
                 self._note_reader(op.name, x)
+            if self.trial_count is not None and not self.observing:
+                keys = [self._scheme_key(op, t) for t in range(self.trial_count)]
+                return by_trial(x, keys, lambda part, key: run(part, *key))
             shared = not op.enabled and any(self.ops[s].enabled for s in self.readers.get(op.name, ()))
+            return run(x, shared, op.enabled)
+
+        def run(x: torch.Tensor, shared: bool, enabled: bool) -> torch.Tensor:
             return op.sq.run(
                 call,
                 x,
                 functools.partial(self._weight, op),
                 op.module.bias,
                 quant_in=shared,
-                quant_op=op.enabled,
+                quant_op=enabled,
                 observing=self.observing,
                 dtype=self.compute_dtype,
             )
 
         return forward
+
+    def _on(self, op: _Op, t: int) -> bool:
+        """Whether ``op`` is quantized in batched trial ``t``."""
+        return op.enabled if op.per_trial is None else op.per_trial[t]
+
+    def _scheme_key(self, op: _Op, t: int) -> tuple[bool, bool]:
+        """(quant_in, quant_op) of a scheme op in batched trial ``t``: a reader of a shared input
+        kept in high precision still reads it quantized in the trials where another reader is on."""
+        on = self._on(op, t)
+        return (not on and any(self._on(self.ops[s], t) for s in self.readers.get(op.name, ())), on)
 
     def _note_reader(self, name: str, x: torch.Tensor) -> None:
         """Ops reading one tensor (q/k/v, gate/up: called one after another on the same object)
@@ -330,8 +397,31 @@ class FakeQuantModel:
         for name in self.ops:
             self.set(name, on)
 
-    def state(self, names: list[str]) -> tuple[bool, ...]:
-        return tuple(self.ops[n].enabled for n in names)
+    def state(self, names: list[str]) -> tuple[bool | None, ...]:
+        """The ops' on/off; None for an op that differs between batched trials (no one state: the
+        reuse caches neither hit nor store on a key holding None)."""
+        return tuple(None if self.ops[n].per_trial is not None else self.ops[n].enabled for n in names)
+
+    @contextlib.contextmanager
+    def trials(self, per_trial: dict[str, tuple[bool, ...]]) -> Iterator[None]:
+        """T trials in one forward: op ``name`` is on in trial t where ``per_trial[name][t]``; every
+        other op keeps its ``enabled`` in all trials. The forward must carry the trials trial-major
+        along dim 0 wherever a listed op (or, for a scheme, a reader sharing its input) runs
+        (:mod:`.trial_batch` expands the batch); the per-trial flags are cleared on exit."""
+        counts = {len(flags) for flags in per_trial.values()}
+        if len(counts) != 1:
+            raise ValueError(f"trials: every op needs one flag per trial, got lengths {sorted(counts)}")
+        if self.trial_count is not None:
+            raise RuntimeError("trials: batched trials are already running")
+        try:
+            for name, flags in per_trial.items():
+                self.ops[name].per_trial = tuple(bool(f) for f in flags)
+            self.trial_count = counts.pop()
+            yield
+        finally:
+            self.trial_count = None
+            for op in self.ops.values():
+                op.per_trial = None
 
     @torch.no_grad()
     def calibrate(self, batches: list[dict[str, torch.Tensor]]) -> None:
@@ -369,6 +459,24 @@ class FakeQuantModel:
                     )
                 op.in_qp, op.out_qp = _qparams(op.observers["in"]), _qparams(op.observers["out"])
                 op.observers = {}
+                if self.arithmetic == "int8_kernels":
+                    op.qmodule = _quantized_module(op, self._weight(op))
+
+    def frozen(self) -> dict[str, Any]:
+        """The calibrated activation qparams (a few scalars per op), to come back to this batch later."""
+        return {
+            name: dict(op.sq.static) if op.sq is not None else (op.in_qp, op.out_qp)
+            for name, op in self.ops.items()
+        }
+
+    def restore(self, frozen: dict[str, Any]) -> None:
+        """The qparams of :meth:`frozen`, as if that batch had just been calibrated (no forward)."""
+        for name, qp in frozen.items():
+            op = self.ops[name]
+            if op.sq is not None:
+                op.sq.static = dict(qp)
+            elif not op.weight_only:
+                op.in_qp, op.out_qp = qp
                 if self.arithmetic == "int8_kernels":
                     op.qmodule = _quantized_module(op, self._weight(op))
 

@@ -137,8 +137,32 @@ def resolve_numerics(params: SensitivityParams) -> Numerics:
             "fallback Spearman 0.61 vs INC); crosscheck against float32 before trusting it",
             n.dtype,
         )
+    check_screening(params, dev)
     reduce_range = resolve_reduce_range(n.reduce_range)
     return Numerics(dev, n.dtype, reduce_range, arithmetic, n.allow_tf32, scheme)
+
+
+def check_screening(params: SensitivityParams, dev: torch.device) -> None:
+    """Screening refines in float32: the pass itself must compute in float32, on one process."""
+    n, where = params.native, params.where
+    if n.screening == "none":
+        return
+    if n.dtype != "float32" or n.allow_tf32:
+        raise InputError(
+            f"{where('native.screening')}: {n.screening} screening refines in float32, so the pass must "
+            f"compute in float32 (dtype float32, allow_tf32 false); got dtype {n.dtype}, allow_tf32 "
+            f"{str(n.allow_tf32).lower()}"
+        )
+    if n.screening == "tf32" and dev.type != "cuda":
+        raise InputError(
+            f"{where('native.screening')}: tf32 is a CUDA matmul mode (device {dev.type}); use bfloat16 "
+            "on a CPU"
+        )
+    if n.processes > 1:
+        raise InputError(
+            f"{where('native.screening')}: screening runs on one process (processes {n.processes}); set "
+            f"{where('native.processes')} to 1 or screening to off"
+        )
 
 
 def check_native_processes(params: SensitivityParams) -> None:

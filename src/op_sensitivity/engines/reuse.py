@@ -38,7 +38,7 @@ class Toggles(Protocol):
     observing: bool
     trace: list[str] | None
 
-    def state(self, names: list[str]) -> tuple[bool, ...]: ...
+    def state(self, names: list[str]) -> tuple[bool | None, ...]: ...
 
 
 def vision_tower(model: nn.Module) -> nn.Module | None:
@@ -106,6 +106,11 @@ class SuffixCache:
                 out = original(*args, **kwargs)
                 if self._learning:
                     self.prefix[name] = list(dict.fromkeys(self.fq.trace))
+                if self.fq.observing and self.record and name in self.prefix:
+                    # a calibration forward computes the fp32 model's outputs: the requant base
+                    self._store(
+                        self.entries[name], (self.batch_key[0], self.fq.state(self.prefix[name])), out
+                    )
                 return out
             key = (self.batch_key[0], self.fq.state(self.prefix[name]))
             slots = self.entries[name]
@@ -114,13 +119,17 @@ class SuffixCache:
                 return slots[key]
             self.runs += 1
             out = original(*args, **kwargs)
-            if self.record:
-                slots[key] = out
-                while len(slots) > SLOTS:
-                    slots.popitem(last=False)
+            if self.record and None not in key[1]:  # None: batched trials (their rows are not one state)
+                self._store(slots, key, out)
             return out
 
         return forward
+
+    @staticmethod
+    def _store(slots: OrderedDict, key: tuple, out) -> None:
+        slots[key] = out
+        while len(slots) > SLOTS:
+            slots.popitem(last=False)
 
     @contextlib.contextmanager
     def learn(self) -> Iterator[None]:

@@ -15,12 +15,15 @@ are what ``dvc metrics show`` prints (lists are not shown); each pass's details 
 
 RuntimeDoc (:func:`runtime_doc`)::
 
-    {"engine": str, "seconds": {fallback, requant}, "seconds_per_op": float | null,
+    {"engine": str, "seconds": {fallback, requant[, refine]}, "seconds_per_op": float | null,
+     "calibration_seconds": float (native: observers + float32 reference, once per batch; part of
+                            seconds.fallback),
      "peak_rss_gib" | "peak_gpu_memory_gib": float, "peak_rss_scope": "pass" | "process",
      "rss_at_start_gib": float (native: before the pass),
      "ops", "batches": int (scored ops, confidence batches), "model_params": int, "device": str,
      "trials_resumed": int (native: taken from a killed run's trial log),
      "blocks_reused", "blocks_run": int (native: decoder layers / vision blocks skipped, computed),
+     "trials_batched": int (native: fallback trials measured several per forward),
      "processes": int (native, sharded passes only),
      "host": {machine, cpu, cpu_count, torch_threads, gpu}}
 """
@@ -222,8 +225,10 @@ def runtime_doc(result: PassResult, model_params: int | None = None) -> dict[str
     doc.update(ops=ops, batches=batches, model_params=model_params)
     if result.details.get("device"):
         doc["device"] = result.details["device"]
+    if result.runtime.get("calibration_seconds"):  # native: once per batch, inside seconds.fallback
+        doc["calibration_seconds"] = round(sum(result.runtime["calibration_seconds"]), 3)
     memory = ("peak_rss_gib", "peak_rss_scope", "peak_gpu_memory_gib", "rss_at_start_gib")
-    for key in (*memory, "trials_resumed", "blocks_reused", "blocks_run", "processes"):
+    for key in (*memory, "trials_resumed", "blocks_reused", "blocks_run", "trials_batched", "processes"):
         if key in result.runtime:
             doc[key] = result.runtime[key]
     if "peak_rss_gib" not in doc:

@@ -28,6 +28,7 @@ class TrialLog:
     def __init__(self, path: Path | None, fingerprint: str):
         self.values: dict[tuple, float] = {}
         self.resumed = 0
+        self.loaded: set[tuple] = set()
         self.file = None
         if path is None:
             return
@@ -40,6 +41,7 @@ class TrialLog:
                     if rec is None:
                         break
                     self.values[tuple(rec["key"])] = rec["value"]
+                self.loaded = set(self.values)
                 log.info("resuming from %s: %d trials already measured by this pass", path, len(self.values))
             elif head is not None:
                 log.warning("ignoring %s: it belongs to another pass (its fingerprint differs)", path)
@@ -55,7 +57,7 @@ class TrialLog:
 
     def get(self, key: tuple) -> float | None:
         value = self.values.get(key)
-        self.resumed += value is not None
+        self.resumed += value is not None and key in self.loaded  # not the values this run put
         return value
 
     def put(self, key: tuple, value: float) -> None:

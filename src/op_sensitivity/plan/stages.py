@@ -274,7 +274,10 @@ class Planner:
         # One GPU per process divides the trials; on the CPU the processes share the same cores
         # (each with the stage's thread count, so the values do not depend on them): no speedup.
         shards = sens.native.processes if self.device(sens) == "cuda" else 1
-        return per_batch * sens.confidence_batches / shards, "probe"
+        seconds = per_batch * sens.confidence_batches / shards
+        if sens.native.screening != "none":  # the probe is float32; which ops refine is known only after
+            return 2 * seconds, "probe; screening: at most a float32 screen + every op refined"
+        return seconds, "probe"
 
     # -- stages --------------------------------------------------------------------------------
     def prepare_captions(self) -> StagePlan:

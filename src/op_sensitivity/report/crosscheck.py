@@ -121,6 +121,12 @@ def native_rerun(stored: dict[str, Any]) -> str | None:
             f"the report was measured under scheme {scheme}; INC computes inc_cpu only, so the native "
             "engine reran the pass under inc_cpu (requant cumulative) and that run was compared"
         )
+    if "screening" in stored["metadata"]:
+        return (
+            f"the report was screened in {stored['metadata']['screening']['precision']} (float32 only "
+            "where the ranking is decided), so the native engine reran the pass in float32 and that run "
+            "was compared"
+        )
     if stored["engine"] == "native" and stored["phases"][REQUANT].get("cumulative") is False:
         return (
             "the report was measured with sensitivity.native.requant_mode isolated; INC's requant phase "
@@ -137,14 +143,15 @@ def carved_pass(params: SensitivityParams) -> SensitivityParams:
 
 
 def inc_numerics(params: SensitivityParams) -> SensitivityParams:
-    """The native engine's settings for a comparison with INC: scheme inc_cpu, requant cumulative.
+    """The native engine's settings for a comparison with INC: scheme inc_cpu, requant cumulative,
+    float32 throughout (no screening: INC has none).
     A kernel asked for another scheme (``fp8_kernels``; ``int8_kernels`` on a GPU) need not run
     under inc_cpu, so the arithmetic then becomes ``auto`` (inc_cpu's own: torch's quantized
     modules on CPU in float32): never an error after the main pass has run."""
     native = params.native
     if native.scheme != "inc_cpu":
         native = replace(native, scheme="inc_cpu", arithmetic="auto")
-    return replace(params, native=replace(native, requant_mode="cumulative"))
+    return replace(params, native=replace(native, requant_mode="cumulative", screening="none"))
 
 
 def _carved(

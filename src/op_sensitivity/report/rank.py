@@ -75,6 +75,22 @@ def _summary(df: pd.DataFrame, by: str) -> str:
     return g.sort_values("score_sum", ascending=False).reset_index().to_markdown(index=False, floatfmt=".4g")
 
 
+def screening_lines(screening: dict[str, Any] | None) -> list[str]:
+    """What a screened pass measured in which precision (``engines.screening``); nothing otherwise."""
+    if screening is None:
+        return []
+    refined = ", ".join(f"{len(ops)} {phase}" for phase, ops in screening["refined"].items())
+    return [
+        f"> **Screened in {screening['precision']}**: every trial ran in {screening['precision']}, then "
+        f"the ops that could stand in a phase's top {screening['exact_top']} were measured again in "
+        f"float32 ({refined}; `precision` per op in op_sensitivity.json). That top is float32's, in "
+        f"float32's order; below it the order is the screen's. Bound margin {screening['margin_used']:.3g} "
+        f"(asked {screening['margin']:.3g}); the refined ops used at most {screening['observed_ratio']:.3g} "
+        "of the measured rounding error.",
+        "",
+    ]
+
+
 def render_markdown(
     report: dict[str, Any],
     scores: dict[str, pd.DataFrame],
@@ -101,6 +117,7 @@ def render_markdown(
         "Higher score = more sensitive.",
         "",
     ]
+    lines += screening_lines(meta.get("screening"))
     for phase in PHASES:
         df = scores[phase]
         shown = df if top is None else df.head(top)
