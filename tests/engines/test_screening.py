@@ -11,9 +11,11 @@ from op_sensitivity.engines.contract import FP32
 from op_sensitivity.engines.native import run_pass
 from op_sensitivity.engines.runner import load_inputs
 from op_sensitivity.engines.screening import PhaseValues, interval, observed_ratio, score_bounds, to_refine
+from op_sensitivity.fallback.policy import choose
 from op_sensitivity.inventory import read_inventory
 from op_sensitivity.phases import FALLBACK, REQUANT
-from op_sensitivity.report.scores import phase_scores
+from op_sensitivity.report.scores import phase_scores, select_phase
+from tests.handmade import fallback_params
 from tests.helpers import sensitivity_params
 from tests.validation.planted import PLANTED, planted_copy
 
@@ -68,11 +70,14 @@ def planted_pair(small_model_dir, calibration_dir, tmp_path_factory):
     inventory = read_inventory(inventory_path)
     base = replace(sensitivity_params(op_name_dict={"lm_head": FP32}, confidence_batches=2), engine="native")
     reports = {}
-    for screening in ("none", "bfloat16"):
-        native = replace(base.native, screening=screening, exact_top=3, arithmetic="fake_quant")
+    runs = {"none": ("none", 3, 1.0), "bfloat16": ("bfloat16", 3, 1.0), "tight": ("bfloat16", 1, 0.05)}
+    for name, (screening, top, margin) in runs.items():
+        native = replace(
+            base.native, screening=screening, exact_top=top, screening_margin=margin, arithmetic="fake_quant"
+        )
         params = replace(base, native=native)
         model, spec, _, meta = load_inputs(params, calibration_dir, model_dir, inventory_path)
-        reports[screening] = build_report(run_pass(model, spec, workspace=work / screening), inventory, meta)
+        reports[name] = build_report(run_pass(model, spec, workspace=work / name), inventory, meta)
     return reports, inventory
 
 
@@ -101,15 +106,34 @@ def test_screened_pass_is_float32_where_the_ranking_is_decided(planted_pair):
     assert scores["bfloat16"][REQUANT]["module"][0] == next(m for m in sorted(PLANTED) if "up_proj" in m)
 
 
-def test_unrefined_values_lie_within_the_bound(planted_pair):
-    reports, _ = planted_pair
-    exact, screened = reports["none"], reports["bfloat16"]
+@pytest.mark.parametrize("phase", ["fallback", "requant", "both"])
+def test_the_rank_policies_ship_the_float32_list(planted_pair, phase):
+    """top_k and error_budget read the ranking only: within exact_top they must pick what float32 picks."""
+    reports, inventory = planted_pair
+    for raw in ({"policy": "top_k", "top_k": {"k": 3}}, {"policy": "error_budget"}):
+        p = fallback_params(phase=phase, fused_groups=False, always_keep=[], **raw)
+        lists = [
+            list(choose(select_phase(phase_scores(reports[k], inventory), phase), p)["op_name"])
+            for k in ("none", "bfloat16")
+        ]
+        assert lists[0] == lists[1] and lists[0], (phase, raw)
+
+
+def test_a_tight_bound_leaves_ops_unrefined_and_their_values_inside_it(planted_pair):
+    """exact_top 1 and margin 0.05: the planted jump stands alone at the top of requant, so most
+    ops stay at their bf16 values - each inside its interval around the float32 value."""
+    reports, inventory = planted_pair
+    exact, screened = reports["none"], reports["tight"]
     meta = screened["metadata"]["screening"]
+    assert meta["observed_ratio"] <= meta["margin_used"]
+    unrefined = [o for o in screened["phases"][REQUANT]["ops"] if o["precision"] == "bfloat16"]
+    assert len(unrefined) >= len(screened["phases"][REQUANT]["ops"]) // 2
+    top = [phase_scores(r, inventory)[REQUANT]["module"][0] for r in (exact, screened)]
+    assert top[0] == top[1]
     noise = [meta["margin_used"] * max(x.values()) for x in meta["noise"]]
     for phase in (FALLBACK, REQUANT):
         ops_exact = {o["op_name"]: o for o in exact["phases"][phase]["ops"]}
-        unrefined = [o for o in screened["phases"][phase]["ops"] if o["precision"] == "bfloat16"]
-        for op in unrefined:
+        for op in (o for o in screened["phases"][phase]["ops"] if o["precision"] == "bfloat16"):
             for b, v in enumerate(op["mse_per_batch"]):
                 lo, hi = interval(v, noise[b])
                 assert lo <= ops_exact[op["op_name"]]["mse_per_batch"][b] <= hi
