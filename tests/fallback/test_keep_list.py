@@ -127,3 +127,16 @@ def test_a_keep_list_op_the_report_did_not_score_is_named(report_file):
     doc["ops"][1]["module"] = "model.nope"
     with pytest.raises(InputError, match=r"keep.json: ops\[1\].module 'model.nope' is not an op .* scored"):
         check_keep_list_ops(doc, "keep.json", [DOWN, HEAD, UP], report_file)
+
+
+@pytest.mark.parametrize(("exact_top", "said"), [(1, True), (2, False)])
+def test_a_list_past_a_screened_passs_float32_top_says_so(tmp_path, exact_top, said, caplog):
+    report = make_report()
+    report["metadata"]["screening"] = {"precision": "bfloat16", "exact_top": exact_top, "refined": {}}
+    path = tmp_path / "op_sensitivity.json"
+    path.write_text(json.dumps(report))
+    p = fallback_params(policy="top_k", top_k={"k": 2}, always_keep=[])
+    doc = build_fallback(read_report(path), path, INVENTORY, p)
+    reason = doc["policy"]["reason"]
+    assert ("reaches rank 2 of the fallback ranking, past the top 1" in reason) is said
+    assert ("sensitivity.native.exact_top" in caplog.text) is said

@@ -27,6 +27,7 @@ The cost (``inventory.cost``) counts ops kept fp32 by the sensitivity params as 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ EXPORT_SCHEME = {
     "ort_nodes_to_exclude.json": "ort_qdq",
     "llmcompressor_ignore.json": "llmcompressor_w8a8",
 }
+
+log = logging.getLogger(__name__)
 
 
 def _sha256(path: Path) -> str:
@@ -122,7 +125,7 @@ def build_fallback(
             "params": p.settings,
             "phase": p.phase,
             "ranking": walked_ranking(p, curve),
-            "reason": chosen.attrs["reason"],
+            "reason": chosen.attrs["reason"] + past_exact_top(report, ops, p),
             "always_keep": p.always_keep,
             "never_keep": p.never_keep,
             "fused_groups": p.fused_groups,
@@ -134,6 +137,22 @@ def build_fallback(
         "groups_widened": _widened(ops, inventory),
         "totals": totals({o["module"] for o in ops}, excluded, inventory, len(df)),
     }
+
+
+def past_exact_top(report: dict[str, Any], ops: list[dict[str, Any]], p: FallbackParams) -> str:
+    """Where a screened pass's ranking is read past its float32 top (``engines.screening``): said in
+    the policy's reason and logged, as the list's tail is then ordered by the fast precision."""
+    screening = report["metadata"].get("screening")
+    picked = [o["rank"] for o in ops if o["reason"].startswith(f"{p.policy}:")]
+    if screening is None or not picked or max(picked) <= screening["exact_top"]:
+        return ""
+    note = (
+        f"; the list reaches rank {max(picked)} of the {p.phase} ranking, past the top "
+        f"{screening['exact_top']} that the {screening['precision']}-screened pass measured in float32 "
+        "(raise sensitivity.native.exact_top to make it exact)"
+    )
+    log.warning("fallback list%s", note)
+    return note
 
 
 def scheme_policy(
