@@ -199,6 +199,7 @@ class _PassLoop:
         return out
 
     def batched_fallback(self, b: int, batch: dict, ref, names: list[str], precision: str | None) -> None:
+        """The trials of ``names`` near the head, several per forward, into the trial log."""
         n = self.n
         todo = [o for o in names if self.phase_key(FALLBACK, b, o, precision) not in self.trials.values]
         # under bf16 autocast torch's int8 kernels return float32 where the float path gives bf16:
@@ -213,7 +214,7 @@ class _PassLoop:
             values = run_trials(
                 self.model, self.fq, lambda: self.forward(batch), ref, fallback_states(run), head
             )
-            times = self.trial_seconds[FALLBACK]
+            times = self.trial_seconds.setdefault(self.phase_key(FALLBACK, b, "", precision)[0], {})
             for name, value in zip(run, values, strict=True):
                 self.trials.put(self.phase_key(FALLBACK, b, name, precision), value)
                 times[name] = times.get(name, 0.0) + (time.perf_counter() - start) / len(run)
