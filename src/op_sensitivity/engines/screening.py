@@ -36,14 +36,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from ..phases import FALLBACK, REQUANT
 
-MODES = ("none", "bfloat16", "tf32")
 WIDEN = 1.5  # a violated bound is widened to the observed ratio times this
 
 
@@ -133,12 +132,4 @@ class ScreeningRecord:
     observed_ratio: float | None = None  # max |sqrt(v') - sqrt(v)| / noise over refined trials
 
     def doc(self) -> dict[str, Any]:
-        return {
-            "precision": self.precision,
-            "exact_top": self.exact_top,
-            "margin": self.margin,
-            "margin_used": self.margin_used,
-            "noise": self.noise,
-            "refined": self.refined,
-            "observed_ratio": self.observed_ratio,
-        }
+        return asdict(self)
