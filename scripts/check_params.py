@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     # what DVC would run applies to the project's own params.yaml; another file: a run from scratch
     ours = args.params.resolve() == Path("params.yaml").resolve()
     stages = None if args.all or not ours else stages_to_run(Path.cwd())
-    stages = all_stages(p.schemes.run, DVC_YAML) if stages is None else stages
+    stages = all_stages(p.schemes.run, DVC_YAML, p.quantize.targets) if stages is None else stages
     up_to_date = "load_model" not in stages and (MODEL_DIR / "config.json").is_file()
     facts = describe(p.model, MODEL_DIR if up_to_date else None)
     plan = build_plan(p, facts, stages, runtime_dir=RUNTIME_DIR, probe_forward=not args.no_probe)

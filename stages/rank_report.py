@@ -13,6 +13,8 @@ from op_sensitivity.inventory import read_inventory
 from op_sensitivity.params import load_params
 from op_sensitivity.phases import FALLBACK
 from op_sensitivity.report.comparison import read_crosscheck
+from op_sensitivity.report.deployment import read_deployments
+from op_sensitivity.report.deployment import section as deployment_section
 from op_sensitivity.report.rank import read_section, write_rank_report
 from op_sensitivity.report.schemes import compare_schemes, read_spectra, render_section, scheme_summary
 from op_sensitivity.report.stability import read_chosen_list, stability, write_stability
@@ -45,6 +47,12 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         help="the fallback_list stage's fallback_ops.json: how stable its choice is",
     )
+    ap.add_argument(
+        "--quantize-dir",
+        default=None,
+        type=Path,
+        help="stage quantize's documents (<dir>/<target>.json): the Deployment section",
+    )
     ap.add_argument("--out-dir", default="reports", type=Path)
     args = ap.parse_args(argv)
     all_params = load_params(args.params)
@@ -64,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     sections.append(stability_section(stable))
     if args.validation:
         sections.append(read_section(args.validation))
+    if args.quantize_dir is not None and all_params.quantize.targets:
+        sections.append(deployment_section(read_deployments(args.quantize_dir, all_params.quantize.targets)))
     m = write_rank_report(report, inventory, args.out_dir, params, check, sections, extra_summary)
     write_stability(stable, args.out_dir)
     logging.getLogger("rank_report").info(

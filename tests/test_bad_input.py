@@ -509,6 +509,13 @@ CASES = [
         "case.yaml: sensitivity.native.arithmetic: int8_kernels runs on cpu",
         params=lambda d: d["sensitivity"]["native"].update(dtype="bfloat16", arithmetic="int8_kernels"),
     ),
+    # a quantize target is written from its scheme's keep-list: without that scheme, refused upfront
+    Case(
+        "quantize-target-scheme",
+        "prepare_captions",
+        "case.yaml: quantize.targets: compressed_tensors is written from the llmcompressor_w8a8 keep-list",
+        params=lambda d: d["schemes"].update(run=["modelopt_int8"]),
+    ),
     # screening refines in float32: a pass that is not float32, or tf32 off CUDA, is refused upfront
     Case(
         "screening-bf16-pass",

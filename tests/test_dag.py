@@ -23,7 +23,18 @@ SRC = REPO / "src"
 PACKAGE = "op_sensitivity"
 PACKAGE_DIR = SRC / PACKAGE
 # top-level modules first
-LAYERS = ("data", "model", "schemes", "engines", "report", "validation", "fallback", "preflight", "plan")
+LAYERS = (
+    "data",
+    "model",
+    "schemes",
+    "engines",
+    "report",
+    "validation",
+    "fallback",
+    "quantize",
+    "preflight",
+    "plan",
+)
 # What make repro runs before DVC (the params check and the plan), the profile it applies and the
 # params schema writer: library users besides the stages, never a stage's dep.
 TOOLS = (

@@ -25,11 +25,12 @@ STAGES = (
     "fallback_list",
     "validate",
     "rank_report",
-    # one stage per scheme of the repo's params.yaml schemes.run (a foreach stage)
+    # one stage per scheme of the repo's params.yaml schemes.run, one per quantize target (foreach)
     *(
         f"scheme_sensitivity@{s}"
         for s in yaml.safe_load((REPO / "params.yaml").read_text())["schemes"]["run"]
     ),
+    *(f"quantize@{t}" for t in yaml.safe_load((REPO / "params.yaml").read_text())["quantize"]["targets"]),
 )
 OUTPUTS = (
     "data/calibration/manifest.jsonl",
@@ -158,11 +159,11 @@ HEADLINE = {
 }
 
 
-def test_dvc_metrics_are_the_headline_numbers_and_fit_200_columns(repo):
+def test_dvc_metrics_are_the_headline_numbers_and_fit_210_columns(repo):
     """Per-op names, configuration and strings stay in the artifacts (docs/artifacts.md)."""
     root, _ = repo
     table = run(["dvc", "metrics", "show"], root).stdout
-    assert max(len(line) for line in table.splitlines()) <= 200, table
+    assert max(len(line) for line in table.splitlines()) <= 210, table
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], root).stdout)
     files = next(iter(shown.values()))["data"]
     keys = {k for f in files.values() for k, v in f["data"].items() if not isinstance(v, list)}
@@ -170,7 +171,8 @@ def test_dvc_metrics_are_the_headline_numbers_and_fit_200_columns(repo):
     stability = json.loads((root / "reports/rank/stability_metrics.json").read_text())
     assert list(stability) == ["top_same"]
     shown_keys = keys | ({"top_same"} if stability["top_same"] is None else set())
-    assert shown_keys == HEADLINE | {"kl_int8", "kl_kept", "kl_recovered", "kl_random", "n50", "n90", "n99"}
+    validation = {"kl_int8", "kl_kept", "kl_recovered", "kl_random", "n50", "n90", "n99"}
+    assert shown_keys == HEADLINE | validation | {"kl_native", "size_mb"}  # + the deploy rows
     assert all(
         isinstance(v, (int, float))
         for f in files.values()
@@ -241,12 +243,18 @@ def test_fallback_param_change_reruns_only_what_reads_the_keep_list(repo):
     upstream = {
         rel: _digest(root, rel) for rel in ("reports/validation/curve.json", "reports/rank/scores.csv")
     }
-    _set_params(
-        root, fallback={"policy": "top_k", "top_k": {"k": 5}, "always_keep": [], "fused_groups": False}
+    _set_params(  # split groups: no runtime that fuses them (params refuse compressed_tensors then)
+        root,
+        fallback={"policy": "top_k", "top_k": {"k": 5}, "always_keep": [], "fused_groups": False},
+        quantize={"targets": []},
     )
     changed = {"check_params", "fallback_list", "validate", "rank_report"}
     assert _planned(root, probe=False) == changed
     assert _ran(run(["dvc", "repro"], root).stdout) == changed
+    # the removed target's outputs, which DVC leaves on disk when a stage goes away
+    for leftover in ("models/quantized", "reports/deploy", "reports/quantize/compressed_tensors.json"):
+        path = root / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     assert {rel: _digest(root, rel) for rel in upstream} == upstream
     doc = json.loads((root / "reports/fallback/fallback_ops.json").read_text())
     assert [o["rank"] for o in doc["ops"]] == [1, 2, 3, 4, 5]

@@ -86,6 +86,7 @@ BLOCKS = (
     "crosscheck",
     "curve",
     "fallback",
+    "quantize",
     "validate",
     "report",
 )
@@ -555,6 +556,46 @@ class SchemesParams(ParamsBlock):
     )
 
 
+# target -> the scheme its keep-list is chosen on (inc: the main pass's list, reports/fallback/fallback_ops.json)
+TARGET_SCHEMES = {
+    "compressed_tensors": "llmcompressor_w8a8",
+    "ort_qdq": "ort_qdq",
+    "modelopt_int8": "modelopt_int8",
+    "modelopt_fp8": "modelopt_fp8",
+    "inc": "inc_cpu",
+}
+MAIN_PASS_TARGETS = ("inc",)  # deployed from the main pass (sensitivity), not a scheme pass
+FUSED_TARGETS = ("compressed_tensors", "modelopt_int8", "modelopt_fp8")  # runtimes that fuse q/k/v, gate/up
+TARGETS = tuple(TARGET_SCHEMES)
+
+
+def _unique_targets(targets: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(targets)) != len(targets):
+        raise _error(f"lists a target twice ({list(targets)}); DVC would run one stage twice")
+    return targets
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class QuantizeParams(ParamsBlock):
+    """Stage quantize: a deployable quantized model per target, written from the keep-list chosen on
+    the target's own scheme spectrum and measured in the runtime that loads it."""
+
+    BLOCK: ClassVar[str] = "quantize"
+    targets: Annotated[
+        tuple[Literal[TARGETS], ...],
+        Field(json_schema_extra={"uniqueItems": True}),
+        AfterValidator(_unique_targets),
+    ] = Field(
+        default=("compressed_tensors",),
+        description="Deployment targets, one cached DVC stage each (foreach), each from the keep-list of "
+        "its scheme (which schemes.run must measure): compressed_tensors (W8A8 checkpoint for vLLM and "
+        "transformers, measured in transformers; llmcompressor_w8a8), ort_qdq (QDQ ONNX model from "
+        "quantize_static, measured in ONNX Runtime; ort_qdq), modelopt_int8 / modelopt_fp8 (ModelOpt "
+        "state that mto.restore reloads, measured in ModelOpt; modelopt_int8 / modelopt_fp8), inc (INC's "
+        "PTQ model from the main pass's list, saved and reloaded by INC; sensitivity.native.scheme inc_cpu).",
+    )
+
+
 @dataclass(frozen=True, config=_CONFIG)
 class CrosscheckParams(ParamsBlock):
     """Stage crosscheck and validate's INC PTQ check: INC against the native engine, on the real weights.
@@ -824,6 +865,7 @@ class Params:
     crosscheck: CrosscheckParams
     curve: CurveParams
     fallback: FallbackParams
+    quantize: QuantizeParams
     validate: ValidateParams
     report: ReportParams
 
@@ -853,6 +895,10 @@ class ParamsFile:
     )
     fallback: FallbackBlock = Field(
         description="Stage fallback_list: which ops to keep in high precision, and the per-tool exports."
+    )
+    quantize: QuantizeParams = Field(
+        default_factory=QuantizeParams,
+        description="Stage quantize: a deployable quantized model per target, measured in its runtime.",
     )
     validate: ValidateParams = Field(
         default_factory=ValidateParams,
@@ -1021,7 +1067,33 @@ def validate_params(data: Any, source: str = "params.yaml") -> Params:
     """Validate the params file's content (a mapping of blocks); :class:`InputError` on the first problem."""
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a mapping with the blocks {', '.join(BLOCKS)}")
-    return _validate(ParamsFile, data, source).to_params()
+    params = _validate(ParamsFile, data, source).to_params()
+    _check_targets(params, source)
+    return params
+
+
+def _check_targets(p: Params, source: str) -> None:
+    """A quantize target is written from its scheme's keep-list: that scheme must be measured."""
+    for target in p.quantize.targets:
+        if target in FUSED_TARGETS and not p.fallback.fused_groups:
+            raise InputError(
+                f"{source}: quantize.targets: {target} is served with q/k/v and gate/up fused (vLLM, "
+                "TensorRT-LLM), but fallback.fused_groups: false lets a keep-list split them; set it true "
+                "or drop the target"
+            )
+        scheme = TARGET_SCHEMES[target]
+        if target in MAIN_PASS_TARGETS:
+            if p.sensitivity.native.scheme != scheme:
+                raise InputError(
+                    f"{source}: quantize.targets: {target} deploys the main pass's keep-list, which is "
+                    f"chosen under sensitivity.native.scheme {p.sensitivity.native.scheme}, not {scheme}; "
+                    f"set it to {scheme} or drop the target"
+                )
+        elif scheme not in p.schemes.run:
+            raise InputError(
+                f"{source}: quantize.targets: {target} is written from the {scheme} keep-list, but "
+                f"schemes.run ({', '.join(p.schemes.run)}) does not measure {scheme}; add it there"
+            )
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:

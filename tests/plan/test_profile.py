@@ -23,6 +23,10 @@ GPU_24GB = Machine("test CPU", 16, 128.0, "NVIDIA RTX 4090", 23.6)
 RANDOM = {"model.source": "full_size_random", "model.input": "data/calibration"}
 
 
+def _stages(p) -> list[str]:
+    return all_stages(p.schemes.run, REPO / "dvc.yaml", p.quantize.targets)
+
+
 def _applied(tmp_path, name: str, **extra):
     params = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params)
@@ -32,7 +36,11 @@ def _applied(tmp_path, name: str, **extra):
 
 def _plan(p, machine):
     return build_plan(
-        p, describe(p.model), all_stages(p.schemes.run, REPO / "dvc.yaml"), machine, probe_forward=False
+        p,
+        describe(p.model),
+        _stages(p),
+        machine,
+        probe_forward=False,
     )
 
 

@@ -20,6 +20,10 @@ H100 = Machine("test CPU", 16, 128.0, "NVIDIA H100 80GB HBM3", 79.1)
 GPU_24GB = Machine("test CPU", 16, 128.0, "NVIDIA RTX 4090", 23.6)
 
 
+def _stages(p) -> list[str]:
+    return all_stages(p.schemes.run, REPO / "dvc.yaml", p.quantize.targets)
+
+
 def _params(**blocks):
     p = load_params(REPO / "params.yaml")
     return replace(p, **{name: replace(getattr(p, name), **values) for name, values in blocks.items()})
@@ -39,7 +43,13 @@ def test_embedded_default_plan_lists_every_stage_with_its_work():
     p = _params()
     facts = describe(p.model)  # no load_model output yet: the tiny config on the meta device
     assert len(facts.ops) == 29 and not facts.exact  # vocabulary: the params' upper bound
-    plan = build_plan(p, facts, all_stages(p.schemes.run, REPO / "dvc.yaml"), CPU_24GB, probe_forward=False)
+    plan = build_plan(
+        p,
+        facts,
+        _stages(p),
+        CPU_24GB,
+        probe_forward=False,
+    )
     assert [s.stage for s in plan.stages] == [
         "check_params",
         "prepare_captions",
@@ -53,6 +63,7 @@ def test_embedded_default_plan_lists_every_stage_with_its_work():
         "curve",
         "fallback_list",
         "validate",
+        "quantize@compressed_tensors",
         "rank_report",
     ]
     work = _work(plan)
@@ -95,7 +106,13 @@ def test_full_size_3b_plan_on_the_meta_device():
     p = _full_size("3b")
     facts = describe(p.model)
     assert facts.params == 3_754_622_976 and len(facts.ops) == 417 and facts.stored_bytes_per_param == 2
-    plan = build_plan(p, facts, all_stages(p.schemes.run, REPO / "dvc.yaml"), CPU_24GB, probe_forward=False)
+    plan = build_plan(
+        p,
+        facts,
+        _stages(p),
+        CPU_24GB,
+        probe_forward=False,
+    )
     work = _work(plan)
     assert work["sensitivity"] == "native (inc_cpu): 417 ops x 2 phases x 2 batches of 1: 1670 trials"
     assert work["scheme_sensitivity@modelopt_int8"].startswith("native (modelopt_int8): 252 ops")  # 36 x 7
@@ -138,7 +155,7 @@ def test_native_memory_estimate_meets_both_3b_measurements():
 def test_impossible_plans_stop_naming_the_param_to_change():
     p = _full_size("3b")
     facts = describe(p.model)
-    stages = all_stages(p.schemes.run, REPO / "dvc.yaml")
+    stages = _stages(p)
     # INC on the whole 3B: ~70 GiB
     whole = replace(p, crosscheck=replace(p.crosscheck, whole_max_params=10**10))
     plan = build_plan(whole, facts, stages, CPU_24GB, probe_forward=False)

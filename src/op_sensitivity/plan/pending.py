@@ -41,14 +41,21 @@ def stages_to_run(repo_root: Path) -> list[str] | None:
     return [name for name in order if name in run]
 
 
-def all_stages(schemes: tuple[str, ...], dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+def all_stages(
+    schemes: tuple[str, ...], dvc_yaml: Path = Path("dvc.yaml"), targets: tuple[str, ...] = ()
+) -> list[str]:
     """Every stage of ``dvc_yaml`` in its order (the order ``dvc repro`` runs them from scratch), a
-    ``foreach`` stage once per item of ``schemes`` (the only matrix: ``schemes.run``)."""
+    ``foreach`` stage once per item of its list: ``quantize.targets`` for ``quantize``,
+    ``schemes.run`` for the others."""
     try:
         stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
         raise InputError(f"{dvc_yaml}: not this project's DVC pipeline ({e})") from e
     names = []
     for name, stage in stages.items():
-        names += [f"{name}@{item}" for item in schemes] if "foreach" in stage else [name]
+        if "foreach" not in stage:
+            names.append(name)
+            continue
+        items = targets if "quantize.targets" in str(stage["foreach"]) else schemes
+        names += [f"{name}@{item}" for item in items]
     return names

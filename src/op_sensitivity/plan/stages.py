@@ -452,11 +452,22 @@ class Planner:
             basis += "; INC PTQ not estimated" if seconds is not None else ""
         return StagePlan("validate", work, self.device(sens), seconds, basis, peak, self.device(sens))
 
+    def quantize(self, target: str) -> StagePlan:
+        """A target's artifact: the model as stored plus its int8 copy while writing, then the
+        measurer on the test split (the list, all-int8, the loaded artifact)."""
+        sens, f = self.p.sensitivity, self.facts
+        scored = self.scored(sens)
+        work = f"write the {target} artifact from its scheme's keep-list, load it, score it on the test split"
+        peak = max(native_peak_gib(f, scored), f.stored_bytes * 2.2 / GIB)
+        return StagePlan(f"quantize@{target}", work, "cpu", None, "not estimated", peak)
+
     def plan(self, stages: list[str]) -> Plan:
         out = Plan(self.machine, self.facts)
         for stage in stages:
             if stage.startswith("scheme_sensitivity@"):
                 out.stages.append(self.scheme_sensitivity(stage.partition("@")[2]))
+            elif stage.startswith("quantize@"):
+                out.stages.append(self.quantize(stage.partition("@")[2]))
             elif stage == "sensitivity":
                 out.stages.append(self.sensitivity(self.p.sensitivity, "sensitivity"))
             elif hasattr(self, stage):

@@ -1,0 +1,103 @@
+"""The one contract every deployment target implements (one file per backend, as transformers'
+quantizers are organised).
+
+Why a contract: the quantize stage does the same four things whatever the tool (check the tool is
+installed, write the artifact from a module list, read back from the artifact what it quantizes,
+load it in the runtime that serves it), and checks the same facts about each (the artifact
+quantizes exactly the list it was given; nothing half-written). What differs per tool is only how.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import InputError
+
+Batch = dict[str, torch.Tensor]
+Forward = Callable[[Batch], torch.Tensor]  # model inputs -> logits [batch, tokens, vocab]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a target writes its artifact from.
+
+    ``quantize``: the modules the artifact quantizes (the scheme's scored ops minus the keep-list,
+    fused groups whole), in model order; every other module stays in high precision.
+    ``calibration``: the calibration split's batches (the model's inputs, on the CPU), which the
+    native prediction calibrates on too. ``workspace``: scratch space the stage removes.
+    """
+
+    model_dir: Path
+    quantize: list[str]
+    calibration: list[Batch]
+    workspace: Path
+
+
+@dataclass
+class Runtime:
+    """An artifact loaded by the runtime that serves it: its logits, and what it computes (read off
+    the loaded object, not assumed), for the report."""
+
+    forward: Forward
+    loader: str
+    weights: str
+    inputs: str
+    matmul: str
+    notes: list[str] = field(default_factory=list)
+    close: Callable[[], None] = lambda: None
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "loader": self.loader,
+            "weights": self.weights,
+            "inputs": self.inputs,
+            "matmul": self.matmul,
+            "notes": list(self.notes),
+        }
+
+
+class Target(ABC):
+    """One deployment target. ``scheme``: the native scheme whose keep-list it deploys and whose
+    prediction it is compared with. ``requires``: the import names of its tool, ``extra`` the pip
+    command that installs them (named in the error when one is missing)."""
+
+    name: ClassVar[str]
+    scheme: ClassVar[str]
+    format: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]]
+    extra: ClassVar[str]
+
+    def require(self) -> None:
+        """Refuse before anything is written when the tool is not installed."""
+        for module in self.requires:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise InputError(
+                    f"quantize target {self.name}: {module} is not installed ({self.extra})"
+                ) from exc
+
+    @abstractmethod
+    def write(self, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
+        """Write the artifact to ``out_dir``, all of it or nothing (``atomic_dir``); returns a record
+        with at least ``bytes`` (on disk) and ``seconds``."""
+
+    @abstractmethod
+    def quantized_in(self, out_dir: Path) -> set[str]:
+        """The modules the artifact quantizes, read back from the artifact itself (its tensors,
+        config or graph), never from what was asked of the writer."""
+
+    @abstractmethod
+    def load(self, out_dir: Path, inputs: Inputs) -> Runtime:
+        """The artifact as its runtime loads and runs it (CPU)."""
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -1,0 +1,12 @@
+"""Every deployment target by its name in ``quantize.targets`` (one module per backend)."""
+
+from __future__ import annotations
+
+from .base import Target
+from .compressed_tensors import CompressedTensors
+
+TARGETS: dict[str, type[Target]] = {t.name: t for t in (CompressedTensors,)}
+
+
+def target(name: str) -> Target:
+    return TARGETS[name]()

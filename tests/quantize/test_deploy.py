@@ -1,0 +1,72 @@
+"""The quantize stage's library: what the artifact keeps, refused lists, the report section."""
+
+import pytest
+
+from op_sensitivity.errors import InputError
+from op_sensitivity.inventory import read_inventory
+from op_sensitivity.quantize.deploy import agreement, metrics, to_quantize
+from op_sensitivity.report.deployment import section
+
+REPORT = {"metadata": {"excluded_ops": [{"op_name": "lm_head", "op_type": "Linear", "reason": "skip"}]}}
+
+
+def _report(inventory):
+    ops = [
+        {"op_name": op.name, "module": op.name, "position": i}
+        for i, op in enumerate(inventory)
+        if op.name != "lm_head"
+    ]
+    return {**REPORT, "phases": {"fallback": {"ops": ops}, "requant": {"ops": ops}}}
+
+
+def test_the_artifact_quantizes_the_scored_ops_the_list_and_the_pass_do_not_keep(small_model_dir):
+    inventory = read_inventory(small_model_dir.parent / "op_inventory.json")
+    group = next(op.fused_group for op in inventory if op.fused_group)
+    members = [op.name for op in inventory if op.fused_group == group]
+    keep_list = {"ops": [{"module": m} for m in members] + [{"module": "model.language_model.embed_tokens"}]}
+    quantize = to_quantize(keep_list, _report(inventory), inventory, fused=True)
+    expected = [
+        op.name for op in inventory if op.name not in {*members, "lm_head", keep_list["ops"][-1]["module"]}
+    ]
+    assert quantize == expected  # model order; lm_head is the pass's own exclusion
+
+
+def test_a_kept_op_of_the_pass_brings_its_fused_group_only_where_the_runtime_fuses(small_model_dir):
+    inventory = read_inventory(small_model_dir.parent / "op_inventory.json")
+    group = next(op.fused_group for op in inventory if op.fused_group)
+    members = [op.name for op in inventory if op.fused_group == group]
+    report = _report(inventory)
+    report["metadata"]["excluded_ops"].append({"op_name": members[0], "op_type": "Linear", "reason": "p"})
+    report["phases"]["fallback"]["ops"] = [
+        o for o in report["phases"]["fallback"]["ops"] if o["module"] != members[0]
+    ]
+    fused = to_quantize({"ops": []}, report, inventory, fused=True)
+    unfused = to_quantize({"ops": []}, report, inventory, fused=False)
+    assert not set(members) & set(fused)
+    assert set(members[1:]) <= set(unfused) and members[0] not in unfused
+
+
+def test_a_list_that_splits_a_fused_group_is_refused_before_anything_is_written(small_model_dir):
+    inventory = read_inventory(small_model_dir.parent / "op_inventory.json")
+    group = next(op.fused_group for op in inventory if op.fused_group)
+    members = sorted(op.name for op in inventory if op.fused_group == group)
+    with pytest.raises(InputError, match=f"keep-list splits fused group {group}: keeps"):
+        to_quantize({"ops": [{"module": members[0]}]}, _report(inventory), inventory, fused=True)
+    unfused = to_quantize({"ops": [{"module": members[0]}]}, _report(inventory), inventory, fused=False)
+    assert members[0] not in unfused and set(members[1:]) <= set(unfused)  # ORT, INC: a split is theirs
+
+
+def test_metrics_and_section_read_the_document():
+    doc = {
+        "target": "compressed_tensors",
+        "format": "int-quantized",
+        "artifact": {"bytes": 2_500_000},
+        "kept": ["lm_head"],
+        "runtime": {"loader": "L", "weights": "w", "inputs": "i", "matmul": "m"},
+        "all_int8": {"kl": 4.0},
+        "agreement": agreement("kl", {"kl": 3.0}, {"kl": 2.0}),
+    }
+    assert metrics(doc) == {"kl_int8": 4.0, "kl_kept": 3.0, "kl_native": 2.0, "size_mb": 2.5}
+    text = section([doc])
+    assert "| compressed_tensors | int-quantized | 2.50 | 1 | kl | 3 | 2 | 1.5 | 4 |" in text
+    assert "- compressed_tensors (L): weights w; inputs i; matmul m" in text
