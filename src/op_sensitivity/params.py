@@ -556,7 +556,7 @@ class SchemesParams(ParamsBlock):
     )
 
 
-# target -> the scheme its keep-list is chosen on (inc: the main pass's list, reports/fallback/fallback_ops.json)
+# target -> the scheme its keep-list is chosen on (inc: the main pass's list, fallback_ops.json)
 TARGET_SCHEMES = {
     "compressed_tensors": "llmcompressor_w8a8",
     "ort_qdq": "ort_qdq",
