@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         help="stage scheme_sensitivity's reports: each tool's export is built from its own scheme's",
     )
+    ap.add_argument(
+        "--quantized-dir",
+        default=None,
+        type=Path,
+        help="stage quantize's artifacts (exports.json points at them)",
+    )
+    ap.add_argument("--quantize-docs", default=None, type=Path, help="stage quantize's measured documents")
     args = ap.parse_args(argv)
     all_params = load_params(args.params)
     params = all_params.fallback
@@ -69,7 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         spectra = read_spectra(args.schemes_dir, names)
         paths = {n: (spectra[n], scheme_report_path(args.schemes_dir, n)) for n in names}
         scheme_docs = scheme_fallbacks(doc, paths, inventory, params)
-    write_fallback(doc, inventory, graph, args.out_dir, args.metrics, scheme_docs, params.where("onnx_model"))
+    deploy = (args.quantized_dir, args.quantize_docs) if args.quantized_dir and args.quantize_docs else None
+    write_fallback(
+        doc, inventory, graph, args.out_dir, args.metrics, scheme_docs, params.where("onnx_model"), deploy
+    )
     logging.getLogger("fallback_list").info(
         "%s/%s on %s: keep %d ops in fp32 (%s) -> %s",
         params.policy,

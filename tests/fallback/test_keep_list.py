@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +79,24 @@ def test_fallback_document_and_exports(tmp_path, report_file):
     assert exports == dict.fromkeys(EXPORT_SCHEME, main)
     headline = json.loads((tmp_path / "fallback_metrics.json").read_text())
     assert headline == {"kept": 2, "bits": doc["totals"]["effective_weight_bits"]}
+
+
+def test_exports_json_points_at_the_quantize_target_deploying_each_export(tmp_path, report_file):
+    from op_sensitivity.fallback.keep_list import EXPORT_TARGET
+    from op_sensitivity.params import TARGET_SCHEMES
+
+    doc = build_fallback(read_report(report_file), report_file, INVENTORY, fallback_params())
+    out = tmp_path / "fallback"
+    write_fallback(doc, INVENTORY, None, out, tmp_path / "m.json", deploy_dirs=(Path("q"), Path("d")))
+    exports = json.loads((out / "exports.json").read_text())
+    assert exports["llmcompressor_ignore.json"]["deployed_by"] == {
+        "target": "compressed_tensors",
+        "artifact": "q/compressed_tensors",
+        "document": "d/compressed_tensors.json",
+    }
+    # every export is deployed by the target of its own scheme
+    assert {f: TARGET_SCHEMES[e["deployed_by"]["target"]] for f, e in exports.items()} == EXPORT_SCHEME
+    assert set(EXPORT_TARGET.values()) == set(TARGET_SCHEMES)
 
 
 def test_each_scheme_gets_its_own_list_of_the_main_policys_size(tmp_path):

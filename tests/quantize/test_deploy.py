@@ -4,7 +4,7 @@ import pytest
 
 from op_sensitivity.errors import InputError
 from op_sensitivity.inventory import read_inventory
-from op_sensitivity.quantize.deploy import agreement, metrics, to_quantize
+from op_sensitivity.quantize.deploy import agreement, metrics, runtime_differs, to_quantize
 from op_sensitivity.report.deployment import section
 
 REPORT = {"metadata": {"excluded_ops": [{"op_name": "lm_head", "op_type": "Linear", "reason": "skip"}]}}
@@ -61,12 +61,20 @@ def test_metrics_and_section_read_the_document():
         "target": "compressed_tensors",
         "format": "int-quantized",
         "artifact": {"bytes": 2_500_000},
+        "quantized": 25,
         "kept": ["lm_head"],
-        "runtime": {"loader": "L", "weights": "w", "inputs": "i", "matmul": "m"},
+        "runtime": {"loader": "L", "weights": "w", "inputs": "i", "matmul": "m", "notes": ["n"]},
+        "runtime_differs": runtime_differs({"a", "c"}, ["a", "b"]),
         "all_int8": {"kl": 4.0},
         "agreement": agreement("kl", {"kl": 3.0}, {"kl": 2.0}),
     }
     assert metrics(doc) == {"kl_int8": 4.0, "kl_kept": 3.0, "kl_native": 2.0, "size_mb": 2.5}
     text = section([doc])
-    assert "| compressed_tensors | int-quantized | 2.50 | 1 | kl | 3 | 2 | 1.5 | 4 |" in text
-    assert "- compressed_tensors (L): weights w; inputs i; matmul m" in text
+    assert "| compressed_tensors | int-quantized | 2.50 | 25 | 1 | kl | 3 | 2 | 1.5 | 4 |" in text
+    assert "- compressed_tensors (L): weights w; inputs i; matmul m; n" in text
+    assert (
+        "**the runtime runs 1 listed op(s) in high precision anyway (b); the runtime quantizes 1 op(s) "
+        "the list keeps (c)**" in text
+    )
+    same = section([{**doc, "runtime_differs": runtime_differs({"a", "b"}, ["a", "b"])}])
+    assert "the loaded runtime quantizes exactly the 25 listed ops" in same

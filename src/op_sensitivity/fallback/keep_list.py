@@ -15,7 +15,9 @@
 Each tool's export is built from the spectrum of that tool's own scheme when stage
 scheme_sensitivity ran it (``EXPORT_SCHEME``; the list itself in ``schemes/<scheme>.json``), else
 from the main spectrum. ``exports.json`` says which: ``{file: {scheme, path, sha256, ops_kept}}``
-(a file of its own, so a new scheme does not change the list the validate stage reads). The
+(a file of its own, so a new scheme does not change the list the validate stage reads), and
+``deployed_by``: the quantize target that deploys the export, its artifact and its measured
+document (``{target, artifact, document}``; written when ``quantize.targets`` lists the target). The
 ModelOpt, ONNX Runtime and llm-compressor JSON exports carry the same ``spectrum`` entry.
 A measured policy (``measured_budget``, ``bits_budget``) reads a curve measured under the main
 scheme; on another scheme's spectrum it becomes ``top_k`` with the number of ops it picked on the
@@ -57,6 +59,13 @@ EXPORT_SCHEME = {
     "modelopt_fp8_quant_cfg.json": "modelopt_fp8",
     "ort_nodes_to_exclude.json": "ort_qdq",
     "llmcompressor_ignore.json": "llmcompressor_w8a8",
+}
+EXPORT_TARGET = {  # the quantize target deploying each export (params.TARGET_SCHEMES: the same scheme)
+    "inc_op_name_dict.json": "inc",
+    "modelopt_quant_cfg.json": "modelopt_int8",
+    "modelopt_fp8_quant_cfg.json": "modelopt_fp8",
+    "ort_nodes_to_exclude.json": "ort_qdq",
+    "llmcompressor_ignore.json": "compressed_tensors",
 }
 
 log = logging.getLogger(__name__)
@@ -198,6 +207,7 @@ def write_fallback(
     metrics_path: Path,
     scheme_docs: dict[str, dict[str, Any]] | None = None,
     onnx_where: str = "fallback.onnx_model",
+    deploy_dirs: tuple[Path, Path] | None = None,
 ) -> None:
     """All files or none: the canonical list and every export land together (metrics last).
 
@@ -205,6 +215,7 @@ def write_fallback(
     ``scheme_docs``: :func:`scheme_fallbacks`; each export takes its own scheme's list where there is one.
     ``onnx_where``: the param naming the graph, for errors (a graph not of this model, a kept module
     with no node in it: ``exports.ort_nodes_to_exclude``), raised before anything is written.
+    ``deploy_dirs``: the quantize stage's artifact and document directories (``deployed_by``).
     """
     scheme_docs = scheme_docs or {}
     source = {f: scheme_docs.get(s, doc) for f, s in EXPORT_SCHEME.items()}
@@ -216,12 +227,24 @@ def write_fallback(
         d = source[file]
         return {"scheme": d["scheme"], **d["source"], "ops_kept": len(d["ops"])}
 
+    def pointer(file: str) -> dict[str, Any]:
+        if deploy_dirs is None:
+            return spectrum(file)
+        target = EXPORT_TARGET[file]
+        artifacts, docs = deploy_dirs
+        deployed = {
+            "target": target,
+            "artifact": str(artifacts / target),
+            "document": str(docs / f"{target}.json"),
+        }
+        return {**spectrum(file), "deployed_by": deployed}
+
     ort = ort_nodes_to_exclude(
         modules("ort_nodes_to_exclude.json"), onnx_graph, onnx_where, [op.name for op in inventory]
     )
     with atomic_dir(out_dir) as tmp:
         dump_json(doc, tmp / "fallback_ops.json")
-        dump_json({f: spectrum(f) for f in EXPORT_SCHEME}, tmp / "exports.json")
+        dump_json({f: pointer(f) for f in EXPORT_SCHEME}, tmp / "exports.json")
         dump_json(inc_op_name_dict(modules("inc_op_name_dict.json")), tmp / "inc_op_name_dict.json")
         for file in ("modelopt_quant_cfg.json", "modelopt_fp8_quant_cfg.json"):
             dump_json({**modelopt_quant_cfg(modules(file)), "spectrum": spectrum(file)}, tmp / file)

@@ -43,7 +43,9 @@ class Inputs:
 @dataclass
 class Runtime:
     """An artifact loaded by the runtime that serves it: its logits, and what it computes (read off
-    the loaded object, not assumed), for the report."""
+    the loaded object, not assumed), for the report. ``quantized``: the modules the loaded runtime
+    runs quantized, where it can be read off it (None: not readable); a runtime that drops or adds
+    some is a finding the report states, not an error."""
 
     forward: Forward
     loader: str
@@ -51,6 +53,7 @@ class Runtime:
     inputs: str
     matmul: str
     notes: list[str] = field(default_factory=list)
+    quantized: set[str] | None = None
     close: Callable[[], None] = lambda: None
 
     def facts(self) -> dict[str, Any]:

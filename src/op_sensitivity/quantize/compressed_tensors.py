@@ -363,4 +363,5 @@ class CompressedTensors(Target):
             inputs=facts["inputs"],
             matmul=facts["matmul"],
             notes=[f"dequantize={facts['dequantize']} (transformers' default: W8A8, not W8A16)"],
+            quantized=set(facts["quantized"]),
         )

@@ -12,6 +12,7 @@ Document (``reports/quantize/<target>.json``)::
     artifact: {path, bytes, keep_list: {path, sha256}, spectrum: {path, sha256}}
     quantized: int              how many of the pass's scored ops the artifact quantizes (read back)
     kept: [module]              the scored ops it keeps in high precision (the prediction's list)
+    runtime_differs: {readable, ignored, added}   what the loaded runtime runs quantized, against the list
     runtime: {...}              what the runtime computes for the artifact
     measured, predicted, all_int8: {kl, top1, nll, logit_se, ...}   test split, against fp32
     agreement: {metric, measured, predicted, ratio}
@@ -33,10 +34,10 @@ from typing import Any
 from ..engines.contract import check_scored
 from ..errors import InputError
 from ..inventory import OpInfo
-from ..params import FUSED_TARGETS, MAIN_PASS_TARGETS, TARGET_SCHEMES, Params
+from ..params import FUSED_TARGETS, MAIN_PASS_TARGETS, TARGET_SCHEMES, Params, SensitivityParams
 from ..validation.inputs import open_measurer, scored_and_excluded
-from ..validation.measure import TEST
-from .base import Inputs, Target
+from ..validation.measure import TEST, Scorer
+from .base import Batch, Inputs, Target
 
 log = logging.getLogger(__name__)
 
@@ -120,21 +121,14 @@ def quantize_target(
     check_scored(params.sensitivity, len(scored))
     sens = replace(params.sensitivity, native=replace(params.sensitivity.native, scheme=target.scheme))
     keep = [m for m in scored if m not in set(quantize)]
-    with (
-        open_measurer(
-            sens, params.curve.batch_size, dirs["calibration"], dirs["test"], dirs["model"], report, TEST
-        ) as measurer,
-        tempfile.TemporaryDirectory(prefix="quantize-") as workspace,
-    ):
-        calibration = [{k: v.cpu() for k, v in b.items()} for b in measurer.calibration]
+    predicted, all_int8, scorer, calibration = _predict(sens, params.curve.batch_size, dirs, report, keep)
+    with tempfile.TemporaryDirectory(prefix="quantize-") as workspace:
         inputs = Inputs(dirs["model"], quantize, calibration, Path(workspace))
         record = target.write(inputs, out_dir)
         _check_artifact(target, out_dir, quantize)
-        predicted = measurer.measure(keep)
-        all_int8 = measurer.measure([])
         runtime = target.load(out_dir, inputs)
         try:
-            measured = measurer.measure_forward(runtime.forward)
+            measured = scorer.score(runtime.forward)
         finally:
             runtime.close()
     metric = params.curve.metric
@@ -151,6 +145,7 @@ def quantize_target(
         "quantized": len(quantize),
         "kept": keep,
         "runtime": runtime.facts(),
+        "runtime_differs": runtime_differs(runtime.quantized, quantize),
         "measured": measured,
         "predicted": predicted,
         "all_int8": all_int8,
@@ -169,6 +164,18 @@ def quantize_target(
     return doc
 
 
+def _predict(
+    sens: SensitivityParams, batch_size: int, dirs: dict[str, Path], report: dict[str, Any], keep: list[str]
+) -> tuple[dict[str, float], dict[str, float], Scorer, list[Batch]]:
+    """The native prediction for ``keep`` and for all-int8 under the target's scheme, the test
+    split's scorer and the calibration batches (CPU). The measurer's model is released on return,
+    so the artifact is written and loaded without it beside (the larger of the two peaks, not the sum)."""
+    with open_measurer(sens, batch_size, dirs["calibration"], dirs["test"], dirs["model"], report, TEST) as m:
+        predicted, all_int8 = m.measure(keep), m.measure([])
+        calibration = [{k: v.cpu() for k, v in b.items()} for b in m.calibration]
+        return predicted, all_int8, m.scorer().cpu(), calibration
+
+
 def _check_artifact(target: Target, out_dir: Path, quantize: list[str]) -> None:
     """The artifact quantizes exactly ``quantize``, read back from it; else it is removed (a
     runtime that ignores part of the list must not ship as if it had not)."""
@@ -180,6 +187,15 @@ def _check_artifact(target: Target, out_dir: Path, quantize: list[str]) -> None:
             f"and keeps {sorted(set(quantize) - got)[:5]} that it quantizes (the tool did not apply the "
             "list as written; artifact removed)"
         )
+
+
+def runtime_differs(loaded: set[str] | None, quantize: list[str]) -> dict[str, Any]:
+    """What the loaded runtime quantizes against the list: ``{readable, ignored, added}`` (modules
+    the list quantizes that the runtime runs in high precision, and the reverse)."""
+    if loaded is None:
+        return {"readable": False, "ignored": [], "added": []}
+    listed = set(quantize)
+    return {"readable": True, "ignored": sorted(listed - loaded), "added": sorted(loaded - listed)}
 
 
 def agreement(metric: str, measured: dict[str, float], predicted: dict[str, float]) -> dict[str, Any]:

@@ -12,7 +12,19 @@ from typing import Any
 from ..atomic import read_json
 from ..errors import InputError
 
-FIELDS = ("target", "format", "artifact", "kept", "runtime", "measured", "predicted", "all_int8", "agreement")
+FIELDS = (
+    "target",
+    "format",
+    "artifact",
+    "quantized",
+    "kept",
+    "runtime",
+    "runtime_differs",
+    "measured",
+    "predicted",
+    "all_int8",
+    "agreement",
+)
 
 
 def read_deployments(quantize_dir: Path, targets: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -39,20 +51,45 @@ def section(docs: list[dict[str, Any]]) -> str:
         "loaded by the runtime that serves it and scored on the test split against fp32; beside it the "
         "native engine's prediction for the same list under the same scheme, and all-int8.",
         "",
-        "| target | format | size MB | kept | metric | measured | predicted | ratio | all-int8 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| target | format | size MB | quantized | kept | metric | measured | predicted | ratio | all-int8 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in docs:
         a = d["agreement"]
         ratio = "-" if a["ratio"] is None else f"{a['ratio']:.3g}"
         lines.append(
-            f"| {d['target']} | {d['format']} | {d['artifact']['bytes'] / 1e6:.2f} | {len(d['kept'])} | "
-            f"{a['metric']} | {a['measured']:.4g} | {a['predicted']:.4g} | {ratio} | "
+            f"| {d['target']} | {d['format']} | {d['artifact']['bytes'] / 1e6:.2f} | {d['quantized']} | "
+            f"{len(d['kept'])} | {a['metric']} | {a['measured']:.4g} | {a['predicted']:.4g} | {ratio} | "
             f"{d['all_int8'][a['metric']]:.4g} |"
         )
-    notes = [
-        f"- {d['target']} ({d['runtime']['loader']}): weights {d['runtime']['weights']}; inputs "
-        f"{d['runtime']['inputs']}; matmul {d['runtime']['matmul']}"
-        for d in docs
-    ]
+    notes = []
+    for d in docs:
+        r = d["runtime"]
+        notes.append(
+            f"- {d['target']} ({r['loader']}): weights {r['weights']}; inputs {r['inputs']}; "
+            f"matmul {r['matmul']}" + "".join(f"; {n}" for n in r.get("notes", []))
+        )
+        notes.append(f"  - {_differs(d['runtime_differs'], d['quantized'])}")
     return "\n".join([*lines, "", *notes, ""])
+
+
+def _differs(differs: dict[str, Any], quantized: int) -> str:
+    """The runtime's own view of the list, in plain words."""
+    if not differs["readable"]:
+        return (
+            "what the loaded runtime quantizes cannot be read off it; the artifact's own content was checked"
+        )
+    parts = []
+    if differs["ignored"]:
+        parts.append(
+            f"the runtime runs {len(differs['ignored'])} listed op(s) in high precision anyway "
+            f"({', '.join(differs['ignored'][:5])})"
+        )
+    if differs["added"]:
+        parts.append(
+            f"the runtime quantizes {len(differs['added'])} op(s) the list keeps "
+            f"({', '.join(differs['added'][:5])})"
+        )
+    if not parts:
+        return f"the loaded runtime quantizes exactly the {quantized} listed ops"
+    return "**" + "; ".join(parts) + "**"

@@ -11,17 +11,37 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from dataclasses import astuple
 
 import torch
 from torch import nn
 
 from ..engines.fakequant import FakeQuantModel
 from ..engines.numerics import Numerics
-from .metrics import Totals, reference
+from .metrics import Reference, Totals, reference
 
 EvalBatch = tuple[dict[str, torch.Tensor], torch.Tensor]  # model inputs, caption target mask
 CALIBRATION, SELECTION, TEST = "calibration", "selection", "test"
 HELD_OUT = (SELECTION, TEST)  # a measurer holds the calibration split and one of these
+
+
+class Scorer:
+    """A split's model inputs and their fp32 references: scores any forward's logits against them."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]], refs: list[Reference]):
+        self.batches, self.refs = batches, refs
+
+    def cpu(self) -> Scorer:
+        """The same on the CPU, for a runtime that runs there (the measurer may be on a GPU)."""
+        refs = [Reference(*(t.cpu() for t in astuple(r))) for r in self.refs]
+        return Scorer([{k: v.cpu() for k, v in b.items()} for b in self.batches], refs)
+
+    @torch.no_grad()
+    def score(self, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> dict[str, float]:
+        totals = Totals()
+        for batch, ref in zip(self.batches, self.refs, strict=True):
+            totals.add(ref, forward(batch))
+        return totals.values()
 
 
 class Measurer(AbstractContextManager):
@@ -84,16 +104,17 @@ class Measurer(AbstractContextManager):
             self.fq.set(name, name not in keep)
         return self.measure_forward(lambda batch: self.model(**batch).logits, split)
 
-    @torch.no_grad()
     def measure_forward(
         self, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], split: str | None = None
     ) -> dict[str, float]:
         """Score any model's logits (e.g. a real quantizer's output model) on a split (default: held-out)."""
+        return self.scorer(split).score(forward)
+
+    def scorer(self, split: str | None = None) -> Scorer:
+        """The split's inputs and fp32 references, which outlive the measurer: a model too large to
+        sit beside it in memory (a deployed artifact) is scored after the measurer is released."""
         split = split or self.held_out
-        totals = Totals()
-        for (batch, _), ref in zip(self.splits[split], self.refs[split], strict=True):
-            totals.add(ref, forward(batch))
-        return totals.values()
+        return Scorer([b for b, _ in self.splits[split]], self.refs[split])
 
     def samples(self, split: str | None = None) -> int:
         return sum(len(b["input_ids"]) for b, _ in self.splits[split or self.held_out])
