@@ -32,7 +32,8 @@ from engines import _machine  # this directory is on sys.path when run as a scri
 
 from op_sensitivity.engines.memory import _status_gib, current_rss_gib, reset_peak_rss
 from op_sensitivity.quantize.base import Inputs, dir_bytes
-from op_sensitivity.quantize.compressed_tensors import CompressedTensors, linear_modules
+from op_sensitivity.quantize.compressed_tensors import CompressedTensors
+from op_sensitivity.quantize.hf_checkpoint import linear_modules
 
 BUILD = """
 import sys

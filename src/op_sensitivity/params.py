@@ -590,8 +590,9 @@ class QuantizeParams(ParamsBlock):
         description="Deployment targets, one cached DVC stage each (foreach), each from the keep-list of "
         "its scheme (which schemes.run must measure): compressed_tensors (W8A8 checkpoint for vLLM and "
         "transformers, measured in transformers; llmcompressor_w8a8), ort_qdq (QDQ ONNX model from "
-        "quantize_static, measured in ONNX Runtime; ort_qdq), modelopt_int8 / modelopt_fp8 (ModelOpt "
-        "state that mto.restore reloads, measured in ModelOpt; modelopt_int8 / modelopt_fp8), inc (INC's "
+        "quantize_static, measured in ONNX Runtime; ort_qdq), modelopt_int8 / modelopt_fp8 (ModelOpt's "
+        "unified HF checkpoint for vLLM / TensorRT-LLM, measured with ModelOpt's quantizers on its codes; "
+        "modelopt_int8 / modelopt_fp8), inc (INC's "
         "PTQ model from the main pass's list, saved and reloaded by INC; sensitivity.native.scheme inc_cpu).",
     )
 

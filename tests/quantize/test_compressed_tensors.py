@@ -33,11 +33,11 @@ from op_sensitivity.quantize.compressed_tensors import (
     FORMAT,
     kept_in_checkpoint,
     load_checkpoint,
-    logits_of,
     quantized_modules,
     runtime,
     write_checkpoint,
 )
+from op_sensitivity.quantize.hf_checkpoint import logits_of
 from op_sensitivity.validation.inputs import open_measurer
 from op_sensitivity.validation.measure import TEST
 from tests.helpers import engine_reports, sensitivity_params

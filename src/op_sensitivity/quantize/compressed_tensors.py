@@ -39,10 +39,7 @@ the serialized file.
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from collections.abc import Callable
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +50,15 @@ from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
 from ..atomic import atomic_dir
 from ..errors import InputError
-from ..model.source import CARD, WEIGHT_GLOBS, load_model_dir
+from ..model.source import load_model_dir
 from ..params import TARGET_SCHEMES
 from .base import Inputs, Runtime, Target, dir_bytes
+from .hf_checkpoint import copy_processor, linear_modules, logits_of, meta_model, rename_to_modules
 
 PRESET = "W8A8"
 TARGETS = ["Linear"]
 FORMAT = "int-quantized"
 EXTRA = "pip install -e '.[ct]'"
-# model_dir files the checkpoint does not take as they are: weights and configs (save_pretrained
-# writes its own), and this project's model card (it describes the unquantized weights)
-NOT_COPIED = (*WEIGHT_GLOBS, "*.index.json", "config.json", "generation_config.json", CARD)
 
 
 def _require_ct() -> None:
@@ -153,14 +148,6 @@ def both_names(checkpoint_names: list[str] | None, module_names: list[str]) -> l
     return names + [n for n in module_names if n not in set(names)]
 
 
-def _copy_processor(model_dir: Path, out: Path) -> None:
-    """The processor and tokenizer files as the model directory has them (the checkpoint serves
-    the same inputs: pixel bounds, chat template)."""
-    for f in sorted(model_dir.iterdir()):
-        if f.is_file() and not any(fnmatch(f.name, p) for p in NOT_COPIED):
-            shutil.copy2(f, out / f.name)
-
-
 def write_checkpoint(model_dir: Path, ignore: list[str], out_dir: Path) -> dict[str, Any]:
     """Write ``out_dir``: a W8A8 ``int-quantized`` compressed-tensors checkpoint of the model at
     ``model_dir`` (``load_model``'s output) with ``ignore`` left unquantized, loadable by
@@ -192,7 +179,7 @@ def write_checkpoint(model_dir: Path, ignore: list[str], out_dir: Path) -> dict[
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         compressor.update_config(str(tmp))
-        _copy_processor(model_dir, tmp)
+        copy_processor(model_dir, tmp)
     return {
         "format": FORMAT,
         "preset": PRESET,
@@ -262,40 +249,6 @@ def runtime(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def logits_of(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """``Measurer.measure_forward``'s forward for a loaded checkpoint: float inputs in its dtype."""
-    dtype = next(model.parameters()).dtype
-
-    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}).logits
-
-    return forward
-
-
-def _meta_model(config: Any) -> nn.Module:
-    """The model the config describes, without memory (names, types and transformers' mappings only)."""
-    with torch.device("meta"):
-        return Qwen2_5_VLForConditionalGeneration._from_config(config)
-
-
-def _rename_to_modules(model: nn.Module) -> Callable[[str], str]:
-    """Checkpoint key -> the model's parameter name: transformers saves Qwen2.5-VL in its published
-    layout (``model.layers.*``, ``visual.*``) and renames on load (``model.language_model.*``,
-    ``model.visual.*``); this applies its own conversion mapping, as its loader does."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-    mapping = get_model_conversion_mapping(model)
-    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
-    converters = [t for t in mapping if isinstance(t, WeightConverter)]
-    names = dict.fromkeys(model.state_dict())
-
-    def rename(key: str) -> str:
-        return rename_source_key(key, renamings, converters, model.base_model_prefix, names)[0]
-
-    return rename
-
-
 def kept_in_checkpoint(out_dir: Path) -> set[str]:
     """The Linear modules the checkpoint leaves unquantized, read back from its tensors (an int8
     ``weight`` with its ``weight_scale``) and checked against its ``quantization_config``."""
@@ -308,8 +261,8 @@ def kept_in_checkpoint(out_dir: Path) -> set[str]:
     if not raw or raw.get("format") != FORMAT:
         raise InputError(f"{out_dir / 'config.json'}: no {FORMAT} quantization_config")
     qconfig = QuantizationConfig.model_validate(raw)
-    model = _meta_model(config)
-    rename = _rename_to_modules(model)
+    model = meta_model(config)
+    rename = rename_to_modules(model)
     dtypes: dict[str, str] = {}
     for f in sorted(out_dir.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as handle:
@@ -327,12 +280,6 @@ def kept_in_checkpoint(out_dir: Path) -> set[str]:
             f"by config only: {sorted(from_config - from_tensors)[:5]})"
         )
     return set(linear) - from_tensors
-
-
-def linear_modules(model_dir: Path) -> list[str]:
-    """The model's Linear modules in model order, from its config alone (a meta model, no weights)."""
-    model = _meta_model(AutoConfig.from_pretrained(model_dir, local_files_only=True))
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 class CompressedTensors(Target):
