@@ -13,6 +13,9 @@ What the export and ORT do (onnxruntime 1.32, torch 2.13):
   ``onnxscript`` package. Tracing freezes the data-dependent vision code (``image_grid_thw``'s
   ``.tolist()``, the window indices) into constants, so ``image_grid_thw`` is no graph input: the
   graph holds for this batch's shapes and grid only.
+The export helpers are the library's (``op_sensitivity.quantize.onnx_runtime``, which the
+``ort_qdq`` deployment target uses); this module holds the spectrum trials only.
+
 * Node names: the TorchScript exporter names a node ``/<scope>/.../<OpType>[_k]`` where each scope
   is a module *whose forward ran*, named by its last attribute atom extended over trailing numeric
   atoms (``torch.onnx`` ``_unqualified_variable_name``). A ``ModuleList`` never runs, so
@@ -54,129 +57,28 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+from onnxruntime.quantization import QuantFormat, quantize_static
+
+from op_sensitivity.quantize.onnx_runtime import (
+    CACHE_FILE,
+    FP32_FILE,
+    OP_TYPES,
+    called_modules,
+    export_onnx,
+    feeds_reader,
+    node_prefix,
+    scored_nodes,
+    session,
+)
 
 Spectrum = dict  # {"fallback": {module_name: float}, "requant": {module_name: float}, "all_int8": float}
 
 log = logging.getLogger(__name__)
-
-OP_TYPES = ["MatMul", "Gemm", "Conv"]
-FP32_FILE = "model_fp32.onnx"
-CACHE_FILE = "calibration_ranges.json"
-
-
-def _unqualified(path: str) -> str:
-    """torch.onnx's scope atom: the last non-numeric atom of a module path and what follows it."""
-    atoms = path.split(".")
-    for i in range(len(atoms) - 1, -1, -1):
-        if not atoms[i].isnumeric():
-            return ".".join(atoms[i:])
-    return path
-
-
-def called_modules(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> set[str]:
-    """Names of the modules whose forward runs on ``batch`` (the scopes the tracer records)."""
-    seen: set[str] = set()
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, args, n=name: seen.add(n))
-        for name, m in model.named_modules()
-        if name
-    ]
-    try:
-        with torch.no_grad():
-            model(**batch, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
-def node_prefix(module: str, called: set[str]) -> str:
-    """The node-name prefix the TorchScript exporter gives ``module``'s nodes."""
-    atoms = module.split(".")
-    scopes = [".".join(atoms[: i + 1]) for i in range(len(atoms))]
-    return "/" + "/".join(_unqualified(s) for s in scopes if s in called) + "/"
-
-
-def export_onnx(model: torch.nn.Module, batch: dict[str, torch.Tensor], path: Path) -> list[str]:
-    """``model(**batch).logits`` as an ONNX graph at ``path`` (output ``logits``); its input names.
-
-    The model itself is exported (its forward swapped for a positional one for the call), so the
-    node names carry the module paths from the root, exactly as a user exporting the HF model gets.
-    """
-    names = list(batch)
-    forward = type(model).forward
-
-    def positional(*args):
-        return forward(model, **dict(zip(names, args, strict=True)), use_cache=False).logits
-
-    model.forward = positional
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                tuple(batch[k] for k in names),
-                str(path),
-                input_names=names,
-                output_names=["logits"],
-                opset_version=17,
-                dynamo=False,
-            )
-    finally:
-        del model.forward
-    proto = onnx.load(str(path))
-    if inline_constant_identities(proto):
-        onnx.save(proto, str(path))
-    return [i.name for i in proto.graph.input]
-
-
-def inline_constant_identities(proto: onnx.ModelProto) -> int:
-    """Replace ``Identity(initializer)`` nodes by a copy of the initializer; how many there were.
-
-    The TorchScript exporter stores equal initializers once and feeds the others through an
-    Identity (the tiny model's all-zero biases), and ``quantize_static`` leaves a Gemm bias that is
-    not an initializer float ("Bias of Gemm node ... is not constant"). Inlined, every Gemm bias is
-    quantized the way a distinct one would be.
-    """
-    inits = {i.name: i for i in proto.graph.initializer}
-    keep, count = [], 0
-    for node in proto.graph.node:
-        if node.op_type == "Identity" and node.input[0] in inits:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(inits[node.input[0]])
-            copy.name = node.output[0]
-            proto.graph.initializer.append(copy)
-            count += 1
-        else:
-            keep.append(node)
-    if count:
-        del proto.graph.node[:]
-        proto.graph.node.extend(keep)
-    return count
-
-
-def scored_nodes(graph: onnx.GraphProto, prefixes: dict[str, str]) -> dict[str, list[str]]:
-    """Each module's MatMul / Gemm / Conv node names; every module must have at least one."""
-    out: dict[str, list[str]] = {}
-    for module, prefix in prefixes.items():
-        legacy = "/" + module.replace(".", "/") + "/"  # the dotted rule, for exporters that use it
-        hits = [
-            n.name
-            for n in graph.node
-            if n.op_type in OP_TYPES and (n.name.startswith(prefix) or n.name.startswith(legacy))
-        ]
-        if not hits:
-            raise ValueError(f"{module}: no {'/'.join(OP_TYPES)} node named {prefix}* in the export")
-        out[module] = hits
-    return out
 
 
 def _expose(model: onnx.ModelProto, tensor: str) -> None:
@@ -190,23 +92,6 @@ def measured_output(graph: onnx.GraphProto, prefix: str) -> str:
     if not nodes:
         raise ValueError(f"no node named {prefix}* in the export")
     return nodes[-1].output[0]
-
-
-class OneBatch(CalibrationDataReader):
-    def __init__(self, feed: dict[str, np.ndarray]):
-        self._items = iter([feed])
-
-    def get_next(self):
-        return next(self._items, None)
-
-
-def session(path: Path, optimized: bool = True) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    if not optimized:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 class OrtTrials:
@@ -254,7 +139,7 @@ class OrtTrials:
         quantize_static(
             str(self.fp32),
             str(out),
-            OneBatch(self.feed),
+            feeds_reader([self.feed]),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=OP_TYPES,
             nodes_to_quantize=to_quantize,

@@ -5,8 +5,9 @@ from __future__ import annotations
 from .base import Target
 from .compressed_tensors import CompressedTensors
 from .modelopt import ModeloptFp8, ModeloptInt8
+from .onnx_runtime import OrtQdq
 
-TARGETS: dict[str, type[Target]] = {t.name: t for t in (CompressedTensors, ModeloptInt8, ModeloptFp8)}
+TARGETS: dict[str, type[Target]] = {t.name: t for t in (CompressedTensors, OrtQdq, ModeloptInt8, ModeloptFp8)}
 
 
 def target(name: str) -> Target:

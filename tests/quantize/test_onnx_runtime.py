@@ -1,0 +1,224 @@
+"""A real ONNX Runtime QDQ model of a keep-list (``quantize_static``), run by ORT and scored on the
+test split next to the native engine's ``ort_qdq`` prediction for the same list (no mocks).
+
+What the numbers say on the small model (float32, 1 vision block, 1 decoder layer; 4 calibration
+pairs in 2 batches of 2 layouts, 6 test pairs in 3 batches): keeping gate_proj and the vision
+attn.proj, ORT's logit_se is 1.000006x the native prediction and KL 1.0x (the same Q/DQ placement,
+the same MinMax ranges; float32 rounding only). ORT fuses 8 of the 14 quantized nodes into int8
+kernels (QGemm, QLinearConv, QLinearMatMul) and runs 6 as DequantizeLinear -> float op ->
+QuantizeLinear. Every test batch has its own layout, so each went through export + quantize_static
+with the stored ranges (about 0.5 s each here).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from op_sensitivity.errors import InputError
+from op_sensitivity.fallback.exports import node_module
+from op_sensitivity.inventory import read_inventory
+from op_sensitivity.quantize.base import Inputs, Runtime
+from op_sensitivity.quantize.deploy import to_quantize
+from op_sensitivity.validation.inputs import open_measurer
+from op_sensitivity.validation.measure import TEST
+from tests.helpers import engine_reports, sensitivity_params
+
+pytest.importorskip("onnxruntime", reason="onnxruntime not installed (.[ort])")
+pytestmark = pytest.mark.xdist_group("quantize_ort")  # one worker writes the artifact once
+
+import onnx  # noqa: E402  (after the skip)
+from onnx import numpy_helper  # noqa: E402
+from onnxruntime.quantization.calibrate import load_tensors_data  # noqa: E402
+
+from op_sensitivity.quantize.onnx_runtime import (  # noqa: E402
+    CACHE_FILE,
+    EXPORT_FILE,
+    MODEL_FILE,
+    OrtQdq,
+    export_onnx,
+    feed,
+    load_fp32,
+    quantize_graph,
+    quantized_nodes,
+    session,
+    signature,
+)
+
+GATE = "model.language_model.layers.0.mlp.gate_proj"  # kept; shares its input with up_proj
+VISION_PROJ = "model.visual.blocks.0.attn.proj"  # kept
+
+
+@dataclass
+class Deployed:
+    out: Path
+    inputs: Inputs
+    record: dict[str, Any]
+    keep: list[str]
+    scored: list[str]
+    quantized_in: set[str]
+    runtime: Runtime
+    predicted: dict[str, float]
+    measured: dict[str, float]
+    calibration: list[dict[str, torch.Tensor]]
+    test: list[dict[str, torch.Tensor]]
+
+
+@pytest.fixture(scope="module")
+def deployed(small_model_dir, calibration_dir, test_dir, tmp_path_factory) -> Deployed:
+    torch.set_num_threads(2)
+    inventory = read_inventory(small_model_dir.parent / "op_inventory.json")
+    params = sensitivity_params(engine="native")
+    params = replace(params, native=replace(params.native, scheme="ort_qdq"))
+    ws = tmp_path_factory.mktemp("ort_qdq")
+    report = engine_reports(small_model_dir, calibration_dir, params, ["native"], ws / "pass")["native"]
+    keep_list = {"ops": [{"module": GATE}, {"module": VISION_PROJ}]}
+    quantize = to_quantize(keep_list, report, inventory, fused=False)
+    target = OrtQdq()
+    target.require()
+    with open_measurer(params, 2, calibration_dir, test_dir, small_model_dir, report, TEST) as measurer:
+        calibration = [{k: v.cpu() for k, v in b.items()} for b in measurer.calibration]
+        inputs = Inputs(small_model_dir, quantize, calibration, ws / "workspace")
+        inputs.workspace.mkdir()
+        out = ws / "artifact"
+        record = target.write(inputs, out)
+        got = target.quantized_in(out)
+        keep = [m for m in measurer.scored if m not in set(quantize)]
+        predicted = measurer.measure(keep)
+        runtime = target.load(out, inputs)
+        measured = measurer.measure_forward(runtime.forward)
+        test = [b for b, _ in measurer.splits[TEST]]
+        return Deployed(
+            out, inputs, record, keep, measurer.scored, got, runtime, predicted, measured, calibration, test
+        )
+
+
+def _qparams(path: Path) -> dict[str, tuple]:
+    """Each quantized module's scale and zero point of its activation input, weight and output, by
+    module (a weight's initializer name, ``onnx::MatMul_<k>``, is numbered per export)."""
+    graph = onnx.load(str(path)).graph
+    init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    made_by = {o: n for n in graph.node for o in n.output}
+
+    def qp(node) -> tuple[float, int]:
+        return float(init[node.input[1]]), int(init[node.input[2]])
+
+    out = {}
+    for name in quantized_nodes(graph):
+        node = next(n for n in graph.node if n.name == name)
+        (q,) = [c for c in graph.node if c.op_type == "QuantizeLinear" and node.output[0] in c.input]
+        out[node_module(name)] = (qp(made_by[node.input[0]]), qp(made_by[node.input[1]]), qp(q))
+    return out
+
+
+def test_the_artifact_quantizes_exactly_the_list_and_keeps_the_rest_float(deployed):
+    d = deployed
+    assert set(d.keep) == {GATE, VISION_PROJ} and len(d.inputs.quantize) == len(d.scored) - 2
+    assert d.quantized_in == set(d.inputs.quantize)  # read back from the graph
+    graph = onnx.load(str(d.out / MODEL_FILE)).graph
+    init = {i.name: i for i in graph.initializer}
+    made_by = {o: n for n in graph.node for o in n.output}
+    by_module: dict[str, list] = {}
+    for n in graph.node:
+        if n.op_type in ("MatMul", "Gemm", "Conv"):
+            by_module.setdefault(node_module(n.name), []).append(n)
+    for module in d.scored:
+        (node,) = by_module[module]  # one compute node per module
+        weight = made_by.get(node.input[1])
+        if module in d.keep:
+            assert weight is None and init[node.input[1]].data_type == onnx.TensorProto.FLOAT, module
+            assert made_by[node.output[0]] is node  # no QuantizeLinear of its own output feeding ...
+            assert not [c for c in graph.node if c.op_type == "QuantizeLinear" and node.output[0] in c.input]
+        else:
+            assert weight.op_type == "DequantizeLinear", module
+            assert init[weight.input[0]].data_type == onnx.TensorProto.INT8
+            assert int(numpy_helper.to_array(init[weight.input[2]])) == 0  # symmetric weights
+            assert made_by[node.input[0]].op_type == "DequantizeLinear"  # its activation: QDQ
+    # gate_proj is kept but reads the tensor up_proj quantizes: one Q/DQ pair per tensor, shared
+    gate = by_module[GATE][0]
+    assert made_by[gate.input[0]].op_type == "DequantizeLinear"
+    assert set(quantized_nodes(graph)) == {n.name for m in d.inputs.quantize for n in by_module[m]}
+    export = json.loads((d.out / EXPORT_FILE).read_text())
+    assert export["quantize"] == d.inputs.quantize and export["external_data"] is False
+    assert set(export["nodes_to_exclude"]) >= {by_module[GATE][0].name, by_module[VISION_PROJ][0].name}
+    assert export["signature"] == signature(d.calibration[0]) and export["opset"] == 17
+    assert load_tensors_data(d.out / CACHE_FILE).calibration_method.name == "MinMax"
+    sess = session(d.out / MODEL_FILE)
+    assert [i.name for i in sess.get_inputs()] == list(export["inputs"])
+    assert d.record["bytes"] == sum(f.stat().st_size for f in d.out.iterdir())
+    assert d.record["calibration_layouts"] == 2  # two calibration batches, two layouts
+
+
+def test_ort_runs_int8_kernels_and_reports_what_it_fused(deployed):
+    facts = deployed.runtime.facts()
+    assert "QLinearMatMul" in facts["matmul"] and "QGemm" in facts["matmul"]
+    assert facts["inputs"].startswith("int8 asymmetric")
+    assert facts["notes"][1].startswith("other layouts: 3 exported")  # the 3 test batches
+
+
+def test_measured_in_ort_agrees_with_the_native_prediction(deployed):
+    """Bar: logit_se and KL within 0.1% of the prediction, nll within 1e-5, top1 equal (measured:
+    logit_se ratio 1.000006, KL ratio 1.0, nll equal to 1e-15). Both sides put one Q/DQ pair on each
+    quantized node's input tensor (shared by its readers: the kept gate_proj reads up_proj's
+    fake-quantized input in both) and output, with the same MinMax ranges over the same calibration
+    batches, int8 symmetric per-tensor weights. What is left is float32 arithmetic: ORT's fused
+    int8 kernels (QGemm, QLinearMatMul, QLinearConv) accumulate in int32 and requantize, the rest
+    of its graph and the native engine compute the dequantized values in float32 in another order,
+    so a value at a rounding boundary can land one code apart; 0.1% leaves that two orders of
+    magnitude of room and still fails a misplaced pair or range (keeping one op moves logit_se
+    by far more on this model)."""
+    m, p = deployed.measured, deployed.predicted
+    assert p["logit_se"] > 0.0 and m["tokens"] == p["tokens"] > 0
+    assert m["logit_se"] / p["logit_se"] == pytest.approx(1.0, abs=1e-3)
+    assert m["kl"] / p["kl"] == pytest.approx(1.0, abs=1e-3)
+    assert m["nll"] == pytest.approx(p["nll"], abs=1e-5) and m["top1"] == p["top1"]
+
+
+def test_a_new_input_layout_is_quantized_with_the_stored_ranges(deployed):
+    """A test batch's layout is not model.onnx's: the runtime exported and quantized it again with
+    calibration_ranges.json, and every scale and zero point equals the stored graph's."""
+    d = deployed
+    stored = _qparams(d.out / MODEL_FILE)
+    assert set(stored) == set(d.inputs.quantize)
+    for batch in d.test:
+        key = signature(batch)
+        assert key != signature(d.calibration[0])
+        again = d.inputs.workspace / "ort_load" / key / MODEL_FILE
+        assert _qparams(again) == stored
+        assert {node_module(n) for n in quantized_nodes(onnx.load(str(again)).graph)} == d.quantized_in
+    # the stored graph's own layout runs it as stored: nothing new exported
+    before = sorted(p.name for p in (d.inputs.workspace / "ort_load").iterdir())
+    logits = d.runtime.forward(d.calibration[0])
+    assert sorted(p.name for p in (d.inputs.workspace / "ort_load").iterdir()) == before
+    assert logits.dtype == torch.float32 and logits.shape[:2] == d.calibration[0]["input_ids"].shape
+
+
+def test_a_graph_over_the_protobuf_limit_is_written_with_external_data(deployed, tmp_path):
+    """The path a 3B export takes (its parameters pass 2 GB), forced on the small model: the fp32
+    export, the quantized graph and the session all go through one ``.data`` file beside the graph."""
+    d = deployed
+    model = load_fp32(d.inputs.model_dir)
+    fp32 = tmp_path / "fp32" / "model_fp32.onnx"
+    fp32.parent.mkdir()
+    names = export_onnx(model, d.test[0], fp32, large=True)
+    out = tmp_path / MODEL_FILE
+    quantize_graph(fp32, out, d.inputs.quantize, d.keep, d.out / CACHE_FILE, large=True)
+    assert (fp32.parent / "model_fp32.onnx.data").stat().st_size > fp32.stat().st_size
+    assert any(f.name != MODEL_FILE for f in tmp_path.iterdir() if f.is_file())  # external data
+    assert _qparams(out) == _qparams(d.out / MODEL_FILE)
+    logits = session(out).run(["logits"], feed(d.test[0], names))[0]
+    torch.testing.assert_close(torch.from_numpy(logits), d.runtime.forward(d.test[0]), rtol=0, atol=1e-5)
+
+
+def test_a_list_naming_no_linear_is_refused_before_anything_is_written(deployed, tmp_path):
+    bad = Inputs(
+        deployed.inputs.model_dir, ["model.language_model.embed_tokens"], deployed.calibration, tmp_path
+    )
+    with pytest.raises(InputError, match="not Linear/Conv3d modules"):
+        OrtQdq().write(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
