@@ -83,7 +83,7 @@ def main() -> None:
     record["model_dir_bytes"] = dir_bytes(model_dir)
     target = TARGETS[args.target]()
     quantize = scheme_ops(model_dir, target.scheme)
-    inputs = Inputs(model_dir, quantize, [_one_batch(model_dir)], args.work)
+    inputs = Inputs(model_dir, quantize, [_one_batch(model_dir)], args.work, 10**12)
     reset_peak_rss()
     start = time.perf_counter()
     written = target.write(inputs, out_dir)

@@ -252,7 +252,7 @@ def test_fallback_param_change_reruns_only_what_reads_the_keep_list(repo):
     assert _planned(root, probe=False) == changed
     assert _ran(run(["dvc", "repro"], root).stdout) == changed
     # the removed target's outputs, which DVC leaves on disk when a stage goes away
-    for leftover in ("models/quantized", "reports/deploy", "reports/quantize/compressed_tensors.json"):
+    for leftover in ("models/quantized", "reports/deploy", *(root / "reports/quantize").glob("*.json")):
         path = root / leftover
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     assert {rel: _digest(root, rel) for rel in upstream} == upstream
@@ -320,6 +320,37 @@ def test_a_new_onnx_export_reruns_only_the_fallback_stage(repo):
     assert ort["onnx_model"] == "data/onnx/model.onnx" and node in ort["nodes_to_exclude"]
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "onnx export"], root)
+
+
+def test_adding_a_target_runs_only_its_stage_and_the_report(repo):
+    """quantize.targets is no param of a quantize stage: a new target runs alone, then the report.
+    (fallback.fused_groups is false here: ort_qdq and inc do not fuse, so they take a split list.)"""
+    root, _ = repo
+    before = _artifacts(root)
+    _set_params(root, quantize={"targets": ["ort_qdq"]})
+    first = {"check_params", "quantize@ort_qdq", "rank_report"}
+    assert _planned(root, probe=False) == first
+    assert _ran(run(["dvc", "repro"], root).stdout) == first
+    _set_params(root, quantize={"targets": ["ort_qdq", "inc"]})
+    assert _ran(run(["dvc", "repro"], root).stdout) == {"check_params", "quantize@inc", "rank_report"}
+    report = ("reports/op_sensitivity.md", "reports/plots", "reports/rank")  # rank_report's outputs
+    after = _artifacts(root)
+    assert {k: after[k] for k in before if not k.startswith(report)} == {
+        k: v for k, v in before.items() if not k.startswith(report)
+    }
+    exports = json.loads((root / "reports/fallback/exports.json").read_text())
+    for export, target in (("ort_nodes_to_exclude.json", "ort_qdq"), ("inc_op_name_dict.json", "inc")):
+        pointer = exports[export]["deployed_by"]
+        doc = json.loads((root / pointer["document"]).read_text())
+        assert pointer["artifact"] == doc["artifact"]["path"] == f"models/quantized/{target}"
+        assert (root / pointer["artifact"]).is_dir() and doc["quantized"] > 0
+    section = (root / "reports/op_sensitivity.md").read_text().split("## Deployment")[1]
+    assert "| ort_qdq | onnx-qdq |" in section and "| inc | inc-pytorch-fx |" in section
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], root).stdout)
+    shown = {path for entry in metrics.values() for path in entry.get("data", {})}
+    assert {"reports/deploy/ort_qdq.json", "reports/deploy/inc.json"} <= shown
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "two targets"], root)
 
 
 def test_a_bad_param_or_path_stops_dvc_repro_before_any_output_is_deleted(repo):

@@ -64,7 +64,7 @@ def built(small_model_dir, calibration_dir, test_dir, tmp_path_factory) -> dict[
             calibration = [{k: v.cpu() for k, v in b.items()} for b in measurer.calibration]
             for name, keep in {"qkv_kept": _qkv(inventory), "all_int8": []}.items():
                 quantize = [m for m in measurer.scored if m not in set(keep)]
-                inputs = Inputs(small_model_dir, quantize, calibration, ws)
+                inputs = Inputs(small_model_dir, quantize, calibration, ws, 10**9)
                 record = target.write(inputs, ws / name)
                 runtime = target.load(ws / name, inputs)
                 predicted = measurer.measure(keep)

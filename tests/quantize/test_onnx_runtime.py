@@ -83,7 +83,7 @@ def deployed(small_model_dir, calibration_dir, test_dir, tmp_path_factory) -> De
     target.require()
     with open_measurer(params, 2, calibration_dir, test_dir, small_model_dir, report, TEST) as measurer:
         calibration = [{k: v.cpu() for k, v in b.items()} for b in measurer.calibration]
-        inputs = Inputs(small_model_dir, quantize, calibration, ws / "workspace")
+        inputs = Inputs(small_model_dir, quantize, calibration, ws / "workspace", 10**9)
         inputs.workspace.mkdir()
         out = ws / "artifact"
         record = target.write(inputs, out)
@@ -217,7 +217,11 @@ def test_a_graph_over_the_protobuf_limit_is_written_with_external_data(deployed,
 
 def test_a_list_naming_no_linear_is_refused_before_anything_is_written(deployed, tmp_path):
     bad = Inputs(
-        deployed.inputs.model_dir, ["model.language_model.embed_tokens"], deployed.calibration, tmp_path
+        deployed.inputs.model_dir,
+        ["model.language_model.embed_tokens"],
+        deployed.calibration,
+        tmp_path,
+        10**9,
     )
     with pytest.raises(InputError, match="not Linear/Conv3d modules"):
         OrtQdq().write(bad, tmp_path / "out")

@@ -29,6 +29,10 @@ deep copy; we clear it and collect; a SIGTERM / SIGHUP whose exception INC's bar
 swallowed is raised again (``cli.raise_if_terminated``). INC leaves a forward hook on the
 caller's fp32 model per call; we remove the hooks a call added.
 
+Besides the pass, INC's own static PTQ of a keep-list (:func:`ptq_model`, :func:`ptq_logits`:
+validate's check) and its save / load round trip (:func:`save_q_model`, :func:`load_q_model`,
+:func:`saved_config`: the ``inc`` quantize target), so that no other module calls INC.
+
 The pass is described by ``engines.contract.PassSpec`` (ops, exclusions, batches), as for the
 native engine; INC's own initial config must keep exactly the spec's exclusions fp32 (plus ops
 its capability cannot quantize), or the pass stops.
@@ -393,20 +397,20 @@ def run_pass(
     )
 
 
-def ptq_logits(
+def ptq_model(
     model: nn.Module,
     batches: list[dict[str, torch.Tensor]],
     batch_size: int,
     op_name_dict: dict[str, Any],
     workspace: Path,
-) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """INC's own static PTQ (``quantization.fit``) with a keep-list, as a user of our export runs it.
+):
+    """INC's own static PTQ (``quantization.fit``) with a keep-list, as a user of our export runs it;
+    INC's quantized model (``PyTorchFXModel``: ``.model`` the module, ``.q_config`` its config).
 
-    Calibrates on ``batches`` (every sample), keeps the ``op_name_dict`` ops fp32, and returns the
-    quantized model's forward (logits). No accuracy loop: ``fit`` without an evaluation function
-    returns its first quantized model. INC computes on the CPU in float32: inputs prepared for
-    another device or dtype (the native engine's numerics) are moved there, and the logits
-    moved back, so the two models are scored by the same code.
+    Calibrates on ``batches`` (every sample: ``batch_size`` only sets INC's iteration count), keeps
+    the ``op_name_dict`` ops fp32. No accuracy loop: ``fit`` without an evaluation function
+    returns its first quantized model. ``model`` is cast to float32, and INC (no evaluation
+    function: ``performance_only``) converts it in place: pass a copy you do not need any more.
     """
     inc_util()
     from neural_compressor import PostTrainingQuantConfig, quantization
@@ -425,7 +429,29 @@ def ptq_logits(
     if q is None:
         raise CaptureError("INC's quantization.fit returned no model for the keep-list's config")
     release_quantization_caches()
-    quantized = q.model
+    return q
+
+
+def ptq_logits(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    batch_size: int,
+    op_name_dict: dict[str, Any],
+    workspace: Path,
+) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """The forward (logits) of INC's PTQ of ``model`` with a keep-list (:func:`ptq_model`).
+
+    INC computes on the CPU in float32: inputs prepared for another device or dtype (the native
+    engine's numerics) are moved there, and the logits moved back, so the two models are scored
+    by the same code.
+    """
+    return quantized_logits(ptq_model(model, batches, batch_size, op_name_dict, workspace).model)
+
+
+def quantized_logits(quantized: nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """The forward of an INC-quantized model (fresh from PTQ or reloaded by :func:`load_q_model`):
+    CPU float32 inputs, logits back on the caller's device; the patch embedding's compat patch on,
+    as during the PTQ (its Conv3d may be a quantized module)."""
 
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = batch["input_ids"].device
@@ -433,6 +459,84 @@ def ptq_logits(
             return quantized(**_on_cpu(batch)).logits.to(device)
 
     return forward
+
+
+SAVED_MODEL = "best_model.pt"  # what INC 3.7.1's PyTorchFXModel.save writes (weights + "best_configure")
+SAVED_CONFIG_KEY = "best_configure"
+
+
+def save_q_model(q_model, out_dir: Path) -> Path:
+    """INC's own save (``q_model.save(dir)``), as the original INC workflow's optional ``q_model.pt``.
+
+    INC 3.7.1 (2.x API, ``pytorch_fx``) writes ONE file, ``best_model.pt``: the quantized model's
+    ``state_dict`` (int8 weights with their scales, the calibrated activation scales and zero
+    points) with INC's tuning config under the key ``best_configure`` (no ``best_configure.json``:
+    that is INC's IPEX backend). INC logs and swallows an ``IOError`` while saving, so the file is
+    checked here.
+    """
+    q_model.save(str(out_dir))
+    path = out_dir / SAVED_MODEL
+    if not path.is_file():
+        raise CaptureError(f"{out_dir}: INC's q_model.save wrote no {SAVED_MODEL} (see INC's log)")
+    return path
+
+
+def saved_config(out_dir: Path) -> dict[str, Any]:
+    """INC's tuning config stored in a saved q_model (``best_configure``), read without building
+    the model (``weights_only``: tensors and plain containers; ``mmap``: the weights stay on disk)."""
+    path = out_dir / SAVED_MODEL
+    if not path.is_file():
+        raise InputError(f"{out_dir}: no {SAVED_MODEL} (not a q_model saved by INC's q_model.save)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several kinds for a damaged or foreign file
+        raise InputError(f"{path}: does not load as an INC q_model ({type(e).__name__}: {e})") from e
+    config = state.get(SAVED_CONFIG_KEY) if isinstance(state, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("op"), dict):
+        raise InputError(
+            f"{path}: no {SAVED_CONFIG_KEY} with per-op configs (not saved by INC's q_model.save)"
+        )
+    return config
+
+
+def int8_and_fp32(config: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The modules an INC tuning config quantizes and those it keeps fp32 (module names, config
+    order): an op is int8 unless its weight (or, weight-less, its activation) is fp32; an
+    Embedding (int8 weight, fp32 activation) is quantized."""
+    int8, fp32 = [], []
+    for (op_name, _), cfg in config["op"].items():
+        (fp32 if _is_fp32(cfg) else int8).append(module_name(op_name))
+    return int8, fp32
+
+
+def load_q_model(out_dir: Path, fp32_model: nn.Module) -> nn.Module:
+    """INC's own loader (``neural_compressor.utils.pytorch.load``) of a saved q_model onto a fresh
+    float32 copy of the model it was quantized from.
+
+    The loader replays INC's conversion from the stored config: whole-model FX tracing of
+    Qwen2.5-VL fails, so INC quantized (and reloads) the sub-modules listed in its config's
+    ``fx_sub_module_list``, tracing each; the patch embedding's compat patch is on, as during the
+    PTQ. The state dict must then load strictly: INC falls back to ``strict=False`` and ignores
+    missing keys (a calibrated scale left at its default), so missing keys are refused here.
+    """
+    inc_util()
+    from neural_compressor.utils.pytorch import load
+
+    path = out_dir / SAVED_MODEL
+    config = saved_config(out_dir)
+    if config.get("framework") != "pytorch_fx":
+        raise InputError(f"{path}: framework {config.get('framework')!r}, expected pytorch_fx")
+    fp32_model.float().eval()
+    with patch_embed_compat():
+        model = load(str(out_dir), fp32_model)
+    expected = set(torch.load(path, map_location="cpu", weights_only=True, mmap=True)) - {SAVED_CONFIG_KEY}
+    missing = sorted(set(model.state_dict()) ^ expected)
+    if missing:
+        raise CaptureError(
+            f"{path}: INC's loader built a model whose state differs from the saved one (first keys: "
+            f"{missing[:5]}); expected neural-compressor=={REQUIRED_INC}"
+        )
+    return model.eval()
 
 
 def _on_cpu(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

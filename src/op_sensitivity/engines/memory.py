@@ -53,3 +53,13 @@ def peak_memory(device: torch.device, rss_reset: bool) -> dict[str, Any]:
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "peak_rss_scope": "process",
     }
+
+
+# INC's PTQ of a model converts it in place but holds float32 copies while it traces and converts:
+# a base plus this many bytes per float32 weight byte (fit on the crosscheck's carved copies).
+INC_BASE_GIB, INC_PER_FP32_BYTE = 0.6, 5.0
+
+
+def inc_peak_gib(params: int) -> float:
+    """INC's PTQ of a model of ``params`` parameters: its peak resident set (GiB)."""
+    return INC_BASE_GIB + INC_PER_FP32_BYTE * 4 * params / 2**30

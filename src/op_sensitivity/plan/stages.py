@@ -36,6 +36,7 @@ import torch
 from tabulate import tabulate
 
 from ..engines.contract import check_scored, exclusions
+from ..engines.memory import inc_peak_gib
 from ..engines.numerics import resolve_numerics
 from ..engines.runner import host_facts, scheme_params
 from ..errors import InputError
@@ -47,7 +48,6 @@ from .model import ModelFacts, carved_facts
 from .probe import CostModel, ForwardCosts, probe, typical_image
 
 GIB = 2**30
-INC_BASE_GIB, INC_PER_FP32_BYTE = 0.6, 5.0
 NATIVE_HELD_FACTOR = 2.0  # resident bytes per byte of int8 copies and dequantized tables (fit, module doc)
 PROCESS_GIB = 0.5  # Python, torch and transformers loaded: what a tiny model's pass peaks at (0.54 GiB)
 LOAD_PEAK_PER_STORED_BYTE = 1.4  # load_model of full_size_random 3B: 10.2 GiB peak, 7.5 GB written
@@ -170,16 +170,15 @@ def native_peak_gib(facts: ModelFacts, scored: list[str], scheme: str = "inc_cpu
     return PROCESS_GIB + (facts.stored_bytes + held + transient) / GIB
 
 
-def inc_peak_gib(params: int) -> float:
-    return INC_BASE_GIB + INC_PER_FP32_BYTE * 4 * params / GIB
-
-
-# A quantize target's own peak, per byte of the stored model (compressed_tensors: the model as
-# stored, its int8 codes and the serialized file; write, read-back, load and a forward of the 3B
-# peaked at 10.9 GiB for 7.0 GiB of bf16 weights, benchmarks/results/quantize-3b-cpu-2026-11-27.json)
-# or of a float32 copy (the others load the model in float32 to quantize, export or trace it).
-TARGET_PER_STORED_BYTE = {"compressed_tensors": 1.6}
-TARGET_PER_FP32_BYTE = {"modelopt_int8": 1.2, "modelopt_fp8": 1.2, "ort_qdq": 3.0}
+# A quantize target's own peak (write, read-back, load and a forward in one process), per byte of
+# the stored model where measured at 3B (benchmarks/results/quantize-3b-*-cpu-2026-11-27.json, 7.0
+# GiB of bf16 weights): compressed_tensors 10.9 GiB (the model as stored, its int8 codes, the file;
+# loaded decompressed in the stored dtype), modelopt_int8 19.9 GiB (the writer's model and the
+# export, then a fresh model with ModelOpt's quantizers fed from the checkpoint; fp8 alike). Per
+# byte of a float32 copy where not measured: ort_qdq exports a float32 model (the model, the traced
+# graph and the serialized protobuf).
+TARGET_PER_STORED_BYTE = {"compressed_tensors": 1.6, "modelopt_int8": 2.9, "modelopt_fp8": 2.9}
+TARGET_PER_FP32_BYTE = {"ort_qdq": 3.0}
 
 
 def target_gib(target: str, facts: ModelFacts) -> float:
@@ -524,6 +523,14 @@ class Planner:
                 f"{p.crosscheck.where('whole_max_params')}: INC's PTQ of the whole model {need}; set it "
                 f"below {params:,} (INC PTQ on a carved copy) or {p.validate.where('inc_check')}: false"
             )
+        if s.stage.startswith("quantize@"):
+            target = s.stage.partition("@")[2]
+            refused = (
+                f" (and it refuses a model above {p.crosscheck.where('whole_max_params')})"
+                if target == "inc" and not whole
+                else ""
+            )
+            return f"{p.quantize.where('targets')}: {target} {need}{refused}; drop it from the list"
         if "INC pass" in s.work:
             return (
                 f"{p.sensitivity.where('engine')}: the INC pass {need} (INC copies the float32 model "

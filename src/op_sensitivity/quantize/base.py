@@ -32,12 +32,15 @@ class Inputs:
     fused groups whole), in model order; every other module stays in high precision.
     ``calibration``: the calibration split's batches (the model's inputs, on the CPU), which the
     native prediction calibrates on too. ``workspace``: scratch space the stage removes.
+    ``max_params``: ``crosscheck.whole_max_params``, the largest model a tool may convert whole
+    (INC's PTQ holds several float32 copies; above it validate carves, which a deployment cannot).
     """
 
     model_dir: Path
     quantize: list[str]
     calibration: list[Batch]
     workspace: Path
+    max_params: int
 
 
 @dataclass

@@ -123,7 +123,9 @@ def quantize_target(
     keep = [m for m in scored if m not in set(quantize)]
     predicted, all_int8, scorer, calibration = _predict(sens, params.curve.batch_size, dirs, report, keep)
     with tempfile.TemporaryDirectory(prefix="quantize-") as workspace:
-        inputs = Inputs(dirs["model"], quantize, calibration, Path(workspace))
+        inputs = Inputs(
+            dirs["model"], quantize, calibration, Path(workspace), params.crosscheck.whole_max_params
+        )
         record = target.write(inputs, out_dir)
         _check_artifact(target, out_dir, quantize)
         runtime = target.load(out_dir, inputs)
