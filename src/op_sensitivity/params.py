@@ -586,7 +586,7 @@ class QuantizeParams(ParamsBlock):
         Field(json_schema_extra={"uniqueItems": True}),
         AfterValidator(_unique_targets),
     ] = Field(
-        default=("compressed_tensors",),
+        default=TARGETS,
         description="Deployment targets, one cached DVC stage each (foreach), each from the keep-list of "
         "its scheme (which schemes.run must measure): compressed_tensors (W8A8 checkpoint for vLLM and "
         "transformers, measured in transformers; llmcompressor_w8a8), ort_qdq (QDQ ONNX model from "
