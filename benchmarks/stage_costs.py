@@ -27,8 +27,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def stage_commands() -> dict[str, str]:
+    """Every stage's command; a ``foreach`` stage once per item of its params list, named as DVC
+    names it (``quantize@inc``)."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    return {name: " ".join(stage["cmd"].split()) for name, stage in stages.items()}
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    out = {}
+    for name, stage in stages.items():
+        if "foreach" not in stage:
+            out[name] = " ".join(stage["cmd"].split())
+            continue
+        block, key = stage["foreach"].strip("${}").split(".")
+        for item in params[block][key]:
+            out[f"{name}@{item}"] = " ".join(stage["do"]["cmd"].replace("${item}", item).split())
+    return out
 
 
 def main() -> None:

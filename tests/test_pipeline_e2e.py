@@ -344,6 +344,12 @@ def test_adding_a_target_runs_only_its_stage_and_the_report(repo):
         doc = json.loads((root / pointer["document"]).read_text())
         assert pointer["artifact"] == doc["artifact"]["path"] == f"models/quantized/{target}"
         assert (root / pointer["artifact"]).is_dir() and doc["quantized"] > 0
+        source = json.loads((root / pointer["artifact"] / "op_sensitivity_source.json").read_text())
+        assert (source["keep_list"], source["spectrum"]) == (
+            doc["artifact"]["keep_list"],
+            doc["artifact"]["spectrum"],
+        )
+        assert len(source["quantize"]) == doc["quantized"] and source["keep"] == doc["kept"]
     section = (root / "reports/op_sensitivity.md").read_text().split("## Deployment")[1]
     assert "| ort_qdq | onnx-qdq |" in section and "| inc | inc-pytorch-fx |" in section
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], root).stdout)

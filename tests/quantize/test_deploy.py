@@ -66,15 +66,49 @@ def test_metrics_and_section_read_the_document():
         "runtime": {"loader": "L", "weights": "w", "inputs": "i", "matmul": "m", "notes": ["n"]},
         "runtime_differs": runtime_differs({"a", "c"}, ["a", "b"]),
         "all_int8": {"kl": 4.0},
-        "agreement": agreement("kl", {"kl": 3.0}, {"kl": 2.0}),
+        "agreement": {**agreement("kl", {"kl": 3.0}, {"kl": 2.0}), "bar": 0.1, "gap": "g"},
     }
     assert metrics(doc) == {"kl_int8": 4.0, "kl_kept": 3.0, "kl_native": 2.0, "size_mb": 2.5}
     text = section([doc])
-    assert "| compressed_tensors | int-quantized | 2.50 | 25 | 1 | kl | 3 | 2 | 1.5 | 4 |" in text
+    assert (
+        "| compressed_tensors | int-quantized | 2.50 | 25 | 1 | kl | 3 | 2 | 1.5 | **outside** 0.1 | 4 |"
+        in text
+    )
+    assert "measured vs predicted **outside** its bar (0.1 relative); the gap: g" in text
     assert "- compressed_tensors (L): weights w; inputs i; matmul m; n" in text
     assert (
         "**the runtime runs 1 listed op(s) in high precision anyway (b); the runtime quantizes 1 op(s) "
         "the list keeps (c)**" in text
     )
-    same = section([{**doc, "runtime_differs": runtime_differs({"a", "b"}, ["a", "b"])}])
+    close = {**agreement("kl", {"kl": 2.1}, {"kl": 2.0}), "bar": 0.1, "gap": "g"}
+    same = section([{**doc, "runtime_differs": runtime_differs({"a", "b"}, ["a", "b"]), "agreement": close}])
     assert "the loaded runtime quantizes exactly the 25 listed ops" in same
+    assert "| 2.1 | 2 | 1.05 | within 0.1 |" in same
+
+
+def test_an_artifact_that_quantizes_other_ops_than_the_list_is_removed_and_refused(small_model_dir, tmp_path):
+    """Read back from a real checkpoint: a list it does not match (here, one op more than written)."""
+    pytest.importorskip("compressed_tensors")
+    from op_sensitivity.quantize.base import Inputs
+    from op_sensitivity.quantize.compressed_tensors import CompressedTensors
+    from op_sensitivity.quantize.deploy import _check_artifact
+    from op_sensitivity.quantize.hf_checkpoint import linear_modules
+
+    target, out = CompressedTensors(), tmp_path / "ct"
+    written = [n for n in linear_modules(small_model_dir) if n != "lm_head"]
+    target.write(Inputs(small_model_dir, written, [], tmp_path, 10**9), out)
+    _check_artifact(target, out, written)  # as written: kept
+    assert out.is_dir()
+    with pytest.raises(InputError, match=r"quantizes \[\] that the keep-list keeps and keeps \['lm_head'\]"):
+        _check_artifact(target, out, [*written, "lm_head"])
+    assert not out.exists()
+
+
+def test_every_target_of_the_params_has_one_backend_with_its_scheme_and_bar():
+    from op_sensitivity.params import TARGET_SCHEMES
+    from op_sensitivity.quantize.targets import TARGETS
+
+    assert list(TARGETS) == list(TARGET_SCHEMES)
+    for name, cls in TARGETS.items():
+        assert (cls.name, cls.scheme) == (name, TARGET_SCHEMES[name])
+        assert 0 < cls.bar <= 0.1 and cls.gap and cls.format and cls.requires and cls.extra

@@ -41,11 +41,15 @@ from op_sensitivity.quantize.onnx_runtime import (  # noqa: E402
     EXPORT_FILE,
     MODEL_FILE,
     OrtQdq,
+    cache_for,
     export_onnx,
     feed,
     load_fp32,
+    merge_roles,
+    node_roles,
     quantize_graph,
     quantized_nodes,
+    ranges_by_role,
     session,
     signature,
 )
@@ -226,3 +230,40 @@ def test_a_list_naming_no_linear_is_refused_before_anything_is_written(deployed,
     with pytest.raises(InputError, match="not Linear/Conv3d modules"):
         OrtQdq().write(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _graph(tensor: str) -> Any:
+    """One Linear's MatMul (named by its module's scope) reading ``tensor``: what two exports of
+    different layouts give, the node name fixed and the tensor between nodes counted otherwise."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("MatMul", [tensor, "w"], ["/lin/MatMul_output_0"], name="/lin/MatMul")
+    io = [helper.make_tensor_value_info(t, TensorProto.FLOAT, [2, 2]) for t in (tensor, "w")]
+    out = [helper.make_tensor_value_info("/lin/MatMul_output_0", TensorProto.FLOAT, [2, 2])]
+    return helper.make_graph([node], "g", io, out)
+
+
+def test_ranges_move_between_exports_by_node_and_role_not_by_tensor_name():
+    import numpy as np
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData
+
+    first, second = _graph("/attn/Reshape_7_output_0"), _graph("/attn/Reshape_9_output_0")
+    roles = [node_roles(g, ["lin"]) for g in (first, second)]
+    assert roles[1] == {"/lin/MatMul": ("/attn/Reshape_9_output_0", "/lin/MatMul_output_0")}
+    data = [
+        TensorsData(
+            CalibrationMethod.MinMax,
+            {
+                r["/lin/MatMul"][0]: TensorData(lowest=np.float32(lo), highest=np.float32(hi)),
+                r["/lin/MatMul"][1]: TensorData(lowest=np.float32(-1), highest=np.float32(1)),
+            },
+        )
+        for r, (lo, hi) in zip(roles, [(-2.0, 3.0), (-5.0, 1.0)], strict=True)
+    ]
+    merged = merge_roles([ranges_by_role(d, r) for d, r in zip(data, roles, strict=True)])
+    cache = cache_for(merged, roles[1])  # the second export's own names
+    assert set(cache.data) == {"/attn/Reshape_9_output_0", "/lin/MatMul_output_0"}
+    assert [float(v) for v in cache.data["/attn/Reshape_9_output_0"].range_value] == [-5.0, 3.0]
+    with pytest.raises(RuntimeError, match="different Linear/Conv nodes"):
+        merge_roles([ranges_by_role(data[0], roles[0]), {}])

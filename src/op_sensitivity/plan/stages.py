@@ -173,8 +173,9 @@ def native_peak_gib(facts: ModelFacts, scored: list[str], scheme: str = "inc_cpu
 # A quantize target's own peak (write, read-back, load and a forward in one process), per byte of
 # the stored model where measured at 3B (benchmarks/results/quantize-3b-*-cpu-2026-11-27.json, 7.0
 # GiB of bf16 weights): compressed_tensors 10.9 GiB (the model as stored, its int8 codes, the file;
-# loaded decompressed in the stored dtype), modelopt_int8 19.9 GiB (the writer's model and the
-# export, then a fresh model with ModelOpt's quantizers fed from the checkpoint; fp8 alike). Per
+# loaded decompressed in the stored dtype), modelopt_int8 19.9 GiB and modelopt_fp8 20.1 GiB
+# (the writer's model and the export, then a fresh model with ModelOpt's quantizers fed from the
+# checkpoint). Per
 # byte of a float32 copy where not measured: ort_qdq exports a float32 model (the model, the traced
 # graph and the serialized protobuf).
 TARGET_PER_STORED_BYTE = {"compressed_tensors": 1.6, "modelopt_int8": 2.9, "modelopt_fp8": 2.9}

@@ -72,13 +72,18 @@ class Runtime:
 class Target(ABC):
     """One deployment target. ``scheme``: the native scheme whose keep-list it deploys and whose
     prediction it is compared with. ``requires``: the import names of its tool, ``extra`` the pip
-    command that installs them (named in the error when one is missing)."""
+    command that installs them (named in the error when one is missing). ``bar``: how far the
+    runtime's measured damage may sit from the prediction (relative, on ``curve.metric``), and
+    ``gap`` why it is not zero: what the runtime computes differently from the scheme. A result
+    outside the bar is a finding the report states, not an error."""
 
     name: ClassVar[str]
     scheme: ClassVar[str]
     format: ClassVar[str]
     requires: ClassVar[tuple[str, ...]]
     extra: ClassVar[str]
+    bar: ClassVar[float]
+    gap: ClassVar[str]
 
     def require(self) -> None:
         """Refuse before anything is written when the tool is not installed."""

@@ -9,13 +9,16 @@ engine's prediction for the same list under the same scheme (and all-int8, for s
 Document (``reports/quantize/<target>.json``)::
 
     target, scheme, format
-    artifact: {path, bytes, keep_list: {path, sha256}, spectrum: {path, sha256}}
+    artifact: {path, bytes, keep_list: {path, sha256}, spectrum: {path, sha256}}   the same sources
+                                are in the artifact itself (``op_sensitivity_source.json``, with the
+                                modules it quantizes and keeps), for a copy pulled without this document
     quantized: int              how many of the pass's scored ops the artifact quantizes (read back)
     kept: [module]              the scored ops it keeps in high precision (the prediction's list)
     runtime_differs: {readable, ignored, added}   what the loaded runtime runs quantized, against the list
     runtime: {...}              what the runtime computes for the artifact
     measured, predicted, all_int8: {kl, top1, nll, logit_se, ...}   test split, against fp32
-    agreement: {metric, measured, predicted, ratio}
+    agreement: {metric, measured, predicted, ratio, bar, gap}   bar: the target's tolerance (relative);
+                                gap: what its runtime computes differently from the scheme
 
 Metrics (``reports/deploy/<target>.json``, DVC; ``m`` = ``curve.metric``): ``m_int8``, ``m_kept``
 (measured in the runtime), ``m_native`` (the native prediction), ``size_mb``.
@@ -31,15 +34,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..atomic import dump_json
 from ..engines.contract import check_scored
 from ..errors import InputError
 from ..inventory import OpInfo
 from ..params import FUSED_TARGETS, MAIN_PASS_TARGETS, TARGET_SCHEMES, Params, SensitivityParams
 from ..validation.inputs import open_measurer, scored_and_excluded
 from ..validation.measure import TEST, Scorer
-from .base import Batch, Inputs, Target
+from .base import Batch, Inputs, Target, dir_bytes
 
 log = logging.getLogger(__name__)
+
+PROVENANCE = "op_sensitivity_source.json"  # in the artifact: the keep-list and spectrum it came from
 
 SCHEME = TARGET_SCHEMES  # target -> the scheme its keep-list comes from (checked in params)
 
@@ -126,8 +132,11 @@ def quantize_target(
         inputs = Inputs(
             dirs["model"], quantize, calibration, Path(workspace), params.crosscheck.whole_max_params
         )
-        record = target.write(inputs, out_dir)
+        target.write(inputs, out_dir)
         _check_artifact(target, out_dir, quantize)
+        sources = {k: {"path": str(dirs[k]), "sha256": _sha256(dirs[k])} for k in ("keep_list", "spectrum")}
+        provenance = {"target": name, "scheme": target.scheme, **sources, "quantize": quantize, "keep": keep}
+        dump_json(provenance, out_dir / PROVENANCE)
         runtime = target.load(out_dir, inputs)
         try:
             measured = scorer.score(runtime.forward)
@@ -138,12 +147,7 @@ def quantize_target(
         "target": name,
         "scheme": target.scheme,
         "format": target.format,
-        "artifact": {
-            "path": str(out_dir),
-            "bytes": record["bytes"],
-            "keep_list": {"path": str(dirs["keep_list"]), "sha256": _sha256(dirs["keep_list"])},
-            "spectrum": {"path": str(dirs["spectrum"]), "sha256": _sha256(dirs["spectrum"])},
-        },
+        "artifact": {"path": str(out_dir), "bytes": dir_bytes(out_dir), **sources},
         "quantized": len(quantize),
         "kept": keep,
         "runtime": runtime.facts(),
@@ -151,14 +155,14 @@ def quantize_target(
         "measured": measured,
         "predicted": predicted,
         "all_int8": all_int8,
-        "agreement": agreement(metric, measured, predicted),
+        "agreement": {**agreement(metric, measured, predicted), "bar": target.bar, "gap": target.gap},
     }
     log.info(
         "%s: %d of %d ops kept, %.2f MB; %s measured %.6g, predicted %.6g",
         name,
         len(keep),
         len(scored),
-        record["bytes"] / 1e6,
+        doc["artifact"]["bytes"] / 1e6,
         metric,
         measured[metric],
         predicted[metric],

@@ -153,6 +153,11 @@ class Inc(Target):
     format = FORMAT
     requires = ("neural_compressor",)
     extra = EXTRA
+    bar = 1e-3
+    gap = (
+        "none in the arithmetic: the reloaded model runs the torch.ao int8 kernels the inc_cpu scheme "
+        "predicts with, on the same calibration; only float summation order (a thread count, a CPU)"
+    )
 
     def write(self, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
         """PTQ from the exported op_name_dict, saved by INC into the atomic directory."""
@@ -190,4 +195,5 @@ class Inc(Target):
             inputs=facts["inputs"],
             matmul=facts["matmul"],
             notes=facts["notes"],
+            quantized=set(quantized_modules(model)),
         )

@@ -51,8 +51,9 @@ def section(docs: list[dict[str, Any]]) -> str:
         "loaded by the runtime that serves it and scored on the test split against fp32; beside it the "
         "native engine's prediction for the same list under the same scheme, and all-int8.",
         "",
-        "| target | format | size MB | quantized | kept | metric | measured | predicted | ratio | all-int8 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| target | format | size MB | quantized | kept | metric | measured | predicted | ratio | bar | "
+        "all-int8 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in docs:
         a = d["agreement"]
@@ -60,7 +61,7 @@ def section(docs: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {d['target']} | {d['format']} | {d['artifact']['bytes'] / 1e6:.2f} | {d['quantized']} | "
             f"{len(d['kept'])} | {a['metric']} | {a['measured']:.4g} | {a['predicted']:.4g} | {ratio} | "
-            f"{d['all_int8'][a['metric']]:.4g} |"
+            f"{'within' if within(a) else '**outside**'} {a['bar']:g} | {d['all_int8'][a['metric']]:.4g} |"
         )
     notes = []
     for d in docs:
@@ -70,7 +71,19 @@ def section(docs: list[dict[str, Any]]) -> str:
             f"matmul {r['matmul']}" + "".join(f"; {n}" for n in r.get("notes", []))
         )
         notes.append(f"  - {_differs(d['runtime_differs'], d['quantized'])}")
+        a = d["agreement"]
+        verdict = "within" if within(a) else "**outside**"
+        notes.append(
+            f"  - measured vs predicted {verdict} its bar ({a['bar']:g} relative); the gap: {a['gap']}"
+        )
     return "\n".join([*lines, "", *notes, ""])
+
+
+def within(agreement: dict[str, Any]) -> bool:
+    """The runtime's measured damage is within the target's bar of the prediction (relative;
+    equal where the prediction is 0)."""
+    m, p = agreement["measured"], agreement["predicted"]
+    return m == p if not p else abs(m / p - 1) <= agreement["bar"]
 
 
 def _differs(differs: dict[str, Any], quantized: int) -> str:
