@@ -350,7 +350,7 @@ def test_adding_a_target_runs_only_its_stage_and_the_report(repo):
             doc["artifact"]["spectrum"],
         )
         assert len(source["quantize"]) == doc["quantized"] and source["keep"] == doc["kept"]
-    section = (root / "reports/op_sensitivity.md").read_text().split("## Deployment")[1]
+    section = (root / "reports/op_sensitivity.md").read_text().split("## Deployment\n")[1]
     assert "| ort_qdq | onnx-qdq |" in section and "| inc | inc-pytorch-fx |" in section
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], root).stdout)
     shown = {path for entry in metrics.values() for path in entry.get("data", {})}
@@ -423,11 +423,13 @@ def test_bad_input_fails_stage_with_clear_error_and_no_output(repo, tmp_path):
 
 
 def test_dvc_exp_run_on_a_fallback_param_reruns_only_what_reads_the_keep_list(repo):
-    """An experiment on fallback.* (dvc exp run -S): the keep-list, its validation and the report,
-    nothing upstream (fallback_list now reads the model and the splits, which do not change)."""
+    """An experiment on fallback.* (dvc exp run -S): the keep-list, its validation, the targets that
+    deploy it (ort_qdq and inc, added above) and the report, nothing upstream (fallback_list now reads
+    the model and the splits, which do not change)."""
     root, _ = repo
     upstream = {rel: _digest(root, rel) for rel in OUTPUTS[:4]}
     out = run(["dvc", "exp", "run", "-S", "fallback.top_k.k=3", "-S", "fallback.policy=top_k"], root).stdout
-    assert _ran(out) == {"check_params", "fallback_list", "validate", "rank_report"}
+    deploy = {"quantize@ort_qdq", "quantize@inc"}
+    assert _ran(out) == {"check_params", "fallback_list", "validate", *deploy, "rank_report"}
     assert {rel: _digest(root, rel) for rel in upstream} == upstream
     assert json.loads((root / "reports/fallback_metrics.json").read_text())["kept"] >= 3

@@ -112,3 +112,39 @@ def test_every_target_of_the_params_has_one_backend_with_its_scheme_and_bar():
     for name, cls in TARGETS.items():
         assert (cls.name, cls.scheme) == (name, TARGET_SCHEMES[name])
         assert 0 < cls.bar <= 0.1 and cls.gap and cls.format and cls.requires and cls.extra
+
+
+def test_the_stage_refuses_a_split_list_before_anything_is_written(small_model_dir, tmp_path):
+    from op_sensitivity.params import load_params
+    from op_sensitivity.quantize.deploy import quantize_target
+    from tests.helpers import REPO
+
+    inventory = read_inventory(small_model_dir.parent / "op_inventory.json")
+    group = next(op.fused_group for op in inventory if op.fused_group)
+    first = next(op.name for op in inventory if op.fused_group == group)
+    dirs = dict.fromkeys(("model", "calibration", "test", "keep_list", "spectrum"), tmp_path / "none")
+    dirs["model"] = small_model_dir
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=f"keep-list splits fused group {group}"):
+        quantize_target(
+            "compressed_tensors",
+            load_params(REPO / "params.yaml"),
+            dirs,
+            {"ops": [{"module": first}]},
+            _report(inventory),
+            inventory,
+            out,
+        )
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_target_whose_tool_is_missing_names_the_extra_to_install():
+    from op_sensitivity.quantize.compressed_tensors import CompressedTensors
+
+    class Uninstalled(CompressedTensors):  # the same target, its tool under a name no one installed
+        requires = ("no_such_quantization_tool",)
+
+    with pytest.raises(
+        InputError, match=r"compressed_tensors: no_such_quantization_tool is not installed \(pip"
+    ):
+        Uninstalled().require()
