@@ -68,17 +68,63 @@ from op_sensitivity.quantize.onnx_runtime import (
     CACHE_FILE,
     FP32_FILE,
     OP_TYPES,
-    called_modules,
     export_onnx,
     feeds_reader,
-    node_prefix,
-    scored_nodes,
     session,
 )
 
 Spectrum = dict  # {"fallback": {module_name: float}, "requant": {module_name: float}, "all_int8": float}
 
 log = logging.getLogger(__name__)
+
+
+def _unqualified(path: str) -> str:
+    """torch.onnx's scope atom: the last non-numeric atom of a module path and what follows it."""
+    atoms = path.split(".")
+    for i in range(len(atoms) - 1, -1, -1):
+        if not atoms[i].isnumeric():
+            return ".".join(atoms[i:])
+    return path
+
+
+def called_modules(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> set[str]:
+    """Names of the modules whose forward runs on ``batch`` (the scopes the tracer records)."""
+    seen: set[str] = set()
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, n=name: seen.add(n))
+        for name, m in model.named_modules()
+        if name
+    ]
+    try:
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def node_prefix(module: str, called: set[str]) -> str:
+    """The node-name prefix the TorchScript exporter gives ``module``'s nodes."""
+    atoms = module.split(".")
+    scopes = [".".join(atoms[: i + 1]) for i in range(len(atoms))]
+    return "/" + "/".join(_unqualified(s) for s in scopes if s in called) + "/"
+
+
+def scored_nodes(graph: onnx.GraphProto, prefixes: dict[str, str]) -> dict[str, list[str]]:
+    """Each module's MatMul / Gemm / Conv node names; every module must have at least one."""
+    out: dict[str, list[str]] = {}
+    for module, prefix in prefixes.items():
+        legacy = "/" + module.replace(".", "/") + "/"  # the dotted rule, for exporters that use it
+        hits = [
+            n.name
+            for n in graph.node
+            if n.op_type in OP_TYPES and (n.name.startswith(prefix) or n.name.startswith(legacy))
+        ]
+        if not hits:
+            raise ValueError(f"{module}: no {'/'.join(OP_TYPES)} node named {prefix}* in the export")
+        out[module] = hits
+    return out
 
 
 def _expose(model: onnx.ModelProto, tensor: str) -> None:

@@ -61,15 +61,6 @@ FORMAT = "int-quantized"
 EXTRA = "pip install -e '.[ct]'"
 
 
-def _require_ct() -> None:
-    try:
-        import compressed_tensors  # noqa: F401
-    except ImportError as exc:
-        raise InputError(
-            f"compressed-tensors checkpoints: compressed-tensors is not installed ({EXTRA})"
-        ) from exc
-
-
 def w8a8_config(ignore: list[str]) -> Any:
     """The ``QuantizationConfig`` llm-compressor's ``QuantizationModifier(targets=["Linear"],
     scheme="W8A8", ignore=ignore)`` builds (``fallback.exports.llmcompressor_recipe``)."""
@@ -156,7 +147,7 @@ def write_checkpoint(model_dir: Path, ignore: list[str], out_dir: Path) -> dict[
     Returns what was written: ``quantized`` / ``ignored`` (Linear module names, model order),
     ``bytes`` on disk, ``format``, the stored ``dtype`` and the wall ``seconds``.
     """
-    _require_ct()
+    CompressedTensors().require()
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import apply_quantization_config
 
@@ -197,7 +188,7 @@ def load_checkpoint(out_dir: Path, dtype: str | torch.dtype = "auto") -> nn.Modu
     now rather than on its first forward, so what it computes is fixed when it returns
     (:func:`runtime`). ``dtype=torch.float32`` runs a bf16 checkpoint in float32 (codes and
     scales as stored, the arithmetic of the native engine's float32 prediction)."""
-    _require_ct()
+    CompressedTensors().require()
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             out_dir, dtype=dtype, local_files_only=True
@@ -252,7 +243,7 @@ def runtime(model: nn.Module) -> dict[str, Any]:
 def kept_in_checkpoint(out_dir: Path) -> set[str]:
     """The Linear modules the checkpoint leaves unquantized, read back from its tensors (an int8
     ``weight`` with its ``weight_scale``) and checked against its ``quantization_config``."""
-    _require_ct()
+    CompressedTensors().require()
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import is_match
 

@@ -107,10 +107,18 @@ def enabled_quantizers(model: nn.Module) -> dict[str, set[str]]:
     return out
 
 
+W8A8 = {"weight_quantizer", "input_quantizer"}  # the quantizers a quantized Linear / Conv has on
+
+
+def w8a8_modules(on: dict[str, set[str]]) -> set[str]:
+    """The modules of :func:`enabled_quantizers` with exactly their weight and input quantizers on."""
+    return {n for n, q in on.items() if q == W8A8}
+
+
 def _check_quantizes(model: nn.Module, quantize: list[str], where: str) -> None:
     """Exactly ``quantize`` has its weight and input quantizers on, and no other quantizer is on."""
     on = enabled_quantizers(model)
-    w8a8 = {n for n, q in on.items() if q == {"weight_quantizer", "input_quantizer"}}
+    w8a8 = w8a8_modules(on)
     odd = sorted(f"{n}: {sorted(q)}" for n, q in on.items() if n not in w8a8)
     if w8a8 != set(quantize) or odd:
         raise InputError(
@@ -239,9 +247,7 @@ class _ModelOpt(Target):
             for name in quantized:
                 self._set(model.get_submodule(name), **tensors[name])
         facts = self._runtime(model, sorted(quantized))
-        on = enabled_quantizers(model)
-        w8a8 = {n for n, q in on.items() if q == {"weight_quantizer", "input_quantizer"}}
-        return Runtime(forward=_logits(model), quantized=w8a8, **facts)
+        return Runtime(forward=_logits(model), quantized=w8a8_modules(enabled_quantizers(model)), **facts)
 
     @staticmethod
     def _quantized_tensors(out_dir: Path, modules: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:

@@ -23,8 +23,8 @@ What the export and ORT do (onnxruntime 1.32, torch 2.13; facts, the tests check
   is a module *whose forward ran*, named by its last attribute atom extended over trailing numeric
   atoms. A ``ModuleList`` never runs, so ``model.language_model.layers.0.mlp.up_proj`` is
   ``/model/language_model/layers.0/mlp/up_proj/``, and a ``Sequential`` does, so
-  ``model.visual.merger.mlp.0`` is ``/model/visual/merger/mlp/mlp.0/`` (:func:`node_prefix` from
-  the modules seen running, ``fallback.exports.node_module`` back from a node name).
+  ``model.visual.merger.mlp.0`` is ``/model/visual/merger/mlp/mlp.0/`` (``fallback.exports.node_module``
+  reads the module back from a node name).
 * The exporter stores equal initializers once and feeds the copies through ``Identity`` nodes;
   ``quantize_static`` leaves a Gemm bias that is not an initializer float, so they are inlined
   (:func:`inline_constant_identities`).
@@ -109,39 +109,6 @@ INT8_KERNELS = (
     "DynamicQuantizeMatMul",
     "ConvInteger",
 )
-
-
-def _unqualified(path: str) -> str:
-    """torch.onnx's scope atom: the last non-numeric atom of a module path and what follows it."""
-    atoms = path.split(".")
-    for i in range(len(atoms) - 1, -1, -1):
-        if not atoms[i].isnumeric():
-            return ".".join(atoms[i:])
-    return path
-
-
-def called_modules(model: torch.nn.Module, batch: Batch) -> set[str]:
-    """Names of the modules whose forward runs on ``batch`` (the scopes the tracer records)."""
-    seen: set[str] = set()
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, args, n=name: seen.add(n))
-        for name, m in model.named_modules()
-        if name
-    ]
-    try:
-        with torch.no_grad():
-            model(**batch, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
-def node_prefix(module: str, called: set[str]) -> str:
-    """The node-name prefix the TorchScript exporter gives ``module``'s nodes."""
-    atoms = module.split(".")
-    scopes = [".".join(atoms[: i + 1]) for i in range(len(atoms))]
-    return "/" + "/".join(_unqualified(s) for s in scopes if s in called) + "/"
 
 
 def param_bytes(model: torch.nn.Module) -> int:
@@ -231,22 +198,6 @@ def inline_constant_identities(proto: Any) -> int:
         del proto.graph.node[:]
         proto.graph.node.extend(keep)
     return count
-
-
-def scored_nodes(graph: Any, prefixes: dict[str, str]) -> dict[str, list[str]]:
-    """Each module's MatMul / Gemm / Conv node names; every module must have at least one."""
-    out: dict[str, list[str]] = {}
-    for module, prefix in prefixes.items():
-        legacy = "/" + module.replace(".", "/") + "/"  # the dotted rule, for exporters that use it
-        hits = [
-            n.name
-            for n in graph.node
-            if n.op_type in OP_TYPES and (n.name.startswith(prefix) or n.name.startswith(legacy))
-        ]
-        if not hits:
-            raise ValueError(f"{module}: no {'/'.join(OP_TYPES)} node named {prefix}* in the export")
-        out[module] = hits
-    return out
 
 
 def module_nodes(graph: Any, modules: Iterable[str]) -> dict[str, list[str]]:
@@ -350,16 +301,8 @@ def node_roles(graph: Any, modules: Iterable[str]) -> Roles:
     (``/model/visual/blocks.1/attn/Reshape_7_output_0``) that moves with the traced loop's length
     (one attention call per window: another image grid, another count). Ranges are carried from
     one export to another by node and role, never by tensor name."""
-    return {
-        n: (node.input[0], node.output[0])
-        for node in graph.node
-        for n in [node.name]
-        if n in _wanted(graph, modules)
-    }
-
-
-def _wanted(graph: Any, modules: Iterable[str]) -> set[str]:
-    return {n for nodes in module_nodes(graph, modules).values() for n in nodes}
+    wanted = {n for nodes in module_nodes(graph, modules).values() for n in nodes}  # one pass over the graph
+    return {node.name: (node.input[0], node.output[0]) for node in graph.node if node.name in wanted}
 
 
 def ranges_by_role(data: Any, roles: Roles) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
