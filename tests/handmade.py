@@ -103,7 +103,7 @@ def make_curve() -> dict:
         "single_op_pool": {"rule": "every scored op", "ops": len(SINGLE_OP_DAMAGE)},
         "ops": [op.name for op in INVENTORY],
         "excluded": [],
-        "rankings": RANKINGS,
+        "rankings": {r: list(order) for r, order in RANKINGS.items()},  # a test may edit its copy
         "single_op": {
             m: {"values": {}, "damage_share": {"kl": d, **none}} for m, d in SINGLE_OP_DAMAGE.items()
         },
