@@ -4,16 +4,28 @@ import json
 import math
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 
 from op_sensitivity.engines.artifact import build_report
 from op_sensitivity.engines.contract import FP32
 from op_sensitivity.engines.native import run_pass
 from op_sensitivity.engines.runner import load_inputs
-from op_sensitivity.engines.screening import PhaseValues, interval, observed_ratio, score_bounds, to_refine
+from op_sensitivity.engines.screening import (
+    WIDEN,
+    PhaseValues,
+    combined_to_refine,
+    interval,
+    observed_ratio,
+    rank_bounds,
+    refine,
+    score_bounds,
+    to_refine,
+)
+from op_sensitivity.engines.trial_log import TRIAL_LOG
 from op_sensitivity.fallback.policy import choose
 from op_sensitivity.inventory import read_inventory
-from op_sensitivity.phases import FALLBACK, REQUANT
+from op_sensitivity.phases import BOTH, FALLBACK, PHASES, REQUANT
 from op_sensitivity.report.scores import phase_scores, select_phase
 from tests.handmade import fallback_params
 from tests.helpers import sensitivity_params
@@ -59,6 +71,110 @@ def test_observed_ratio_measures_the_bound_on_refined_trials():
     assert observed_ratio(4.0, 9.0, 0.0) == math.inf  # no error measured, yet the values differ
 
 
+def test_rank_bounds_count_the_ops_surely_and_possibly_above():
+    # op 0 alone on top; op 1 overlaps 2 and 3; op 3 only touches op 2's lower end, and a tie goes
+    # to the position, so op 2 is above op 3 whatever their values
+    bounds = [(10.0, 11.0), (4.0, 6.0), (5.0, 7.0), (3.0, 5.0)]
+    assert rank_bounds(bounds) == [(1, 1), (2, 4), (2, 3), (3, 4)]
+    assert rank_bounds([(2.0, 2.0), (2.0, 2.0)]) == [(1, 1), (2, 2)]  # equal points: by position
+
+
+def _ranked(scores: dict[str, float]) -> pd.DataFrame:
+    """One phase as ``report.scores`` ranks it: score high first, ties by position."""
+    df = pd.DataFrame(
+        {"op_name": list(scores), "score": list(scores.values()), "position": range(len(scores))}
+    )
+    df = df.sort_values(["score", "position"], ascending=[False, True]).reset_index(drop=True)
+    df["rank"] = range(1, len(df) + 1)
+    return df
+
+
+def _tops(values: dict[str, list[float]], k: int) -> dict[str, list[str]]:
+    """The top k of fallback, requant (isolated: score = mse) and both, for one batch of values."""
+    names = [f"op{i}" for i in range(len(values[FALLBACK]))]
+    scores = {
+        FALLBACK: _ranked({n: -v for n, v in zip(names, values[FALLBACK], strict=True)}),
+        REQUANT: _ranked(dict(zip(names, values[REQUANT], strict=True))),
+    }
+    return {p: list(select_phase(scores, p)["op_name"][:k]) for p in (*PHASES, BOTH)}
+
+
+def _screen(fast: dict[str, list[float]], exact32: dict[str, list[float]], **kw):
+    """:func:`refine` on one batch of fast values with a float32 oracle; returns it and the values."""
+    values = {p: [list(fast[p])] for p in PHASES}
+    exact = {p: [[False] * len(fast[p])] for p in PHASES}
+
+    def measure(todo):
+        for p, idx in todo.items():
+            for i in idx:
+                values[p][0][i], exact[p][0][i] = exact32[p][i], True
+
+    done = refine(values, exact, [kw.pop("noise", 0.2)], False, kw.pop("exact_top", 1), 1.0, measure, **kw)
+    return done, {p: values[p][0] for p in PHASES}
+
+
+# three ops A, B, C: float32 ranks fallback A > B > C, requant C > A > B, so both's top 1 is A (mean
+# rank 1.5 against C's 2). The bf16 screen swaps the two below each phase's top, inside the bound.
+THREE_FAST = {FALLBACK: [1.0, 2.1**2, 2.0**2], REQUANT: [1.9**2, 2.0**2, 9.0]}
+THREE_EXACT = {FALLBACK: [1.0, 2.0**2, 2.1**2], REQUANT: [2.0**2, 1.9**2, 9.0]}
+
+
+def test_the_combined_top_is_float32s_where_each_phase_top_alone_would_not_make_it():
+    truth = _tops(THREE_EXACT, 1)
+    assert truth == {FALLBACK: ["op0"], REQUANT: ["op2"], BOTH: ["op0"]}
+    # the per-phase selection alone refines each phase's top 1 only: the combined top flips to C
+    per_phase = {p: list(THREE_FAST[p]) for p in PHASES}
+    for p in PHASES:
+        lo, hi = PhaseValues([THREE_FAST[p]], [[False] * 3]).bounds([0.2])
+        for i in to_refine(p, False, score_bounds(p, False, lo, hi), 1):
+            per_phase[p][i] = THREE_EXACT[p][i]
+    assert _tops(per_phase, 1) == {FALLBACK: ["op0"], REQUANT: ["op2"], BOTH: ["op2"]}
+    # with both's own refinement every ranking's top 1 is float32's
+    done, reported = _screen(THREE_FAST, THREE_EXACT, sample=0)
+    assert _tops(reported, 1) == truth
+    assert done.refined == {FALLBACK: {0, 1, 2}, REQUANT: {0, 1, 2}} and done.widened == []
+
+
+def test_combined_to_refine_leaves_ops_that_cannot_reach_the_combined_top():
+    # op 0 tops both phases by far; ops 1-3 overlap each other but not it: nothing to refine
+    far = [(10.0, 10.0), (1.0, 2.0), (1.5, 2.5), (0.5, 1.8)]
+    assert combined_to_refine(far, far, False, 1) == {FALLBACK: set(), REQUANT: set()}
+    # top 2: the second place is open among 1-3, so their scores come first (cumulative: with c_{i-1})
+    assert combined_to_refine(far, far, True, 2) == {FALLBACK: {1, 2, 3}, REQUANT: {0, 1, 2, 3}}
+
+
+# ten ops: op 0 tops both phases, clear of the others under the measured bound (0.5 in sqrt)
+TEN_FAST = {
+    FALLBACK: [0.01] + [(5 + k / 10) ** 2 for k in range(1, 10)],
+    REQUANT: [6.0**2] + [(3 + k / 10) ** 2 for k in range(1, 10)],
+}
+
+
+def test_a_sample_inside_the_bound_leaves_the_selection_as_it_was():
+    done, _ = _screen(TEN_FAST, TEN_FAST, noise=0.5, sample=2)
+    assert done.refined == {FALLBACK: {0}, REQUANT: {0}}
+    assert {p: len(done.checked[p]) for p in PHASES} == {FALLBACK: 2, REQUANT: 2}
+    assert done.check_ratio == 0.0 and done.margin_used == 1.0 and done.widened == []
+    again, _ = _screen(TEN_FAST, TEN_FAST, noise=0.5, sample=2)
+    assert again.checked == done.checked  # seeded: the same pass checks the same ops
+
+
+def test_a_sampled_op_outside_the_bound_widens_it_and_the_selection_grows():
+    """Every op below the top rounds 3 (6x the measured 0.5) away from float32 in its mixed state,
+    which the two ends of the state space did not show: in float32, op 9 tops requant. The sample
+    sees it, the bound widens and the selection measures what the top then needs."""
+    off = {
+        FALLBACK: [TEN_FAST[FALLBACK][0]] + [(math.sqrt(v) - 3) ** 2 for v in TEN_FAST[FALLBACK][1:]],
+        REQUANT: [TEN_FAST[REQUANT][0]] + [(math.sqrt(v) + 3) ** 2 for v in TEN_FAST[REQUANT][1:]],
+    }
+    assert _tops(TEN_FAST, 1)[REQUANT] == ["op0"] and _tops(off, 1)[REQUANT] == ["op9"]
+    done, reported = _screen(TEN_FAST, off, noise=0.5, sample=2)
+    assert done.check_ratio == pytest.approx(6.0)
+    assert done.widened == [{"from": 1.0, "to": pytest.approx(6.0 * WIDEN), "by": "sample"}]
+    assert len(done.refined[REQUANT]) > 1  # the widened bound reaches past op 0
+    assert _tops(reported, 1) == _tops(off, 1)
+
+
 @pytest.fixture(scope="module")
 def planted_pair(small_model_dir, calibration_dir, tmp_path_factory):
     """The planted model (an outlier pair in layer 0's MLP), native, float32 and bf16-screened."""
@@ -78,16 +194,37 @@ def planted_pair(small_model_dir, calibration_dir, tmp_path_factory):
         params = replace(base, native=native)
         model, spec, _, meta = load_inputs(params, calibration_dir, model_dir, inventory_path)
         reports[name] = build_report(run_pass(model, spec, workspace=work / name), inventory, meta)
-    return reports, inventory
+    return reports, inventory, work
+
+
+def _ratios(work, name: str, screened: dict, exact: dict) -> dict[str, float]:
+    """Recomputed from what was measured, not from the pass's bookkeeping: the largest share of the
+    unscaled bound a float32-measured trial used, over the refined ops and over the checked ones
+    (fast values: the pass's trial log; float32 values: the float32 pass)."""
+    lines = (work / name / TRIAL_LOG).read_text().splitlines()[1:]
+    log = {tuple(r["key"]): r["value"] for r in map(json.loads, lines)}
+    meta = screened["metadata"]["screening"]
+    ends = [max(x.values()) for x in meta["noise"]]
+    out = {"refined": 0.0, "checked": 0.0}
+    for phase in PHASES:
+        f32 = {o["op_name"]: o["mse_per_batch"] for o in exact["phases"][phase]["ops"]}
+        for kind, ops in (("refined", meta["refined"][phase]), ("checked", meta["check"]["ops"][phase])):
+            for op in ops:
+                for b, end in enumerate(ends):
+                    fast = log[(f"{phase}@{meta['precision']}", b, op)]
+                    out[kind] = max(out[kind], observed_ratio(fast, f32[op][b], end))
+    return out
 
 
 def test_screened_pass_is_float32_where_the_ranking_is_decided(planted_pair):
-    reports, inventory = planted_pair
+    reports, inventory, work = planted_pair
     exact, screened = reports["none"], reports["bfloat16"]
     meta = screened["metadata"]["screening"]
     assert meta["precision"] == "bfloat16" and meta["exact_top"] == 3
     assert "screening" not in exact["metadata"]
-    assert meta["observed_ratio"] <= meta["margin_used"]
+    seen = _ratios(work, "bfloat16", screened, exact)
+    assert seen["refined"] == pytest.approx(meta["observed_ratio"])
+    assert 0 < seen["refined"] <= meta["margin"] == meta["margin_used"] and meta["widened"] == []
     assert all(x["fp32"] > 0 and x["int8"] > 0 for x in meta["noise"])  # bf16 rounds: a real error measured
     assert screened["metadata"]["all_int8_mse"] == exact["metadata"]["all_int8_mse"]  # measured in float32
     scores = {k: phase_scores(r, inventory) for k, r in reports.items()}
@@ -99,8 +236,9 @@ def test_screened_pass_is_float32_where_the_ranking_is_decided(planted_pair):
             assert op["precision"] == ("float32" if op["op_name"] in refined else "bfloat16")
             if op["op_name"] in refined:  # every refined value is the float32 pass's, to the bit
                 assert op["mse_per_batch"] == ops_exact[op["op_name"]]["mse_per_batch"]
-        # the top exact_top of the ranking the policies read is the float32 pass's, in its order
-        top = [list(scores[k][phase]["module"][:3]) for k in ("none", "bfloat16")]
+    # the top exact_top of every ranking the policies read is the float32 pass's, in its order
+    for phase in (*PHASES, BOTH):
+        top = [list(select_phase(scores[k], phase)["module"][:3]) for k in ("none", "bfloat16")]
         assert top[0] == top[1], phase
     # the planted outlier: quantizing up_proj is where the cumulative curve jumps
     assert scores["bfloat16"][REQUANT]["module"][0] == next(m for m in sorted(PLANTED) if "up_proj" in m)
@@ -109,7 +247,7 @@ def test_screened_pass_is_float32_where_the_ranking_is_decided(planted_pair):
 @pytest.mark.parametrize("phase", ["fallback", "requant", "both"])
 def test_the_rank_policies_ship_the_float32_list(planted_pair, phase):
     """top_k and error_budget read the ranking only: within exact_top they must pick what float32 picks."""
-    reports, inventory = planted_pair
+    reports, inventory, work = planted_pair
     for raw in ({"policy": "top_k", "top_k": {"k": 3}}, {"policy": "error_budget"}):
         p = fallback_params(phase=phase, fused_groups=False, always_keep=[], **raw)
         lists = [
@@ -119,24 +257,31 @@ def test_the_rank_policies_ship_the_float32_list(planted_pair, phase):
         assert lists[0] == lists[1] and lists[0], (phase, raw)
 
 
-def test_a_tight_bound_leaves_ops_unrefined_and_their_values_inside_it(planted_pair):
-    """exact_top 1 and margin 0.05: the planted jump stands alone at the top of requant, so most
-    ops stay at their bf16 values - each inside its interval around the float32 value."""
-    reports, inventory = planted_pair
+def test_a_tight_margin_is_widened_to_what_the_float32_trials_show(planted_pair):
+    """exact_top 1 and margin 0.05: bf16's rounding uses more than 0.05 of the bound on the refined
+    trials, so the margin widens; every trial measured both ways is then inside it, every value left
+    at bf16 lies inside its widened interval, and every ranking's top 1 is float32's."""
+    reports, inventory, work = planted_pair
     exact, screened = reports["none"], reports["tight"]
     meta = screened["metadata"]["screening"]
-    assert meta["observed_ratio"] <= meta["margin_used"]
-    unrefined = [o for o in screened["phases"][REQUANT]["ops"] if o["precision"] == "bfloat16"]
-    assert len(unrefined) >= len(screened["phases"][REQUANT]["ops"]) // 2
-    top = [phase_scores(r, inventory)[REQUANT]["module"][0] for r in (exact, screened)]
-    assert top[0] == top[1]
+    seen = _ratios(work, "tight", screened, exact)
+    assert seen["refined"] > meta["margin"] == 0.05  # the asked bound was too narrow here
+    assert max(seen.values()) <= meta["margin_used"]  # ... and is widened past every trial seen
+    assert meta["widened"][0]["from"] == 0.05 and meta["margin_used"] == meta["widened"][-1]["to"]
+    checked = sum(map(len, meta["check"]["ops"].values()))
+    assert meta["check"]["trials"] == checked * len(meta["noise"])
+    assert (meta["check"]["observed_ratio"] is None) == (checked == 0)
     noise = [meta["margin_used"] * max(x.values()) for x in meta["noise"]]
-    for phase in (FALLBACK, REQUANT):
+    for phase in PHASES:
         ops_exact = {o["op_name"]: o for o in exact["phases"][phase]["ops"]}
         for op in (o for o in screened["phases"][phase]["ops"] if o["precision"] == "bfloat16"):
             for b, v in enumerate(op["mse_per_batch"]):
                 lo, hi = interval(v, noise[b])
                 assert lo <= ops_exact[op["op_name"]]["mse_per_batch"][b] <= hi
+    scores = [phase_scores(r, inventory) for r in (exact, screened)]
+    for phase in (*PHASES, BOTH):
+        top = [select_phase(s, phase)["module"][0] for s in scores]
+        assert top[0] == top[1], phase
 
 
 def test_screened_pass_resumes_to_the_same_bytes(small_model_dir, calibration_dir, tmp_path):

@@ -20,8 +20,15 @@ Document (``schema_version`` 1)::
       all_int8_mse: float           native engine: the all-int8 error, measured directly
       engine_details: {...}         native engine: device, dtype, allow_tf32, arithmetic
       screening: {precision, exact_top, margin, margin_used, noise: [{fp32, int8}], refined: {phase: [op]},
-                  observed_ratio}     native screening only (engines.screening); each op then has
-                                    ``precision``: float32 (re-measured) or the screen's
+                  observed_ratio, check: {ops: {phase: [op]}, trials, observed_ratio},
+                  widened: [{from, to, by}]}
+                                    native screening only (engines.screening): refined, the ops the top
+                                    exact_top of fallback, requant and both needed in float32; check, a
+                                    seeded sample of the others measured in float32 to test the bound's
+                                    assumption (observed_ratio: the largest share of the unscaled bound a
+                                    trial used; null: nothing left to sample); widened, every margin
+                                    widening and what showed it (refined | sample). Each op then has
+                                    ``precision``: float32 (refined or checked) or the screen's
     phases:
       fallback | requant:
         semantics: str; direction: str; cumulative: bool
@@ -140,7 +147,8 @@ def build_report(result: PassResult, inventory: list[OpInfo], metadata: dict[str
             raise InputError(f"{result.engine} {phase} phase scored no op: refusing to write an empty report")
         rows = [asdict(o) for o in ops]
         if result.screening is not None:
-            exact = set(result.screening["refined"][phase])
+            checked = result.screening.get("check", {}).get("ops", {})
+            exact = {*result.screening["refined"][phase], *checked.get(phase, [])}
             for row in rows:
                 row["precision"] = "float32" if row["op_name"] in exact else result.screening["precision"]
         phases[phase] = {
@@ -305,6 +313,9 @@ def _validate_metadata(meta: Any, fail: Callable[[str], None], need: Callable[..
         screening = meta["screening"]
         ok = isinstance(screening, dict) and isinstance(screening.get("refined"), dict)
         need(ok, "metadata.screening", "an object with the refined ops per phase", screening)
+        check = screening.get("check", {"ops": {}})
+        ok = isinstance(check, dict) and isinstance(check.get("ops"), dict)
+        need(ok, "metadata.screening.check", "an object with the checked ops per phase", check)
     if "all_int8_mse" in meta:
         need(_finite(meta["all_int8_mse"]), "metadata.all_int8_mse", "a finite number", meta["all_int8_mse"])
     if "requant_mode" in meta:

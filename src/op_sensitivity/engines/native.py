@@ -42,15 +42,7 @@ from .fakequant import FakeQuantModel
 from .memory import current_rss_gib, peak_memory, reset_peak_rss
 from .numerics import Numerics, resolve_numerics
 from .reuse import SuffixCache, vision_cache
-from .screening import (
-    WIDEN,
-    PhaseValues,
-    ScreeningRecord,
-    fast_precision,
-    observed_ratio,
-    score_bounds,
-    to_refine,
-)
+from .screening import ScreeningRecord, fast_precision, refine
 from .trial_batch import batchable, decoder_layers, fallback_states, plan, run_trials
 from .trial_log import TRIAL_LOG, TrialLog, pass_fingerprint
 from .vision_attention import batched_window_attention
@@ -338,47 +330,38 @@ class _PassLoop:
         self.trial_seconds.setdefault("noise", {})[""] = time.perf_counter() - start
 
     def refine(self) -> None:
-        """Float32 values for every op that could stand in a phase's top ``exact_top``, widening the
-        bound wherever a refined op shows it too narrow (:mod:`.screening`)."""
+        """Float32 values for every op that could stand in the top ``exact_top`` of a ranking a policy
+        reads, and for a sample of the others to check the bound (:func:`.screening.refine`)."""
         start = time.perf_counter()
-        fast_values = {p: [list(row) for row in self.values[p]] for p in (FALLBACK, REQUANT)}
-        margin, observed = self.n.screening_margin, 0.0
-        picked: dict[str, set[int]] = {FALLBACK: set(), REQUANT: set()}
-        while True:
-            noise = [margin * max(x["fp32"], x["int8"]) for x in self.noise]
-            todo = {}
-            for phase in (FALLBACK, REQUANT):
-                lo, hi = PhaseValues(self.values[phase], self.exact[phase]).bounds(noise)
-                bounds = score_bounds(phase, self.cumulative, lo, hi)
-                todo[phase] = to_refine(phase, self.cumulative, bounds, self.n.exact_top) - picked[phase]
-            if not any(todo.values()):
-                break
+
+        def measure(todo: dict[str, set[int]]) -> None:
             for b, raw in enumerate(self.spec.batches):
                 self.refine_batch(b, self.num.batch(raw), todo)
-            for phase, idx in todo.items():
-                picked[phase] |= idx
-                for b, row in enumerate(fast_values[phase]):
-                    base = max(self.noise[b]["fp32"], self.noise[b]["int8"])
-                    for i in idx:
-                        observed = max(observed, observed_ratio(row[i], self.values[phase][b][i], base))
-            if observed > margin:
-                log.warning(
-                    "screening: a refined op's %s value differs from float32 by %.2fx the measured rounding "
-                    "error, above the margin %.2f; widening it and refining again",
-                    self.fast,
-                    observed,
-                    margin,
-                )
-                margin = observed * WIDEN
+
+        ends = [max(x["fp32"], x["int8"]) for x in self.noise]
+        done = refine(
+            self.values, self.exact, ends, self.cumulative, self.n.exact_top, self.n.screening_margin, measure
+        )
         self.seconds["refine"] = time.perf_counter() - start
+
+        def names(idx: dict[str, set[int]]) -> dict[str, list[str]]:
+            return {p: [self.scored[i] for i in sorted(idx[p])] for p in (FALLBACK, REQUANT)}
+
+        checked = names(done.checked)
         self.screening = ScreeningRecord(
             self.fast,
             self.n.exact_top,
             self.n.screening_margin,
-            margin,
+            done.margin_used,
             self.noise,
-            {p: [self.scored[i] for i in sorted(picked[p])] for p in (FALLBACK, REQUANT)},
-            observed,
+            names(done.refined),
+            done.observed_ratio,
+            {
+                "ops": checked,
+                "trials": sum(map(len, checked.values())) * len(self.noise),
+                "observed_ratio": done.check_ratio,
+            },
+            done.widened,
         )
         for phase in (FALLBACK, REQUANT):
             for b, row in enumerate(self.values[phase]):

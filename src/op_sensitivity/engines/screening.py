@@ -4,46 +4,75 @@ Why: on a GPU a float32 pass of the 3B costs about twice a TF32 one, but TF32 (o
 reorders ops whose values are close. The keep-list is read from the top of a ranking, so only
 the order there must be float32's. ``sensitivity.native.screening`` runs every trial in the fast
 precision, then re-measures in float32 every op that could stand in the top ``exact_top`` of a
-phase's ranking; the values the stages see are float32 for those ops (bit-identical to a float32
-pass: same qparams, same float32 forward) and the report says which values came from where.
+ranking a policy reads: each phase's, and ``both`` (the two combined by mean rank,
+``report.scores.combined_scores``). The values the stages see are float32 for those ops
+(bit-identical to a float32 pass: same qparams, same float32 forward) and the report says which
+values came from where.
 
-The bound. A trial's value is ``v = ||a||^2`` with ``a`` = the logits under the trial's state
-minus the float32 reference. The fast forward computes ``a + e`` where ``e`` is its rounding
-error at the logits, so by the triangle inequality ``|sqrt(v') - sqrt(v)| <= ||e||``. ``||e||`` is
-measured, per confidence batch, at the two ends of the state space: all ops float
+The bound, and what it assumes. A trial's value is ``v = ||a||^2`` with ``a`` = the logits under
+the trial's state minus the float32 reference. The fast forward computes ``a + e`` where ``e`` is
+its rounding error at the logits, so by the triangle inequality ``|sqrt(v') - sqrt(v)| <= ||e||``.
+That step is proved; ``||e||`` is not known for a trial's own (mixed) state. It is measured, per
+confidence batch, at the two ends of the state space only: all ops float
 (``||fast(fp32) - ref||``) and all ops int8 (``||fast(int8) - exact(int8)||``). With
-``margin`` 1 (the default) the bound assumes only that no mixed state rounds worse than the
-larger of the two; each value then lies in ``[(sqrt(v') - D)^2, (sqrt(v') + D)^2]`` with
+``margin`` 1 (the default) the bound *assumes* that no mixed state rounds worse than the larger of
+the two; each value then lies in ``[(sqrt(v') - D)^2, (sqrt(v') + D)^2]`` with
 ``D = margin * max(...)``. The triangle inequality is tight only when the rounding error points
 along ``a``; in practice it is nearly orthogonal to it (on the mid-size random model of
 ``benchmarks/screening.py`` the refined ops used at most 2.6 % of ``||e||``), so a margin below
-1 buys speed by trusting that.
-Either way the refined trials check the bound: where a refined op's fast and exact values
-differ by more than ``D`` allows, the margin is widened to what was seen (times 1.5) and the
-selection is made again, so the refined set only grows until the bound holds on every op that
-was measured both ways (``observed_ratio`` in the report).
+1 buys speed by trusting that - a second assumption.
 
-The selection, per phase, on intervals of the ranking score (a batch mean; a difference of two
-curve points for the cumulative requant phase): with ``L`` the ``exact_top``-th largest lower
-bound, every op whose upper bound reaches ``L`` could be in the float32 top ``exact_top`` and is
-refined (with the curve point before it, for the cumulative phase). Every other op's float32
-value is below ``L``, so the top ``exact_top`` of the reported values is float32's top, in
-float32's order; below it the order is the screen's.
+The assumption is checked where it can be: on every refined trial (measured both ways), and on a
+seeded sample of :data:`CHECK_SAMPLE` unrefined ops per phase, measured in float32 for that
+purpose only (:func:`refine`). Where a trial's fast and exact values differ by more than ``D``
+allows, the margin is widened to what was seen (times :data:`WIDEN`), the selection is made
+again and, once it settles, a fresh sample is checked; ``metadata.screening`` records every
+widening, the sample and the largest share of the bound it used. A sample that holds does not
+prove the bound for the ops it did not measure: that stays an assumption.
+
+The selection, on intervals of the ranking score (a batch mean; a difference of two curve points
+for the cumulative requant phase):
+
+* per phase (:func:`to_refine`): with ``L`` the ``exact_top``-th largest lower bound, every op
+  whose upper bound reaches ``L`` could be in the float32 top ``exact_top`` and is refined (with
+  the curve point before it, for the cumulative phase). Every other op's float32 value is below
+  ``L``, so the top ``exact_top`` of the reported values is float32's top, in float32's order.
+* ``both`` (:func:`combined_to_refine`): an op's combined place is the mean of its two phase
+  *ranks*, and a rank depends on every other op's value, so a per-phase top being exact is not
+  enough (three ops suffice to flip the combined top 1 while each phase's top 1 stays exact:
+  ``tests/engines/test_screening.py``). Each op gets a rank interval per phase
+  (:func:`rank_bounds`), hence a mean-rank interval; every op whose interval reaches the
+  ``exact_top``-th smallest upper end is a candidate. Candidates are refined in both phases,
+  then every op whose order against a candidate is still open, until every candidate's two
+  ranks are exact. No other op can then reach the combined top ``exact_top``, whose members and
+  order are float32's.
+
+Below ``exact_top`` the order is the screen's (``fallback.keep_list.past_exact_top`` says when a
+keep-list reads past it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-from collections.abc import Iterator
+import random
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from ..phases import FALLBACK, REQUANT
+from ..phases import FALLBACK, PHASES, REQUANT
+
+log = logging.getLogger(__name__)
 
 WIDEN = 1.5  # a violated bound is widened to the observed ratio times this
+CHECK_SAMPLE = 8  # unrefined ops per phase measured in float32 to check the bound's assumption
+CHECK_SEED = "op_sensitivity.screening.check"  # the sample's seed: the same pass checks the same ops
+# phase -> per batch, per op (scored order): the values, and whether each is float32's
+Values = dict[str, list[list[float]]]
+Exact = dict[str, list[list[bool]]]
 
 
 @contextlib.contextmanager
@@ -113,10 +142,163 @@ def to_refine(phase: str, cumulative: bool, bounds: list[tuple[float, float]], e
     """The trials (op indices) whose float32 values decide the top ``exact_top`` of this phase."""
     top = min(exact_top, len(bounds))
     cut = sorted((a for a, _ in bounds), reverse=True)[top - 1]
-    picked = {i for i, (_, z) in enumerate(bounds) if z >= cut}
+    return _with_points_before(phase, cumulative, {i for i, (_, z) in enumerate(bounds) if z >= cut})
+
+
+def _above(bounds: list[tuple[float, float]], j: int, i: int) -> bool:
+    """Whether op ``j`` ranks above op ``i`` whatever their values inside the intervals (the ranking
+    sorts by score, higher first, ties by position: the lower index)."""
+    return bounds[j][0] > bounds[i][1] or (bounds[j][0] >= bounds[i][1] and j < i)
+
+
+def rank_bounds(bounds: list[tuple[float, float]]) -> list[tuple[int, int]]:
+    """Per op: the best and worst rank (1 = top) its score interval allows against the others'."""
+    n = len(bounds)
+    out = []
+    for i in range(n):
+        surely = sum(_above(bounds, j, i) for j in range(n) if j != i)
+        maybe = sum(not _above(bounds, i, j) for j in range(n) if j != i)
+        out.append((1 + surely, 1 + maybe))
+    return out
+
+
+def _with_points_before(phase: str, cumulative: bool, picked: set[int]) -> set[int]:
+    """A cumulative requant score is ``c_i - c_{i-1}``: it is exact once both points are."""
     if phase == REQUANT and cumulative:
-        picked |= {i - 1 for i in picked if i > 0}
+        return picked | {i - 1 for i in picked if i > 0}
     return picked
+
+
+def combined_to_refine(
+    fallback: list[tuple[float, float]], requant: list[tuple[float, float]], cumulative: bool, exact_top: int
+) -> dict[str, set[int]]:
+    """The next trials to measure in float32 so that the top ``exact_top`` of ``both`` (mean of the
+    two phase ranks, then the mean score, then position) is float32's; empty once it is.
+
+    Candidates: ops whose mean-rank interval reaches the ``exact_top``-th smallest upper end (any
+    other op is behind at least ``exact_top`` ops whatever the values). First their scores are
+    made exact in both phases; then, where a candidate's rank is still open, every op whose order
+    against it is open. A candidate with exact scores and ranks has its float32 place.
+    """
+    bounds = {FALLBACK: fallback, REQUANT: requant}
+    ranks = {p: rank_bounds(b) for p, b in bounds.items()}
+    n = len(fallback)
+    lo = [ranks[FALLBACK][i][0] + ranks[REQUANT][i][0] for i in range(n)]  # twice the mean rank
+    hi = [ranks[FALLBACK][i][1] + ranks[REQUANT][i][1] for i in range(n)]
+    cut = sorted(hi)[min(exact_top, n) - 1]
+    candidates = [i for i in range(n) if lo[i] <= cut]
+    out = {p: {i for i in candidates if bounds[p][i][0] != bounds[p][i][1]} for p in PHASES}
+    if not any(out.values()):
+        for p, b in bounds.items():
+            for i in candidates:
+                if ranks[p][i][0] != ranks[p][i][1]:
+                    out[p] |= {j for j in range(n) if j != i and not _above(b, j, i) and not _above(b, i, j)}
+    return {p: _with_points_before(p, cumulative, out[p]) for p in PHASES}
+
+
+def selection(
+    values: Values,
+    exact: Exact,
+    noise: list[float],
+    cumulative: bool,
+    exact_top: int,
+    done: dict[str, set[int]],
+) -> dict[str, set[int]]:
+    """The next trials (not in ``done``) whose float32 values the top ``exact_top`` of a ranking a
+    policy reads still needs: each phase's (:func:`to_refine`) first, then ``both``'s
+    (:func:`combined_to_refine`), whose rank intervals the phases' refinement has narrowed by then.
+    ``noise``: per batch, the bound ``D``. Empty once every such top is float32's."""
+    bounds = {p: score_bounds(p, cumulative, *PhaseValues(values[p], exact[p]).bounds(noise)) for p in PHASES}
+    todo = {p: to_refine(p, cumulative, bounds[p], exact_top) - done[p] for p in PHASES}
+    if any(todo.values()):
+        return todo
+    both = combined_to_refine(bounds[FALLBACK], bounds[REQUANT], cumulative, exact_top)
+    return {p: both[p] - done[p] for p in PHASES}
+
+
+@dataclass
+class Refinement:
+    """What :func:`refine` did: the float32 trials it measured and what they showed of the bound."""
+
+    margin_used: float
+    refined: dict[str, set[int]]  # measured for the selection
+    checked: dict[str, set[int]]  # measured to check the bound's assumption (a seeded sample)
+    observed_ratio: float  # max share of the unscaled bound a refined trial used
+    check_ratio: float | None  # the same over the sampled trials (None: nothing left to sample)
+    widened: list[dict[str, Any]]  # every widening: {from, to, by: refined | sample}
+
+
+def refine(
+    values: Values,
+    exact: Exact,
+    ends: list[float],
+    cumulative: bool,
+    exact_top: int,
+    margin: float,
+    measure: Callable[[dict[str, set[int]]], None],
+    sample: int = CHECK_SAMPLE,
+) -> Refinement:
+    """Measure in float32 what the selection needs, then check the bound on a sample; repeat.
+
+    ``values``/``exact``: the screened pass's, updated in place by ``measure(todo)`` (phase -> op
+    indices: their float32 trials in every batch). ``ends``: per batch, the larger rounding error
+    measured at the two ends of the state space (the bound before the margin).
+    """
+    fast = {p: [list(row) for row in values[p]] for p in PHASES}
+    done: dict[str, set[int]] = {p: set() for p in PHASES}
+    out = Refinement(margin, {p: set() for p in PHASES}, {p: set() for p in PHASES}, 0.0, None, [])
+    rng = random.Random(CHECK_SEED)
+
+    def worst(todo: dict[str, set[int]]) -> float:
+        return max(
+            (
+                observed_ratio(fast[p][b][i], values[p][b][i], ends[b])
+                for p, idx in todo.items()
+                for b in range(len(values[p]))
+                for i in idx
+            ),
+            default=0.0,
+        )
+
+    def widen(seen: float, by: str) -> None:
+        new = seen * WIDEN
+        log.warning(
+            "screening: a %s op's fast value differs from float32 by %.3gx the measured rounding error, "
+            "above the margin %.3g; widening it to %.3g and selecting again",
+            by,
+            seen,
+            out.margin_used,
+            new,
+        )
+        out.widened.append({"from": out.margin_used, "to": new, "by": by})
+        out.margin_used = new
+
+    while True:
+        noise = [out.margin_used * e for e in ends]
+        todo = selection(values, exact, noise, cumulative, exact_top, done)
+        if any(todo.values()):
+            measure(todo)
+            for p in PHASES:
+                done[p] |= todo[p]
+                out.refined[p] |= todo[p]
+            out.observed_ratio = max(out.observed_ratio, worst(todo))
+            if out.observed_ratio > out.margin_used:
+                widen(out.observed_ratio, "refined")
+            continue
+        # the selection holds under the bound: check the bound's assumption on ops it left alone
+        pool = {p: [i for i in range(len(values[p][0])) if i not in done[p]] for p in PHASES}
+        pick = {p: set(rng.sample(pool[p], min(sample, len(pool[p])))) for p in PHASES}
+        if not any(pick.values()):
+            return out
+        measure(pick)
+        for p in PHASES:
+            done[p] |= pick[p]
+            out.checked[p] |= pick[p]
+        seen = worst(pick)
+        out.check_ratio = max(out.check_ratio or 0.0, seen)
+        if seen <= out.margin_used:
+            return out
+        widen(seen, "sample")
 
 
 @dataclass
@@ -130,6 +312,10 @@ class ScreeningRecord:
     noise: list[dict[str, float]]  # per batch: the rounding error at the logits, all-fp32 and all-int8 states
     refined: dict[str, list[str]] = field(default_factory=dict)  # per phase: the ops re-measured in float32
     observed_ratio: float | None = None  # max |sqrt(v') - sqrt(v)| / noise over refined trials
+    # the bound's assumption checked on a seeded sample of unrefined ops (measured in float32 too):
+    # {ops: {phase: [op]}, trials, observed_ratio (None: every op was refined)}
+    check: dict[str, Any] = field(default_factory=dict)
+    widened: list[dict[str, Any]] = field(default_factory=list)  # {from, to, by: refined | sample}
 
     def doc(self) -> dict[str, Any]:
         return asdict(self)

@@ -75,6 +75,17 @@ def _summary(df: pd.DataFrame, by: str) -> str:
     return g.sort_values("score_sum", ascending=False).reset_index().to_markdown(index=False, floatfmt=".4g")
 
 
+def _check_words(screening: dict[str, Any]) -> str:
+    """The bound's check on a sample of unrefined ops (reports from before it: nothing)."""
+    check = screening.get("check")
+    if not check:
+        return ""
+    if check["observed_ratio"] is None:
+        return "; no op was left unrefined to check the assumption on"
+    n = sum(map(len, check["ops"].values()))
+    return f", a seeded sample of {n} unrefined ops (float32) at most {check['observed_ratio']:.3g}"
+
+
 def screening_lines(screening: dict[str, Any] | None) -> list[str]:
     """What a screened pass measured in which precision (``engines.screening``); nothing otherwise."""
     if screening is None:
@@ -82,11 +93,12 @@ def screening_lines(screening: dict[str, Any] | None) -> list[str]:
     refined = ", ".join(f"{len(ops)} {phase}" for phase, ops in screening["refined"].items())
     return [
         f"> **Screened in {screening['precision']}**: every trial ran in {screening['precision']}, then "
-        f"the ops that could stand in a phase's top {screening['exact_top']} were measured again in "
-        f"float32 ({refined}; `precision` per op in op_sensitivity.json). That top is float32's, in "
-        f"float32's order; below it the order is the screen's. Bound margin {screening['margin_used']:.3g} "
-        f"(asked {screening['margin']:.3g}); the refined ops used at most {screening['observed_ratio']:.3g} "
-        "of the measured rounding error.",
+        f"the ops that could stand in the top {screening['exact_top']} of fallback, requant or both were "
+        f"measured again in float32 ({refined}; `precision` per op in op_sensitivity.json). That top is "
+        "float32's, in float32's order, as far as the bound's assumption holds (no mixed state rounds "
+        f"worse than the two ends); below it the order is the screen's. Bound margin "
+        f"{screening['margin_used']:.3g} (asked {screening['margin']:.3g}); the refined ops used at most "
+        f"{screening['observed_ratio']:.3g} of the measured rounding error" + _check_words(screening) + ".",
         "",
     ]
 
