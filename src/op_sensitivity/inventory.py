@@ -8,6 +8,11 @@ Artifact ``op_inventory.json``::
 SGLang and TensorRT-LLM fuse q/k/v and gate/up and refuse a checkpoint where only some members
 are quantized); ``model.fused`` finds the groups from the model's own dataflow.
 
+``OpInfo.weight_dtype`` is the dtype the model stores the op's weight in (``float32`` for the
+embedded tiny model, ``bfloat16`` for a published Qwen2.5-VL snapshot and ``full_size_random``):
+the dtype every checkpoint writer here keeps an unquantized op in, so :func:`cost` counts a kept
+weight at its bits (:func:`weight_bits`), not at float32's.
+
 ``OpInfo.name`` is the module path (``model.language_model.layers.0.mlp.up_proj``). INC may report the
 same op as ``<name>.module`` when it wrapped the module for sub-graph tracing; :func:`module_name`
 maps INC names back.
@@ -20,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .atomic import dump_json
@@ -39,6 +45,12 @@ class OpInfo:
     tower: str
     tied_with: str | None
     fused_group: str | None = None  # siblings that read the same input tensor (q/k/v, gate/up)
+    weight_dtype: str = "float32"  # the stored dtype of the weight (what a kept op is deployed in)
+
+
+def weight_bits(op: OpInfo) -> int:
+    """Bits per weight of ``op`` as stored (16 for bfloat16/float16, 32 for float32)."""
+    return torch.finfo(getattr(torch, op.weight_dtype)).bits
 
 
 def tower_of(name: str) -> str:
@@ -77,6 +89,7 @@ def op_inventory(model: nn.Module, fused: dict[str, str] | None = None) -> list[
                 tower_of(name),
                 None if tied == name else tied,
                 fused.get(name),
+                str(weight.dtype).removeprefix("torch."),
             )
         )
     return ops
@@ -85,19 +98,32 @@ def op_inventory(model: nn.Module, fused: dict[str, str] | None = None) -> list[
 def cost(kept: set[str], inventory: list[OpInfo]) -> dict[str, Any]:
     """What keeping ``kept`` in high precision costs, over the weights of every quantizable op.
 
-    ``effective_weight_bits`` = (32 * kept params + 8 * other params) / all params. A tied weight
-    (lm_head / embed_tokens) counts once per op: a quantizer stores each op's weight in its own
-    precision.
+    ``effective_weight_bits`` = (stored bits x kept params + 8 x other params) / all params: a kept
+    op stays in the dtype the model stores it in (:func:`weight_bits`; 16 for a bf16 checkpoint,
+    which is what the compressed-tensors, ModelOpt and INC artifacts keep; counting 32 there
+    overstated a kept op's cost twice over). ``kept_weight_bits``: those stored bits (one number
+    when the ops share a dtype, as every Qwen2.5-VL checkpoint does; else the params-weighted mean
+    over the kept ops, or over all ops when none is kept). A tied weight (lm_head /
+    embed_tokens) counts once per op: a quantizer stores each op's weight in its own precision.
     """
     total = sum(op.params for op in inventory)
-    params_kept = sum(op.params for op in inventory if op.name in kept)
+    kept_ops = [op for op in inventory if op.name in kept]
+    params_kept = sum(op.params for op in kept_ops)
+    kept_bits = sum(op.params * weight_bits(op) for op in kept_ops)
+    over = kept_ops or inventory
+    stored = {weight_bits(op) for op in over}
+    weights = sum(op.params for op in over)
+    if len(stored) == 1:
+        kept_weight_bits: float | None = stored.pop()
+    else:
+        mean = sum(o.params * weight_bits(o) for o in over) / weights if weights else None
+        kept_weight_bits = None if mean is None else round(mean, 4)
     return {
         "params_kept": params_kept,
         "params_total": total,
         "share_params_kept": round(params_kept / total, 6) if total else 0.0,
-        "effective_weight_bits": round((32 * params_kept + 8 * (total - params_kept)) / total, 4)
-        if total
-        else 0.0,
+        "effective_weight_bits": round((kept_bits + 8 * (total - params_kept)) / total, 4) if total else 0.0,
+        "kept_weight_bits": kept_weight_bits,
     }
 
 
@@ -125,6 +151,7 @@ _OP_TYPES: dict[str, tuple[type, ...]] = {
     "tower": (str,),
     "tied_with": (str, type(None)),
     "fused_group": (str, type(None)),
+    "weight_dtype": (str,),
 }
 
 
@@ -146,6 +173,9 @@ def _check_op(raw: Any, i: int) -> str | None:
         return f"ops[{i}].shape: expected a list of sizes, got {raw['shape']!r}"
     if raw["tower"] not in TOWERS:
         return f"ops[{i}].tower: expected one of {', '.join(TOWERS)}, got {raw['tower']!r}"
+    dtype = getattr(torch, raw["weight_dtype"], None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        return f"ops[{i}].weight_dtype: expected a torch floating dtype name, got {raw['weight_dtype']!r}"
     return None
 
 

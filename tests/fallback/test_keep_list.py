@@ -46,6 +46,7 @@ def test_fallback_document_and_exports(tmp_path, report_file):
         "params_total": 1300,
         "share_params_kept": round(700 / 1300, 6),
         "effective_weight_bits": round((32 * 700 + 8 * 600) / 1300, 4),
+        "kept_weight_bits": 32,  # the hand-made inventory is stored float32 (bf16: test_effective_bits)
     }
     out = tmp_path / "fallback"
     write_fallback(doc, INVENTORY, None, out, tmp_path / "fallback_metrics.json")

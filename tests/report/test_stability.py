@@ -72,13 +72,15 @@ def test_batches_that_disagree_are_not_stable_and_name_the_ops_in_doubt():
     lst = doc["list"]
     assert doc["stable"] is False and doc["verdict"].startswith("add calibration samples: the top 2")
     assert lst["per_batch_same"] == [True, False]
-    # 2 batches: resamples are batch 0 twice (1/4), batch 1 twice (1/4) or both (1/2)
-    assert lst["top_same"] == pytest.approx(0.75, abs=0.05)
-    assert 0.75 < lst["list_jaccard"] < 1
+    # 2 batches: resamples are batch 0 twice (1/4), batch 1 twice (1/4) or both (1/2); only batch 1
+    # twice loses the set, and there its top 2 (UP, HEAD) shares 1 of 3 ops with the chosen set
+    assert doc["bootstrap"] == "exact" and doc["resamples"] == 3 and doc["seed"] is None
+    assert lst["top_same"] == 0.75
+    assert lst["list_jaccard"] == pytest.approx(3 / 4 + 1 / 4 * 1 / 3, abs=1e-15)
     assert {d["module"]: d["chosen"] for d in lst["in_doubt"]} == {DOWN: True, UP: False}
     down = next(o for o in doc["phases"]["fallback"]["ops"] if o["module"] == DOWN)
     assert down["per_batch"]["rank"] == [1, 5] and down["batch_interval"]["rank"] == [1, 5]
-    assert "the top 2 of the fallback ranking changes in" in doc["verdict"]
+    assert "the top 2 of the fallback ranking changes in 25 % of resamples (exact)" in doc["verdict"]
 
 
 def test_intervals_hold_the_per_batch_values_and_the_point():
@@ -113,12 +115,66 @@ def test_one_confidence_batch_is_unknown_with_null_metrics():
     assert "unknown: one confidence batch" in render_section(doc)
 
 
-def test_the_bootstrap_is_seeded():
-    report = batched_report(DISAGREE, [REQUANT_CURVE] * 2)
-    chosen = ChosenList([HEAD, DOWN], "fallback", "top_k")
+# DOWN's fallback raw value is 0 in batch 0 and 10 (= E) elsewhere: its score in a resample is the
+# share of batch 0 in it; HEAD scores 1 - raw/E everywhere, the other ops 0
+def only_batch_0_matters(n: int, head_raw: float) -> dict:
+    batches = [{PATCH: 10.0, UP: 10.0, EMBED: 10.0, DOWN: 10.0, HEAD: head_raw} for _ in range(n)]
+    batches[0][DOWN] = 0.0
+    return batched_report(batches, [REQUANT_CURVE] * n)
+
+
+def test_two_batches_give_the_exact_share_of_the_one_resample_that_changes_the_top():
+    """DOWN scores 0, 1/2 or 1 (batch 0 in the resample 0, 1 or 2 times), HEAD 0.6: HEAD, the top 1
+    of the mean, loses it only in the resample of batch 0 twice, probability exactly 1/4 (Monte
+    Carlo said 22..28 %, by seed). The resample of both batches is the mean itself, so with 2
+    batches a share is 1/2, 3/4 or 1."""
+    doc = stability(only_batch_0_matters(2, 4.0), INVENTORY, ChosenList([HEAD], "fallback", "top_k"))
+    lst = doc["list"]
+    assert doc["bootstrap"] == "exact" and doc["resamples"] == 3
+    assert lst["top_same"] == 0.75 and lst["per_batch_same"] == [False, True]
+    assert lst["in_doubt"] == [
+        {"module": HEAD, "rank": 1, "chosen": True, "share_in_top_k": 0.75},
+        {"module": DOWN, "rank": 2, "chosen": False, "share_in_top_k": 0.25},
+    ]
+    assert doc["verdict"] == (
+        "add calibration samples: the top 1 of the fallback ranking changes in 25 % of resamples (exact)"
+    )
+    section = render_section(doc)
+    assert "exact: all 3 distinct resamples of the 2 confidence batches" in section
+    assert "| same top-k set in                     | 75 %" in section
+    assert "| model.language_model.layers.0.mlp.down_proj | False    | 25 %" in section
+
+
+def test_three_batches_give_the_multinomial_probabilities():
+    """Batch 0 drawn c times out of 3 with probability C(3,c) 2^(3-c) / 27: 8, 12, 6, 1 / 27. DOWN
+    (score c/3) beats HEAD (0.1) when c >= 1: 19/27; its score interval is the weighted 5th..95th
+    percentile: 0 (mass 8/27 >= 5 %) .. 2/3 (mass up to it 26/27 >= 95 %, up to 1/3 only 20/27)."""
+    doc = stability(only_batch_0_matters(3, 9.0), INVENTORY, ChosenList([DOWN], "fallback", "top_k"))
+    assert doc["bootstrap"] == "exact" and doc["resamples"] == 10  # C(5, 3)
+    assert doc["list"]["top_same"] == 19 / 27
+    down = next(o for o in doc["phases"]["fallback"]["ops"] if o["module"] == DOWN)
+    # rank 5 when batch 0 is not drawn: DOWN then ties the other three at 0, last by position
+    assert down["bootstrap"] == {"score": [0.0, pytest.approx(2 / 3, abs=1e-15)], "rank": [1, 5]}
+    assert down["per_batch"]["score"] == [1.0, 0.0, 0.0]
+    assert "changes in 29.63 % of resamples (exact)" in doc["verdict"]  # 8/27
+
+
+def test_more_batches_than_enumerable_are_drawn_seeded():
+    """7 batches have C(13, 7) = 1716 distinct resamples > 1000: Monte Carlo, seeded."""
+    report = only_batch_0_matters(7, 9.0)
+    chosen = ChosenList([DOWN], "fallback", "top_k")
     a, b = stability(report, INVENTORY, chosen), stability(report, INVENTORY, chosen)
+    assert a["bootstrap"] == "monte_carlo" and a["resamples"] == 1000 and a["seed"] == 0
     assert json.dumps(a) == json.dumps(b)
-    assert stability(report, INVENTORY, chosen, seed=1)["list"]["top_same"] != a["list"]["top_same"]
+    # DOWN scores c/7 > 0.1 when batch 0 is drawn at all: 1 - (6/7)^7 = 0.660 exactly
+    assert a["list"]["top_same"] == pytest.approx(1 - (6 / 7) ** 7, abs=0.05)
+    assert a["list"]["top_same"] != 1 - (6 / 7) ** 7
+    again = stability(report, INVENTORY, chosen, seed=1)
+    assert again["seed"] == 1 and again["list"]["top_same"] != a["list"]["top_same"]
+    assert "(1000 resamples of the 7 confidence batches with replacement, seed 0)" in render_section(a)
+    # with as many draws allowed as there are distinct resamples, the same report is exact
+    exact = stability(report, INVENTORY, chosen, resamples=1716)
+    assert exact["bootstrap"] == "exact" and exact["list"]["top_same"] == 1 - 6**7 / 7**7
 
 
 def test_a_list_walked_on_the_measured_ranking_is_measured_on_the_fallback_one():

@@ -10,20 +10,28 @@
     curve: {path, sha256} | null           the ranking curve the measured policies read
     ops: [{op_name, module, op_type, tower, score, rank, fused_group, reason}]    most sensitive first
     groups_widened: [{group, added: [module], params_added}]   members kept because a sibling was
-    totals: {ops_kept, ops_scored, params_kept, params_total, share_params_kept, effective_weight_bits}
+    totals: {ops_kept, ops_scored, params_kept, params_total, share_params_kept, effective_weight_bits,
+             kept_weight_bits}     (inventory.cost) a kept op counted at its stored dtype's bits:
+                                   kept_weight_bits, 16 for a bf16 checkpoint, 32 for the tiny float32 one
 
 Each tool's export is built from the spectrum of that tool's own scheme when stage
 scheme_sensitivity ran it (``EXPORT_SCHEME``; the list itself in ``schemes/<scheme>.json``), else
 from the main spectrum. ``exports.json`` says which: ``{file: {scheme, path, sha256, ops_kept}}``
 (a file of its own, so a new scheme does not change the list the validate stage reads), and
-``deployed_by``: the quantize target that deploys the export, its artifact and its measured
-document (``{target, artifact, document}``; written when ``quantize.targets`` lists the target). The
+``deployed_by``: the quantize target that deploys the export and where it writes its artifact and
+measured document (``{target, artifact, document}``; written there when ``quantize.targets`` lists
+the target, and the report's Deployment section lists the targets built: reading
+``quantize.targets`` here would rerun this stage, the measured walk included, for a new target). The
 ModelOpt, ONNX Runtime and llm-compressor JSON exports carry the same ``spectrum`` entry.
 A measured policy (``measured_budget``, ``bits_budget``) reads a curve measured under the main
 scheme; on another scheme's spectrum it becomes ``top_k`` with the number of ops it picked on the
 main one (``policy.derived_from`` says so), so every tool keeps as many ops, its own most sensitive.
 
-The cost (``inventory.cost``) counts ops kept fp32 by the sensitivity params as kept too.
+The cost (``inventory.cost``) counts ops kept fp32 by the sensitivity params as kept too, and a
+kept op at the bits of the dtype the model stores it in (the inventory's ``weight_dtype``): the
+checkpoints (compressed-tensors, ModelOpt, INC) keep an unquantized op as stored, so a bf16 model's
+kept ops cost 16 bits, not 32; ``totals.kept_weight_bits`` names the figure used. The ONNX QDQ
+model (``ort_qdq``) is the exception: its export upcasts to float32 (docs/artifacts.md).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from ..engines.artifact import scheme_name
 from ..errors import InputError
 from ..inventory import OpInfo, cost, module_name
 from ..params import FallbackParams
+from ..phases import FALLBACK, REQUANT
 from ..report.scores import phase_scores, select_phase
 from .exports import (
     inc_op_name_dict,
@@ -134,7 +143,8 @@ def build_fallback(
             "params": p.settings,
             "phase": p.phase,
             "ranking": walked_ranking(p, curve),
-            "reason": chosen.attrs["reason"] + past_exact_top(report, ops, p),
+            "reason": chosen.attrs["reason"]
+            + past_exact_top(report, ops, p, walked_ranking(p, curve), curve),
             "always_keep": p.always_keep,
             "never_keep": p.never_keep,
             "fused_groups": p.fused_groups,
@@ -148,15 +158,52 @@ def build_fallback(
     }
 
 
-def past_exact_top(report: dict[str, Any], ops: list[dict[str, Any]], p: FallbackParams) -> str:
+def _depth_read(
+    ops: list[dict[str, Any]], p: FallbackParams, ranking: str | None, curve: dict[str, Any] | None
+) -> tuple[int, str]:
+    """How deep into which ranking of the sensitivity report the policy's own pick reads (0: none),
+    and that ranking in words.
+
+    ``measured_budget`` walks ``ranking`` (``auto`` resolved) on the curve: fallback and requant
+    are the report's; the measured ranking is float32 (the curve stage's) over its single-op pool
+    and the fallback ranking's order past it. ``bits_budget`` reads no order, only the pool's
+    membership. Those pools (when not every op) are the top of the fallback and requant rankings.
+    The other policies read ``p.phase`` (fallback, requant or both)."""
+    mine = [o for o in ops if o["reason"].startswith(f"{p.policy}:")]
+    if p.policy not in MEASURED_POLICIES or curve is None:
+        return max((o["rank"] for o in mine), default=0), f"the {p.phase} ranking"
+    orders = curve["rankings"]
+    place = {r: {m: i + 1 for i, m in enumerate(orders[r])} for r in (FALLBACK, REQUANT)}
+    pool = set(curve["single_op"])
+    # a pool of the top k of both phase rankings: membership reads each op's better rank
+    pool_depth = 0 if len(pool) >= len(curve["ops"]) else max(min(place[r][m] for r in place) for m in pool)
+    if p.policy == "measured_budget" and ranking in place:
+        return max((place[ranking][o["module"]] for o in mine), default=0), f"the {ranking} ranking"
+    tail = [place[FALLBACK][o["module"]] for o in mine if o["module"] not in pool]
+    if p.policy == "measured_budget" and tail:
+        return max(tail), f"the {FALLBACK} ranking (the measured ranking past its single-op pool)"
+    return pool_depth, f"the {FALLBACK} and {REQUANT} rankings (their top: the single-op pool)"
+
+
+def past_exact_top(
+    report: dict[str, Any],
+    ops: list[dict[str, Any]],
+    p: FallbackParams,
+    ranking: str | None = None,
+    curve: dict[str, Any] | None = None,
+) -> str:
     """Where a screened pass's ranking is read past its float32 top (``engines.screening``): said in
-    the policy's reason and logged, as the list's tail is then ordered by the fast precision."""
+    the policy's reason and logged, as the order there is the fast precision's. The depth is read in
+    the ranking the policy used (:func:`_depth_read`: a ``measured_budget`` walk's ``ranking``, not
+    ``p.phase``)."""
     screening = report["metadata"].get("screening")
-    picked = [o["rank"] for o in ops if o["reason"].startswith(f"{p.policy}:")]
-    if screening is None or not picked or max(picked) <= screening["exact_top"]:
+    if screening is None:
+        return ""
+    depth, read = _depth_read(ops, p, ranking, curve)
+    if depth <= screening["exact_top"]:
         return ""
     note = (
-        f"; the list reaches rank {max(picked)} of the {p.phase} ranking, past the top "
+        f"; the list reaches rank {depth} of {read}, past the top "
         f"{screening['exact_top']} that the {screening['precision']}-screened pass measured in float32 "
         "(raise sensitivity.native.exact_top to make it exact)"
     )
@@ -228,16 +275,12 @@ def write_fallback(
         return {"scheme": d["scheme"], **d["source"], "ops_kept": len(d["ops"])}
 
     def pointer(file: str) -> dict[str, Any]:
+        target = EXPORT_TARGET[file]
         if deploy_dirs is None:
             return spectrum(file)
-        target = EXPORT_TARGET[file]
         artifacts, docs = deploy_dirs
-        deployed = {
-            "target": target,
-            "artifact": str(artifacts / target),
-            "document": str(docs / f"{target}.json"),
-        }
-        return {**spectrum(file), "deployed_by": deployed}
+        by = {"target": target, "artifact": str(artifacts / target), "document": str(docs / f"{target}.json")}
+        return {**spectrum(file), "deployed_by": by}
 
     ort = ort_nodes_to_exclude(
         modules("ort_nodes_to_exclude.json"), onnx_graph, onnx_where, [op.name for op in inventory]

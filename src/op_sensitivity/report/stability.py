@@ -7,10 +7,21 @@ Computed from what the pass already measured: every op's raw value per confidenc
   own all-int8 error ``E_b``: the last point of that batch's requant curve; where the engine
   measured ``E`` directly, ``metadata.all_int8_mse``, only the mean is stored, so every batch
   uses it) and ranked; the interval is min..max over the batches.
-* **Bootstrap over confidence batches**: ``RESAMPLES`` resamples of the batches with replacement
-  (seeded, ``SEED``); per resample the mean raw value per op (and the mean ``E``) -> scores ->
-  ranks, exactly as ``report.scores`` does for the whole set; the interval is the 5th..95th
-  percentile (ranks: the lower / higher neighbour, so a rank interval holds ranks that occurred).
+* **Bootstrap over confidence batches**: resamples of the ``n`` batches with replacement; per
+  resample the mean raw value per op (and the mean ``E``) -> scores -> ranks, exactly as
+  ``report.scores`` does for the whole set. Two ways, by how many distinct resamples there are
+  (``C(2n-1, n)``: the multisets of ``n`` batches; 3 for 2 batches, 462 for 6, 1716 for 7):
+
+  - **exact** (``bootstrap: exact``) when that count is at most ``resamples`` (``RESAMPLES``, so
+    ``n <= 6`` by default): every distinct resample once, weighted by its multinomial probability
+    ``n! / prod(k_b!) / n^n`` (``k_b``: how often batch b is in it). No more rows than Monte Carlo
+    would draw, and the shares are the bootstrap's own values, not an estimate with noise (2
+    batches: batch 0 twice 1/4, batch 1 twice 1/4, both 1/2). The interval is the weighted
+    5th..95th percentile, inverted CDF (the smallest value whose cumulative probability reaches
+    5 % / 95 %: a value that occurs).
+  - **Monte Carlo** (``bootstrap: monte_carlo``) above it: ``resamples`` seeded draws (``SEED``);
+    the interval is the 5th..95th percentile (ranks: the lower / higher neighbour, so a rank
+    interval holds ranks that occurred).
 
 Why batches and not samples: calibration is per batch (a batch's qparams come from that batch's
 sample, and its errors are measured on the same sample), so a batch is one (calibration,
@@ -31,12 +42,13 @@ the chosen set. A list walked on the
 says so and measures the top-``k`` of the fallback ranking instead, as the stability of INC's
 ranking.
 
-``reports/rank/stability.json`` (schema_version 1)::
+``reports/rank/stability.json`` (schema_version 2)::
 
-    schema_version: 1
+    schema_version: 2
     confidence_batches: int
-    resamples: int | null          null with one confidence batch (nothing to resample)
-    seed: int
+    bootstrap: exact | monte_carlo | null   null with one confidence batch (nothing to resample)
+    resamples: int | null          exact: the distinct resamples enumerated; monte_carlo: the draws
+    seed: int | null               the Monte-Carlo seed (null: exact or one batch, nothing drawn)
     all_int8: {point, per_batch: [E_b], source}   source: requant_last_point | measured (mean only)
     phases:
       fallback | requant:
@@ -49,7 +61,8 @@ ranking.
       k: int                       ops the policy picked from the ranking (the chosen top-k)
       ops: [module]                that set; for a list not walked here, the top k of ``ranking``
       matches_ranking: bool        the set is the top k of the report's ranking (false: another report?)
-      top_same: float | null       share of resamples whose top-k set equals ``ops``
+      top_same: float | null       share of resamples whose top-k set equals ``ops`` (exact:
+                                   their summed probability)
       list_jaccard: float | null   mean Jaccard index of the resamples' top-k sets with ``ops``
       top5: [module]               the report's top 5 of ``ranking`` (never_keep ops left out)
       top5_same: float | null      share of resamples with the same top-5 set
@@ -68,6 +81,8 @@ Interval: module, op_name, tower, rank, score (the report's: ``report.scores``),
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -86,8 +101,9 @@ from ..inventory import OpInfo  # noqa: E402
 from ..phases import BOTH, FALLBACK, PHASES, REQUANT  # noqa: E402
 from .scores import all_int8_error, all_int8_source, phase_scores  # noqa: E402
 
-SCHEMA_VERSION = 1
-RESAMPLES = 1000
+SCHEMA_VERSION = 2
+RESAMPLES = 1000  # Monte-Carlo draws, and the most distinct resamples enumerated exactly
+EXACT, MONTE_CARLO = "exact", "monte_carlo"
 SEED = 0
 STABLE_SHARE = 0.9  # a set is stable when it recurs in at least this share of resamples
 DOUBT_SHARE = 0.1  # an op outside the chosen set is in doubt when it enters it this often
@@ -227,6 +243,67 @@ class _Spectrum:
         return mask
 
 
+def distinct_resamples(n: int) -> int:
+    """How many distinct resamples ``n`` batches have: multisets of size n, ``C(2n-1, n)``."""
+    return math.comb(2 * n - 1, n)
+
+
+@dataclass(frozen=True)
+class _Resamples:
+    """The bootstrap's resamples: ``counts[r, b]`` = how often batch b is in resample r.
+
+    Exact: each distinct resample once, ``mult[r]`` its multinomial count ``n! / prod(k_b!)`` out of
+    ``total = n^n`` equally likely draws; shares and quantiles are computed on these integers, so a
+    share is the exact ratio rounded once to a float. Monte Carlo: one row per seeded draw.
+    """
+
+    counts: np.ndarray
+    mult: np.ndarray
+    total: int
+    exact: bool
+
+    @classmethod
+    def enumerate(cls, n: int) -> _Resamples:
+        counts, mult = [], []
+        for combo in itertools.combinations_with_replacement(range(n), n):
+            k = np.bincount(np.array(combo), minlength=n)
+            counts.append(k)
+            mult.append(math.factorial(n) // math.prod(math.factorial(int(c)) for c in k))
+        assert sum(mult) == n**n and len(mult) == distinct_resamples(n)
+        return cls(np.stack(counts), np.array(mult, dtype=np.int64), n**n, True)
+
+    @classmethod
+    def draw(cls, n: int, resamples: int, seed: int) -> _Resamples:
+        draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+        counts = np.stack([np.bincount(row, minlength=n) for row in draws])
+        return cls(counts, np.ones(resamples, dtype=np.int64), resamples, False)
+
+    def share(self, hit: np.ndarray) -> np.ndarray:
+        """Share of resamples (by probability when exact) where ``hit`` (bool, rows first) holds."""
+        if not self.exact:
+            return hit.mean(axis=0)
+        return (self.mult @ hit.astype(np.int64)) / self.total
+
+    def mean(self, x: np.ndarray) -> float:
+        """Mean of a per-resample value (probability-weighted when exact)."""
+        return float(x.mean()) if not self.exact else float(self.mult @ x / self.total)
+
+    def percentiles(self, x: np.ndarray, integer: bool) -> list[list[float]]:
+        """Per column, the 5th..95th percentile: Monte Carlo as :func:`_percentiles`; exact, the
+        weighted inverted CDF (the smallest value whose probability mass up to it reaches the
+        percentile, compared on integers: a value that occurs, with no interpolation)."""
+        if not self.exact:
+            return _percentiles(x, integer)
+        order = np.argsort(x, axis=0, kind="stable")
+        xs = np.take_along_axis(x, order, axis=0)
+        mass = np.cumsum(self.mult[order], axis=0) * 100  # percent units x total, integers
+        cols = np.arange(x.shape[1])
+        lo = xs[(mass < 5 * self.total).sum(axis=0), cols]
+        hi = xs[(mass < 95 * self.total).sum(axis=0), cols]
+        kind = int if integer else float
+        return [[kind(a), kind(b)] for a, b in zip(lo, hi, strict=True)]
+
+
 def _percentiles(x: np.ndarray, integer: bool) -> list[list[float]]:
     if integer:
         lo = np.percentile(x, 5, axis=0, method="lower")
@@ -237,13 +314,18 @@ def _percentiles(x: np.ndarray, integer: bool) -> list[list[float]]:
 
 
 def _intervals(
-    df: pd.DataFrame, modules: list[str], per_batch: _Spectrum, boot: _Spectrum | None, phase: str
+    df: pd.DataFrame,
+    modules: list[str],
+    per_batch: _Spectrum,
+    boot: _Spectrum | None,
+    draws: _Resamples | None,
+    phase: str,
 ) -> list[dict[str, Any]]:
     col = {m: j for j, m in enumerate(modules)}
     bs = bi = None
-    if boot is not None:
-        bs = _percentiles(boot.score[phase], integer=False)
-        bi = _percentiles(boot.rank[phase], integer=True)
+    if boot is not None and draws is not None:
+        bs = draws.percentiles(boot.score[phase], integer=False)
+        bi = draws.percentiles(boot.rank[phase], integer=True)
     out = []
     for r in df.itertuples():
         j = col[r.module]
@@ -264,12 +346,18 @@ def _intervals(
     return out
 
 
-def _share(x: float) -> str:
-    return f"{100 * x:.0f} %"
+def _share(x: float, exact: bool = False) -> str:
+    """A share in words: Monte Carlo to the percent (its noise is ~1-2 %); exact to 4 significant
+    digits (75 %, 70.37 %), as computed."""
+    return f"{100 * x:.4g} %" if exact else f"{100 * x:.0f} %"
 
 
 def _list_stability(
-    chosen: ChosenList, point: _Spectrum, per_batch: _Spectrum, boot: _Spectrum | None
+    chosen: ChosenList,
+    point: _Spectrum,
+    per_batch: _Spectrum,
+    boot: _Spectrum | None,
+    draws: _Resamples | None = None,
 ) -> dict[str, Any]:
     modules = point.modules
     unknown = sorted(set(chosen.modules) - set(modules))
@@ -315,54 +403,63 @@ def _list_stability(
         "per_batch_same": [bool((s == original).all()) for s in batch_sets],
         "in_doubt": [],
     }
-    if boot is None:
+    if boot is None or draws is None:
         return out
-    out["top5_same"] = float((boot.top_sets(ranking, eligible, n_top) == top5).all(axis=1).mean())
+    out["top5_same"] = float(draws.share((boot.top_sets(ranking, eligible, n_top) == top5).all(axis=1)))
     if k == 0:  # the policy took nothing from the ranking (the forced ops met the budget): the top 5
         return out
     sets = boot.top_sets(ranking, eligible, k)
     inter = (sets & original).sum(axis=1)
     union = (sets | original).sum(axis=1)
-    inside = sets.mean(axis=0)
+    inside = draws.share(sets)
     doubt = [
         {"module": m, "rank": rank[m], "chosen": bool(original[j]), "share_in_top_k": float(inside[j])}
         for j, m in enumerate(modules)
         if (original[j] and inside[j] < STABLE_SHARE) or (not original[j] and inside[j] > DOUBT_SHARE)
     ]
     out.update(
-        top_same=float((sets == original).all(axis=1).mean()),
-        list_jaccard=float((inter / union).mean()),
+        top_same=float(draws.share((sets == original).all(axis=1))),
+        list_jaccard=draws.mean(inter / union),
         in_doubt=sorted(doubt, key=lambda d: d["rank"]),
     )
     return out
 
 
-def _verdict(lst: dict[str, Any], batches: int, resamples: int) -> tuple[bool | None, str]:
-    if batches == 1:
+def _verdict(lst: dict[str, Any], batches: int, draws: _Resamples | None) -> tuple[bool | None, str]:
+    """Stable or not, in words; exact shares say they are exact (over how many distinct resamples),
+    Monte-Carlo ones how many draws they come from."""
+    if batches == 1 or draws is None:
         return None, (
             f"{ONE_BATCH}: nothing to resample without new forwards "
             "(raise sensitivity.confidence_batches to measure it)"
         )
     top, top5, k, n5 = lst["top_same"], lst["top5_same"], lst["k"], len(lst["top5"])
     label = f"the top {k} of the {lst['ranking']} ranking"
+    exact = draws.exact
+    of = (
+        f"of the resamples of the {batches} confidence batches (exact: all {len(draws.mult)} distinct "
+        "resamples, each weighted by its probability)"
+        if exact
+        else f"of {draws.total} resamples of the {batches} confidence batches"
+    )
+    changes_in = "of resamples (exact)" if exact else "of resamples"
     if k == 0:  # no op of the list came from the ranking (the forced ops met the budget): the top 5 alone
         top = 1.0
         if top5 >= STABLE_SHARE:
             return True, (
                 f"stable: the keep-list takes no op from the {lst['ranking']} ranking (the forced ops meet "
-                f"the budget); its top {n5} is the same set in {_share(top5)} of {resamples} resamples of "
-                f"the {batches} confidence batches"
+                f"the budget); its top {n5} is the same set in {_share(top5, exact)} {of}"
             )
     if top >= STABLE_SHARE and top5 >= STABLE_SHARE:
         return True, (
-            f"stable: {label} is the same set in {_share(top)} of {resamples} resamples of the "
-            f"{batches} confidence batches, the top {n5} in {_share(top5)}"
+            f"stable: {label} is the same set in {_share(top, exact)} {of}, the top {n5} in "
+            f"{_share(top5, exact)}"
         )
     changes = []
     if top < STABLE_SHARE:
-        changes.append(f"{label} changes in {_share(1 - top)} of resamples")
+        changes.append(f"{label} changes in {_share(1 - top, exact)} {changes_in}")
     if top5 < STABLE_SHARE:
-        changes.append(f"the top {n5} change in {_share(1 - top5)} of resamples")
+        changes.append(f"the top {n5} change in {_share(1 - top5, exact)} {changes_in}")
     return False, "add calibration samples: " + " and ".join(changes)
 
 
@@ -373,7 +470,9 @@ def stability(
     resamples: int = RESAMPLES,
     seed: int = SEED,
 ) -> dict[str, Any]:
-    """The stability document (module docstring), from the report's per-batch values."""
+    """The stability document (module docstring), from the report's per-batch values: the
+    bootstrap exact when the batches have at most ``resamples`` distinct resamples, else
+    ``resamples`` Monte-Carlo draws from ``seed``."""
     scores = phase_scores(report, inventory)
     raw = {p: _raw(report, p) for p in PHASES}
     errors = _batch_errors(report, raw[REQUANT])
@@ -382,24 +481,27 @@ def stability(
     n = len(errors)
     point = _Spectrum(raw, errors, np.full((1, n), 1 / n))
     per_batch = _Spectrum(raw, errors, np.eye(n))
-    boot = None
+    boot = draws = None
     if n > 1:
-        draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-        counts = np.stack([np.bincount(row, minlength=n) for row in draws])
-        boot = _Spectrum(raw, errors, counts / n)
-    lst = _list_stability(chosen, point, per_batch, boot)
-    stable, verdict = _verdict(lst, n, resamples)
+        exact = distinct_resamples(n) <= resamples
+        draws = _Resamples.enumerate(n) if exact else _Resamples.draw(n, resamples, seed)
+        boot = _Spectrum(raw, errors, draws.counts / n)
+    lst = _list_stability(chosen, point, per_batch, boot, draws)
+    stable, verdict = _verdict(lst, n, draws)
     return {
         "schema_version": SCHEMA_VERSION,
         "confidence_batches": n,
-        "resamples": resamples if boot is not None else None,
-        "seed": seed,
+        "bootstrap": None if draws is None else EXACT if draws.exact else MONTE_CARLO,
+        "resamples": None if draws is None else len(draws.mult),
+        "seed": seed if draws is not None and not draws.exact else None,
         "all_int8": {
             "point": all_int8_error(report),
             "per_batch": [float(e) for e in errors],
             "source": all_int8_source(report),
         },
-        "phases": {p: {"ops": _intervals(scores[p], point.modules, per_batch, boot, p)} for p in PHASES},
+        "phases": {
+            p: {"ops": _intervals(scores[p], point.modules, per_batch, boot, draws, p)} for p in PHASES
+        },
         "list": lst,
         "stable": stable,
         "verdict": verdict,
@@ -421,11 +523,18 @@ def _fmt_interval(iv: list[float] | None, integer: bool) -> str:
 def render_section(doc: dict[str, Any], top: int = 10) -> str:
     """The report's "Stability" section (Markdown, starting with ``## ``)."""
     lst, n = doc["list"], doc["confidence_batches"]
-    how = (
-        f"{doc['resamples']} resamples of the {n} confidence batches with replacement, seed {doc['seed']}"
-        if doc["resamples"]
-        else "no bootstrap: one confidence batch"
-    )
+    exact = doc["bootstrap"] == EXACT
+    if exact:
+        how = (
+            f"exact: all {doc['resamples']} distinct resamples of the {n} confidence batches with "
+            "replacement, each weighted by its probability, so the shares below are exact"
+        )
+    elif doc["resamples"]:
+        how = (
+            f"{doc['resamples']} resamples of the {n} confidence batches with replacement, seed {doc['seed']}"
+        )
+    else:
+        how = "no bootstrap: one confidence batch"
     lines = [
         "## Stability",
         "",
@@ -440,7 +549,7 @@ def render_section(doc: dict[str, Any], top: int = 10) -> str:
         lines += [f"Note: {lst['note']}.", ""]
 
     def share(x: float | None) -> str:
-        return "n/a" if x is None else _share(x)
+        return "n/a" if x is None else _share(x, exact)
 
     rows = [
         ("keep-list policy", f"{lst['policy']} (walked the {lst['walked']} ranking)"),
@@ -464,7 +573,7 @@ def render_section(doc: dict[str, Any], top: int = 10) -> str:
     lines += [pd.DataFrame(rows, columns=["", "value"]).to_markdown(index=False), ""]
     if lst["in_doubt"]:
         d = pd.DataFrame(lst["in_doubt"])
-        d["share_in_top_k"] = [_share(x) for x in d["share_in_top_k"]]
+        d["share_in_top_k"] = [_share(x, exact) for x in d["share_in_top_k"]]
         lines += [
             "Ops in doubt (chosen but in the top k of < 90 % of resamples, or not chosen but in > 10 %):",
             "",
@@ -510,7 +619,12 @@ def plot_rank_intervals(doc: dict[str, Any], path: Path, top: int = PLOT_TOP) ->
         ax.invert_yaxis()
         if n_ops > 50:
             ax.set_xscale("log")
-        how = f"bar: bootstrap 5..95 % ({doc['resamples']} resamples)" if doc["resamples"] else "one batch"
+        how = (
+            f"bar: bootstrap 5..95 % ({'exact, ' if doc['bootstrap'] == EXACT else ''}"
+            f"{doc['resamples']} resamples)"
+            if doc["resamples"]
+            else "one batch"
+        )
         ax.set_title(
             f"{phase}: rank of the top {len(ops)} of {n_ops}\n{how}; x: each batch alone", fontsize=9
         )

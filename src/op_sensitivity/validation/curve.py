@@ -53,7 +53,7 @@ Artifact ``reports/validation/curve.json`` (stage ``curve``)::
                                                   the smallest n reaching the share (bisected on a
                                                   log-spaced grid); null if none does
     points: [{ranking, n, kept: [module], cost: {params_kept, params_total, share_params_kept,
-              effective_weight_bits}, values: Values, recovered: {metric: share}}]
+              effective_weight_bits, kept_weight_bits}, values: Values, recovered: {metric: share}}]
                                                   the grid's sizes and the bisection's, per ranking
     random: [{n, lists, cost_mean: {...}, recovered: {metric: {mean, std, min, max}}}]
 

@@ -10,7 +10,8 @@ the test split; nothing is taken from ``curve.json`` but the rankings' orders an
 Artifact ``reports/validation/validation.json`` (stage ``validate``; its headline numbers, in
 ``metrics.json``, are DVC metrics: :func:`metrics`)::
 
-    keep_list: {ops, ops_scored, params_kept, params_total, share_params_kept, effective_weight_bits}
+    keep_list: {ops, ops_scored, params_kept, params_total, share_params_kept, effective_weight_bits,
+                kept_weight_bits}   (inventory.cost: kept ops at their stored dtype's bits)
     metric: headline metric
     test: {samples, caption_tokens}          the split measured (data/test)
     chosen: {values: Values, recovered: {metric: share}}
