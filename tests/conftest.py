@@ -40,6 +40,24 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def torch_threads_restored(request):
+    """Fails a test module that leaves torch's thread count changed (set up before the module's
+    other fixtures, checked after their teardown): a count set and never given back changes the
+    float sums of every later test, so results would hang on test order. Set it with
+    ``tests.threads.torch_threads``."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    torch.set_num_threads(before)
+    if after != before:
+        pytest.fail(
+            f"{request.module.__name__} left torch.set_num_threads at {after} (it was {before}): "
+            "use tests.threads.torch_threads, which gives the count back",
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="session")
 def repo_params():
     return load_params(REPO / "params.yaml")

@@ -16,6 +16,7 @@ from op_sensitivity.engines.reuse import SuffixCache, vision_cache
 from op_sensitivity.engines.runner import load_inputs
 from op_sensitivity.engines.trial_batch import decoder_layers, fallback_states, plan, run_trials
 from tests.helpers import sensitivity_params
+from tests.threads import torch_threads
 
 
 class Trials:
@@ -140,6 +141,27 @@ def test_batched_fallback_trials_equal_one_forward_each(trials):
     if trials.suffix is not None:
         assert {k: dict(v) for k, v in trials.suffix.entries.items()} == base_entries
     assert trials.single({last_two[0]: False}) == single[last_two[0]]
+
+
+@pytest.mark.parametrize("arithmetic", ["fake_quant", "int8_kernels"])
+def test_batched_trials_equal_one_forward_each_on_1_and_2_threads(
+    arithmetic, default_model_dir, calibration_dir
+):
+    """The module's "1 and 2 threads", in the default run: ``make test``'s xdist workers run torch
+    on one thread (conftest), so the cases above never see 2; here each count is set (and given
+    back), the pass state built under it, and every trial of the last two layers and the head,
+    batched with B = 2, equals its one-forward value to the bit."""
+    for threads in (1, 2):
+        with torch_threads(threads):
+            assert torch.get_num_threads() == threads
+            t = Trials(default_model_dir, calibration_dir, arithmetic, 2, True)
+            try:
+                names = t.ops_from_layer(2)
+                single = [t.single({n: False}) for n in names]
+                assert len(set(single)) == len(single)  # each trial measures something of its own
+                assert t.batched(fallback_states(names)) == single, f"{threads} threads"
+            finally:
+                t.close()
 
 
 @pytest.mark.parametrize("trials", [("fake_quant", 2, True)], indirect=True)

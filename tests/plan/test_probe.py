@@ -23,6 +23,7 @@ from op_sensitivity.plan.probe import (
     unit_of,
 )
 from tests.helpers import REPO
+from tests.threads import torch_threads
 
 OPS = [
     "model.visual.patch_embed.proj",
@@ -33,6 +34,13 @@ OPS = [
     "model.language_model.layers.1.mlp.down_proj",
     "lm_head",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The module's values on one torch thread (as under xdist), the count given back after it."""
+    with torch_threads(1):
+        yield
 
 
 def _costs(observe: float = 2.0, setup: float = 0.01, per_sample: float = 0.0) -> ForwardCosts:
@@ -113,7 +121,6 @@ def test_probe_config_is_one_layer_and_block_at_full_width_with_a_small_vocabula
 
 
 def test_probe_of_the_embedded_default_times_every_unit_in_both_states():
-    torch.set_num_threads(1)
     params = load_params(REPO / "params.yaml")
     facts = describe(params.model)
     costs = probe(

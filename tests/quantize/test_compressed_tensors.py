@@ -185,13 +185,20 @@ def test_with_the_vision_tower_kept_the_checkpoint_equals_the_prediction(checked
 
 @pytest.mark.parametrize("name", ["chosen", "all_int8"])
 def test_quantized_vision_ops_cost_more_in_the_checkpoint_than_predicted(checked, name):
-    """Bar: logit_se within [1, 2.5] x the prediction (measured 1.75x and 1.68x), KL within 1e-7
-    and nll within 1e-4 of it, top1 equal. The excess is the vision tower's one scale per 2-D tensor
-    (every other quantizer agrees to the bit: the test above)."""
+    """Bar: logit_se within [1, 2.5] x the prediction (measured 1.75x and 1.68x), the nll damage
+    within [0.9, 3] x it (2.4x and 1.04x), top1 equal; KL only below 1e-7 (float32's floor here).
+    The excess is the vision tower's one scale per 2-D tensor (every other quantizer agrees to the
+    bit: the test above)."""
     c = checked[name]
     assert 1.0 <= c.measured["logit_se"] / c.predicted["logit_se"] <= 2.5
-    assert abs(c.measured["kl"] - c.predicted["kl"]) < 1e-7
-    assert abs(c.measured["nll"] - c.predicted["nll"]) < 1e-4
+    # nll's damage (nll - nll_fp32: measured 6.5e-5 vs 2.7e-5 predicted, 2.4x; all-int8 4.5e-5 vs
+    # 4.3e-5, 1.04x) resolves to ~1 % in float32; KL does not: the tiny model's logits are near
+    # uniform and its KL sits at float32's floor (~1e-8; the measured one of "chosen" came out
+    # -1.1e-9), so no relative bound holds for it and only its size is checked
+    damage = {k: getattr(c, k)["nll"] - getattr(c, k)["nll_fp32"] for k in ("measured", "predicted")}
+    assert damage["predicted"] > 1e-5
+    assert 0.9 <= damage["measured"] / damage["predicted"] <= 3.0, damage
+    assert abs(c.measured["kl"]) < 1e-7 and abs(c.predicted["kl"]) < 1e-7
     assert c.measured["top1"] == c.predicted["top1"]
     assert c.predicted["logit_se"] > checked["vision_kept"].predicted["logit_se"]
 

@@ -104,14 +104,33 @@ def test_an_artifact_that_quantizes_other_ops_than_the_list_is_removed_and_refus
     assert not out.exists()
 
 
-def test_every_target_of_the_params_has_one_backend_with_its_scheme_and_bar():
+def test_every_target_of_the_params_keeps_the_contract(tmp_path):
+    """Behaviour, not attributes: for each target the params can name, the factory gives its
+    backend, under the name and scheme the params pair it with (a scheme the native engine can
+    describe: its prediction); ``require`` passes where the tool is installed, else names the extra
+    to install; and ``quantized_in``, what the stage reads back after writing, refuses a directory
+    that is no artifact of the target with one line naming it (an empty one here), never a
+    traceback or an empty set (which ``_check_artifact`` would compare as "quantizes nothing")."""
+    import re
+
     from op_sensitivity.params import TARGET_SCHEMES
-    from op_sensitivity.quantize.targets import TARGETS
+    from op_sensitivity.quantize.targets import TARGETS, target
+    from op_sensitivity.schemes import describe
 
     assert list(TARGETS) == list(TARGET_SCHEMES)
-    for name, cls in TARGETS.items():
-        assert (cls.name, cls.scheme) == (name, TARGET_SCHEMES[name])
-        assert 0 < cls.bar <= 0.1 and cls.gap and cls.format and cls.requires and cls.extra
+    for name in TARGETS:
+        t = target(name)
+        assert (t.name, t.scheme) == (name, TARGET_SCHEMES[name]) and 0 < t.bar <= 0.1
+        assert describe(t.scheme).name == t.scheme
+        try:
+            t.require()
+        except InputError as e:
+            assert str(e) == f"quantize target {name}: {t.requires[0]} is not installed ({t.extra})"
+            continue
+        empty = tmp_path / name
+        empty.mkdir()
+        with pytest.raises(InputError, match=re.escape(str(empty))):
+            t.quantized_in(empty)
 
 
 def test_the_stage_refuses_a_split_list_before_anything_is_written(small_model_dir, tmp_path):

@@ -13,6 +13,7 @@ with the stored ranges (about 0.5 s each here).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from op_sensitivity.quantize.deploy import to_quantize
 from op_sensitivity.validation.inputs import open_measurer
 from op_sensitivity.validation.measure import TEST
 from tests.helpers import engine_reports, sensitivity_params
+from tests.threads import torch_threads
 
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (.[ort])")
 pytestmark = pytest.mark.xdist_group("quantize_ort")  # one worker writes the artifact once
@@ -74,8 +76,14 @@ class Deployed:
 
 
 @pytest.fixture(scope="module")
-def deployed(small_model_dir, calibration_dir, test_dir, tmp_path_factory) -> Deployed:
-    torch.set_num_threads(2)
+def deployed(small_model_dir, calibration_dir, test_dir, tmp_path_factory) -> Iterator[Deployed]:
+    """The artifact and its measurements, built and checked on 2 torch threads (given back after
+    the module: the count set here used to stay for every later test)."""
+    with torch_threads(2):
+        yield _deployed(small_model_dir, calibration_dir, test_dir, tmp_path_factory)
+
+
+def _deployed(small_model_dir, calibration_dir, test_dir, tmp_path_factory) -> Deployed:
     inventory = read_inventory(small_model_dir.parent / "op_inventory.json")
     params = sensitivity_params(engine="native")
     params = replace(params, native=replace(params.native, scheme="ort_qdq"))

@@ -22,8 +22,16 @@ from op_sensitivity.phases import FALLBACK, REQUANT
 from tests.helpers import sensitivity_params
 from tests.schemes.library_spectra import compressed_tensors_spectrum, modelopt_spectrum
 from tests.schemes.ort_spectrum import ort_spectrum
+from tests.threads import torch_threads
 
 pytestmark = pytest.mark.xdist_group("schemes_agreement")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The module's values on one torch thread (as under xdist), the count given back after it."""
+    with torch_threads(1):
+        yield
 
 
 def ours(calibration_dir, model_dir, scheme, tmp_path, arithmetic="auto", **kw):
@@ -105,7 +113,6 @@ def test_kernels_agree_with_fake_quant(
     Which arithmetic ran is proven by the kernel calls themselves (counted around the real
     kernel), not by a rounding difference: on some CPUs (AMD EPYC) _scaled_mm's values equal
     fake-quant's to the bit."""
-    torch.set_num_threads(1)
     kernel = {"int8_kernels": "_int_mm", "fp8_kernels": "_scaled_mm"}[arithmetic]
     real, calls = getattr(torch, kernel), []
 

@@ -22,10 +22,17 @@ from tests.schemes.library_spectra import (
     module_output,
     sse,
 )
+from tests.threads import torch_threads
 
-torch.set_num_threads(1)
 CONV = "model.visual.patch_embed.proj"
 PAIR = ["model.language_model.layers.0.self_attn.q_proj", "lm_head"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The module's values on one torch thread (as under xdist), the count given back after it."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import torch
 from op_sensitivity.engines.runner import load_inputs
 from tests.helpers import sensitivity_params
 from tests.schemes.ort_spectrum import OrtTrials, ort_spectrum
+from tests.threads import torch_threads
 
 MEASURED = "lm_head"
 # Kept float in the graph checks: lm_head reads a tensor no quantized node reads; gate_proj shares
@@ -24,9 +25,15 @@ MEASURED = "lm_head"
 KEPT = ("lm_head", "model.language_model.layers.0.mlp.gate_proj")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The module's values on one torch thread (as under xdist), the count given back after it."""
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def small(calibration_dir, small_model_dir):
-    torch.set_num_threads(1)
     params = replace(sensitivity_params(), engine="native")
     model, spec, inventory, _ = load_inputs(
         params, calibration_dir, small_model_dir, small_model_dir.parent / "op_inventory.json"

@@ -247,7 +247,11 @@ def kept_in_checkpoint(out_dir: Path) -> set[str]:
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import is_match
 
-    config = AutoConfig.from_pretrained(out_dir, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(out_dir, local_files_only=True)
+    except (OSError, ValueError) as e:  # no config.json, or one without model_type
+        where = out_dir / "config.json"
+        raise InputError(f"{where}: not a compressed-tensors checkpoint's config ({e})") from e
     raw = json.loads((out_dir / "config.json").read_text()).get("quantization_config")
     if not raw or raw.get("format") != FORMAT:
         raise InputError(f"{out_dir / 'config.json'}: no {FORMAT} quantization_config")
