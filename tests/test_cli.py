@@ -47,3 +47,63 @@ def test_bad_input_under_dvc_repro_adds_the_same_note(monkeypatch, capsys):
     assert lines[1].startswith("note: dvc repro removed stage validate's previous outputs")
     code, lines = _stop(_bad_input, monkeypatch, capsys, None)
     assert code == 2 and len(lines) == 1
+
+
+def test_a_file_where_an_output_directory_goes_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    from op_sensitivity.atomic import dump_json
+
+    (tmp_path / "reports").write_text("a file where the reports directory goes")
+
+    def write() -> None:
+        dump_json({"a": 1}, tmp_path / "reports" / "quantize" / "inc.json")
+
+    code, lines = _stop(write, monkeypatch, capsys, None)
+    assert code == 2
+    reports = tmp_path / "reports"
+    assert lines == [
+        f"error: {reports / 'quantize'}: Not a directory ({reports} is a file, where a directory must be)"
+    ]
+    (reports.unlink(), (tmp_path / "models").write_text("a file"))
+    code, lines = _stop(lambda: (tmp_path / "models").mkdir(), monkeypatch, capsys, None)
+    models = tmp_path / "models"
+    assert lines == [f"error: {models}: File exists ({models} is a file, where a directory must be)"]
+
+
+def test_a_directory_where_an_output_file_goes_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    from op_sensitivity.atomic import check_writable
+
+    (tmp_path / "metrics.json").mkdir()
+    code, lines = _stop(lambda: check_writable(tmp_path / "metrics.json", "file"), monkeypatch, capsys, None)
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: {tmp_path / 'metrics.json'}: ")
+    assert lines[0].endswith("(a directory is where a file must be written)")
+
+
+def test_an_os_error_naming_no_path_keeps_its_traceback(monkeypatch):
+    def fail() -> None:
+        raise OSError("no space left")  # no path to name: an environment failure, shown whole
+
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    with pytest.raises(OSError, match="no space left"):
+        run_stage(fail)
+
+
+def test_a_stop_after_an_output_was_written_names_it(tmp_path, monkeypatch, capsys):
+    """A stage stopped after it renamed an output into place must not claim it left outputs as they were."""
+    import signal
+
+    from op_sensitivity.atomic import dump_json
+    from op_sensitivity.cli import Terminated
+
+    def write_then_stop() -> None:
+        dump_json({"a": 1}, tmp_path / "doc.json")
+        raise Terminated(signal.SIGTERM)
+
+    code, lines = _stop(write_then_stop, monkeypatch, capsys, None)
+    assert code == 143
+    assert lines == [
+        f"error: stopped by SIGTERM after this run had written {tmp_path / 'doc.json'}; "
+        "every other output is as before it"
+    ]
+    code, lines = _stop(_interrupted, monkeypatch, capsys, None)  # the next run starts with a clean record
+    assert lines == ["error: stopped by SIGINT; outputs left as they were before this run"]

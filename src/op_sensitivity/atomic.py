@@ -6,20 +6,47 @@ the temporary is removed and the previous output, if any, is untouched. A SIGKIL
 caught: its leftover sibling carries the dead process's PID in its name and is removed the next
 time anything is written to the same target. Files and directories get the permissions the
 umask gives (temp-file helpers would make them 0600 / 0700).
+
+A stage with several outputs that must change together (an artifact and the document that
+measures it) builds them in :func:`staging` and renames them into place with :func:`commit`, which
+holds SIGTERM / SIGHUP / SIGINT back for its few renames. Every path committed in this process is
+recorded (:func:`committed`), so that ``cli.run_stage`` says truthfully what a stopped run wrote.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 TMP_TAG = ".tmp-"
+HELD_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)  # held back while a set is renamed in
+
+_COMMITTED: list[Path] = []  # every path this process renamed into place (cli.run_stage reads it)
+
+
+def committed() -> list[Path]:
+    """The outputs this process has renamed into place since :func:`forget_committed` (a path inside
+    a temporary or staging directory is no output: it is not listed)."""
+    return [p for p in _COMMITTED if not any(_is_temporary(part) for part in p.parent.parts)]
+
+
+def _is_temporary(name: str) -> bool:
+    """``name`` is one of this module's temporaries: ``.<target>.tmp-<pid>-<suffix>``."""
+    head, tag, tail = name.partition(TMP_TAG)
+    return name.startswith(".") and bool(tag) and bool(head[1:]) and tail.split("-", 1)[0].isdigit()
+
+
+def forget_committed() -> None:
+    _COMMITTED.clear()
 
 
 def _umask() -> int:
@@ -53,16 +80,40 @@ def leftovers(target: Path) -> list[Path]:
     return stale
 
 
+def _remove(path: Path) -> None:
+    """Remove a file, link or directory tree, whichever ``path`` is (missing: nothing to do)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def remove_leftovers(target: Path) -> None:
     for p in leftovers(target):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+        _remove(p)
 
 
 def _prefix(target: Path) -> str:
     return f".{target.name}{TMP_TAG}{os.getpid()}-"
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` onto ``target``, whatever ``target`` is now (nothing, a file, a directory).
+
+    A file over a file is one ``rename(2)``. A directory cannot be renamed over a non-empty one (nor
+    over a file): the old one is renamed aside first (the window without a complete output is two
+    syscalls) and removed after, a file as much as a directory (``rmtree`` of a file fails, and
+    silently with ``ignore_errors``: the old sibling stayed).
+    """
+    exists = target.exists() or target.is_symlink()
+    if not exists or not (tmp.is_dir() or (target.is_dir() and not target.is_symlink())):
+        os.replace(tmp, target)
+    else:
+        old = target.parent / f"{_prefix(target)}old"
+        target.rename(old)
+        tmp.rename(target)
+        _remove(old)
+    _COMMITTED.append(target)
 
 
 @contextlib.contextmanager
@@ -75,14 +126,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         tmp.chmod(0o777 & ~_umask())
         yield tmp
-        if target.exists():
-            # Two renames, then the delete: the window without a complete output is two syscalls.
-            old = target.parent / f"{_prefix(target)}old"
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -101,9 +145,101 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         tmp.chmod(0o666 & ~_umask())
         yield tmp
         os.replace(tmp, target)
+        _COMMITTED.append(target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_writable(path: str | os.PathLike, kind: str) -> Path:
+    """Fail now, naming the path, where writing ``path`` (``kind`` "file" or "dir") at the end of
+    a long run would fail: its parent directories are made (a file in their way raises
+    ``FileExistsError`` / ``NotADirectoryError`` naming it), and a directory where a file is to be
+    written is refused (``IsADirectoryError``). A file where a directory goes is replaced."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "file" and target.is_dir() and not target.is_symlink():
+        raise IsADirectoryError(errno.EISDIR, "a directory is where this file is written", str(target))
+    return target
+
+
+@contextlib.contextmanager
+def staging(path: str | os.PathLike) -> Iterator[Path]:
+    """A private directory beside ``path`` to build outputs in, removed on exit whatever happens.
+
+    Beside the output, not in ``$TMPDIR``: on the same filesystem, so :func:`commit` is a rename;
+    inside the project, where a user looks; and named like :func:`atomic_dir`'s temporaries (the
+    PID in the name), so what a ``kill -9`` leaves is removed the next time ``path`` is written.
+    """
+    target = check_writable(path, "dir")
+    remove_leftovers(target)
+    root = Path(tempfile.mkdtemp(prefix=_prefix(target), dir=target.parent))
+    try:
+        root.chmod(0o777 & ~_umask())
+        yield root
+    finally:
+        _remove(root)
+
+
+def commit(pairs: list[tuple[Path, Path]]) -> None:
+    """Rename each built path onto its target (``(built, target)``, in order), as one step.
+
+    SIGTERM, SIGHUP and SIGINT are held back until the last rename is done: a stop asked for during
+    the renames is delivered after them (``cli.run_stage`` then says the outputs were written),
+    never between two. (Held by Python handlers that only note the signal, not by the thread's
+    signal mask: the kernel may hand a process signal to any of torch's threads.) A SIGKILL cannot
+    be held: between two renames (microseconds) it leaves the targets renamed so far new and the
+    rest old, each target whole; the caller orders the pairs so that the one a user deploys comes
+    last and describes itself.
+    """
+    for built, target in pairs:
+        check_writable(target, "dir" if built.is_dir() else "file")
+    with _held_signals():
+        for built, target in pairs:
+            remove_leftovers(target)
+            _swap_in(built, target)
+
+
+@contextlib.contextmanager
+def _held_signals() -> Iterator[None]:
+    """Note HELD_SIGNALS while the block runs; the first one noted is raised again after it, to the
+    handler that was installed before (outside the main thread, where Python cannot install
+    handlers, the block runs unguarded)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: noted.append(signum)) for s in HELD_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if noted:
+            signal.raise_signal(noted[0])
+
+
+@contextlib.contextmanager
+def private_tmp(path: str | os.PathLike) -> Iterator[Path]:
+    """Point ``$TMPDIR`` (for C libraries, read when they load) and Python's ``tempfile`` at
+    ``path`` (made here) while the block runs, then back. Libraries write there without asking:
+    ONNX Runtime's telemetry session file ``.ses`` at ``import onnxruntime``, torch's
+    ``torchinductor_<user>`` cache when ``torch._dynamo`` is imported, ``quantize_static``'s
+    ``ort.quant.*`` directories; a stage that points them into its own scratch leaves nothing in
+    the system's temporary directory, even killed (the scratch is removed on its next run)."""
+    tmp = Path(path)
+    tmp.mkdir(parents=True, exist_ok=True)
+    before_env, before_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = str(tmp.resolve())
+    tempfile.tempdir = str(tmp.resolve())
+    try:
+        yield tmp
+    finally:
+        tempfile.tempdir = before_tempdir
+        if before_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before_env
 
 
 def dump_json(obj: Any, path: str | os.PathLike) -> None:

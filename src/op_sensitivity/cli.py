@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -10,7 +11,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .atomic import committed, forget_committed
 from .errors import PipelineError
+from .lifetime import stop_with_parent
 
 CAUGHT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -48,35 +51,73 @@ def raise_if_terminated() -> None:
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage: log to stderr, turn :class:`PipelineError` into one clear line and exit code 2.
 
-    SIGTERM / SIGHUP / Ctrl-C unwind through the stage's cleanup (no temporary output is left)
-    and exit with 128 + the signal number, as a shell reports a killed command. Other
-    exceptions keep their traceback: they are bugs or environment failures, and hiding them
-    would make a red run look like bad input.
+    An ``OSError`` that names a path (a file where a directory must be made, a directory where a
+    file is written, no permission) is a problem with that path, not a bug: one line naming it
+    (``error: <path>: <reason>``), exit code 2. SIGTERM / SIGHUP / Ctrl-C unwind through the
+    stage's cleanup (no temporary output is left) and exit with 128 + the signal number, as a
+    shell reports a killed command; the message names what this run had already renamed into
+    place (``atomic.committed``), if anything. Other exceptions keep their traceback: they are
+    bugs or environment failures, and hiding them would make a red run look like bad input.
     """
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
     previous = {signum: signal.signal(signum, _raise_terminated) for signum in CAUGHT_SIGNALS}
     _PENDING.clear()
+    forget_committed()
     try:
+        stop_with_parent()  # under dvc repro: a killed `dvc repro` stops this stage too
         main()
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         _what_dvc_did()
         sys.exit(2)
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        _what_dvc_did()
+        sys.exit(2)
     except (Terminated, KeyboardInterrupt) as e:
         signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
-        name = signal.Signals(signum).name
+        print(f"error: {stopped_line(signal.Signals(signum).name)}", file=sys.stderr)
         if os.environ.get("DVC_STAGE"):
-            print(f"error: stopped by {name}; nothing of this run was written", file=sys.stderr)
             _what_dvc_did()
-        else:
-            print(f"error: stopped by {name}; outputs left as they were before this run", file=sys.stderr)
         sys.exit(128 + signum)
     finally:
         _PENDING.clear()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def os_error_line(e: OSError) -> str:
+    """``<path>: <reason>`` (``<path> -> <other>`` for a rename), what the user can act on; where a
+    file stands where a directory must be, the file is named (``mkdir -p reports/quantize`` fails
+    with ENOTDIR naming ``reports/quantize`` when ``reports`` is the file)."""
+    where = str(e.filename) if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+    reason = e.strerror or type(e).__name__
+    hint = ""
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        path = Path(os.fsdecode(e.filename))
+        blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            hint = f" ({blocking} is a file, where a directory must be)"
+    elif e.errno == errno.EISDIR:
+        hint = " (a directory is where a file must be written)"
+    return f"{where}: {reason}{hint}"
+
+
+def stopped_line(name: str) -> str:
+    """What a stopped run wrote: nothing (the outputs are as before it; under ``dvc repro`` DVC had
+    removed them already, :func:`_what_dvc_did`), or the paths it had renamed into place."""
+    done = committed()
+    if done:
+        paths = ", ".join(dict.fromkeys(str(p) for p in done))
+        line = f"stopped by {name} after this run had written {paths}"
+        return line if os.environ.get("DVC_STAGE") else f"{line}; every other output is as before it"
+    if os.environ.get("DVC_STAGE"):
+        return f"stopped by {name}; nothing of this run was written"
+    return f"stopped by {name}; outputs left as they were before this run"
 
 
 def _what_dvc_did() -> None:

@@ -22,26 +22,45 @@ Document (``reports/quantize/<target>.json``)::
 
 Metrics (``reports/deploy/<target>.json``, DVC; ``m`` = ``curve.metric``): ``m_int8``, ``m_kept``
 (measured in the runtime), ``m_native`` (the native prediction), ``size_mb``.
+
+Inputs are checked before anything is written, as validate checks them: the spectrum was measured
+under the target's scheme, the keep-list was chosen under it, and every entry names an op the
+spectrum scored (a hand-edited ``lm_headx`` would otherwise be dropped and ``lm_head`` quantized).
+
+Commit: the artifact (with ``op_sensitivity_source.json``), its measurement, the document and the
+metrics are all built in one staging directory beside the artifact (``atomic.staging``: a hidden
+``.<target>.tmp-<pid>-*`` sibling, which also holds the tools' scratch and ``$TMPDIR``), then
+renamed into place together at the end (``atomic.commit``): document, metrics, artifact last.
+An error, Ctrl-C or SIGTERM before that leaves the previous set untouched; one during the renames
+is held until they are done. A SIGKILL inside the renames (three ``rename(2)`` calls) can leave
+the new document and metrics beside the previous artifact, each file whole; the artifact in place
+always carries its own ``op_sensitivity_source.json``, whose ``keep_list`` / ``spectrum`` digests
+say which lists it was built from, and ``dvc repro`` reruns the stage (its lock was not updated).
+A killed run's staging directory is removed by the next run of the same target.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..atomic import dump_json
+from ..atomic import check_writable, commit, private_tmp, staging
+from ..cli import raise_if_terminated
+from ..engines.artifact import scheme_name
 from ..engines.contract import check_scored
 from ..errors import InputError
+from ..fallback.keep_list import check_keep_list_ops
 from ..inventory import OpInfo
 from ..params import FUSED_TARGETS, MAIN_PASS_TARGETS, TARGET_SCHEMES, Params, SensitivityParams
 from ..validation.inputs import open_measurer, scored_and_excluded
 from ..validation.measure import TEST, Scorer
-from .base import Batch, Inputs, Target, dir_bytes
+from .base import Batch, Inputs, Runtime, Target, dir_bytes
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +120,32 @@ def check_fused_groups(keep: set[str], inventory: list[OpInfo]) -> None:
             )
 
 
+def check_sources(
+    target: Target, keep_list: dict[str, Any], report: dict[str, Any], dirs: dict[str, Path]
+) -> None:
+    """The spectrum was measured under the target's scheme, the keep-list chosen under it, and every
+    entry of the list is an op the spectrum scored (``fallback.keep_list.check_keep_list_ops``, as
+    validate checks it): one line naming the file and the entry, before anything is written."""
+    measured = scheme_name(report)
+    if measured != target.scheme:
+        raise InputError(
+            f"{dirs['spectrum']}: measured under scheme {measured!r}, expected {target.scheme!r} "
+            f"(quantize target {target.name} deploys the {target.scheme} keep-list)"
+        )
+    chosen = keep_list.get("scheme")
+    if chosen is not None and chosen != target.scheme:
+        raise InputError(
+            f"{dirs['keep_list']}: chosen under scheme {chosen!r}, expected {target.scheme!r} "
+            f"(quantize target {target.name}; rerun the fallback_list stage)"
+        )
+    scored, _ = scored_and_excluded(report)
+    check_keep_list_ops(keep_list, dirs["keep_list"], scored, dirs["spectrum"])
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"  # atomic.dump_json's layout
+
+
 def quantize_target(
     name: str,
     params: Params,
@@ -109,54 +154,65 @@ def quantize_target(
     report: dict[str, Any],
     inventory: list[OpInfo],
     out_dir: Path,
+    doc_path: Path | None = None,
+    metrics_path: Path | None = None,
+    stage: Path | None = None,
 ) -> dict[str, Any]:
     """Write the target's artifact to ``out_dir`` and measure it; the document (module doc).
-    ``dirs``: model, calibration, test, keep_list, spectrum (paths). The tool and the list are
-    checked before anything is written; an artifact that does not quantize exactly the list's
-    complement is removed and refused."""
+    ``dirs``: model, calibration, test, keep_list, spectrum (paths). The tool, the sources and
+    the list are checked before anything is written; an artifact that does not quantize exactly
+    the list's complement is removed and refused.
+
+    ``doc_path`` / ``metrics_path``: the document and the DVC metrics, committed with the artifact
+    (module doc, Commit). ``stage``: the staging directory beside ``out_dir`` to build in
+    (``atomic.staging``; the stage script opens it before its imports, so that what they write to
+    ``$TMPDIR`` lands there); None: one is opened here."""
     from .targets import target as make_target  # the tools: imported only when a target runs
 
     target = make_target(name)
     target.require()
     quantize = to_quantize(keep_list, report, inventory, name in FUSED_TARGETS)
+    check_sources(target, keep_list, report, dirs)
     if not quantize:
         raise InputError(
             f"{dirs['keep_list']}: keeps every op of the {target.scheme} pass (nothing to quantize)"
         )
     scored, _ = scored_and_excluded(report)
     check_scored(params.sensitivity, len(scored))
+    outputs = [(p, "file") for p in (doc_path, metrics_path) if p is not None]
+    for path, kind in [*outputs, (out_dir, "dir")]:  # a path in the way fails now, not after the build
+        check_writable(path, kind)
     sens = replace(params.sensitivity, native=replace(params.sensitivity.native, scheme=target.scheme))
     keep = [m for m in scored if m not in set(quantize)]
-    predicted, all_int8, scorer, calibration = _predict(sens, params.curve.batch_size, dirs, report, keep)
-    with tempfile.TemporaryDirectory(prefix="quantize-") as workspace:
-        inputs = Inputs(
-            dirs["model"], quantize, calibration, Path(workspace), params.crosscheck.whole_max_params
-        )
-        target.write(inputs, out_dir)
-        _check_artifact(target, out_dir, quantize)
-        sources = {k: {"path": str(dirs[k]), "sha256": _sha256(dirs[k])} for k in ("keep_list", "spectrum")}
+    sources = {k: {"path": str(dirs[k]), "sha256": _sha256(dirs[k])} for k in ("keep_list", "spectrum")}
+    with contextlib.ExitStack() as stack:
+        if stage is None:
+            stage = stack.enter_context(staging(out_dir))
+        stack.enter_context(private_tmp(stage / "tmp"))
+        predicted, all_int8, scorer, calibration = _predict(sens, params.curve.batch_size, dirs, report, keep)
+        built, work = stage / "artifact", stage / "work"
+        work.mkdir()
+        inputs = Inputs(dirs["model"], quantize, calibration, work, params.crosscheck.whole_max_params)
+        target.write(inputs, built)
+        _check_artifact(target, built, quantize)
         provenance = {"target": name, "scheme": target.scheme, **sources, "quantize": quantize, "keep": keep}
-        dump_json(provenance, out_dir / PROVENANCE)
-        runtime = target.load(out_dir, inputs)
-        try:
-            measured = scorer.score(runtime.forward)
-        finally:
-            runtime.close()
+        (built / PROVENANCE).write_text(_json_text(provenance))
+        runtime, measured = measure_artifact(target, built, inputs, scorer)
+        doc = _document(name, target, out_dir, dir_bytes(built), sources, quantize, keep, runtime)
+        doc.update(measured=measured, predicted=predicted, all_int8=all_int8)
+        doc["agreement"] = {
+            **agreement(params.curve.metric, measured, predicted),
+            "bar": target.bar,
+            "gap": target.gap,
+        }
+        pairs = []
+        for file, path, content in (("document.json", doc_path, doc), ("metrics.json", metrics_path, None)):
+            if path is not None:
+                (stage / file).write_text(_json_text(metrics(doc) if content is None else content))
+                pairs.append((stage / file, path))
+        raise_if_terminated()  # a stop a library swallowed: nothing is committed
+        commit([*pairs, (built, out_dir)])  # the artifact last: what a user deploys describes itself
     metric = params.curve.metric
-    doc = {
-        "target": name,
-        "scheme": target.scheme,
-        "format": target.format,
-        "artifact": {"path": str(out_dir), "bytes": dir_bytes(out_dir), **sources},
-        "quantized": len(quantize),
-        "kept": keep,
-        "runtime": runtime.facts(),
-        "runtime_differs": runtime_differs(runtime.quantized, quantize),
-        "measured": measured,
-        "predicted": predicted,
-        "all_int8": all_int8,
-        "agreement": {**agreement(metric, measured, predicted), "bar": target.bar, "gap": target.gap},
-    }
     log.info(
         "%s: %d of %d ops kept, %.2f MB; %s measured %.6g, predicted %.6g",
         name,
@@ -170,6 +226,29 @@ def quantize_target(
     return doc
 
 
+def _document(
+    name: str,
+    target: Target,
+    out_dir: Path,
+    size: int,
+    sources: dict[str, Any],
+    quantize: list[str],
+    keep: list[str],
+    runtime: Runtime,
+) -> dict[str, Any]:
+    """The document's head, in its key order (module doc); the measurements follow."""
+    return {
+        "target": name,
+        "scheme": target.scheme,
+        "format": target.format,
+        "artifact": {"path": str(out_dir), "bytes": size, **sources},
+        "quantized": len(quantize),
+        "kept": keep,
+        "runtime": runtime.facts(),
+        "runtime_differs": runtime_differs(runtime.quantized, quantize),
+    }
+
+
 def _predict(
     sens: SensitivityParams, batch_size: int, dirs: dict[str, Path], report: dict[str, Any], keep: list[str]
 ) -> tuple[dict[str, float], dict[str, float], Scorer, list[Batch]]:
@@ -180,6 +259,18 @@ def _predict(
         predicted, all_int8 = m.measure(keep), m.measure([])
         calibration = [{k: v.cpu() for k, v in b.items()} for b in m.calibration]
         return predicted, all_int8, m.scorer().cpu(), calibration
+
+
+def measure_artifact(
+    target: Target, built: Path, inputs: Inputs, scorer: Scorer
+) -> tuple[Runtime, dict[str, float]]:
+    """The artifact loaded by its runtime and scored on the test split; the runtime is closed
+    (its facts stay readable). The last step before the commit: a stop here leaves the previous set."""
+    runtime = target.load(built, inputs)
+    try:
+        return runtime, scorer.score(runtime.forward)
+    finally:
+        runtime.close()
 
 
 def _check_artifact(target: Target, out_dir: Path, quantize: list[str]) -> None:
