@@ -9,6 +9,7 @@ import contextlib
 import logging
 from pathlib import Path
 
+from op_sensitivity.atomic import check_writable
 from op_sensitivity.cli import pass_input_parser, run_stage
 from op_sensitivity.engines.artifact import read_report
 from op_sensitivity.fallback.exports import onnx_graph
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quantize-docs", default=None, type=Path, help="stage quantize's measured documents")
     args = ap.parse_args(argv)
     all_params = load_params(args.params)
+    check_writable(args.out_dir, "dir")  # a path in the way fails now, not after the measured walk
+    check_writable(args.metrics, "file")
     params = all_params.fallback
     graph = onnx_graph(params.onnx_model, params.where("onnx_model"))
     inventory = read_inventory(args.inventory)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from op_sensitivity.atomic import check_writable
 from op_sensitivity.cli import pass_input_parser, run_stage
 from op_sensitivity.engines.runner import run_sensitivity, scheme_params
 from op_sensitivity.params import load_params
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scheme", default=None, help="run the native engine under this scheme instead")
     args = ap.parse_args(argv)
     all_params = load_params(args.params)
+    for path in (p for p in (args.out, args.metrics, args.runtime) if p is not None):  # fail now, not after
+        check_writable(path, "file")
     params = all_params.sensitivity
     if args.scheme is not None:
         params = scheme_params(params, args.scheme, all_params.schemes)

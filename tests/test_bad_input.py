@@ -1219,7 +1219,7 @@ def _total_memory_gib() -> float:
     [
         pytest.param(
             {"sensitivity": {"native": {"device": "cuda"}}},
-            "error: case.yaml: sensitivity.native.device: cuda, but this machine has no CUDA device",
+            "error: case.yaml: sensitivity.native.device: cuda requested but no CUDA device is available",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present"),
             id="cuda-absent",
         ),
@@ -1264,3 +1264,104 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
         (tmp / "a").write_text("2")
         raise RuntimeError
     assert (out / "a").read_text() == "1" and strays(tmp_path) == []
+
+
+# --- OS errors on output paths (sweep of b375a75: tracebacks) -----------------------------------
+
+
+def _directory_at(rel: str, arg: str) -> Callable[[Path, Path], list[str]]:
+    """``arg`` pointed at bad/<rel>, a directory where the stage writes a file."""
+
+    def setup(ws: Path, bad: Path) -> list[str]:
+        (bad / rel).mkdir(parents=True)
+        return [arg, f"bad/{rel}"]
+
+    return setup
+
+
+def _file_at(rel: str, arg: str, under: str = "") -> Callable[[Path, Path], list[str]]:
+    """``arg`` pointed at bad/<rel>[/<under>], where bad/<rel> is a file and a directory is needed."""
+
+    def setup(ws: Path, bad: Path) -> list[str]:
+        (bad / rel).parent.mkdir(parents=True, exist_ok=True)
+        (bad / rel).write_text("a file\n")
+        return [arg, f"bad/{rel}/{under}" if under else f"bad/{rel}"]
+
+    return setup
+
+
+OS_CASES = [
+    Case(
+        "params-check-a-directory",
+        "check_params",
+        "bad/params_check.json",
+        files=_directory_at("params_check.json", "--out"),
+        names_params_file=False,
+    ),
+    Case(
+        "fallback-metrics-a-directory",
+        "fallback_list",
+        "bad/fallback_metrics.json",
+        files=lambda ws, bad: [
+            *_directory_at("fallback_metrics.json", "--metrics")(ws, bad),
+            "--out-dir",
+            "bad/fallback",
+        ],
+        names_params_file=False,
+    ),
+    Case(
+        "workspace-a-file",
+        "sensitivity",
+        "bad/work",
+        files=_file_at("work", "--workspace"),
+        names_params_file=False,
+    ),
+    Case(
+        "runtime-dir-a-file",
+        "sensitivity",
+        "bad/runtime",
+        files=lambda ws, bad: [
+            *_file_at("runtime", "--runtime", "sensitivity.json")(ws, bad),
+            *("--out", "bad/op_sensitivity.json", "--metrics", "bad/metrics.json"),
+        ],
+        names_params_file=False,
+    ),
+    Case(
+        "params-a-directory",
+        "prepare_captions",
+        "bad/p.yaml: is a directory, expected the params YAML file",
+        files=lambda ws, bad: ((bad / "p.yaml").mkdir(), ["--params", "bad/p.yaml"])[1],
+        names_params_file=False,
+    ),
+    Case(
+        "params-a-key-twice",
+        "load_model",
+        "bad/p.yaml: line 3: key 'curve' written twice (first at line 1); YAML keeps only the last",
+        files=_bad_file("p.yaml", "curve:\n  metric: kl\ncurve:\n  metric: top1\n", "--params"),
+        names_params_file=False,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", OS_CASES, ids=[c.id for c in OS_CASES])
+def test_an_os_error_on_a_path_is_one_line_naming_it(workspace, case):
+    """As test_bad_input_is_one_clear_line_and_changes_nothing, and no main output the stage would
+    write before the failing one (it is pointed into bad/) was written there: a stage that fails on
+    one output path must not have replaced another first."""
+    ws, bad = workspace, workspace / "bad"
+    bad.mkdir(exist_ok=True)
+    (ws / "case.yaml").write_text(yaml.safe_dump(good_params(), sort_keys=False))
+    before = snapshot(ws)
+    args = ["--params", "case.yaml", *case.files(ws, bad)]
+    try:
+        code, err = run_script(STAGES / f"{case.stage}.py", args, ws)
+        written = sorted(str(p.relative_to(bad)) for p in bad.rglob("*") if p.is_file())
+    finally:
+        shutil.rmtree(bad, ignore_errors=True)
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and case.expected in lines[0], err
+    assert written in ([], ["runtime"], ["work"], ["p.yaml"]), written
+    assert snapshot(ws) == before
+    assert strays(ws) == []

@@ -47,13 +47,22 @@ def test_repo_params_load_with_expected_defaults():
 
 def test_omitted_optional_fields_take_the_dataclass_defaults(tmp_path):
     def strip(d):
-        d.pop("report")
+        d["report"] = {}
         d["sensitivity"].pop("engine")
         d["sensitivity"]["native"] = {}
 
     p = load_params(_write(tmp_path, strip))
     assert p.report == ReportParams() and p.sensitivity.native == NativeParams()
     assert p.sensitivity.engine == "inc"
+
+
+@pytest.mark.parametrize("block", ["crosscheck", "curve", "quantize", "validate", "report"])
+def test_every_block_dvc_yaml_names_is_required(tmp_path, block):
+    """DVC refuses a missing params block only when it reaches the stage that names it, after the
+    stages before it ran; check_params must refuse it first (sweep: an omitted ``report``)."""
+    with pytest.raises(InputError) as e:
+        load_params(_write(tmp_path, lambda d: d.pop(block)))
+    assert str(e.value) == f"{tmp_path / 'params.yaml'}: {block}: expected a mapping (the block is missing)"
 
 
 @pytest.mark.parametrize(
@@ -320,3 +329,15 @@ def test_params_and_every_profile_validate_against_the_schema(tmp_path):
     bad = yaml.safe_load((REPO / "params.yaml").read_text())
     bad["sensitivity"]["native"]["devcie"] = "cuda"
     assert not validator.is_valid(bad)  # the schema forbids unknown keys as the models do
+
+
+def test_apply_profile_refuses_a_value_that_is_not_yaml_in_one_line(tmp_path):
+    """Sweep of b375a75: ``-S 'x={bad'`` was a yaml.parser traceback."""
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    before = params.read_bytes()
+    args = [str(REPO / "profiles/3b-cpu.yaml"), "--params", str(params), "-S", "x={bad"]
+    code, err = run_script(REPO / "scripts/apply_profile.py", args, tmp_path)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith("error: -S 'x={bad': the value is not valid YAML (") and len(err.splitlines()) == 1
+    assert params.read_bytes() == before

@@ -63,6 +63,7 @@ from typing_extensions import (
 )
 
 from .errors import InputError
+from .params_trace import trace_reads
 from .phases import METRICS, RANKINGS, SELECTABLE_PHASES
 
 CALIBRATION_MODES = ("image_caption", "text_only")
@@ -109,6 +110,9 @@ TINY_TEXT_KEYS = (
 )
 TINY_VISION_KEYS = ("depth", "hidden_size", "intermediate_size", "num_heads")
 MERGED_PATCH_PIXELS = 28 * 28  # the smallest image the processor can emit: one merged 2x2 patch of 14 px
+
+# What torch.manual_seed takes (a wider seed overflows inside torch with a traceback)
+TORCH_SEED_MIN, TORCH_SEED_MAX = -(2**63), 2**64 - 1
 
 PARAMS_CONTEXT = "params_file"  # validation context key: the file every block remembers
 
@@ -320,7 +324,9 @@ class ModelBlock(ParamsBlock):
         description="The one path the source reads (so the stage's one data dep): the calibration sample "
         "(tiny, full_size_random: their tokenizer is trained on its captions) or the snapshot dir (hf_dir)."
     )
-    seed: StrictInt = Field(description="tiny / full_size_random: weight init seed.")
+    seed: Annotated[StrictInt, Field(ge=TORCH_SEED_MIN, le=TORCH_SEED_MAX)] = Field(
+        description="tiny / full_size_random: weight init seed."
+    )
     full_size: Literal[FULL_SIZES] = Field(
         default="3b", description="full_size_random: the published architecture to build, 3b | 7b."
     )
@@ -874,7 +880,12 @@ class Params:
 @dataclass(frozen=True, config=_CONFIG)
 class ParamsFile:
     """op-sensitivity's params.yaml: one block per DVC stage. DVC reruns a stage only when its block (or
-    its code/data) changes; every stage validates the whole file first."""
+    its code/data) changes; every stage validates the whole file first.
+
+    Every block is required, though each field of some has a default: dvc.yaml names each block as
+    a stage's params, and DVC refuses a missing one ("Parameters 'report' are missing") only when it
+    reaches that stage, after it ran and replaced the stages before it. Required here, a missing
+    block stops check_params, the DAG's first stage, instead."""
 
     captions: CaptionsParams = Field(
         description="Stage prepare_captions: COCO captions -> calibration sample."
@@ -887,27 +898,22 @@ class ParamsFile:
         description="Stage scheme_sensitivity: the native pass again under each deployment scheme."
     )
     crosscheck: CrosscheckParams = Field(
-        default_factory=CrosscheckParams,
         description="Stage crosscheck and validate's INC PTQ check: INC against the native engine.",
     )
     curve: CurveParams = Field(
-        default_factory=CurveParams,
         description="Stage curve: each ranking's top-n keep-lists measured on the held-out selection split.",
     )
     fallback: FallbackBlock = Field(
         description="Stage fallback_list: which ops to keep in high precision, and the per-tool exports."
     )
     quantize: QuantizeParams = Field(
-        default_factory=QuantizeParams,
         description="Stage quantize: a deployable quantized model per target, measured in its runtime.",
     )
     validate: ValidateParams = Field(
-        default_factory=ValidateParams,
         description="Stage validate: the chosen keep-list on the test split, against random lists of its "
         "size, and the ops each ranking needs there.",
     )
     report: ReportParams = Field(
-        default_factory=ReportParams,
         description="Stage rank_report: markdown report, PNG plots, rank metrics.",
     )
 
@@ -1050,15 +1056,58 @@ def parse_fallback(raw: Any, source: str = "params.yaml") -> FallbackParams:
     return _validate(FallbackBlock, raw, source, ("fallback",)).to_params()
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping key written twice in one YAML mapping."""
+
+    def __init__(self, key: Any, first: int, again: int):
+        super().__init__(f"line {again}: key {key!r} written twice (first at line {first})")
+        self.key, self.first, self.again = key, first, again
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping.
+
+    Why: PyYAML (and DVC) keep the last of two equal keys without a word, so a second ``curve:``
+    block pasted at the end of params.yaml silently replaces every value of the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise DuplicateKeyError(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (:class:`_UniqueKeyLoader`)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_params_file(path: str | os.PathLike) -> Any:
-    """The params file's YAML, or :class:`InputError` saying why it cannot be read."""
+    """The params file's YAML, or :class:`InputError` saying why it cannot be read (missing, a
+    directory, unreadable, not UTF-8, not YAML, a key written twice)."""
     source = str(path)
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = load_yaml(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise InputError(f"{source}: params file not found") from e
+    except IsADirectoryError as e:
+        raise InputError(f"{source}: is a directory, expected the params YAML file") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"{source}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from e
+    except OSError as e:
+        raise InputError(f"{source}: cannot read the params file ({e.strerror or e})") from e
+    except DuplicateKeyError as e:
+        raise InputError(
+            f"{source}: {e}; YAML keeps only the last, so the first one's values would be dropped "
+            "without a word: merge them"
+        ) from e
     except yaml.YAMLError as e:
-        raise InputError(f"{source}: not valid YAML: {e}") from e
+        raise InputError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a mapping with the blocks {', '.join(BLOCKS)}")
     return data
@@ -1103,7 +1152,7 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     Every stage validates the whole file, so a typo in a later block stops the first stage that
     runs, before hours of work upstream of it.
     """
-    return validate_params(read_params_file(path), str(path))
+    return trace_reads(validate_params(read_params_file(path), str(path)))
 
 
 class _Schema(GenerateJsonSchema):

@@ -38,6 +38,7 @@ SPLITS = ("calibration", "selection", "test")
 MANIFEST = "manifest.jsonl"
 META = "meta.json"
 IMAGES = "images"
+CALIBRATION_OUT = Path("data/calibration")  # where stage prepare_captions writes the sample (dvc.yaml)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,20 @@ def _write_split(
     return records
 
 
+def check_sample_input(path: Path, where: str, source: str, written_by_dag: bool = False) -> None:
+    """``model.input`` of a random source (tiny, full_size_random) must be a calibration sample:
+    their tokenizer is trained on its captions. ``written_by_dag``: also accept the directory
+    ``prepare_captions`` writes (``check_params`` runs before it, on a fresh clone)."""
+    if (path / META).is_file():
+        return
+    if written_by_dag and path.resolve() == CALIBRATION_OUT.resolve():
+        return
+    raise InputError(
+        f"{where}: {path} is not a calibration sample (with source {source} the input is the "
+        f"prepare_captions output, e.g. {CALIBRATION_OUT})"
+    )
+
+
 def draw_splits(params: CaptionsParams) -> dict[str, list[tuple[dict, dict]]]:
     """The three splits' (image, annotation) pairs, in :data:`SPLITS` order; same file and params,
     same pairs. The calibration sample is drawn first (as when it was the only split), then the
@@ -166,7 +181,25 @@ def draw_splits(params: CaptionsParams) -> dict[str, list[tuple[dict, dict]]]:
         params.where("test_count"),
         "the calibration sample and the selection split (captions.count + selection_count)",
     )
-    return {"calibration": calibration, "selection": selection, "test": test}
+    splits = {"calibration": calibration, "selection": selection, "test": test}
+    for pairs in splits.values():
+        for img, _ in pairs:
+            _check_listed_image(params.images_dir / img["file_name"], params.annotations)
+    return splits
+
+
+def _check_listed_image(path: Path, annotations: Path) -> None:
+    """A drawn image is there and is an image (its header: cheap, no decoding), so ``check_params``
+    (which draws the same splits) names a missing one before DVC deletes prepare_captions' outputs."""
+    try:
+        with Image.open(path):
+            pass
+    except FileNotFoundError as e:
+        raise InputError(
+            f"{path}: image listed in {annotations} is missing (check captions.images_dir)"
+        ) from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"{path}: image listed in {annotations} does not open as an image ({e})") from e
 
 
 def prepare_calibration(

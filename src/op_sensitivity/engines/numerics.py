@@ -46,7 +46,10 @@ def resolve_device(setting: str, where: str = "sensitivity.native.device") -> to
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if setting == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"{where}: cuda requested but no CUDA device is available")
+        raise InputError(
+            f"{where}: cuda requested but no CUDA device is available (set it to auto or cpu, or run "
+            "on a GPU machine)"
+        )
     return torch.device(setting)
 
 
@@ -137,9 +140,20 @@ def resolve_numerics(params: SensitivityParams) -> Numerics:
             "fallback Spearman 0.61 vs INC); crosscheck against float32 before trusting it",
             n.dtype,
         )
+    check_tf32(params, dev)
     check_screening(params, dev)
     reduce_range = resolve_reduce_range(n.reduce_range)
     return Numerics(dev, n.dtype, reduce_range, arithmetic, n.allow_tf32, scheme)
+
+
+def check_tf32(params: SensitivityParams, dev: torch.device) -> None:
+    """TF32 is a CUDA matmul mode: on a CPU ``allow_tf32: true`` would change nothing computed but
+    the report's recorded numerics (so its bytes), as ``screening: tf32`` there is refused."""
+    if params.native.allow_tf32 and dev.type != "cuda":
+        raise InputError(
+            f"{params.where('native.allow_tf32')}: TF32 is a CUDA matmul mode (device {dev.type}); "
+            "set it false on a CPU"
+        )
 
 
 def check_screening(params: SensitivityParams, dev: torch.device) -> None:

@@ -13,30 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLConfig
 
 from ..inventory import OpInfo, op_inventory
 from ..model.carve import carved_config
-from ..model.full_size import full_size_config
-from ..model.processor import SPECIAL_TOKENS
-from ..model.tiny import tiny_config
+from ..model.meta import meta_model, model_config
+from ..model.meta import stored_dtype as _stored_dtype
 from ..params import ModelParams
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-class _VocabOnly:
-    """What ``tiny_config`` reads of a tokenizer: its special-token ids (the first ids, in Qwen's
-    order, as ``model.tokenizer`` trains them) and its size (the params' upper bound)."""
-
-    def __init__(self, vocab_size: int):
-        self.size = vocab_size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def convert_tokens_to_ids(self, token: str) -> int:
-        return SPECIAL_TOKENS.index(token)
 
 
 @dataclass(frozen=True)
@@ -57,33 +42,8 @@ class ModelFacts:
         return f"{self.source}, {self.params:,} parameters{bound}, {len(self.ops)} ops"
 
 
-def meta_model(config: Qwen2_5_VLConfig) -> Qwen2_5_VLForConditionalGeneration:
-    with torch.device("meta"):
-        return Qwen2_5_VLForConditionalGeneration(config)
-
-
 def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # a tied weight once, as the model card counts
-
-
-def model_config(params: ModelParams, model_dir: Path | None = None) -> tuple[Qwen2_5_VLConfig, bool]:
-    """The config ``load_model`` builds or reads (and whether its vocabulary size is exact)."""
-    if model_dir is not None and (model_dir / "config.json").is_file():
-        return Qwen2_5_VLConfig.from_pretrained(model_dir), True
-    if params.source == "hf_dir":
-        return Qwen2_5_VLConfig.from_pretrained(params.input), True
-    if params.source == "full_size_random":
-        return full_size_config(None, params.full_size), True
-    return tiny_config(params.tiny, _VocabOnly(params.tiny.vocab_size)), False
-
-
-def _stored_dtype(params: ModelParams, config: Qwen2_5_VLConfig) -> str:
-    if params.source == "tiny":
-        return "float32"
-    if params.source == "full_size_random":
-        return "bfloat16"  # model.full_size casts the random model as the checkpoints store it
-    declared = getattr(config, "dtype", None) or getattr(config.text_config, "dtype", None)
-    return str(declared).removeprefix("torch.") if declared else "bfloat16"
 
 
 def describe(params: ModelParams, model_dir: Path | None = None) -> ModelFacts:

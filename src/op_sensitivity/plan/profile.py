@@ -18,7 +18,7 @@ import yaml
 
 from ..atomic import atomic_file
 from ..errors import InputError
-from ..params import load_params
+from ..params import load_params, load_yaml
 
 
 def _leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -34,11 +34,13 @@ def _leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, An
 
 def read_profile(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise InputError(f"{path}: profile not found (see profiles/)") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read the profile ({e})") from e
     except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML: {e}") from e
+        raise InputError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping of params blocks, got {type(data).__name__}")
     return dict(_leaves(data))
@@ -51,7 +53,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise InputError(f"-S {pair!r}: expected key.path=value")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = load_yaml(value)
+        except yaml.YAMLError as e:  # e.g. -S 'x={bad': one line naming the pair, not a traceback
+            raise InputError(f"-S {pair!r}: the value is not valid YAML ({' '.join(str(e).split())})") from e
     return out
 
 
