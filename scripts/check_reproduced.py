@@ -8,7 +8,13 @@ Compares the work tree with HEAD: ``dvc.lock`` and every git-tracked file under 
 ``reports/runtime/sensitivity.json``: the CPU features that pick the int8 and float kernels):
 exit 1, with the files that moved; that is a reproducibility bug (an unlocked package, a value
 that depends on the time or the path). Different on another machine kind: exit 0 with a warning
-naming both kinds; the last float bits may differ there (docs/artifacts.md, "Reproducibility").
+naming both kinds and the cause it implies (docs/artifacts.md, "Reproducibility"):
+
+* AVX512-VNNI on one side only: INC quantizes activations to 7 bits where the CPU lacks it
+  (``reduce_range``, which the default ``engine: inc`` and ``reduce_range: auto`` follow), so
+  every value of the run moves, not only the last bits;
+* the same VNNI answer, other kernels (ATen's capability, AVX512 vs AVX2): the float kernels
+  round differently, so the last float bits may differ.
 """
 
 from __future__ import annotations
@@ -43,6 +49,27 @@ def writer_kind() -> dict[str, str | None]:
     return {"cpu": host.get("cpu"), "isa": host.get("isa")}
 
 
+def vnni(isa: str | None) -> bool:
+    """What INC's ``reduce_range`` follows (engines.numerics.cpu_has_avx512_vnni): 8-bit
+    activations with AVX512-VNNI, 7-bit without."""
+    return "avx512_vnni" in (isa or "").split()
+
+
+def cause(writer: dict[str, str | None], here: dict[str, str | None]) -> str:
+    """Why another machine kind's run differs, in the words a user can act on."""
+    if vnni(writer["isa"]) != vnni(here["isa"]):
+        bits = {True: "8-bit", False: "7-bit (reduce_range)"}
+        return (
+            f"INC quantizes activations {bits[vnni(writer['isa'])]} there and {bits[vnni(here['isa'])]} "
+            "here (AVX512-VNNI on one side only): every value moves, not only the last float bits; "
+            "compare runs made on one CPU kind"
+        )
+    return (
+        "other float kernels (ATen's CPU capability) on the same int8 numerics: "
+        "the last float bits may differ"
+    )
+
+
 def main() -> int:
     files = moved()
     if not files:
@@ -54,9 +81,7 @@ def main() -> int:
     if kind == writer:
         print(f"NOT reproduced on the machine kind that wrote HEAD's run ({writer}): see the diff above")
         return 1
-    print(
-        f"warning: HEAD's run was written on {writer}, this machine is {kind}: the last float bits may differ"
-    )
+    print(f"warning: HEAD's run was written on {writer}, this machine is {kind}: {cause(writer, kind)}")
     return 0
 
 

@@ -110,8 +110,10 @@ def venv_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=venv_env(), capture_output=True, text=True)
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env={**venv_env(), **(env or {})}, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -155,6 +157,35 @@ def copy_repo(dest: Path) -> Path:
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "copy"], dest)
     return dest
+
+
+# The files of a published Qwen2.5-VL snapshot beside its weights (Qwen2.5-VL-3B-Instruct's listing)
+SNAPSHOT_FILES = (
+    *("config.json", "generation_config.json", "model.safetensors.index.json", "preprocessor_config.json"),
+    *("chat_template.json", "tokenizer.json", "tokenizer_config.json"),
+)
+
+
+def make_snapshot(model_dir: Path, out: Path, shard: str = "20KB") -> Path:
+    """A local snapshot laid out as the published Qwen2.5-VL checkpoints are, from ``load_model``'s
+    output ``model_dir``: bf16 weights in ``model-0000i-of-0000n.safetensors`` shards with their
+    index, config and generation config, tokenizer, image processor and chat template; no card
+    (a user's snapshot has none)."""
+    import torch
+
+    from op_sensitivity.model.source import CARD, load_model_dir
+
+    model, _, _ = load_model_dir(model_dir)
+    model.to(torch.bfloat16).save_pretrained(out, max_shard_size=shard)
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and f.name != CARD and not (out / f.name).exists() and "safetensors" not in f.name:
+            shutil.copy2(f, out / f.name)
+    missing = [name for name in SNAPSHOT_FILES if not (out / name).is_file()]
+    assert not missing and len(list(out.glob("model-*-of-*.safetensors"))) > 1, (
+        missing,
+        sorted(out.iterdir()),
+    )
+    return out
 
 
 def run_script(script: Path, args: list[str], cwd: Path) -> tuple[int, str]:

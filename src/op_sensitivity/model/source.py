@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from ..atomic import atomic_dir
-from ..data.calibration import META, load_calibration
+from ..data.calibration import check_sample_input, load_calibration
 from ..errors import InputError
 from ..params import ModelParams
 from .processor import CHAT_TEMPLATE, ImageTextProcessor
@@ -108,11 +108,7 @@ def _processor_bounds(params: ModelParams) -> dict[str, int]:
 
 def _from_random(params: ModelParams) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageTextProcessor]:
     """Tokenizer trained on the captions + seeded random weights: tiny sizes, or the full 3B architecture."""
-    if not (params.input / META).is_file():
-        raise InputError(
-            f"{params.where('input')}: {params.input} is not a calibration sample (with source "
-            f"{params.source} the input is the prepare_captions output, e.g. data/calibration)"
-        )
+    check_sample_input(params.input, params.where("input"), params.source)
     _, records = load_calibration(params.input)
     tokenizer = train_tokenizer((r.caption for r in records), params.tiny.vocab_size)
     image_processor = Qwen2VLImageProcessorPil(**_processor_bounds(params))
@@ -246,6 +242,17 @@ def _check_model_dir(model_dir: Path) -> None:
             f"{model_dir}: no weights (expected {' or '.join(WEIGHT_GLOBS)}; rerun the load_model stage)"
         )
     _check_weights(model_dir, "rerun the load_model stage")
+
+
+def load_config(model_dir: Path) -> Qwen2_5_VLConfig:
+    """The config of a model directory, wherever its weights are: through the card of
+    ``load_model``'s output (a snapshot's own config for ``hf_dir``: that output holds none), else
+    the directory's own ``config.json`` (a checkpoint a quantize target wrote)."""
+    source = weights_dir(model_dir, read_card(model_dir)) if (model_dir / CARD).is_file() else model_dir
+    try:
+        return Qwen2_5_VLConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{source / 'config.json'}: not a Qwen2.5-VL config ({e})") from e
 
 
 def load_model_dir(

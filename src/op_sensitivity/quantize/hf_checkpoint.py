@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 
-from ..model.source import CARD, WEIGHT_GLOBS
+from ..model.source import CARD, WEIGHT_GLOBS, load_config
 
 # model_dir files the checkpoint does not take as they are: weights and configs (save_pretrained
 # writes its own), and this project's model card (it describes the unquantized weights)
@@ -68,6 +68,7 @@ def rename_to_modules(model: nn.Module) -> Callable[[str], str]:
 
 
 def linear_modules(model_dir: Path) -> list[str]:
-    """The model's Linear modules in model order, from its config alone (a meta model, no weights)."""
-    model = meta_model(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    """The model's Linear modules in model order, from its config alone (a meta model, no weights):
+    ``load_model``'s output (a snapshot's config for ``hf_dir``) or a written checkpoint."""
+    model = meta_model(load_config(model_dir))
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

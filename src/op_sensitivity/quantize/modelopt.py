@@ -321,10 +321,13 @@ class _ModelOpt(Target):
 
 
 def _same_codes(module: nn.Module) -> bool:
-    """ModelOpt's weight fake quant gives the stored weight back to within an ulp (the same codes)."""
+    """ModelOpt's weight fake quant gives the stored weight back to within an ulp of its dtype (the
+    same codes): float32's bound is 1e-6 relative; a bf16 model (a published snapshot) runs the fake
+    quant's scale and cast in bf16, one rounding each, so it is bf16's epsilon (2**-7)."""
+    rtol = max(1e-6, torch.finfo(module.weight.dtype).eps)
     with torch.no_grad():
         w = module.weight.float()
-        return torch.allclose(module.weight_quantizer(module.weight).float(), w, rtol=1e-6, atol=0)
+        return torch.allclose(module.weight_quantizer(module.weight).float(), w, rtol=rtol, atol=0)
 
 
 def _logits(model: nn.Module) -> Callable[[Batch], torch.Tensor]:
