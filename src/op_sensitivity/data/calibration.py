@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,16 +70,24 @@ class CalibrationMeta:
     mode: str
 
 
-def _open_rgb(path: Path, annotations: Path) -> Image.Image:
+@contextlib.contextmanager
+def _listed_image(path: Path, annotations: Path) -> Iterator[Image.Image]:
+    """The image a caption lists, opened (header only until read); a missing or broken one is one
+    line naming it and the annotations file."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            yield im
     except FileNotFoundError as e:
         raise InputError(
             f"{path}: image listed in {annotations} is missing (check captions.images_dir)"
         ) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"{path}: image listed in {annotations} does not open as an image ({e})") from e
+
+
+def _open_rgb(path: Path, annotations: Path) -> Image.Image:
+    with _listed_image(path, annotations) as im:
+        return im.convert("RGB")
 
 
 def _resized(image: Image.Image, max_side: int) -> Image.Image:
@@ -191,15 +200,8 @@ def draw_splits(params: CaptionsParams) -> dict[str, list[tuple[dict, dict]]]:
 def _check_listed_image(path: Path, annotations: Path) -> None:
     """A drawn image is there and is an image (its header: cheap, no decoding), so ``check_params``
     (which draws the same splits) names a missing one before DVC deletes prepare_captions' outputs."""
-    try:
-        with Image.open(path):
-            pass
-    except FileNotFoundError as e:
-        raise InputError(
-            f"{path}: image listed in {annotations} is missing (check captions.images_dir)"
-        ) from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"{path}: image listed in {annotations} does not open as an image ({e})") from e
+    with _listed_image(path, annotations):
+        pass
 
 
 def prepare_calibration(
