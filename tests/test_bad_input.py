@@ -1002,6 +1002,15 @@ if not torch.cuda.is_available():
     )
 
 
+def _one_error_line(code: int, err: str, expected: str) -> list[str]:
+    """A bad-input exit: code 2, no traceback, exactly one ``error:`` line holding ``expected``."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and expected in lines[0], err
+    return lines
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_clear_line_and_changes_nothing(workspace, case):
     ws, bad = workspace, workspace / "bad"
@@ -1017,10 +1026,7 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(workspace, case):
         code, err = run_script(STAGES / f"{case.stage}.py", args, ws)
     finally:
         shutil.rmtree(bad, ignore_errors=True)
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1 and case.expected in lines[0], err
+    lines = _one_error_line(code, err, case.expected)
     if case.names_params_file:
         assert lines[0].startswith("error: case.yaml: "), lines[0]
     assert snapshot(ws) == before
@@ -1358,10 +1364,7 @@ def test_an_os_error_on_a_path_is_one_line_naming_it(workspace, case):
         written = sorted(str(p.relative_to(bad)) for p in bad.rglob("*") if p.is_file())
     finally:
         shutil.rmtree(bad, ignore_errors=True)
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1 and case.expected in lines[0], err
+    _one_error_line(code, err, case.expected)
     assert written in ([], ["runtime"], ["work"], ["p.yaml"]), written
     assert snapshot(ws) == before
     assert strays(ws) == []
