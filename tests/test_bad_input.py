@@ -529,6 +529,40 @@ CASES = [
         "case.yaml: sensitivity.native.screening: tf32 is a CUDA matmul mode (device cpu)",
         params=lambda d: d["sensitivity"]["native"].update(device="cpu", screening="tf32"),
     ),
+    # first_order: the native engine's estimate, of INC's cumulative curve, audited by fewer ops than scored
+    Case(
+        "first-order-engine-inc",
+        "sensitivity",
+        "case.yaml: sensitivity.native.screening: first_order is the native engine's estimate",
+        params=lambda d: (
+            d["sensitivity"].update(engine="inc"),
+            d["sensitivity"]["native"].update(screening="first_order"),
+        ),
+    ),
+    Case(
+        "first-order-isolated",
+        "sensitivity",
+        "case.yaml: sensitivity.native.screening: first_order estimates INC's cumulative requant curve",
+        params=lambda d: (
+            d["sensitivity"].update(engine="native"),
+            d["sensitivity"]["native"].update(screening="first_order", requant_mode="isolated"),
+        ),
+    ),
+    Case(
+        "first-order-audit-over-ops",
+        "sensitivity",
+        "case.yaml: sensitivity.native.audit: the first_order audit draws 40 ops per phase, more than the 17",
+        params=lambda d: (
+            d["sensitivity"].update(engine="native"),
+            d["sensitivity"]["native"].update(screening="first_order", audit=40),
+        ),
+    ),
+    Case(
+        "exact-top-zero",
+        "sensitivity",
+        "sensitivity.native.exact_top: expected",
+        params=lambda d: d["sensitivity"]["native"].update(exact_top=0),
+    ),
     Case(
         "screening-margin",
         "sensitivity",

@@ -75,7 +75,7 @@ ENGINES = ("inc", "native")
 DEVICES = ("auto", "cpu", "cuda")
 ARITHMETICS = ("auto", "int8_kernels", "fp8_kernels", "fake_quant")
 REQUANT_MODES = ("cumulative", "isolated")
-SCREENINGS = ("none", "bfloat16", "tf32")
+SCREENINGS = ("none", "bfloat16", "tf32", "first_order")
 # op_sensitivity.schemes describes each (it checks this tuple against its registry)
 SCHEMES = ("inc_cpu", "modelopt_int8", "modelopt_fp8", "llmcompressor_w8a8", "ort_qdq")
 POLICIES = ("top_k", "top_fraction", "threshold", "error_budget", "measured_budget", "bits_budget")
@@ -481,7 +481,9 @@ class NativeParams:
         default="none",
         description="none | bfloat16 (autocast, cpu or cuda) | tf32 (cuda): run every trial in this fast "
         "precision, then re-measure in float32 each op that could stand in a phase's top exact_top (a "
-        "derived bound, docs/engines.md); those values equal a float32 pass's. Needs dtype float32.",
+        "derived bound, docs/engines.md); those values equal a float32 pass's. first_order: estimate every "
+        "op from first_order_points forward+backward passes per batch, measure a seeded audit of audit ops "
+        "exactly, then every op in contention for a top exact_top (docs/engines.md). Needs dtype float32.",
     )
     exact_top: Int1 = Field(
         default=32,
@@ -494,6 +496,21 @@ class NativeParams:
         "all-fp32 and all-int8 states; 1 is the triangle-inequality bound (docs/engines.md), below 1 "
         "trusts the error's projection to be smaller. Widened by the pass wherever a refined op shows it "
         "too narrow.",
+    )
+    audit: Int1 = Field(
+        default=16,
+        description="screening first_order: ops per phase drawn (seeded) and measured exactly first; the "
+        "largest error they show is the estimate's bound, and they give the run's Spearman.",
+    )
+    first_order_points: Int1 = Field(
+        default=4,
+        description="screening first_order: forward+backward passes per batch, at evenly spaced points of "
+        "INC's cumulative curve (the last: all int8, where fallback is expanded).",
+    )
+    first_order_probes: Annotated[StrictInt, Field(ge=0)] = Field(
+        default=4,
+        description="screening first_order: Hutchinson probes (one backward each) for fallback's second "
+        "order term ||J delta||^2; 0 drops it.",
     )
 
 
@@ -528,6 +545,17 @@ class SensitivityParams(ParamsBlock):
         description="inc (reference: INC's own loop) | native (same numbers in plain PyTorch, CPU or GPU).",
     )
     native: NativeParams = Field(default_factory=NativeParams, description="The native engine's knobs.")
+
+    @model_validator(mode="after")
+    def _first_order_is_native(self) -> SensitivityParams:
+        if self.engine == "inc" and self.native.screening == "first_order":
+            raise _error(
+                "first_order is the native engine's estimate, and engine inc measures every op with INC's "
+                "own loop; set sensitivity.engine to native or screening to none",
+                "native",
+                "screening",
+            )
+        return self
 
 
 def _one_stage_each(run: tuple[str, ...]) -> tuple[str, ...]:

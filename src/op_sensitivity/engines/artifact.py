@@ -28,7 +28,11 @@ Document (``schema_version`` 1)::
                                     assumption (observed_ratio: the largest share of the unscaled bound a
                                     trial used; null: nothing left to sample); widened, every margin
                                     widening and what showed it (refined | sample). Each op then has
-                                    ``precision``: float32 (refined or checked) or the screen's
+                                    ``precision``: float32 (refined or checked) or the screen's.
+                  first_order adds audit: {phase: {ops, measured, spearman, recall, found, escape}},
+                  estimate: {points, probes, per_batch: [{points, curve, residual, forwards,
+                  backwards}]} and bound: {phase: [per batch]} (engines.first_order,
+                  engines.screening.audit_record); its ops' precision is exact or estimated
     phases:
       fallback | requant:
         semantics: str; direction: str; cumulative: bool
@@ -148,9 +152,14 @@ def build_report(result: PassResult, inventory: list[OpInfo], metadata: dict[str
         rows = [asdict(o) for o in ops]
         if result.screening is not None:
             checked = result.screening.get("check", {}).get("ops", {})
-            exact = {*result.screening["refined"][phase], *checked.get(phase, [])}
+            audited = result.screening.get("audit", {}).get(phase, {}).get("measured", [])
+            exact = {*result.screening["refined"][phase], *checked.get(phase, []), *audited}
+            if result.screening["precision"] == "first_order":
+                words = ("exact", "estimated")
+            else:
+                words = ("float32", result.screening["precision"])
             for row in rows:
-                row["precision"] = "float32" if row["op_name"] in exact else result.screening["precision"]
+                row["precision"] = words[0] if row["op_name"] in exact else words[1]
         phases[phase] = {
             "semantics": semantics,
             "direction": direction,

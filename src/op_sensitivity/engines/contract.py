@@ -268,6 +268,12 @@ def check_scored(params: SensitivityParams, scored: int) -> None:
         raise InputError(
             f"{params.where('op_name_dict')}: every op is kept fp32 (with op_type_dict); nothing to score"
         )
+    n = params.native
+    if n.screening == "first_order" and n.audit > scored:
+        raise InputError(
+            f"{params.where('native.audit')}: the first_order audit draws {n.audit} ops per phase, more "
+            f"than the {scored} ops scored; set it to at most {scored}"
+        )
     if scored > params.max_ops:
         raise InputError(
             f"{params.where('max_ops')}: the pass would score {scored} ops per phase, more "

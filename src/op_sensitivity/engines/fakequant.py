@@ -248,6 +248,8 @@ class FakeQuantModel:
         self.observing = False
         self.trace: list[str] | None = None  # names of scored ops as they run (SuffixCache.learn)
         self.trial_count: int | None = None  # T while batched trials run (:meth:`trials`)
+        # a first-order sweep (:mod:`.first_order`): every scored op computes both ways and taps its gradient
+        self.probe: Any = None
         self.readers: dict[str, list[str]] = {}  # Scheme.shared_input: the other readers of an op's input
         self._last_read: tuple[str, torch.Tensor] | None = None
         self.ops: dict[str, _Op] = {}
@@ -315,6 +317,14 @@ class FakeQuantModel:
                 if not op.weight_only:
                     op.observers["out"](out.detach().float())
                 return out
+            if self.probe is not None:
+                return self.probe.run(
+                    op,
+                    x,
+                    lambda t: _functional(op, t, self._weight(op)),
+                    lambda t: self._compute(op, t, True),
+                    self._parts(op),
+                )
             if op.per_trial is not None:
                 return by_trial(x, op.per_trial, functools.partial(self._compute, op))
             return self._compute(op, x, op.enabled)
@@ -334,6 +344,20 @@ class FakeQuantModel:
         out = _functional(op, _fq_tensor(x, op.in_qp), self._dequantized(op))
         return _fq_tensor(out, op.out_qp)
 
+    def _parts(self, op: _Op) -> Callable[[torch.Tensor], dict[str, Any]] | None:
+        """What AutoRound's score reads of this op: its input and weight, float and fake-quantized
+        (INC's quantizers; only where this model computes INC's scheme)."""
+        if op.in_qp is None and not op.weight_only:
+            return None
+
+        def parts(x: torch.Tensor) -> dict[str, Any]:
+            if op.q_weight is None:  # int8_kernels arithmetic keeps no fake-quant weight: made once
+                self._quantize_weight(op)
+            qx = x if op.weight_only else _fq_tensor(x, op.in_qp)
+            return {"module": op.module, "x": x, "qx": qx, "w": self._weight(op), "qw": self._dequantized(op)}
+
+        return parts
+
     def _scheme_forward(self, op: _Op):
         call = functools.partial(_affine, op.module)
 
@@ -342,6 +366,10 @@ class FakeQuantModel:
                 self.trace.append(op.name)
             if self.observing:
                 self._note_reader(op.name, x)
+            if self.probe is not None and not self.observing:
+                return self.probe.run(
+                    op, x, lambda t: run(t, False, False), lambda t: run(t, False, True), None
+                )
             if self.trial_count is not None and not self.observing:
                 keys = [self._scheme_key(op, t) for t in range(self.trial_count)]
                 return by_trial(x, keys, lambda part, key: run(part, *key))

@@ -39,10 +39,11 @@ from ..schemes import inc as inc_scheme
 from .contract import Capture, HelperCall, PassResult, PassSpec
 from .distributed import ONE_PROCESS, Shard, run_sharded
 from .fakequant import FakeQuantModel
+from .first_order import estimate_batch
 from .memory import current_rss_gib, peak_memory, reset_peak_rss
 from .numerics import Numerics, resolve_numerics
 from .reuse import SuffixCache, vision_cache
-from .screening import ScreeningRecord, fast_precision, refine
+from .screening import ScreeningRecord, audit_record, fast_precision, refine
 from .trial_batch import batchable, decoder_layers, fallback_states, plan, run_trials
 from .trial_log import TRIAL_LOG, TrialLog, pass_fingerprint
 from .vision_attention import batched_window_attention
@@ -95,6 +96,7 @@ class _PassLoop:
         self.scored = [name for name, _ in spec.scored]
         self.cumulative = self.n.requant_mode == "cumulative"
         self.fast = self.n.screening if self.n.screening != "none" else None
+        self.estimating = self.fast == "first_order"  # values estimated from gradients (:mod:`.first_order`)
         resumable = workspace is not None and spec.model_sha256 is not None
         log_name = TRIAL_LOG if shard.world == 1 else f"native_trials.{shard.rank}of{shard.world}.jsonl"
         self.trials = TrialLog(workspace / log_name if resumable else None, pass_fingerprint(spec, num))
@@ -107,8 +109,9 @@ class _PassLoop:
         )
         self.captured: dict[str, torch.Tensor] = {}
         last_module = dict(self.model.named_modules())[spec.module_order[-1]]
+        # a gradient sweep needs the logits' graph; every other forward only their values
         self.grab = last_module.register_forward_hook(
-            lambda _m, _a, out: self.captured.__setitem__("out", out.detach())
+            lambda _m, _a, out: self.captured.__setitem__("out", out if self.fq.probe else out.detach())
         )
         self.capture, self.all_int8 = Capture(), []
         self.seconds = {FALLBACK: 0.0, REQUANT: 0.0}
@@ -126,6 +129,7 @@ class _PassLoop:
         self.exact: dict[str, list[list[bool]]] = {FALLBACK: [], REQUANT: []}
         self.frozen: list[dict | None] = []
         self.noise: list[dict[str, float]] = []
+        self.estimates: list[dict[str, Any]] = []  # first_order: per batch, what the estimate measured
         self.screening: ScreeningRecord | None = None
 
     # -- forwards and trials ------------------------------------------------------------------
@@ -263,7 +267,7 @@ class _PassLoop:
         keys = [("all_int8", b, "")] + [
             self.phase_key(p, b, name, screen) for p in (FALLBACK, REQUANT) for name in scored
         ]
-        if screen is not None:
+        if screen is not None and not self.estimating:
             keys += [("noise", b, "fp32"), ("noise", b, "int8")]
         start = time.perf_counter()  # calibration counts: INC pays it in every trial
         ref = None
@@ -275,6 +279,9 @@ class _PassLoop:
         self.fq.set_all(True)
         logged = ("all_int8", b, "") in self.trials.values
         self.all_int8.append(self.trial(("all_int8", b, ""), batch, ref))  # its forward: the fallback base
+        if self.estimating:
+            self.estimate(b, batch, ref, keys[1:], time.perf_counter() - start)
+            return
         if screen is not None:
             self.screen_bases(b, batch, ref, logged)
         elif self.suffix is not None and logged and not self.logged([(FALLBACK, b, o) for o in scored]):
@@ -303,6 +310,51 @@ class _PassLoop:
         self.values[phase].append(list(values))
         self.exact[phase].append([False] * len(values))
         self.seconds[phase] += elapsed
+
+    def estimate(self, b: int, batch: dict, ref, keys: list[tuple], elapsed: float) -> None:
+        """Both phases of every op estimated from gradients (:mod:`.first_order`), into the trial log
+        with what the estimate measured, so a rerun after a kill reads them back."""
+        n, scored = self.n, self.scored
+        t0 = time.perf_counter()
+        extra = [("first_order", b, k) for k in ("forwards", "backwards")]
+        if not self.logged(keys + extra):
+            est = estimate_batch(
+                self.fq,
+                lambda: self.forward(batch),
+                ref,
+                scored,
+                n.first_order_points,
+                n.first_order_probes,
+                b,
+            )
+            self.trial_seconds.setdefault("first_order", {})[str(b)] = est.seconds
+            for phase, values in ((FALLBACK, est.fallback), (REQUANT, est.requant)):
+                for name, v in zip(scored, values, strict=True):
+                    self.trials.put(self.phase_key(phase, b, name, self.fast), v)
+            for m, (k, c, r) in enumerate(zip(est.points, est.curve, est.residual, strict=True)):
+                self.trials.put(("first_order", b, f"point:{m}"), float(k))
+                self.trials.put(("first_order", b, f"curve:{m}"), c)
+                self.trials.put(("first_order", b, f"residual:{m}"), r)
+            self.trials.put(extra[0], float(est.forwards))
+            self.trials.put(extra[1], float(est.backwards))
+        self.fq.set_all(True)
+        got = self.trials.values
+        points = sorted(
+            int(k[2].split(":")[1]) for k in got if k[:2] == ("first_order", b) and "point:" in k[2]
+        )
+        self.estimates.append(
+            {
+                "points": [int(got[("first_order", b, f"point:{m}")]) for m in points],
+                "curve": [got[("first_order", b, f"curve:{m}")] for m in points],
+                "residual": [got[("first_order", b, f"residual:{m}")] for m in points],
+                "forwards": int(got[extra[0]]),
+                "backwards": int(got[extra[1]]),
+            }
+        )
+        for phase in (FALLBACK, REQUANT):
+            values = [got[self.phase_key(phase, b, name, self.fast)] for name in scored]
+            self.keep(phase, b, values, scored, (elapsed + time.perf_counter() - t0) / 2)
+        log.info("native batch %d: %d ops x 2 phases estimated (first_order)", b, len(scored))
 
     def screen_bases(self, b: int, batch: dict, ref, int8_logged: bool) -> None:
         """The fast precision's rounding error at the logits, all-fp32 and all-int8 (the bound's
@@ -338,9 +390,20 @@ class _PassLoop:
             for b, raw in enumerate(self.spec.batches):
                 self.refine_batch(b, self.num.batch(raw), todo)
 
-        ends = [max(x["fp32"], x["int8"]) for x in self.noise]
+        if self.estimating:  # the estimate's own error scale: the largest rise its trapezoids missed
+            ends = [max(abs(r) for r in e["residual"]) for e in self.estimates]
+        else:
+            ends = [max(x["fp32"], x["int8"]) for x in self.noise]
+        audit = self.n.audit if self.estimating else 0
         done = refine(
-            self.values, self.exact, ends, self.cumulative, self.n.exact_top, self.n.screening_margin, measure
+            self.values,
+            self.exact,
+            ends,
+            self.cumulative,
+            self.n.exact_top,
+            self.n.screening_margin,
+            measure,
+            audit=audit,
         )
         self.seconds["refine"] = time.perf_counter() - start
 
@@ -363,6 +426,16 @@ class _PassLoop:
             },
             done.widened,
         )
+        if self.estimating:
+            self.screening.audit = audit_record(
+                done, self.values, self.cumulative, self.n.exact_top, self.scored
+            )
+            self.screening.estimate = {
+                "points": self.n.first_order_points,
+                "probes": self.n.first_order_probes,
+                "per_batch": self.estimates,
+            }
+            self.screening.bound = done.ends
         for phase in (FALLBACK, REQUANT):
             for b, row in enumerate(self.values[phase]):
                 share = self.seconds[phase] / len(self.values[phase])

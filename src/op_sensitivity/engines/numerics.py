@@ -167,6 +167,11 @@ def check_screening(params: SensitivityParams, dev: torch.device) -> None:
             f"compute in float32 (dtype float32, allow_tf32 false); got dtype {n.dtype}, allow_tf32 "
             f"{str(n.allow_tf32).lower()}"
         )
+    if n.screening == "first_order" and n.requant_mode != "cumulative":
+        raise InputError(
+            f"{where('native.screening')}: first_order estimates INC's cumulative requant curve; set "
+            f"{where('native.requant_mode')} to cumulative or screening to none"
+        )
     if n.screening == "tf32" and dev.type != "cuda":
         raise InputError(
             f"{where('native.screening')}: tf32 is a CUDA matmul mode (device {dev.type}); use bfloat16 "

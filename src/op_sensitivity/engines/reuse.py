@@ -57,6 +57,8 @@ def vision_cache(model: nn.Module, fq: Toggles, batch_key: list[int]) -> Iterato
     original = visual.forward
 
     def forward(*args, **kwargs):
+        if getattr(fq, "probe", None) is not None:  # a gradient sweep: no stored tensor carries its graph
+            return original(*args, **kwargs)
         key = (batch_key[0], fq.state(vision_ops))
         if key not in cache:
             cache.clear()  # one entry: bounded memory
@@ -102,6 +104,8 @@ class SuffixCache:
 
     def _forward(self, name: str, original: Callable) -> Callable:
         def forward(*args, **kwargs):
+            if getattr(self.fq, "probe", None) is not None:  # a gradient sweep recomputes everything
+                return original(*args, **kwargs)
             if self._learning or self.fq.observing or name not in self.prefix:
                 out = original(*args, **kwargs)
                 if self._learning:

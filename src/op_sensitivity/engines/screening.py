@@ -61,6 +61,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pandas as pd
 import torch
 
 from ..phases import FALLBACK, PHASES, REQUANT
@@ -70,6 +71,9 @@ log = logging.getLogger(__name__)
 WIDEN = 1.5  # a violated bound is widened to the observed ratio times this
 CHECK_SAMPLE = 8  # unrefined ops per phase measured in float32 to check the bound's assumption
 CHECK_SEED = "op_sensitivity.screening.check"  # the sample's seed: the same pass checks the same ops
+AUDIT_SEED = (
+    "op_sensitivity.screening.audit"  # first_order's audit, per phase: the same pass audits the same ops
+)
 # phase -> per batch, per op (scored order): the values, and whether each is float32's
 Values = dict[str, list[list[float]]]
 Exact = dict[str, list[list[bool]]]
@@ -99,10 +103,17 @@ def interval(value: float, noise: float) -> tuple[float, float]:
     return min(max(root - noise, 0.0) ** 2, value), max((root + noise) ** 2, value)
 
 
-def observed_ratio(fast: float, exact: float, noise: float) -> float:
+def absolute_interval(value: float, error: float) -> tuple[float, float]:
+    """Where the exact value of an estimated trial can be, its error at most ``error`` (first_order)."""
+    return max(value - error, 0.0), value + error
+
+
+def observed_ratio(fast: float, exact: float, noise: float, phase: str | None = None) -> float:
     """How much of the measured rounding error one refined trial used: ``|sqrt(v') - sqrt(v)| / noise``
-    (above the margin, the bound was too narrow)."""
-    diff = abs(math.sqrt(max(fast, 0.0)) - math.sqrt(max(exact, 0.0)))
+    (above the margin, the bound was too narrow); with ``phase`` (an estimate of that phase's value):
+    :func:`estimate_error` ``/ noise``."""
+    root = math.sqrt
+    diff = estimate_error(phase, fast, exact) if phase else abs(root(max(fast, 0.0)) - root(max(exact, 0.0)))
     if noise > 0:
         return diff / noise
     return 0.0 if diff == 0 else math.inf
@@ -115,13 +126,14 @@ class PhaseValues:
     values: list[list[float]]
     exact: list[list[bool]]
 
-    def bounds(self, noise: list[float]) -> tuple[list[float], list[float]]:
-        """Per op: the batch mean's interval."""
+    def bounds(self, noise: list[float], absolute: bool = False) -> tuple[list[float], list[float]]:
+        """Per op: the batch mean's interval (``absolute``: an estimate's, :func:`absolute_interval`)."""
         n = len(self.values[0])
         lo, hi = [0.0] * n, [0.0] * n
+        widen = absolute_interval if absolute else interval
         for b, row in enumerate(self.values):
             for i, v in enumerate(row):
-                a, z = (v, v) if self.exact[b][i] else interval(v, noise[b])
+                a, z = (v, v) if self.exact[b][i] else widen(v, noise[b])
                 lo[i] += a / len(self.values)
                 hi[i] += z / len(self.values)
         return lo, hi
@@ -199,16 +211,20 @@ def combined_to_refine(
 def selection(
     values: Values,
     exact: Exact,
-    noise: list[float],
+    noise: dict[str, list[float]],
     cumulative: bool,
     exact_top: int,
     done: dict[str, set[int]],
+    absolute: bool = False,
 ) -> dict[str, set[int]]:
     """The next trials (not in ``done``) whose float32 values the top ``exact_top`` of a ranking a
     policy reads still needs: each phase's (:func:`to_refine`) first, then ``both``'s
     (:func:`combined_to_refine`), whose rank intervals the phases' refinement has narrowed by then.
-    ``noise``: per batch, the bound ``D``. Empty once every such top is float32's."""
-    bounds = {p: score_bounds(p, cumulative, *PhaseValues(values[p], exact[p]).bounds(noise)) for p in PHASES}
+    ``noise``: per phase and batch, the bound ``D``. Empty once every such top is float32's."""
+    bounds = {
+        p: score_bounds(p, cumulative, *PhaseValues(values[p], exact[p]).bounds(noise[p], absolute))
+        for p in PHASES
+    }
     todo = {p: to_refine(p, cumulative, bounds[p], exact_top) - done[p] for p in PHASES}
     if any(todo.values()):
         return todo
@@ -226,33 +242,89 @@ class Refinement:
     observed_ratio: float  # max share of the unscaled bound a refined trial used
     check_ratio: float | None  # the same over the sampled trials (None: nothing left to sample)
     widened: list[dict[str, Any]]  # every widening: {from, to, by: refined | sample}
+    audited: dict[str, set[int]] = field(
+        default_factory=dict
+    )  # first_order: the seeded audit, measured first
+    ends: dict[str, list[float]] = field(
+        default_factory=dict
+    )  # per phase and batch: the bound before the margin
+    estimate: Values = field(default_factory=dict)  # the values before any measurement
+    draws: dict[str, list[tuple[int, int]]] = field(
+        default_factory=dict
+    )  # per phase: (drawn, pool) each draw
+
+
+def estimate_error(phase: str, estimate: float, exact: float) -> float:
+    """The error of an estimated value that could hide an op from a top: for fallback, an estimate
+    above the exact value (the op gives back more than estimated; one below only brings it into
+    contention, where it is measured); for a cumulative curve point, either way (an increment is a
+    difference of two points)."""
+    return max(estimate - exact, 0.0) if phase == FALLBACK else abs(estimate - exact)
+
+
+def audit_errors(
+    fast: Values, values: Values, picked: dict[str, set[int]], cumulative: bool, floor: list[float]
+) -> dict[str, list[float]]:
+    """Per phase and batch: the largest :func:`estimate_error` over the audited trials (for the
+    cumulative curve, over the audited points and the points before them, which were measured too),
+    at least ``floor`` (per batch)."""
+    out = {}
+    for p in PHASES:
+        idx = _with_points_before(p, cumulative, picked[p])
+        out[p] = [
+            max([floor[b], *(estimate_error(p, fast[p][b][i], values[p][b][i]) for i in idx)])
+            for b in range(len(fast[p]))
+        ]
+    return out
 
 
 def refine(
     values: Values,
     exact: Exact,
-    ends: list[float],
+    ends: list[float] | dict[str, list[float]],
     cumulative: bool,
     exact_top: int,
     margin: float,
     measure: Callable[[dict[str, set[int]]], None],
     sample: int = CHECK_SAMPLE,
+    audit: int = 0,
+    seed: str = AUDIT_SEED,
 ) -> Refinement:
     """Measure in float32 what the selection needs, then check the bound on a sample; repeat.
 
     ``values``/``exact``: the screened pass's, updated in place by ``measure(todo)`` (phase -> op
-    indices: their float32 trials in every batch). ``ends``: per batch, the larger rounding error
-    measured at the two ends of the state space (the bound before the margin).
+    indices: their float32 trials in every batch). ``ends``: per batch (or per phase and batch), the
+    larger rounding error measured at the two ends of the state space (the bound before the margin).
+    ``audit`` > 0 (first_order): the values are estimates with no bound of their own; a seeded
+    sample of ``audit`` ops per phase is measured first, and the largest error it shows
+    (:func:`estimate_error`), per phase and batch and at least ``ends`` (then a list: per batch, the
+    estimate's own measured error scale), is the bound (absolute, not the rounding model's square
+    roots).
     """
     fast = {p: [list(row) for row in values[p]] for p in PHASES}
     done: dict[str, set[int]] = {p: set() for p in PHASES}
     out = Refinement(margin, {p: set() for p in PHASES}, {p: set() for p in PHASES}, 0.0, None, [])
+    out.estimate = fast
     rng = random.Random(CHECK_SEED)
+    absolute = audit > 0
+    if absolute:
+        n = len(values[FALLBACK][0])
+        pick = {p: set(random.Random(f"{seed}.{p}").sample(range(n), min(audit, n))) for p in PHASES}
+        measured = {p: _with_points_before(p, cumulative, pick[p]) for p in PHASES}
+        measure(measured)
+        for p in PHASES:
+            done[p] |= measured[p]
+        out.audited = pick
+        out.draws = {p: [(len(pick[p]), n)] for p in PHASES}
+        ends = audit_errors(fast, values, pick, cumulative, ends)
+    elif not isinstance(ends, dict):
+        ends = {p: list(ends) for p in PHASES}
+    out.ends = ends
 
     def worst(todo: dict[str, set[int]]) -> float:
         return max(
             (
-                observed_ratio(fast[p][b][i], values[p][b][i], ends[b])
+                observed_ratio(fast[p][b][i], values[p][b][i], ends[p][b], p if absolute else None)
                 for p, idx in todo.items()
                 for b in range(len(values[p]))
                 for i in idx
@@ -263,10 +335,11 @@ def refine(
     def widen(seen: float, by: str) -> None:
         new = seen * WIDEN
         log.warning(
-            "screening: a %s op's fast value differs from float32 by %.3gx the measured rounding error, "
+            "screening: a %s op's fast value differs from float32 by %.3gx the measured %s, "
             "above the margin %.3g; widening it to %.3g and selecting again",
             by,
             seen,
+            "audit's largest error" if absolute else "rounding error",
             out.margin_used,
             new,
         )
@@ -274,8 +347,8 @@ def refine(
         out.margin_used = new
 
     while True:
-        noise = [out.margin_used * e for e in ends]
-        todo = selection(values, exact, noise, cumulative, exact_top, done)
+        noise = {p: [out.margin_used * e for e in ends[p]] for p in PHASES}
+        todo = selection(values, exact, noise, cumulative, exact_top, done, absolute)
         if any(todo.values()):
             measure(todo)
             for p in PHASES:
@@ -290,6 +363,8 @@ def refine(
         pick = {p: set(rng.sample(pool[p], min(sample, len(pool[p])))) for p in PHASES}
         if not any(pick.values()):
             return out
+        for p in PHASES:
+            out.draws.setdefault(p, []).append((len(pick[p]), len(pool[p])))
         measure(pick)
         for p in PHASES:
             done[p] |= pick[p]
@@ -316,6 +391,73 @@ class ScreeningRecord:
     # {ops: {phase: [op]}, trials, observed_ratio (None: every op was refined)}
     check: dict[str, Any] = field(default_factory=dict)
     widened: list[dict[str, Any]] = field(default_factory=list)  # {from, to, by: refined | sample}
+    # first_order only (omitted otherwise): the audit (:func:`audit_record`), what the estimate
+    # measured per batch, and the bound per phase and batch before the margin (the audit's largest error)
+    audit: dict[str, Any] = field(default_factory=dict)
+    estimate: dict[str, Any] = field(default_factory=dict)
+    bound: dict[str, list[float]] = field(default_factory=dict)
 
     def doc(self) -> dict[str, Any]:
-        return asdict(self)
+        doc = asdict(self)
+        for key in ("audit", "estimate", "bound"):
+            if not doc[key]:
+                del doc[key]
+        return doc
+
+
+def phase_scores(phase: str, cumulative: bool, rows: list[list[float]]) -> list[float]:
+    """Per op, the ranking score of a phase's per-batch values (higher = more sensitive; as
+    :func:`score_bounds` with no error)."""
+    mean = [sum(col) / len(rows) for col in zip(*rows, strict=True)]
+    return [a for a, _ in score_bounds(phase, cumulative, mean, mean)]
+
+
+def _top(scores: list[float], k: int) -> list[int]:
+    """The top ``k`` by score, ties by position (the report's order)."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+
+
+def _spearman(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    rho = pd.Series(a).corr(pd.Series(b), method="spearman")
+    return None if math.isnan(rho) else float(rho)
+
+
+def audit_record(
+    done: Refinement, values: Values, cumulative: bool, exact_top: int, names: list[str]
+) -> dict[str, Any]:
+    """What the audit says of the estimate on this run, per phase (``metadata.screening.audit``).
+
+    * ``spearman``: estimated against exact scores over the audited ops (a uniform draw of all ops).
+    * ``recall``: the share of the final top ``exact_top`` (exact: contention measured it) that the
+      estimate alone put in its own top ``exact_top``.
+    * ``top`` / ``top_estimated``: the final top and the estimate's own, in order.
+    * ``found``: ops the check sample measured outside contention that stand in the final top (each
+      widened the bound, and the run said so).
+    * ``escape``: the chance that one op the estimate is blind to (its estimate far below its value,
+      so never in contention) is missed: it is caught only if a uniform draw measures it, the audit
+      (``audit`` of all ops) or a check (``sample`` of the ops not measured yet), so the product of
+      ``1 - drawn / pool`` over the draws.
+    """
+    out: dict[str, Any] = {}
+    for p in PHASES:
+        est = phase_scores(p, cumulative, done.estimate[p])
+        final = phase_scores(p, cumulative, values[p])
+        audited = sorted(done.audited.get(p, set()))
+        top = _top(final, exact_top)
+        escape = 1.0
+        for drawn, pool in done.draws.get(p, []):
+            escape *= 1 - drawn / pool if pool else 0.0  # an empty pool: every op was measured
+        out[p] = {
+            "ops": [names[i] for i in audited],
+            # measured exactly: the audited ops and, on the cumulative curve, the points before them
+            "measured": [names[i] for i in sorted(_with_points_before(p, cumulative, set(audited)))],
+            "spearman": _spearman([est[i] for i in audited], [final[i] for i in audited]),
+            "recall": len(set(top) & set(_top(est, exact_top))) / len(top),
+            "top": [names[i] for i in top],  # the final top exact_top (exact), in order
+            "top_estimated": [names[i] for i in _top(est, exact_top)],  # the estimate's own, in order
+            "found": [names[i] for i in sorted(done.checked[p] & set(top))],
+            "escape": escape,
+        }
+    return out
