@@ -17,6 +17,7 @@ from op_sensitivity.engines.screening import audit_record, refine
 from op_sensitivity.fallback.policy import choose
 from op_sensitivity.inventory import read_inventory
 from op_sensitivity.phases import BOTH, FALLBACK, PHASES, REQUANT
+from op_sensitivity.report.rank import screening_lines
 from op_sensitivity.report.scores import phase_scores, select_phase
 from tests.handmade import fallback_params
 from tests.helpers import sensitivity_params
@@ -212,6 +213,7 @@ def test_first_order_is_exact_where_the_ranking_is_decided(planted_runs):
     assert meta["precision"] == "first_order" and meta["exact_top"] == 3
     assert screened["metadata"]["all_int8_mse"] == exact["metadata"]["all_int8_mse"]
     assert meta["widened"] and meta["margin_used"] > meta["margin"]
+    assert meta["check"]["trials"] == 2 * sum(map(len, meta["check"]["ops"].values())) > 0
     for phase in PHASES:
         rows = {o["op_name"]: o for o in exact["phases"][phase]["ops"]}
         audit = meta["audit"][phase]
@@ -249,7 +251,7 @@ def test_a_first_order_pass_resumes_to_the_same_bytes(small_model_dir, calibrati
     inventory_path = small_model_dir.parent / "op_inventory.json"
     inventory = read_inventory(inventory_path)
     native = replace(sensitivity_params().native, screening="first_order", exact_top=2, audit=3)
-    params = replace(sensitivity_params(native=native, confidence_batches=2), engine="native")
+    params = sensitivity_params(native=native, confidence_batches=2, engine="native")
     docs, results = [], []
     for _ in range(2):
         model, spec, _, meta = load_inputs(params, calibration_dir, small_model_dir, inventory_path)
@@ -263,3 +265,23 @@ def test_a_first_order_pass_resumes_to_the_same_bytes(small_model_dir, calibrati
 def test_seeds_vary_the_synthetic_audit():
     draws = {tuple(sorted(_refine_with_a_blind_op(f"s{i}", 8, 17)[1][FALLBACK]["ops"])) for i in range(5)}
     assert len(draws) > 1
+
+
+def test_the_report_says_what_was_estimated_and_what_the_audit_found(planted_runs):
+    reports, _ = planted_runs
+    meta = reports["first_order"]["metadata"]["screening"]
+    lines = screening_lines(meta)
+    per_batch = meta["estimate"]["per_batch"]
+    forwards = sum(b["forwards"] for b in per_batch)
+    assert f"from {forwards} forward and" in lines[0] and "over 2 confidence batches" in lines[0]
+    assert f"widened {len(meta['widened'])} times" in lines[0]
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line
+        for line in lines
+        if line.startswith("| f") or "| requant" in line
+    }
+    for phase in PHASES:
+        audit = meta["audit"][phase]
+        cells = [c.strip() for c in rows[phase].strip("|").split("|")]
+        assert cells[2] == str(len(audit["ops"])) and cells[4] == f"{audit['recall']:.2f}"
+        assert cells[6] == f"{audit['escape']:.2f}"

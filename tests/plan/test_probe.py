@@ -87,6 +87,18 @@ def test_pass_seconds_by_hand():
     )
 
 
+def test_first_order_seconds_by_hand():
+    """The same seven units: base 25.2 (as above); 2 sweeps of (fp32 7 + int8 3.5 + backward 2 x 7)
+    = 49 and 3 probes of 14 = 42; 4 exact trials of the 14 at the exact trials' mean (38.5 / 14)."""
+    ops = [OpInfo(name, "Linear", [1], 10, "text", None) for name in OPS]
+    model = CostModel(_costs(), ops, layers=2, blocks=1)
+    got = model.first_order_seconds(OPS, True, 1, points=2, probes=3, exact=4)
+    assert got == pytest.approx(25.2 + 49.0 + 42.0 + 38.5 * 4 / 14)
+    # every trial exact: the sweeps on top of the exact pass
+    everything = model.first_order_seconds(OPS, True, 1, points=2, probes=3, exact=99)
+    assert everything == pytest.approx(model.pass_seconds(OPS, True) + 49.0 + 42.0)
+
+
 def test_a_forward_costs_per_call_plus_per_sample():
     """0.1 s per sample on top of each unit's per-call seconds: 7 units, fp32 (1 s per call)."""
     ops = [OpInfo(name, "Linear", [1], 10, "text", None) for name in OPS]

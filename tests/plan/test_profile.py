@@ -45,22 +45,25 @@ def _plan(p, machine):
 
 
 @pytest.mark.parametrize(
-    ("name", "machine", "ops", "size"),
+    ("name", "machine", "ops", "size", "batches"),
     [
-        ("3b-cpu", CPU_24GB, 417, "3b"),
-        ("3b-gpu", H100, 417, "3b"),
-        ("7b-cpu", CPU_24GB, 163, "7b"),
-        ("7b-gpu", H100, 361, "7b"),
+        ("3b-cpu", CPU_24GB, 417, "3b", 8),
+        ("3b-gpu", H100, 417, "3b", 8),
+        ("7b-cpu", CPU_24GB, 163, "7b", 1),
+        ("7b-gpu", H100, 361, "7b", 1),
     ],
 )
-def test_each_profile_applies_and_fits_its_machine(tmp_path, name, machine, ops, size):
+def test_each_profile_applies_and_fits_its_machine(tmp_path, name, machine, ops, size, batches):
     p, path = _applied(tmp_path, name)
     assert p.model.full_size == size and p.sensitivity.engine == "native"
     assert p.crosscheck.carves(describe(p.model).params)  # INC checked on a carved copy
     plan = _plan(p, machine)
     assert plan.stops == [], plan.stops
     sens = next(s for s in plan.stages if s.stage == "sensitivity")
-    assert sens.work.startswith(f"native (inc_cpu): {ops} ops x 2 phases x 1 batches")
+    assert sens.work.startswith(f"native (inc_cpu): {ops} ops x 2 phases x {batches} batches")
+    # the 3B profiles estimate every op (at least 8 batches affordable); the 7B ones measure one batch
+    estimated = "estimated (4 forward+backward sweeps a batch), exact where it decides"
+    assert (estimated in sens.work) == (batches >= 8) == (p.sensitivity.native.screening == "first_order")
     assert sens.device == ("cuda" if machine.gpu else "cpu")
     text = path.read_text()  # comments kept: what the file says of each field survives
     assert "# One block per stage" in text and "# stage curve: each ranking's top-n keep-lists" in text
@@ -105,6 +108,7 @@ def test_the_script_applies_a_profile_and_says_what_changed(tmp_path):
     assert code == 0, err
     data = yaml.safe_load((tmp_path / "params.yaml").read_text())
     assert data["sensitivity"]["native"]["device"] == "cpu" and data["model"]["input"] == "x"
-    assert data["captions"]["count"] == 2 and data["curve"]["random_lists"] == 3
+    assert data["captions"]["count"] == 8 and data["curve"]["random_lists"] == 3
+    assert data["sensitivity"]["confidence_batches"] == 8
     code, err = run_script(REPO / "scripts/apply_profile.py", [str(PROFILES / "nope.yaml")], tmp_path)
     assert code == 2 and "profiles/nope.yaml: profile not found" in err

@@ -174,7 +174,7 @@ def estimate_batch(
             _set_prefix(fq, scored, k)
             out = forward()
             loss = (out - ref).pow(2).sum()
-            curve.append(float(loss))
+            curve.append(float(loss.detach()))
             forwards += 1
             last = k == n
             probe.slot = ("point", m)

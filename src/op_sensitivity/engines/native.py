@@ -421,7 +421,7 @@ class _PassLoop:
             done.observed_ratio,
             {
                 "ops": checked,
-                "trials": sum(map(len, checked.values())) * len(self.noise),
+                "trials": sum(map(len, checked.values())) * len(self.spec.batches),
                 "observed_ratio": done.check_ratio,
             },
             done.widened,

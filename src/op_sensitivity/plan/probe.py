@@ -87,6 +87,11 @@ class ForwardCosts:
         return call + samples * sample
 
 
+# A backward through the model (input gradients only: no weight is trained) in fp32 forwards:
+# assumed, not probed; benchmarks/first_order_agreement.py measures the sweep's real cost
+BACKWARD_PER_FORWARD = 2.0
+
+
 class CostModel:
     """A forward of the whole model from :class:`ForwardCosts`: each unit (a vision block, a
     decoder layer, the towers' ends, ``lm_head``) costs its fp32 seconds plus the share of its
@@ -149,6 +154,21 @@ class CostModel:
             on = on | {op} if requant_cumulative else {op}
             seconds += sum(self.unit_costs(on, samples)[self.first_unit(op, suffix_reuse) :])
         return seconds
+
+    def first_order_seconds(
+        self, scored: list[str], suffix_reuse: bool, samples: int, points: int, probes: int, exact: int
+    ) -> float:
+        """One confidence batch of a first_order pass (``engines.first_order``): calibration, reference,
+        all-int8, ``points`` sweeps (each op computed both ways, then a backward), ``probes`` more
+        backwards, and ``exact`` trials (audit and contention, both phases) at the exact pass's
+        average trial cost. A backward is taken as :data:`BACKWARD_PER_FORWARD` fp32 forwards."""
+        everything = set(scored)
+        fp32, int8 = self.forward(set(), samples), self.forward(everything, samples)
+        setup = self.costs.setup_per_param * sum(self.params[n] for n in scored)
+        base = fp32 * self.costs.observe_factor + setup + fp32 + int8
+        trials = self.pass_seconds(scored, suffix_reuse, True, samples) - base
+        sweeps = points * (fp32 + int8 + BACKWARD_PER_FORWARD * fp32) + probes * BACKWARD_PER_FORWARD * fp32
+        return base + sweeps + trials * min(exact, 2 * len(scored)) / (2 * len(scored))
 
     def split_seconds(self, int8: set[str], samples: int, batch_size: int) -> float:
         """One configuration over a split of ``samples`` in forwards of ``batch_size``."""

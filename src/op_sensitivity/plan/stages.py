@@ -292,6 +292,19 @@ class Planner:
         # (each with the stage's thread count, so the values do not depend on them): no speedup.
         shards = sens.native.processes if self.device(sens) == "cuda" else 1
         seconds = per_batch * sens.confidence_batches / shards
+        n = sens.native
+        if n.screening == "first_order":
+            # which ops contention measures is known only after the estimate: the audit and three
+            # exact_top per phase assumed, with the points before them on the cumulative curve
+            exact = min(3 * (n.audit + 3 * n.exact_top), 2 * len(scored))
+            per_batch = model.first_order_seconds(
+                scored, n.suffix_reuse, sens.batch_size, n.first_order_points, n.first_order_probes, exact
+            )
+            return per_batch * sens.confidence_batches, (
+                f"probe; first_order: {n.first_order_points} sweeps + {n.first_order_probes} probes a "
+                f"batch (a backward taken as 2 forwards), about {exact} exact trials a batch assumed "
+                "(all of them if the audit widens the bound)"
+            )
         if sens.native.screening != "none":  # the probe is float32; which ops refine is known only after
             return 2 * seconds, "probe; screening: at most a float32 screen + every op refined"
         return seconds, "probe"
@@ -339,10 +352,13 @@ class Planner:
         scheme = sens.native.scheme
         per_op = self.runtime_seconds_per_op(stage, "native", self.facts.params, device, n)
         seconds, basis = (per_op * 2 * b * n, "runtime file") if per_op else self.native_seconds(sens, scored)
-        trials = b * (2 * n + 1)
+        trials = f"{b * (2 * n + 1)} trials"
+        if sens.native.screening == "first_order":
+            sweeps = sens.native.first_order_points
+            trials = f"estimated ({sweeps} forward+backward sweeps a batch), exact where it decides"
         return StagePlan(
             stage,
-            f"native ({scheme}): {n} ops x 2 phases x {b} batches of {sens.batch_size}: {trials} trials",
+            f"native ({scheme}): {n} ops x 2 phases x {b} batches of {sens.batch_size}: {trials}",
             device,
             seconds,
             basis,

@@ -90,6 +90,8 @@ def screening_lines(screening: dict[str, Any] | None) -> list[str]:
     """What a screened pass measured in which precision (``engines.screening``); nothing otherwise."""
     if screening is None:
         return []
+    if screening["precision"] == "first_order":
+        return first_order_lines(screening)
     refined = ", ".join(f"{len(ops)} {phase}" for phase, ops in screening["refined"].items())
     return [
         f"> **Screened in {screening['precision']}**: every trial ran in {screening['precision']}, then "
@@ -101,6 +103,45 @@ def screening_lines(screening: dict[str, Any] | None) -> list[str]:
         f"{screening['observed_ratio']:.3g} of the measured rounding error" + _check_words(screening) + ".",
         "",
     ]
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def first_order_lines(screening: dict[str, Any]) -> list[str]:
+    """What a first_order pass estimated, measured exactly, and what its audit says (per phase)."""
+    est = screening["estimate"]
+    per_batch = est["per_batch"]
+    passes = sum(b["forwards"] for b in per_batch), sum(b["backwards"] for b in per_batch)
+    lines = [
+        f"> **Estimated from gradients (first_order)**: every op's two values were estimated from "
+        f"{passes[0]} forward and {passes[1]} backward passes over {len(per_batch)} confidence batches "
+        f"({est['points']} points on INC's cumulative curve, {est['probes']} Hutchinson probes; "
+        "docs/engines.md), then a seeded audit and every op that could stand in the top "
+        f"{screening['exact_top']} of fallback, requant or both were measured exactly (`precision` per op "
+        f"in op_sensitivity.json: exact or estimated). Bound: the audit's largest error, margin "
+        f"{screening['margin_used']:.3g} (asked {screening['margin']:.3g})"
+        + (f", widened {len(screening['widened'])} times" if screening["widened"] else "")
+        + ".",
+        "",
+        "| phase | measured exactly | audit | Spearman (audit) | top recall (estimate alone) | "
+        "found by the check | chance a blind op escapes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for phase, audit in screening["audit"].items():
+        measured = len({*screening["refined"][phase], *screening["check"]["ops"][phase], *audit["measured"]})
+        lines.append(
+            f"| {phase} | {measured} | {len(audit['ops'])} | {_fmt(audit['spearman'])} | "
+            f"{audit['recall']:.2f} | {', '.join(audit['found']) or 'none'} | {audit['escape']:.2f} |"
+        )
+    lines += [
+        "",
+        "A blind op (its damage invisible to the estimate) is caught only if the audit or the check draws "
+        "it; the last column is that chance of missing one, from the draws this run made.",
+        "",
+    ]
+    return lines
 
 
 def render_markdown(
