@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from op_sensitivity.validation.metrics import Totals, damage, recovered, reference
+from op_sensitivity.validation.metrics import SampleSums, Totals, damage, recovered, reference
 
 
 def _ref():
@@ -51,3 +51,44 @@ def test_a_changed_prediction_is_counted_by_every_metric():
     assert rec["kl"] == pytest.approx(0.5) and rec["logit_se"] == pytest.approx(0.75)
     assert rec["top1"] == pytest.approx(0.5) and rec["nll"] == pytest.approx(0.5)
     assert recovered(v, {**v, "kl": 0.0})["kl"] is None  # int8 did no damage: nothing to give back
+
+
+def _two_samples():
+    # two samples of 4 tokens, vocab 3; sample 0 scores tokens 2-3, sample 1 tokens 1-3
+    logits = torch.tensor(
+        [
+            [[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]],
+            [[1.0, 0.0, 0.5], [0.0, 2.0, 0.0], [0.5, 0.0, 3.0], [0.0, 1.0, 0.0]],
+        ]
+    )
+    input_ids = torch.tensor([[0, 1, 0, 1], [2, 1, 2, 0]])
+    mask = torch.tensor([[False, False, True, True], [False, True, True, True]])
+    attention = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    q = logits + torch.tensor([[0.0, 1.5, -1.0], [0.3, 0.0, 0.0], [0.0, -2.0, 0.0], [1.0, 0.0, 0.0]])
+    return logits, input_ids, mask, attention, q
+
+
+def test_per_sample_sums_add_up_to_the_split_and_leave_it_unchanged():
+    """The split's sums are the same to the bit with per-sample sums on; each sample's sums are
+    what that sample measured alone gives."""
+    logits, input_ids, mask, attention, q = _two_samples()
+    ref = reference(logits, input_ids, mask, attention)
+    plain, per = Totals(), Totals(per_sample=SampleSums())
+    plain.add(ref, q)
+    per.add(ref, q)
+    assert per.values() == plain.values()
+    sums = per.per_sample
+    assert sums.tokens == [2, 3] and len(sums.kl) == len(sums.logit_se) == 2
+    for i in range(2):
+        alone = Totals()
+        alone.add(
+            reference(logits[i : i + 1], input_ids[i : i + 1], mask[i : i + 1], attention[i : i + 1]),
+            q[i : i + 1],
+        )
+        assert sums.tokens[i] == alone.tokens and sums.agree[i] == alone.agree
+        for name in ("kl", "nll", "nll_fp32", "logit_se"):
+            assert getattr(sums, name)[i] == pytest.approx(getattr(alone, name), rel=1e-6), name
+    assert sum(sums.kl) == pytest.approx(plain.kl, rel=1e-6)
+    assert sums.damage("top1") == [float(n - a) for n, a in zip(sums.tokens, sums.agree, strict=True)]
+    assert sums.damage("nll") == [a - b for a, b in zip(sums.nll, sums.nll_fp32, strict=True)]
+    assert sums.damage("kl") == sums.kl and sums.damage("logit_se") == sums.logit_se

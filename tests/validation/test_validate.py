@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from op_sensitivity.data.calibration import load_calibration
 from op_sensitivity.errors import InputError
 from op_sensitivity.fallback.exports import inc_op_name_dict
 from op_sensitivity.model.source import load_model_dir
@@ -20,6 +21,7 @@ from op_sensitivity.validation.plots import pareto
 from op_sensitivity.validation.validate import (
     metrics,
     rankings_metrics,
+    recovered_intervals,
     section,
     validate_cost,
     validate_keep_list,
@@ -149,6 +151,58 @@ def test_a_sparse_grid_gives_the_same_crossings_where_the_curve_is_monotone(
     for name, shares in direct.items():
         if all(a <= b + 1e-12 for a, b in zip(shares, shares[1:], strict=False)):
             assert sparse["rankings"][name] == good["rankings"][name], name
+
+
+def test_the_recovered_share_comes_with_an_interval_over_the_test_images(measured, planted):
+    """A seeded 95 % bootstrap over the 6 test images brackets the split's own share, for every
+    metric with a share; said in words beside the share in the section."""
+    good, bad, _ = measured
+    for doc in (good, bad):
+        intervals = doc["chosen"]["recovered_interval"]
+        assert set(intervals) == set(doc["chosen"]["recovered"])
+        for m, share in doc["chosen"]["recovered"].items():
+            ci = intervals[m]
+            if share is None:
+                assert ci is None, m  # top1: all-int8 kept every argmax
+                continue
+            assert ci["low"] <= share <= ci["high"], (m, share, ci)
+            assert ci["level"] == 0.95 and ci["images"] == 6 and 0 < ci["resamples"] <= 2000
+    ci = good["chosen"]["recovered_interval"]["kl"]
+    assert ci["low"] < ci["high"] and ci["resamples"] == 2000
+    text = section(good, planted["curve"])
+    words = "(95 % interval over the 6 test images, a seeded bootstrap of 2000 resamples: "
+    assert f"{words}{100 * ci['low']:.1f} % to {100 * ci['high']:.1f} %)" in text
+
+
+def test_the_interval_leaves_the_split_unchanged_and_is_seeded(measured, planted, calibration_dir, test_dir):
+    """Per-image sums on: the split's values are the same to the bit, the images are the test
+    manifest's, and the same measurements give the same interval as validate_keep_list wrote."""
+    good, _, _ = measured
+    report = planted["report"]
+    keep = sorted(PLANTED)
+    with open_measurer(
+        planted["params"], 8, calibration_dir, test_dir, planted["dir"], report, TEST
+    ) as measurer:
+        plain, int8_plain = measurer.measure(keep), measurer.measure([])
+        kept, int8 = (
+            measurer.measure_totals(keep, per_sample=True),
+            measurer.measure_totals([], per_sample=True),
+        )
+        images = measurer.images()
+    assert kept.values() == plain == good["chosen"]["values"]
+    assert int8.values() == int8_plain == good["reference"]["all_int8"]
+    assert sum(kept.per_sample.tokens) == plain["tokens"] and len(kept.per_sample.kl) == 6
+    assert sum(kept.per_sample.kl) / plain["tokens"] == pytest.approx(plain["kl"], rel=1e-6)
+    _, records = load_calibration(test_dir, TEST)
+    assert images == [r.image_id for r in records] and len(set(images)) == 6
+    again = recovered_intervals(good["chosen"]["recovered"], kept.per_sample, int8.per_sample, images)
+    assert again == good["chosen"]["recovered_interval"]
+
+
+def test_the_section_says_when_there_is_no_interval(measured, planted):
+    good, _, _ = measured
+    one = {**good, "chosen": {**good["chosen"], "recovered_interval": {"kl": None}}}
+    assert "(no interval: fewer than 2 test images" in section(one, planted["curve"])
 
 
 def test_validate_cost_bounds_the_configurations():

@@ -35,10 +35,11 @@ def _check_same_model(model_dir: Path, sha256: str, report: dict) -> None:
 
 def _read_splits(
     cal_dir: Path, held_out_dir: Path, split: str
-) -> Callable[[ImageTextProcessor, int], dict[str, list]]:
+) -> tuple[Callable[[ImageTextProcessor, int], dict[str, list]], dict[str, list[int]]]:
     """Read both splits now (a bad one is named before the model loads); encode them later.
 
-    ``split``: which held-out split ``held_out_dir`` must hold (``selection`` or ``test``)."""
+    ``split``: which held-out split ``held_out_dir`` must hold (``selection`` or ``test``). Also
+    each split's image ids, sample by sample (the measurer's :meth:`~Measurer.images`)."""
     if split not in HELD_OUT:
         raise ValueError(f"expected a held-out split of {HELD_OUT}, got {split!r}")
     meta, calibration = load_calibration(cal_dir)
@@ -50,7 +51,8 @@ def _read_splits(
             split: build_eval_batches(held_out, held_out_dir, processor, meta.mode, batch_size),
         }
 
-    return encode
+    images = {CALIBRATION: [r.image_id for r in calibration], split: [r.image_id for r in held_out]}
+    return encode, images
 
 
 def open_measurer(
@@ -64,12 +66,12 @@ def open_measurer(
 ) -> Measurer:
     """The measurer for a stage: the model, every calibration record, the held-out ``split`` (read
     from ``held_out_dir``), the pass's ops."""
-    encode = _read_splits(cal_dir, held_out_dir, split)
+    encode, images = _read_splits(cal_dir, held_out_dir, split)
     model, processor, card = load_model_dir(model_dir)
     _check_same_model(model_dir, card.sha256, report)
     scored, excluded = scored_and_excluded(report)
     splits = encode(processor, batch_size)
-    return Measurer(model, scored, resolve_numerics(sensitivity), splits, sorted(excluded))
+    return Measurer(model, scored, resolve_numerics(sensitivity), splits, sorted(excluded), images)
 
 
 def open_carved_measurer(
@@ -86,7 +88,7 @@ def open_carved_measurer(
     """The same measurer on a carved copy of the model (``model.carve``): the pass's scored ops
     that the copy has are scored, every other op of the copy stays in high precision (the ops
     the pass's params kept fp32, as in the full model)."""
-    encode = _read_splits(cal_dir, held_out_dir, split)
+    encode, images = _read_splits(cal_dir, held_out_dir, split)
     _check_same_model(model_dir, read_card(model_dir).sha256, report)
     splits = encode(ImageTextProcessor.load(model_dir), batch_size)
     tokens = batch_tokens(b for batches in splits.values() for b, _ in batches)
@@ -96,4 +98,4 @@ def open_carved_measurer(
     scored, _ = scored_and_excluded(report)
     scored = [m for m in scored if m in present]
     kept = [op.name for op in op_inventory(model) if op.name not in scored]
-    return Measurer(model, scored, resolve_numerics(sensitivity), splits, kept), carve
+    return Measurer(model, scored, resolve_numerics(sensitivity), splits, kept, images), carve

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..engines.fakequant import FakeQuantModel
 from ..engines.numerics import Numerics
-from .metrics import Reference, Totals, reference
+from .metrics import Reference, SampleSums, Totals, reference
 
 EvalBatch = tuple[dict[str, torch.Tensor], torch.Tensor]  # model inputs, caption target mask
 CALIBRATION, SELECTION, TEST = "calibration", "selection", "test"
@@ -36,12 +36,19 @@ class Scorer:
         refs = [Reference(*(t.cpu() for t in astuple(r))) for r in self.refs]
         return Scorer([{k: v.cpu() for k, v in b.items()} for b in self.batches], refs)
 
-    @torch.no_grad()
     def score(self, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> dict[str, float]:
-        totals = Totals()
+        return self.totals(forward).values()
+
+    @torch.no_grad()
+    def totals(
+        self, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], per_sample: bool = False
+    ) -> Totals:
+        """The split's sums; ``per_sample``: each sample's too (an interval over the split's images
+        needs them), the split's own sums, and so :meth:`score`, the same to the bit."""
+        totals = Totals(per_sample=SampleSums() if per_sample else None)
         for batch, ref in zip(self.batches, self.refs, strict=True):
             totals.add(ref, forward(batch))
-        return totals.values()
+        return totals
 
 
 class Measurer(AbstractContextManager):
@@ -52,6 +59,9 @@ class Measurer(AbstractContextManager):
     :attr:`held_out`: ``selection`` for the curve stage (every curve point, which the measured
     policies choose from) or ``test`` for validate (the chosen list, the random lists and the
     rankings' crossings, on images neither the calibration nor the choice used).
+
+    ``images``: per split, the image id of each sample in order (several captions of one image are
+    several samples); a split not given counts each sample as its own image (:meth:`images`).
     """
 
     def __init__(
@@ -61,8 +71,10 @@ class Measurer(AbstractContextManager):
         numerics: Numerics,
         splits: dict[str, list[EvalBatch]],
         kept: list[str] = (),
+        images: dict[str, list[int]] | None = None,
     ):
         self.numerics = numerics
+        self.image_ids = dict(images or {})
         self.scored = list(scored)
         self.model = numerics.prepare(model, {*self.scored, *kept})
         self.fq = FakeQuantModel(
@@ -96,13 +108,20 @@ class Measurer(AbstractContextManager):
 
     def measure(self, keep: Iterable[str], split: str | None = None) -> dict[str, float]:
         """All scored ops int8 except ``keep``; the split's metrics against fp32 (default: held-out)."""
+        return self.measure_totals(keep, split).values()
+
+    def measure_totals(
+        self, keep: Iterable[str], split: str | None = None, per_sample: bool = False
+    ) -> Totals:
+        """As :meth:`measure`, the sums behind the metrics; ``per_sample``: each sample's too
+        (validate's interval over the test images), the split's metrics the same to the bit."""
         keep = set(keep)
         unknown = keep - set(self.scored)
         if unknown:
             raise ValueError(f"not scored ops: {sorted(unknown)[:5]}")
         for name in self.scored:
             self.fq.set(name, name not in keep)
-        return self.measure_forward(lambda batch: self.model(**batch).logits, split)
+        return self.scorer(split).totals(lambda batch: self.model(**batch).logits, per_sample)
 
     def measure_forward(
         self, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], split: str | None = None
@@ -118,6 +137,15 @@ class Measurer(AbstractContextManager):
 
     def samples(self, split: str | None = None) -> int:
         return sum(len(b["input_ids"]) for b, _ in self.splits[split or self.held_out])
+
+    def images(self, split: str | None = None) -> list[int]:
+        """The image of each sample of the split, in order: what an interval resamples (the
+        captions of one image are not independent draws); each sample its own where not given."""
+        split = split or self.held_out
+        ids = self.image_ids.get(split, list(range(self.samples(split))))
+        if len(ids) != self.samples(split):
+            raise ValueError(f"{len(ids)} image ids for {self.samples(split)} samples of the {split} split")
+        return list(ids)
 
     def __exit__(self, *exc) -> None:
         self.fq.remove()

@@ -20,7 +20,7 @@ configuration gives back (1 = as good as fp32, 0 = no better than all-int8).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +51,61 @@ def reference(
 
 
 @dataclass
+class SampleSums:
+    """Per held-out sample, the sums :class:`Totals` adds over the whole split, so any subset of
+    samples (a bootstrap resample of the images) scores as if it were measured alone."""
+
+    tokens: list[int] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    agree: list[int] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    nll_fp32: list[float] = field(default_factory=list)
+    logit_se: list[float] = field(default_factory=list)
+
+    def add(
+        self,
+        ref: Reference,
+        kl: torch.Tensor,
+        agree: torch.Tensor,
+        nll: torch.Tensor,
+        nll_fp32: torch.Tensor,
+        error: torch.Tensor,
+    ) -> None:
+        """One batch: the per-token values (rows of ``ref.predict_at``, row-major) and the logit
+        error ``[B, T, V]``, summed per sample in float64 (a resample adds up many of them)."""
+        batch = ref.predict_at.shape[0]
+        rows = ref.predict_at.nonzero()[:, 0]
+
+        def per_sample(values: torch.Tensor) -> list[float]:
+            out = torch.zeros(batch, dtype=torch.float64, device=values.device)
+            return out.index_add_(0, rows, values.double()).tolist()
+
+        self.tokens += ref.predict_at.sum(1).tolist()
+        self.kl += per_sample(kl)
+        self.agree += [int(a) for a in per_sample(agree)]
+        self.nll += per_sample(nll)
+        self.nll_fp32 += per_sample(nll_fp32)
+        # one sample at a time: no second logits-sized temporary (the vocabulary is large)
+        self.logit_se += [
+            float(e[r].pow(2).sum(dtype=torch.float64)) for e, r in zip(error, ref.real, strict=True)
+        ]
+
+    def damage(self, metric: str) -> list[float]:
+        """Per sample, its share of the split's damage by ``metric`` before the split's division by
+        its caption tokens (none for logit_se): a subset's damage ratio is the ratio of its sums."""
+        if metric == "kl":
+            return list(self.kl)
+        if metric == "top1":
+            return [float(n - a) for n, a in zip(self.tokens, self.agree, strict=True)]
+        if metric == "nll":
+            return [q - p for q, p in zip(self.nll, self.nll_fp32, strict=True)]
+        return list(self.logit_se)
+
+
+@dataclass
 class Totals:
-    """Sums over held-out batches, so a split in several batches scores like one batch."""
+    """Sums over held-out batches, so a split in several batches scores like one batch; with
+    ``per_sample`` (a :class:`SampleSums`) each sample's sums too, the split's own sums untouched."""
 
     tokens: int = 0
     kl: float = 0.0
@@ -61,16 +114,25 @@ class Totals:
     nll_fp32: float = 0.0
     logit_se: float = 0.0
 
+    per_sample: SampleSums | None = None  # also each sample's sums (validate's interval), when set
+
     def add(self, ref: Reference, logits: torch.Tensor) -> None:
         logits = logits.float()
         log_q = F.log_softmax(logits[ref.predict_at], dim=-1)
         p_ref = ref.log_probs.exp()
+        kl = p_ref * (ref.log_probs - log_q)  # [N, V]: its sum is the batch's, per sample by row
+        agree = log_q.argmax(-1) == ref.log_probs.argmax(-1)
+        nll = -log_q.gather(1, ref.targets[:, None])
+        nll_fp32 = -ref.log_probs.gather(1, ref.targets[:, None])
+        error = logits - ref.logits
         self.tokens += int(ref.targets.numel())
-        self.kl += float((p_ref * (ref.log_probs - log_q)).sum())
-        self.agree += int((log_q.argmax(-1) == ref.log_probs.argmax(-1)).sum())
-        self.nll += float(-log_q.gather(1, ref.targets[:, None]).sum())
-        self.nll_fp32 += float(-ref.log_probs.gather(1, ref.targets[:, None]).sum())
-        self.logit_se += float((logits - ref.logits)[ref.real].pow(2).sum())
+        self.kl += float(kl.sum())
+        self.agree += int(agree.sum())
+        self.nll += float(nll.sum())
+        self.nll_fp32 += float(nll_fp32.sum())
+        self.logit_se += float(error[ref.real].pow(2).sum())
+        if self.per_sample is not None:
+            self.per_sample.add(ref, kl.sum(-1), agree, nll[:, 0], nll_fp32[:, 0], error)
 
     def values(self) -> dict[str, float]:
         n = max(self.tokens, 1)

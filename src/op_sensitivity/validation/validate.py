@@ -14,7 +14,14 @@ Artifact ``reports/validation/validation.json`` (stage ``validate``; its headlin
                 kept_weight_bits}   (inventory.cost: kept ops at their stored dtype's bits)
     metric: headline metric
     test: {samples, caption_tokens}          the split measured (data/test)
-    chosen: {values: Values, recovered: {metric: share}}
+    chosen: {values: Values, recovered: {metric: share},
+             recovered_interval: {metric: {low, high, level: 0.95, resamples, images, seed} | null}}
+                           how far to trust recovered: the 95 % percentile bootstrap interval of the
+                           share over the test split's images (validation.interval: 2000 seeded
+                           resamples of the images with replacement, per-image sums of the same
+                           measurement, so values and recovered are unchanged to the bit; resamples:
+                           those where all-int8 did damage); null where recovered is or with fewer
+                           than 2 images
     random: {n, lists, cost_mean, recovered: {metric: {mean, std, min, max}}} | null (n = 0 or all)
     beats_random: {metric: bool | null}      chosen recovered > the best random list of its size
     reference: {all_int8: Values, fp32: Values}
@@ -53,8 +60,9 @@ from ..inventory import OpInfo, cost
 from ..params import CurveParams
 from ..phases import FALLBACK, MEASURED, METRICS, RANKINGS, REQUANT
 from .curve import bisect_crossing, curve_sizes, random_baseline, random_lists, refinement_steps
+from .interval import bootstrap_recovered, per_image
 from .measure import Measurer
-from .metrics import damage, recovered
+from .metrics import SampleSums, damage, recovered
 
 METRIC_NAMES = {
     "kl": "KL(fp32 || quantized) per caption token",
@@ -82,9 +90,14 @@ def validate_keep_list(
     unknown = sorted(set(keep) - set(ops))
     if unknown:
         raise ValueError(f"keep-list ops the sensitivity pass did not score: {unknown[:5]}")
-    all_int8, fp32 = measurer.measure([]), measurer.measure(ops)
-    values = measurer.measure(keep)
+    int8_sums = measurer.measure_totals([], per_sample=True)
+    all_int8, fp32 = int8_sums.values(), measurer.measure(ops)
+    kept_sums = measurer.measure_totals(keep, per_sample=True)
+    values = kept_sums.values()
     chosen = {"values": values, "recovered": recovered(values, all_int8)}
+    chosen["recovered_interval"] = recovered_intervals(
+        chosen["recovered"], kept_sums.per_sample, int8_sums.per_sample, measurer.images()
+    )
     baseline = None
     if 0 < len(keep) < len(ops):
         baseline = random_baseline(
@@ -108,6 +121,20 @@ def validate_keep_list(
         "reference": {"all_int8": all_int8, "fp32": fp32},
         "inc_ptq": None,
         "rankings": ranking_crossings(measurer, curve, params, all_int8, fp32),
+    }
+
+
+def recovered_intervals(
+    shares: dict[str, float | None], kept: SampleSums, all_int8: SampleSums, images: list[int]
+) -> dict[str, dict[str, Any] | None]:
+    """Per metric, the bootstrap interval of the recovered share over the split's images
+    (``validation.interval``): one number over a few images needs its spread beside it. Null where
+    the share is (all-int8 did no damage: nothing to bound)."""
+    return {
+        m: None
+        if shares[m] is None
+        else bootstrap_recovered(per_image(kept.damage(m), images), per_image(all_int8.damage(m), images))
+        for m in METRICS
     }
 
 
@@ -195,6 +222,20 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
+def interval_words(doc: dict[str, Any]) -> str:
+    """The headline share's interval, in words for the section (empty where there is no share)."""
+    m = doc["metric"]
+    if doc["chosen"]["recovered"][m] is None:
+        return ""
+    ci = doc["chosen"]["recovered_interval"][m]
+    if ci is None:
+        return " (no interval: fewer than 2 test images, or none of their resamples took int8 damage)"
+    return (
+        f" ({100 * ci['level']:g} % interval over the {ci['images']} test images, a seeded bootstrap of "
+        f"{ci['resamples']} resamples: {_pct(ci['low'])} to {_pct(ci['high'])})"
+    )
+
+
 def section(
     doc: dict[str, Any],
     curve: dict[str, Any],
@@ -220,7 +261,7 @@ def section(
         "",
         f"The keep-list ({k['ops']} of {k['ops_scored']} ops, {100 * k['share_params_kept']:.2f} % of the "
         f"weight parameters, {k['effective_weight_bits']:.3g} effective weight bits) gives back "
-        f"{_pct(rec)} of the all-int8 damage.",
+        f"{_pct(rec)} of the all-int8 damage{interval_words(doc)}.",
         "",
     ]
     if chosen_by:
