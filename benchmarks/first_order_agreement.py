@@ -5,7 +5,9 @@
 
 Models, built here as the test fixtures build them (tests/conftest.py, seeded random weights):
 ``default`` (the embedded default's sizes), ``planted`` (the small test model with the outlier pair
-of tests/validation/planted.py) and ``mid`` (conftest's mid-size model, stored bf16). Each model
+of tests/validation/planted.py) and ``mid`` (conftest's mid-size model, stored bf16); and
+``trained``, ``default`` trained briefly on the sample's captions (benchmarks/trained_tiny.py,
+cached under the system temp dir; its loss before and after land in the output). Each model
 gets an exact native pass (``screening: none``, lm_head scored, ``--batches`` confidence batches),
 then on a fresh copy, per batch and on the same calibration: ``engines.first_order.estimate_batch``
 (``--points``, ``--probes``) and ``peer_scores`` (ModelOpt AutoQuantize, AutoRound AutoScheme).
@@ -19,7 +21,8 @@ seconds (each batch's calibration forward included, as the exact pass's ``runtim
 against the exact pass's seconds, the fastest of ``--repeats`` rounds (the values of every round
 must agree: ``rounds_identical``), at ``--threads`` torch threads (1 by default: on shared cores
 2 threads ran 10-25x slower and varied 5x). ``--markdown`` prints docs/benchmarks.md's table from
-``--out``.
+``--out``. ``--merge`` keeps the other models of an existing ``--out`` (same settings) and
+replaces or adds those measured now, each with its own date and command.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the model builders are the test fixtures' own
+from trained_tiny import SETTINGS as TRAINING  # noqa: E402 (this directory is on sys.path as a script)
+from trained_tiny import trained_model, training_facts  # noqa: E402
 
 from op_sensitivity.data.calibration import prepare_calibration  # noqa: E402
 from op_sensitivity.engines.artifact import build_report  # noqa: E402
@@ -58,7 +63,13 @@ from tests.conftest import MID_TINY, _materialized  # noqa: E402
 from tests.helpers import SAMPLE_ANNOTATIONS, SAMPLE_IMAGES, SMALL_TINY, sensitivity_params  # noqa: E402
 from tests.validation.planted import planted_copy  # noqa: E402
 
-MODELS = ("default", "planted", "mid")
+MODELS = ("default", "planted", "mid", "trained")
+WEIGHTS = {
+    "default": "seeded random",
+    "planted": "planted outlier pair on seeded random",
+    "mid": "seeded random",
+    "trained": f"trained {TRAINING['steps']} steps on the sample captions",
+}
 ESTIMATORS = ("first_order", "modelopt", "autoround")
 PEERS = ("modelopt", "autoround")
 TOP, KEEP = 10, 3  # the recall's top and top_k's k
@@ -86,6 +97,8 @@ def build_model(name: str, repo_params, cal: Path, work: Path) -> Path:
     tiny = repo_params.model.tiny
     if name == "default":
         return _materialized(work / "default" / "qwen2_5_vl", model)
+    if name == "trained":  # the same start as default (same bytes, so the cache key matches)
+        return trained_model(repo_params, _materialized(work / "trained_base" / "qwen2_5_vl", model))
     if name == "planted":
         small = replace(model, tiny=replace(tiny, text=SMALL_TINY["text"], vision=SMALL_TINY["vision"]))
         src = _materialized(work / "small" / "qwen2_5_vl", small)
@@ -272,13 +285,18 @@ def measure(name: str, repo_params, cal: Path, work: Path, args) -> dict[str, An
     exact, est = rounds[0]
     values = [(e["values"], [{k: v for k, v in b.items() if k != "cost"} for b in s]) for e, s in rounds]
     print(f"{name}: {len(exact['scored'])} ops, {time.perf_counter() - start:.1f} s", flush=True)
-    return {
+    out = {
         "ops": len(exact["scored"]),
-        "weights": "planted outlier pair on seeded random" if name == "planted" else "seeded random",
+        "weights": WEIGHTS[name],
         "rounds_identical": all(v == values[0] for v in values),
         "agreement": compare(exact, est),
         "cost": fastest([cost(e, s) for e, s in rounds]),
     }
+    if name == "trained":
+        facts = training_facts(model_dir)
+        out["training"] = {**facts, "curve_every_25": facts["curve"][::25] + facts["curve"][-1:]}
+        del out["training"]["curve"]
+    return out
 
 
 # -- the output ----------------------------------------------------------------------------------
@@ -344,6 +362,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on shared cores)")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--markdown", action="store_true", help="print the table of --out and stop")
+    ap.add_argument("--merge", action="store_true", help="keep --out's other models (same settings)")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(args.out.read_text())))
@@ -363,12 +382,23 @@ def main() -> None:
         },
         "models": {},
     }
+    names = args.models.split(",")
+    if args.merge:
+        old = json.loads(args.out.read_text())
+        if old["settings"] != doc["settings"]:
+            raise SystemExit(
+                f"--merge: {args.out} was measured with {old['settings']}, not {doc['settings']}"
+            )
+        stamp = {"date": doc["date"], "command": doc["command"]}
+        doc = {**old, "models": {k: v for k, v in old["models"].items() if k not in names}}
     with tempfile.TemporaryDirectory(prefix="first_order_agreement_") as tmp:
         work = Path(tmp)
         cal = calibration(repo_params, work, args.batches)
         warm_up(repo_params, cal, work, args)
-        for name in args.models.split(","):
+        for name in names:
             doc["models"][name] = measure(name, repo_params, cal, work, args)
+            if args.merge:
+                doc["models"][name].update(stamp, machine=machine())
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(doc, indent=2) + "\n")  # a run cut short keeps what it measured
     print(markdown(doc))
