@@ -285,3 +285,40 @@ def test_the_report_says_what_was_estimated_and_what_the_audit_found(planted_run
         cells = [c.strip() for c in rows[phase].strip("|").split("|")]
         assert cells[2] == str(len(audit["ops"])) and cells[4] == f"{audit['recall']:.2f}"
         assert cells[6] == f"{audit['escape']:.2f}"
+
+
+class _Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 12)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_the_sweep_keeps_no_upcast_copy_of_a_stored_weight():
+    """A bf16 checkpoint computed in float32: autograd would keep each Linear's float32 weight for
+    the backward (about 14 GiB for the 3B); the sweep keeps the stored bf16 one instead, and the
+    gradient is the float32 op's."""
+    model = _Chain()
+    for m in (model.a, model.b):  # the weights as a bf16 checkpoint stores them (the engine upcasts the rest)
+        m.weight.data = m.weight.data.to(torch.bfloat16)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    fq = FakeQuantModel(model, ["a", "b"], reduce_range=False, arithmetic="fake_quant")
+    fq.calibrate([{"x": x}])
+    with torch.no_grad():
+        fq.set_all(False)
+        ref = model(x).float()
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        est = estimate_batch(fq, lambda: model(x).float(), ref, ["a", "b"], points=2, probes=1, seed=0)
+    weight_b = tuple(fq.ops["b"].param.shape)
+    assert (torch.bfloat16, weight_b) in saved  # the stored weight, kept by reference
+    assert (torch.float32, weight_b) not in saved  # no float32 copy of it
+    # the same gradient as the plain float32 op: c_1 (op a alone) from the sweep's own forward
+    assert est.curve[0] > 0 and est.first_order[1] != 0

@@ -174,6 +174,26 @@ def _functional(op: _Op, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _affine(mod, x, weight, mod.bias)
 
 
+class _UpcastLinear(torch.autograd.Function):
+    """A Linear on its stored weight upcast for this call only, whose backward upcasts it again.
+
+    Why: autograd keeps what a backward needs until it runs. ``F.linear(x, w.to(float32))`` would
+    keep the float32 copy of every Linear's weight through a gradient sweep - for a bf16 3B, about
+    14 GiB on top of the model. This keeps the stored weight itself (already resident) and pays a
+    second upcast in the backward. Only the input's gradient is computed: no weight is trained."""
+
+    @staticmethod
+    def forward(ctx, x, stored, bias, dtype):
+        ctx.save_for_backward(stored)
+        ctx.dtype = dtype
+        return F.linear(x, stored.to(dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (stored,) = ctx.saved_tensors
+        return grad.matmul(stored.to(ctx.dtype)), None, None, None
+
+
 def by_trial(
     x: torch.Tensor, keys: Sequence[Hashable], run: Callable[[torch.Tensor, Hashable], torch.Tensor]
 ) -> torch.Tensor:
@@ -321,7 +341,7 @@ class FakeQuantModel:
                 return self.probe.run(
                     op,
                     x,
-                    lambda t: _functional(op, t, self._weight(op)),
+                    functools.partial(self._float_for_grad, op),
                     lambda t: self._compute(op, t, True),
                     self._parts(op),
                 )
@@ -343,6 +363,14 @@ class FakeQuantModel:
             return _functional(op, x, self._dequantized(op))
         out = _functional(op, _fq_tensor(x, op.in_qp), self._dequantized(op))
         return _fq_tensor(out, op.out_qp)
+
+    def _float_for_grad(self, op: _Op, x: torch.Tensor) -> torch.Tensor:
+        """The op in float for a gradient sweep (:mod:`.first_order`), holding no upcast weight for
+        the backward (:class:`_UpcastLinear`); a scheme's float op is the plain one (its bias
+        placement changes the last bits only, which a gradient does not read)."""
+        if isinstance(op.module, nn.Linear) and x.requires_grad:
+            return _UpcastLinear.apply(x, op.param.detach(), op.module.bias, self.compute_dtype)
+        return _functional(op, x, self._weight(op))
 
     def _parts(self, op: _Op) -> Callable[[torch.Tensor], dict[str, Any]] | None:
         """What AutoRound's score reads of this op: its input and weight, float and fake-quantized
@@ -368,7 +396,7 @@ class FakeQuantModel:
                 self._note_reader(op.name, x)
             if self.probe is not None and not self.observing:
                 return self.probe.run(
-                    op, x, lambda t: run(t, False, False), lambda t: run(t, False, True), None
+                    op, x, functools.partial(self._float_for_grad, op), lambda t: run(t, False, True), None
                 )
             if self.trial_count is not None and not self.observing:
                 keys = [self._scheme_key(op, t) for t in range(self.trial_count)]
