@@ -382,7 +382,14 @@ class FakeQuantModel:
             if op.q_weight is None:  # int8_kernels arithmetic keeps no fake-quant weight: made once
                 self._quantize_weight(op)
             qx = x if op.weight_only else _fq_tensor(x, op.in_qp)
-            return {"module": op.module, "x": x, "qx": qx, "w": self._weight(op), "qw": self._dequantized(op)}
+            # the weights are made when the backward reads them, not held until it runs (a 3B: GiBs)
+            return {
+                "module": op.module,
+                "x": x,
+                "qx": qx,
+                "w": functools.partial(self._weight, op),
+                "qw": functools.partial(self._dequantized, op),
+            }
 
         return parts
 

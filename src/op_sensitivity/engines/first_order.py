@@ -86,7 +86,8 @@ def autoround_terms(split: dict[str, Any], g: torch.Tensor) -> dict[str, float]:
     """AutoRound's delta loss of one op call: ``sum|g_qx * (x - Q(x))|`` (per element) and
     ``sum|g_qW * (W - Q(W))|`` (the weight's gradient summed over tokens first), the gradients
     those of the op's output with respect to its quantized input and weight."""
-    mod, x, qx, w, qw = (split[k] for k in ("module", "x", "qx", "w", "qw"))
+    mod, x, qx = split["module"], split["x"], split["qx"]
+    w, qw = split["w"](), split["qw"]()  # made now, dropped after this call
     if isinstance(mod, torch.nn.Embedding):  # weight-only: the rows the ids read
         gw = torch.zeros(w.shape, dtype=torch.float32, device=g.device)
         gw.index_add_(0, x.reshape(-1), g.reshape(-1, w.shape[1]))
