@@ -192,7 +192,9 @@ def test_the_interval_leaves_the_split_unchanged_and_is_seeded(measured, planted
     assert kept.values() == plain == good["chosen"]["values"]
     assert int8.values() == int8_plain == good["reference"]["all_int8"]
     assert sum(kept.per_sample.tokens) == plain["tokens"] and len(kept.per_sample.kl) == 6
-    assert sum(kept.per_sample.kl) / plain["tokens"] == pytest.approx(plain["kl"], rel=1e-6)
+    # the split's KL is one float32 reduction over its tokens, the per-sample sums are others: they
+    # agree to float32 summation (measured 2.2e-6 relative under xdist), not to the bit
+    assert sum(kept.per_sample.kl) / plain["tokens"] == pytest.approx(plain["kl"], rel=1e-4)
     _, records = load_calibration(test_dir, TEST)
     assert images == [r.image_id for r in records] and len(set(images)) == 6
     again = recovered_intervals(good["chosen"]["recovered"], kept.per_sample, int8.per_sample, images)
