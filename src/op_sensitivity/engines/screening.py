@@ -71,9 +71,8 @@ log = logging.getLogger(__name__)
 WIDEN = 1.5  # a violated bound is widened to the observed ratio times this
 CHECK_SAMPLE = 8  # unrefined ops per phase measured in float32 to check the bound's assumption
 CHECK_SEED = "op_sensitivity.screening.check"  # the sample's seed: the same pass checks the same ops
-AUDIT_SEED = (
-    "op_sensitivity.screening.audit"  # first_order's audit, per phase: the same pass audits the same ops
-)
+# first_order's audit, per phase: the same pass audits the same ops
+AUDIT_SEED = "op_sensitivity.screening.audit"
 # phase -> per batch, per op (scored order): the values, and whether each is float32's
 Values = dict[str, list[list[float]]]
 Exact = dict[str, list[list[bool]]]
@@ -242,16 +241,12 @@ class Refinement:
     observed_ratio: float  # max share of the unscaled bound a refined trial used
     check_ratio: float | None  # the same over the sampled trials (None: nothing left to sample)
     widened: list[dict[str, Any]]  # every widening: {from, to, by: refined | sample}
-    audited: dict[str, set[int]] = field(
-        default_factory=dict
-    )  # first_order: the seeded audit, measured first
-    ends: dict[str, list[float]] = field(
-        default_factory=dict
-    )  # per phase and batch: the bound before the margin
-    estimate: Values = field(default_factory=dict)  # the values before any measurement
-    draws: dict[str, list[tuple[int, int]]] = field(
-        default_factory=dict
-    )  # per phase: (drawn, pool) each draw
+    # first_order: the seeded audit (measured first); per phase and batch, the bound before the
+    # margin; the values before any measurement; per phase, (drawn, pool) of each uniform draw
+    audited: dict[str, set[int]] = field(default_factory=dict)
+    ends: dict[str, list[float]] = field(default_factory=dict)
+    estimate: Values = field(default_factory=dict)
+    draws: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 def estimate_error(phase: str, estimate: float, exact: float) -> float:
