@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from op_sensitivity.engines.artifact import build_report
-from op_sensitivity.engines.contract import FP32
 from op_sensitivity.engines.fakequant import FakeQuantModel
 from op_sensitivity.engines.first_order import curve_points, estimate_batch, peer_scores
 from op_sensitivity.engines.native import run_pass
@@ -21,7 +20,7 @@ from op_sensitivity.report.rank import screening_lines
 from op_sensitivity.report.scores import phase_scores, select_phase
 from tests.handmade import fallback_params
 from tests.helpers import sensitivity_params
-from tests.validation.planted import PLANTED, planted_copy
+from tests.validation.planted import PLANTED, screened_reports
 
 
 class _Parallel(nn.Module):
@@ -118,15 +117,25 @@ def test_peer_scores_follow_their_formulas(parallel):
     batch = {"input_ids": ids}
     forward = lambda: model(x).unsqueeze(0)  # noqa: E731
     scores = peer_scores(fq, forward, batch, ["a", "b"])
-    weights = [
-        fq.ops[n].param.detach() for n in ("a", "b")
-    ]  # the stored weights (the modules hold placeholders)
+    ops = [fq.ops[n] for n in ("a", "b")]
+    weights = [op.param.detach() for op in ops]  # the stored weights (the modules hold placeholders)
     logits = (x @ weights[0].T + x @ weights[1].T).requires_grad_()  # the float model (zero biases)
     loss = nn.functional.cross_entropy(logits[:-1], ids[0, 1:])
     (g,) = torch.autograd.grad(loss, [logits])  # the same g reaches each op's output
     for i, name in enumerate(("a", "b")):
         assert scores["modelopt"][i] == pytest.approx(float((g.double() * d[name]).pow(2).sum()), rel=1e-4)
-    assert all(v > 0 for v in scores["autoround"])
+    # AutoRound, by hand: the all-int8 logits' gradient, taken back to each op's quantized input
+    # (g @ QW) and weight (g^T Qx), against the quantization errors x - Qx and W - QW
+    with torch.no_grad():
+        fq.set_all(True)
+        logits8 = model(x).requires_grad_()
+    (g8,) = torch.autograd.grad(nn.functional.cross_entropy(logits8[:-1], ids[0, 1:]), [logits8])
+    for i, op in enumerate(ops):
+        scale, zero, lo, hi = op.in_qp
+        qx = torch.fake_quantize_per_tensor_affine(x, scale, zero, lo, hi)
+        qw = (op.q_weight * op.q_scale).float()
+        expected = (g8 @ qw * (x - qx)).abs().sum() + (g8.T @ qx * (weights[i] - qw)).abs().sum()
+        assert scores["autoround"][i] == pytest.approx(float(expected), rel=1e-4)
 
 
 def _refine_with_a_blind_op(seed: str, audit: int, blind: int, n: int = 40, top: int = 3):
@@ -187,18 +196,9 @@ def test_an_audited_blind_op_widens_the_bound_and_enters_the_top():
 def planted_runs(small_model_dir, calibration_dir, tmp_path_factory):
     """The planted model (an outlier pair in layer 0's MLP), native exact and first_order."""
     work = tmp_path_factory.mktemp("first_order")
-    model_dir = planted_copy(
-        small_model_dir, small_model_dir.parent / "op_inventory.json", work / "m" / "qwen"
-    )
-    inventory_path = model_dir.parent / "op_inventory.json"
-    inventory = read_inventory(inventory_path)
-    base = replace(sensitivity_params(op_name_dict={"lm_head": FP32}, confidence_batches=2), engine="native")
-    reports = {}
-    for name, screening in (("exact", "none"), ("first_order", "first_order")):
-        native = replace(base.native, screening=screening, exact_top=3, audit=4)
-        params = replace(base, native=native)
-        model, spec, _, meta = load_inputs(params, calibration_dir, model_dir, inventory_path)
-        reports[name] = build_report(run_pass(model, spec, workspace=work / name), inventory, meta)
+    native = {"screening": None, "exact_top": 3, "audit": 4}
+    runs = {"exact": {**native, "screening": "none"}, "first_order": {**native, "screening": "first_order"}}
+    reports, inventory = screened_reports(small_model_dir, calibration_dir, work, runs)
     return reports, inventory
 
 

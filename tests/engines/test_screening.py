@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 
 from op_sensitivity.engines.artifact import build_report
-from op_sensitivity.engines.contract import FP32
 from op_sensitivity.engines.native import run_pass
 from op_sensitivity.engines.runner import load_inputs
 from op_sensitivity.engines.screening import (
@@ -29,7 +28,7 @@ from op_sensitivity.phases import BOTH, FALLBACK, PHASES, REQUANT
 from op_sensitivity.report.scores import phase_scores, select_phase
 from tests.handmade import fallback_params
 from tests.helpers import sensitivity_params
-from tests.validation.planted import PLANTED, planted_copy
+from tests.validation.planted import PLANTED, screened_reports
 
 
 def test_interval_holds_every_value_the_rounding_error_allows():
@@ -179,21 +178,17 @@ def test_a_sampled_op_outside_the_bound_widens_it_and_the_selection_grows():
 def planted_pair(small_model_dir, calibration_dir, tmp_path_factory):
     """The planted model (an outlier pair in layer 0's MLP), native, float32 and bf16-screened."""
     work = tmp_path_factory.mktemp("screened")
-    model_dir = planted_copy(
-        small_model_dir, small_model_dir.parent / "op_inventory.json", work / "m" / "qwen"
-    )
-    inventory_path = model_dir.parent / "op_inventory.json"
-    inventory = read_inventory(inventory_path)
-    base = replace(sensitivity_params(op_name_dict={"lm_head": FP32}, confidence_batches=2), engine="native")
-    reports = {}
     runs = {"none": ("none", 3, 1.0), "bfloat16": ("bfloat16", 3, 1.0), "tight": ("bfloat16", 1, 0.05)}
-    for name, (screening, top, margin) in runs.items():
-        native = replace(
-            base.native, screening=screening, exact_top=top, screening_margin=margin, arithmetic="fake_quant"
-        )
-        params = replace(base, native=native)
-        model, spec, _, meta = load_inputs(params, calibration_dir, model_dir, inventory_path)
-        reports[name] = build_report(run_pass(model, spec, workspace=work / name), inventory, meta)
+    native = {
+        name: {
+            "screening": screening,
+            "exact_top": top,
+            "screening_margin": margin,
+            "arithmetic": "fake_quant",
+        }
+        for name, (screening, top, margin) in runs.items()
+    }
+    reports, inventory = screened_reports(small_model_dir, calibration_dir, work, native)
     return reports, inventory, work
 
 

@@ -11,6 +11,7 @@ import torch
 
 from op_sensitivity.engines.artifact import build_report
 from op_sensitivity.engines.contract import FP32
+from op_sensitivity.engines.native import run_pass
 from op_sensitivity.engines.runner import load_inputs, run_engine
 from op_sensitivity.inventory import read_inventory
 from op_sensitivity.model.source import CARD, dir_sha256, load_model_dir, read_card
@@ -47,6 +48,26 @@ def planted_copy(model_dir: Path, inventory: Path, out: Path) -> Path:
     card = replace(read_card(out), sha256=dir_sha256(out))
     (out / CARD).write_text(json.dumps(asdict(card)))
     return out
+
+
+def screened_reports(
+    small_model_dir: Path, calibration_dir: Path, work: Path, runs: dict[str, dict]
+) -> tuple[dict[str, dict], list]:
+    """The planted model's native reports over 2 confidence batches, lm_head kept fp32, one per run:
+    name -> the ``sensitivity.native`` fields it sets (screening, exact_top, ...); each pass's trial
+    log under ``work / name``. Returns the reports and the inventory."""
+    model_dir = planted_copy(
+        small_model_dir, small_model_dir.parent / "op_inventory.json", work / "m" / "qwen"
+    )
+    inventory_path = model_dir.parent / "op_inventory.json"
+    inventory = read_inventory(inventory_path)
+    base = sensitivity_params(op_name_dict={"lm_head": FP32}, confidence_batches=2, engine="native")
+    reports = {}
+    for name, native in runs.items():
+        params = replace(base, native=replace(base.native, **native))
+        model, spec, _, meta = load_inputs(params, calibration_dir, model_dir, inventory_path)
+        reports[name] = build_report(run_pass(model, spec, workspace=work / name), inventory, meta)
+    return reports, inventory
 
 
 def build_planted(small_model_dir: Path, calibration_dir: Path, selection_dir: Path, work: Path) -> dict:
