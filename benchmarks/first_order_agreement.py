@@ -5,7 +5,9 @@
 
 Models, built here as the test fixtures build them (tests/conftest.py, seeded random weights):
 ``default`` (the embedded default's sizes), ``planted`` (the small test model with the outlier pair
-of tests/validation/planted.py) and ``mid`` (conftest's mid-size model, stored bf16); and
+of tests/validation/planted.py), ``massive`` (the default's sizes with massive activations planted,
+tests/validation/massive.py: its measured ratios and where each ranking puts the planted ops land
+in the output) and ``mid`` (conftest's mid-size model, stored bf16); and
 ``trained``, ``default`` trained briefly on the sample's captions (benchmarks/trained_tiny.py,
 cached under the system temp dir; its loss before and after land in the output). Each model
 gets an exact native pass (``screening: none``, lm_head scored, ``--batches`` confidence batches),
@@ -61,18 +63,21 @@ from op_sensitivity.phases import FALLBACK, PHASES, REQUANT  # noqa: E402
 from op_sensitivity.report.scores import phase_scores, select_phase  # noqa: E402
 from tests.conftest import MID_TINY, _materialized  # noqa: E402
 from tests.helpers import SAMPLE_ANNOTATIONS, SAMPLE_IMAGES, SMALL_TINY, sensitivity_params  # noqa: E402
+from tests.validation.massive import MASSIVE, massive_copy  # noqa: E402
 from tests.validation.planted import planted_copy  # noqa: E402
 
-MODELS = ("default", "planted", "mid", "trained")
+MODELS = ("default", "planted", "massive", "mid", "trained")
 WEIGHTS = {
     "default": "seeded random",
     "planted": "planted outlier pair on seeded random",
+    "massive": "planted massive activations on seeded random",
     "mid": "seeded random",
     "trained": f"trained {TRAINING['steps']} steps on the sample captions",
 }
 ESTIMATORS = ("first_order", "modelopt", "autoround")
 PEERS = ("modelopt", "autoround")
 TOP, KEEP = 10, 3  # the recall's top and top_k's k
+MASSIVE_FACTS: dict[str, float] = {}  # the ratios the massive model was built with, measured
 
 
 # -- the models ----------------------------------------------------------------------------------
@@ -99,6 +104,11 @@ def build_model(name: str, repo_params, cal: Path, work: Path) -> Path:
         return _materialized(work / "default" / "qwen2_5_vl", model)
     if name == "trained":  # the same start as default (same bytes, so the cache key matches)
         return trained_model(repo_params, _materialized(work / "trained_base" / "qwen2_5_vl", model))
+    if name == "massive":  # the default's sizes (two decoder layers), massive channels planted
+        src = _materialized(work / "massive_base" / "qwen2_5_vl", model)
+        out, facts = massive_copy(src, src.parent / "op_inventory.json", work / "massive" / "qwen2_5_vl", cal)
+        MASSIVE_FACTS.update(facts)
+        return out
     if name == "planted":
         small = replace(model, tiny=replace(tiny, text=SMALL_TINY["text"], vision=SMALL_TINY["vision"]))
         src = _materialized(work / "small" / "qwen2_5_vl", small)
@@ -233,6 +243,27 @@ def compare(exact: dict[str, Any], est: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def massive_ranks(exact: dict[str, Any], est: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per ranking (exact, each estimator) and phase, on the batch-mean scores: the best 1-based
+    rank of a planted massive op, that op, and the top 3."""
+    names = exact["scored"]
+    planted = [i for i, name in enumerate(names) if name in MASSIVE]
+    out: dict[str, dict[str, Any]] = {}
+    for name in ("exact", *ESTIMATORS):
+        for phase in PHASES:
+            if name == "exact":
+                score = phase_score(mean(exact["values"][phase]), phase)
+            elif name in PEERS:
+                score = mean([e[name] for e in est])
+            else:
+                score = phase_score(mean([e[phase] for e in est]), phase)
+            order = ranking(score)
+            best = min(order.index(i) for i in planted)
+            top = [names[i] for i in order[:KEEP]]
+            out.setdefault(name, {})[phase] = {"rank": best + 1, "op": names[order[best]], "top3": top}
+    return out
+
+
 def cost(exact: dict[str, Any], est: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Forwards, backwards and seconds summed over batches (each batch's calibration forward
     included, as the exact pass's ``runtime`` counts it; ``calibration_s`` its share)."""
@@ -292,6 +323,8 @@ def measure(name: str, repo_params, cal: Path, work: Path, args) -> dict[str, An
         "agreement": compare(exact, est),
         "cost": fastest([cost(e, s) for e, s in rounds]),
     }
+    if name == "massive":
+        out["massive"] = {"ops": sorted(MASSIVE), **MASSIVE_FACTS, "ranks": massive_ranks(exact, est)}
     if name == "trained":
         facts = training_facts(model_dir)
         out["training"] = {**facts, "curve_every_25": facts["curve"][::25] + facts["curve"][-1:]}

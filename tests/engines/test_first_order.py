@@ -20,7 +20,8 @@ from op_sensitivity.report.rank import screening_lines
 from op_sensitivity.report.scores import phase_scores, select_phase
 from tests.handmade import fallback_params
 from tests.helpers import sensitivity_params
-from tests.validation.planted import PLANTED, screened_reports
+from tests.validation.massive import INPUT, MASSIVE, RESIDUAL, massive_copy
+from tests.validation.planted import PLANTED, native_reports, screened_reports
 
 
 class _Parallel(nn.Module):
@@ -245,6 +246,28 @@ def test_first_order_ships_the_exact_passs_keep_list(planted_runs, phase):
             for k in ("exact", "first_order")
         ]
         assert lists[0] == lists[1] and lists[0], (phase, raw)
+
+
+def test_a_planted_massive_activation_op_is_in_the_top_3_by_estimate_and_exactly(
+    default_model_dir, calibration_dir, tmp_path
+):
+    """Residual channels ~1000x the rest after layer 0, passed by layer 1's norms into its five
+    input linears at ~300x the rest (tests/validation/massive.py): under per-tensor int8 the rest
+    of those inputs rounds to a few codes. In both phases a planted op stands in the top 3 of the
+    estimate alone (before any exact trial) and of the exact pass."""
+    inventory = default_model_dir.parent / "op_inventory.json"
+    model_dir, facts = massive_copy(default_model_dir, inventory, tmp_path / "m" / "qwen", calibration_dir)
+    assert facts["residual_ratio"] == pytest.approx(RESIDUAL, rel=0.05)
+    assert facts["input_ratio"] == pytest.approx(INPUT, rel=0.01)
+    assert facts["argmax_kept"] > 0.8  # the float model stays near the original
+    native = {"exact_top": 3, "audit": 4}
+    runs = {"exact": {**native, "screening": "none"}, "first_order": {**native, "screening": "first_order"}}
+    reports, inventory = native_reports(model_dir, calibration_dir, tmp_path, runs)
+    audit = reports["first_order"]["metadata"]["screening"]["audit"]
+    scores = phase_scores(reports["exact"], inventory)
+    for phase in PHASES:
+        assert MASSIVE & set(audit[phase]["top_estimated"][:3]), phase
+        assert MASSIVE & set(select_phase(scores, phase)["module"][:3]), phase
 
 
 def test_a_first_order_pass_resumes_to_the_same_bytes(small_model_dir, calibration_dir, tmp_path):

@@ -53,12 +53,19 @@ def planted_copy(model_dir: Path, inventory: Path, out: Path) -> Path:
 def screened_reports(
     small_model_dir: Path, calibration_dir: Path, work: Path, runs: dict[str, dict]
 ) -> tuple[dict[str, dict], list]:
-    """The planted model's native reports over 2 confidence batches, lm_head kept fp32, one per run:
-    name -> the ``sensitivity.native`` fields it sets (screening, exact_top, ...); each pass's trial
-    log under ``work / name``. Returns the reports and the inventory."""
+    """The planted model's :func:`native_reports` (the copy under ``work``)."""
     model_dir = planted_copy(
         small_model_dir, small_model_dir.parent / "op_inventory.json", work / "m" / "qwen"
     )
+    return native_reports(model_dir, calibration_dir, work, runs)
+
+
+def native_reports(
+    model_dir: Path, calibration_dir: Path, work: Path, runs: dict[str, dict]
+) -> tuple[dict[str, dict], list]:
+    """A model dir's native reports over 2 confidence batches, lm_head kept fp32, one per run:
+    name -> the ``sensitivity.native`` fields it sets (screening, exact_top, ...); each pass's trial
+    log under ``work / name``. Returns the reports and the inventory."""
     inventory_path = model_dir.parent / "op_inventory.json"
     inventory = read_inventory(inventory_path)
     base = sensitivity_params(op_name_dict={"lm_head": FP32}, confidence_batches=2, engine="native")
