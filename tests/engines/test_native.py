@@ -110,6 +110,47 @@ def test_single_linear_matches_torch_fx_quantization(arithmetic):
     assert torch.equal(model.lin.weight, weight)  # the module's own weight is back, untouched
 
 
+def test_int8_kernels_pack_a_weight_once_and_again_only_when_it_changes():
+    """Recalibrating on another batch (or restoring one) keeps the packed int8 weight and takes the
+    new qparams: the outputs equal a model calibrated on that batch alone, to the bit. A weight
+    changed in place is packed again."""
+    torch.manual_seed(2)
+    state = _Wrap(torch.nn.Linear(32, 48)).state_dict()
+    xs = [torch.randn(10, 32) * s for s in (1.0, 3.0)]
+
+    def calibrated(x, scale=1.0):
+        model = _Wrap(torch.nn.Linear(32, 48)).eval()
+        model.load_state_dict(state)
+        with torch.no_grad():
+            model.lin.weight.mul_(scale)
+        fq = FakeQuantModel(model, ["lin"], reduce_range=False, arithmetic="int8_kernels")
+        fq.calibrate([{"x": x}])
+        return fq
+
+    def int8_output(fq, x):
+        fq.set("lin", True)
+        with torch.no_grad():
+            out = fq.model(x=x)
+        fq.set("lin", False)
+        return out
+
+    fq = calibrated(xs[0])
+    packed, first = fq.ops["lin"].qmodule, fq.frozen()
+    fq.calibrate([{"x": xs[1]}])
+    assert fq.ops["lin"].qmodule is packed
+    again = int8_output(fq, xs[1])
+    assert torch.equal(again, int8_output(calibrated(xs[1]), xs[1]))
+    fq.restore(first)
+    assert fq.ops["lin"].qmodule is packed
+    assert torch.equal(int8_output(fq, xs[1]), int8_output(calibrated(xs[0]), xs[1]))
+    assert not torch.equal(int8_output(fq, xs[1]), again)
+    with torch.no_grad():
+        fq.ops["lin"].param.mul_(2.0)
+    fq.calibrate([{"x": xs[1]}])
+    assert fq.ops["lin"].qmodule is not packed
+    assert torch.equal(int8_output(fq, xs[1]), int8_output(calibrated(xs[1], 2.0), xs[1]))
+
+
 def _check_exact(native, inc):
     result = crosscheck(native, inc)
     for phase, v in result["phases"].items():

@@ -74,26 +74,28 @@ def test_pass_seconds_by_hand():
     ops = [OpInfo(name, "Linear", [1], 10, "text", None) for name in OPS]
     model = CostModel(_costs(), ops, layers=2, blocks=1)
     assert model.forward(set()) == 7.0 and model.forward(set(OPS)) == 3.5
-    # once per batch: calibration 7 x 2 + setup 0.01 x 70 + fp32 reference 7 + all-int8 3.5 = 25.2;
+    # once a pass: setup 0.01 x 70 (the int8 weights, kept across batches)
+    assert model.setup_seconds(OPS) == pytest.approx(0.7)
+    # once per batch: calibration 7 x 2 + fp32 reference 7 + all-int8 3.5 = 24.5;
     # fallback (all int8 from the op's unit on) 3.5+3+2.5+2+1.5+1+0.5 = 14;
     # requant (cumulative, from the op's unit on) 6.5+5.5+4.5+3.5+2.5+1.5+0.5 = 24.5
-    assert model.pass_seconds(OPS, suffix_reuse=True) == pytest.approx(25.2 + 14.0 + 24.5)
+    assert model.pass_seconds(OPS, suffix_reuse=True) == pytest.approx(24.5 + 14.0 + 24.5)
     # no reuse: a vision op recomputes everything, a text op the text tower (its input is cached)
     # fallback 3.5 x 3 + 2 x 4 = 18.5; requant 6.5+6+5.5 + 3.5+3+2.5+2 = 29
-    assert model.pass_seconds(OPS, suffix_reuse=False) == pytest.approx(25.2 + 18.5 + 29.0)
+    assert model.pass_seconds(OPS, suffix_reuse=False) == pytest.approx(24.5 + 18.5 + 29.0)
     # isolated requant: one op int8 at a time
     assert model.pass_seconds(OPS, True, requant_cumulative=False) == pytest.approx(
-        25.2 + 14.0 + (6.5 + 5.5 + 4.5 + 3.5 + 2.5 + 1.5 + 0.5)
+        24.5 + 14.0 + (6.5 + 5.5 + 4.5 + 3.5 + 2.5 + 1.5 + 0.5)
     )
 
 
 def test_first_order_seconds_by_hand():
-    """The same seven units: base 25.2 (as above); 2 sweeps of (fp32 7 + int8 3.5 + backward 2 x 7)
+    """The same seven units: base 24.5 (as above); 2 sweeps of (fp32 7 + int8 3.5 + backward 2 x 7)
     = 49 and 3 probes of 14 = 42; 4 exact trials of the 14 at the exact trials' mean (38.5 / 14)."""
     ops = [OpInfo(name, "Linear", [1], 10, "text", None) for name in OPS]
     model = CostModel(_costs(), ops, layers=2, blocks=1)
     got = model.first_order_seconds(OPS, True, 1, points=2, probes=3, exact=4)
-    assert got == pytest.approx(25.2 + 49.0 + 42.0 + 38.5 * 4 / 14)
+    assert got == pytest.approx(24.5 + 49.0 + 42.0 + 38.5 * 4 / 14)
     # every trial exact: the sweeps on top of the exact pass
     everything = model.first_order_seconds(OPS, True, 1, points=2, probes=3, exact=99)
     assert everything == pytest.approx(model.pass_seconds(OPS, True) + 49.0 + 42.0)

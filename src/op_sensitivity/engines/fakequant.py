@@ -152,6 +152,7 @@ class _Op:
     in_qp: tuple | None = None
     out_qp: tuple | None = None
     qmodule: nn.Module | None = None  # int8_kernels arithmetic: torch's quantized module for this op
+    packed_from: tuple | None = None  # the weight (storage, version) qmodule's packed weight came from
     sq: SchemeQuant | None = None  # a scheme other than inc_cpu: its quantizers for this op
     enabled: bool = False
     observers: dict[str, Any] = field(default_factory=dict)
@@ -523,7 +524,19 @@ class FakeQuantModel:
                 op.in_qp, op.out_qp = _qparams(op.observers["in"]), _qparams(op.observers["out"])
                 op.observers = {}
                 if self.arithmetic == "int8_kernels":
-                    op.qmodule = _quantized_module(op, self._weight(op))
+                    self._int8_module(op)
+
+    def _int8_module(self, op: _Op) -> None:
+        """torch's quantized module for the op's current output qparams. Its packed int8 weight
+        depends on the weight alone, so it is packed once and kept across calibrations and
+        restores (at 3B that packing was ~60 s of every batch's calibration); a weight changed in
+        place since then is packed again."""
+        source = (op.param.data_ptr(), op.param._version)
+        if op.qmodule is None or op.packed_from != source:
+            op.qmodule = _quantized_module(op, self._weight(op))
+            op.packed_from = source
+        else:
+            op.qmodule.scale, op.qmodule.zero_point = float(op.out_qp[0]), int(op.out_qp[1])
 
     def frozen(self) -> dict[str, Any]:
         """The calibrated activation qparams (a few scalars per op), to come back to this batch later."""
@@ -541,7 +554,7 @@ class FakeQuantModel:
             elif not op.weight_only:
                 op.in_qp, op.out_qp = qp
                 if self.arithmetic == "int8_kernels":
-                    op.qmodule = _quantized_module(op, self._weight(op))
+                    self._int8_module(op)
 
     def remove(self) -> None:
         for op in [*self.ops.values(), *self.kept.values()]:

@@ -138,14 +138,20 @@ class CostModel:
             return 0 if vision_op else self.index[("text_pre", 0)]
         return self.index.get(u, 0)
 
+    def setup_seconds(self, scored: list[str]) -> float:
+        """Fixing the scored ops' qparams and building their int8 weights, as the probe's first
+        calibration measured it; once a pass, since a packed weight is kept across batches
+        (``FakeQuantModel._int8_module``)."""
+        return self.costs.setup_per_param * sum(self.params[n] for n in scored)
+
     def pass_seconds(
         self, scored: list[str], suffix_reuse: bool, requant_cumulative: bool = True, samples: int = 1
     ) -> float:
-        """One confidence batch of ``samples``: calibration, fp32 reference, all-int8, both phases."""
+        """One confidence batch of ``samples``: calibration, fp32 reference, all-int8, both phases
+        (the int8 weights are built once a pass: :meth:`setup_seconds`)."""
         everything = set(scored)
         fp32 = self.forward(set(), samples)
-        setup = self.costs.setup_per_param * sum(self.params[n] for n in scored)
-        seconds = fp32 * self.costs.observe_factor + setup + fp32 + self.forward(everything, samples)
+        seconds = fp32 * self.costs.observe_factor + fp32 + self.forward(everything, samples)
         base = self.unit_costs(everything, samples)
         for op in scored:  # fallback: all int8 but one, from its unit onward
             seconds += sum(base[self.first_unit(op, suffix_reuse) :])
@@ -161,11 +167,11 @@ class CostModel:
         """One confidence batch of a first_order pass (``engines.first_order``): calibration, reference,
         all-int8, ``points`` sweeps (each op computed both ways, then a backward), ``probes`` more
         backwards, and ``exact`` trials (audit and contention, both phases) at the exact pass's
-        average trial cost. A backward is taken as :data:`BACKWARD_PER_FORWARD` fp32 forwards."""
+        average trial cost; :meth:`setup_seconds` comes on top, once a pass. A backward is taken
+        as :data:`BACKWARD_PER_FORWARD` fp32 forwards."""
         everything = set(scored)
         fp32, int8 = self.forward(set(), samples), self.forward(everything, samples)
-        setup = self.costs.setup_per_param * sum(self.params[n] for n in scored)
-        base = fp32 * self.costs.observe_factor + setup + fp32 + int8
+        base = fp32 * self.costs.observe_factor + fp32 + int8
         trials = self.pass_seconds(scored, suffix_reuse, True, samples) - base
         sweeps = points * (fp32 + int8 + BACKWARD_PER_FORWARD * fp32) + probes * BACKWARD_PER_FORWARD * fp32
         return base + sweeps + trials * min(exact, 2 * len(scored)) / (2 * len(scored))

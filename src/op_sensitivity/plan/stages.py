@@ -291,7 +291,8 @@ class Planner:
         # One GPU per process divides the trials; on the CPU the processes share the same cores
         # (each with the stage's thread count, so the values do not depend on them): no speedup.
         shards = sens.native.processes if self.device(sens) == "cuda" else 1
-        seconds = per_batch * sens.confidence_batches / shards
+        setup = model.setup_seconds(scored)
+        seconds = per_batch * sens.confidence_batches / shards + setup
         n = sens.native
         if n.screening == "first_order":
             # which ops contention measures is known only after the estimate: the audit and three
@@ -300,13 +301,13 @@ class Planner:
             per_batch = model.first_order_seconds(
                 scored, n.suffix_reuse, sens.batch_size, n.first_order_points, n.first_order_probes, exact
             )
-            return per_batch * sens.confidence_batches, (
+            return per_batch * sens.confidence_batches + setup, (
                 f"probe; first_order: {n.first_order_points} sweeps + {n.first_order_probes} probes a "
                 f"batch (a backward taken as 2 forwards), about {exact} exact trials a batch assumed "
                 "(all of them if the audit widens the bound)"
             )
         if sens.native.screening != "none":  # the probe is float32; which ops refine is known only after
-            return 2 * seconds, "probe; screening: at most a float32 screen + every op refined"
+            return 2 * seconds - setup, "probe; screening: at most a float32 screen + every op refined"
         return seconds, "probe"
 
     # -- stages --------------------------------------------------------------------------------
