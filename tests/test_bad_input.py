@@ -564,6 +564,18 @@ CASES = [
         params=lambda d: d["sensitivity"]["native"].update(exact_top=0),
     ),
     Case(
+        "exact-budget-below-top",
+        "sensitivity",
+        "case.yaml: sensitivity.native.exact_budget: exact_budget 4 cannot measure the top exact_top=32",
+        params=lambda d: d["sensitivity"]["native"].update(screening="bfloat16", exact_budget=4),
+    ),
+    Case(
+        "exact-budget-unscreened",
+        "sensitivity",
+        "case.yaml: sensitivity.native.exact_budget: exact_budget caps a screened pass's float32 trials",
+        params=lambda d: d["sensitivity"]["native"].update(exact_budget=40),
+    ),
+    Case(
         "screening-margin",
         "sensitivity",
         "sensitivity.native.screening_margin: expected a positive number",

@@ -502,6 +502,13 @@ class NativeParams:
         description="screening first_order: ops per phase drawn (seeded) and measured exactly first; the "
         "largest error they show is the estimate's bound, and they give the run's Spearman.",
     )
+    exact_budget: Int1 | None = Field(
+        default=None,
+        description="screening: at most this many ops per phase measured in float32 for the selection "
+        "(beyond first_order's audit and the check sample), those most likely in the top first; past it "
+        "the top may not be float32's and the run names the ops left in contention "
+        "(metadata.screening.budget). null: every op the selection needs. At least exact_top.",
+    )
     first_order_points: Int1 = Field(
         default=4,
         description="screening first_order: forward+backward passes per batch, at evenly spaced points of "
@@ -545,6 +552,25 @@ class SensitivityParams(ParamsBlock):
         description="inc (reference: INC's own loop) | native (same numbers in plain PyTorch, CPU or GPU).",
     )
     native: NativeParams = Field(default_factory=NativeParams, description="The native engine's knobs.")
+
+    @model_validator(mode="after")
+    def _budget_fits_the_top(self) -> SensitivityParams:
+        n = self.native
+        if n.exact_budget is not None and n.screening == "none":
+            raise _error(
+                "exact_budget caps a screened pass's float32 trials, and screening none measures every "
+                "op in float32; set it to null or choose a screening",
+                "native",
+                "exact_budget",
+            )
+        if n.exact_budget is not None and n.exact_budget < n.exact_top:
+            raise _error(
+                f"exact_budget {n.exact_budget} cannot measure the top exact_top={n.exact_top} of a "
+                f"phase; set it to at least {n.exact_top} (or null)",
+                "native",
+                "exact_budget",
+            )
+        return self
 
     @model_validator(mode="after")
     def _first_order_is_native(self) -> SensitivityParams:

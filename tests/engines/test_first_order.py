@@ -270,6 +270,22 @@ def test_a_planted_massive_activation_op_is_in_the_top_3_by_estimate_and_exactly
         assert MASSIVE & set(select_phase(scores, phase)["module"][:3]), phase
 
 
+def test_an_exact_budget_caps_the_pass_and_names_what_it_left(small_model_dir, calibration_dir, tmp_path):
+    """On the planted model the unbudgeted pass measures every op (its check widens the bound);
+    with exact_budget 3 each phase measures at most 3 for the selection, and the report names
+    the ops still in contention."""
+    native = {"screening": "first_order", "exact_top": 3, "audit": 4, "exact_budget": 3}
+    reports, _ = screened_reports(small_model_dir, calibration_dir, tmp_path, {"capped": native})
+    meta = reports["capped"]["metadata"]["screening"]
+    assert meta["budget"]["exact_budget"] == 3
+    unsettled = meta["budget"]["unsettled"]
+    assert unsettled, "the planted model's flat fallback needs more than 3 exact ops"
+    for phase in PHASES:
+        assert len(meta["refined"][phase]) <= 3
+        assert not set(unsettled.get(phase, [])) & set(meta["refined"][phase])
+    assert any("Top not settled" in line for line in screening_lines(meta))
+
+
 def test_a_first_order_pass_resumes_to_the_same_bytes(small_model_dir, calibration_dir, tmp_path):
     inventory_path = small_model_dir.parent / "op_inventory.json"
     inventory = read_inventory(inventory_path)

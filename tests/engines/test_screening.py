@@ -20,11 +20,14 @@ from op_sensitivity.engines.screening import (
     refine,
     score_bounds,
     to_refine,
+    within_budget,
 )
 from op_sensitivity.engines.trial_log import TRIAL_LOG
+from op_sensitivity.fallback.keep_list import past_exact_top
 from op_sensitivity.fallback.policy import choose
 from op_sensitivity.inventory import read_inventory
 from op_sensitivity.phases import BOTH, FALLBACK, PHASES, REQUANT
+from op_sensitivity.report.rank import screening_lines
 from op_sensitivity.report.scores import phase_scores, select_phase
 from tests.handmade import fallback_params
 from tests.helpers import sensitivity_params
@@ -172,6 +175,85 @@ def test_a_sampled_op_outside_the_bound_widens_it_and_the_selection_grows():
     assert done.widened == [{"from": 1.0, "to": pytest.approx(6.0 * WIDEN), "by": "sample"}]
     assert len(done.refined[REQUANT]) > 1  # the widened bound reaches past op 0
     assert _tops(reported, 1) == _tops(off, 1)
+
+
+def test_within_budget_takes_the_ops_most_likely_in_the_top():
+    bounds = [(1.0, 5.0), (2.0, 9.0), (0.0, 7.0), (3.0, 4.0), (0.0, 8.0)]
+    assert within_budget(FALLBACK, False, bounds, {0, 1, 2, 3, 4}, 3) == {1, 4, 2}
+    assert within_budget(FALLBACK, False, bounds, {0, 3}, 1) == {0}  # ties of room: upper end first
+    # cumulative requant: an op comes with the curve point before it, if that is still to measure;
+    # in 3, op 4 (with 3) does not fit after op 1 (with 0), op 2 (its point 1 taken) does
+    assert within_budget(REQUANT, True, bounds, {0, 1, 2, 3, 4}, 3) == {0, 1, 2}
+    assert within_budget(REQUANT, True, bounds, {0, 1, 2, 3, 4}, 4) == {0, 1, 3, 4}
+    assert within_budget(REQUANT, True, bounds, {1, 4}, 2) == {1, 4}  # 0 and 3 already measured
+
+
+# thirty ops on a flat spectrum (exact 100 + i/10 for fallback and requant) whose estimates err by
+# up to +-3 (seeded): the audit's largest error puts nearly every op in contention for a top 3
+FLAT_N = 30
+FLAT_EXACT = {p: [100.0 + i / 10 for i in range(FLAT_N)] for p in PHASES}
+FLAT_EST = {
+    p: [v + 3.0 * math.sin(7 * i + k) for i, v in enumerate(FLAT_EXACT[p])] for k, p in enumerate(PHASES)
+}
+
+
+def _flat(budget):
+    return _screen(FLAT_EST, FLAT_EXACT, noise=0.0, exact_top=3, sample=2, audit=4, budget=budget)
+
+
+def test_a_budget_stops_the_selection_and_names_what_it_left_in_contention():
+    free, reported = _flat(None)
+    assert free.unsettled == {} and all(len(free.refined[p]) > 12 for p in PHASES)
+    capped, capped_values = _flat(6)
+    assert all(len(capped.refined[p]) <= 6 for p in PHASES)
+    assert set(capped.unsettled) == set(PHASES)
+    for p in PHASES:  # what it left is what the unbudgeted run went on to measure
+        assert capped.unsettled[p] and capped.unsettled[p] <= free.refined[p] - capped.refined[p]
+        assert not capped.unsettled[p] & capped.refined[p]
+    # what it measured: the ops the estimate (within its bound) put highest
+    est_fb = [-v for v in FLAT_EST[FALLBACK]]
+    assert max(capped.refined[FALLBACK], key=lambda i: est_fb[i]) == max(
+        set(range(FLAT_N)) - capped.audited[FALLBACK], key=lambda i: est_fb[i]
+    )
+    roomy, roomy_values = _flat(FLAT_N)  # a budget that is never reached changes nothing
+    assert roomy.unsettled == {} and roomy.refined == free.refined and roomy_values == reported
+    assert capped_values != reported
+
+
+def test_an_unsettled_top_is_said_in_the_report_and_beside_the_keep_list():
+    screening = {
+        "precision": "bfloat16",
+        "exact_top": 3,
+        "margin": 1.0,
+        "margin_used": 1.0,
+        "refined": {FALLBACK: ["a"], REQUANT: ["a"]},
+        "observed_ratio": 0.1,
+        "check": {"ops": {FALLBACK: [], REQUANT: []}, "trials": 0, "observed_ratio": None},
+        "widened": [],
+        "budget": {"exact_budget": 3, "unsettled": {FALLBACK: ["b", "c"]}},
+    }
+    lines = screening_lines(screening)
+    assert any(
+        "Top not settled" in line and "3 ops per phase" in line and "fallback: 2 (b, c)" in line
+        for line in lines
+    )
+    report = {"metadata": {"screening": screening}}
+    note = past_exact_top(
+        report,
+        [{"module": "a", "reason": "top_k: rank 1", "rank": 1}],
+        fallback_params(policy="top_k", top_k={"k": 1}),
+    )
+    assert "reached sensitivity.native.exact_budget before its top 3 was settled (fallback)" in note
+    settled = {**screening, "budget": {"exact_budget": 3, "unsettled": {}}}
+    assert not any("Top not settled" in line for line in screening_lines(settled))
+    assert (
+        past_exact_top(
+            {"metadata": {"screening": settled}},
+            [{"module": "a", "reason": "top_k: rank 1", "rank": 1}],
+            fallback_params(policy="top_k", top_k={"k": 1}),
+        )
+        == ""
+    )
 
 
 @pytest.fixture(scope="module")

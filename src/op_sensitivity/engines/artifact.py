@@ -32,7 +32,10 @@ Document (``schema_version`` 1)::
                   first_order adds audit: {phase: {ops, measured, spearman, recall, found, escape}},
                   estimate: {points, probes, per_batch: [{points, curve, residual, forwards,
                   backwards}]} and bound: {phase: [per batch]} (engines.first_order,
-                  engines.screening.audit_record); its ops' precision is exact or estimated
+                  engines.screening.audit_record); its ops' precision is exact or estimated.
+                  With exact_budget set: budget: {exact_budget, unsettled: {phase: [op]}}, the
+                  trials the selection still needed when a phase reached the budget (that phase's
+                  top, and both's, may then not be the exact order)
     phases:
       fallback | requant:
         semantics: str; direction: str; cumulative: bool

@@ -404,11 +404,15 @@ class _PassLoop:
             self.n.screening_margin,
             measure,
             audit=audit,
+            budget=self.n.exact_budget,
         )
         self.seconds["refine"] = time.perf_counter() - start
 
         def names(idx: dict[str, set[int]]) -> dict[str, list[str]]:
             return {p: [self.scored[i] for i in sorted(idx[p])] for p in (FALLBACK, REQUANT)}
+
+        def names_of(idx: dict[str, set[int]]) -> dict[str, list[str]]:
+            return {p: [self.scored[i] for i in sorted(v)] for p, v in idx.items()}
 
         checked = names(done.checked)
         self.screening = ScreeningRecord(
@@ -426,6 +430,9 @@ class _PassLoop:
             },
             done.widened,
         )
+        if self.n.exact_budget is not None:
+            unsettled = names_of(done.unsettled)
+            self.screening.budget = {"exact_budget": self.n.exact_budget, "unsettled": unsettled}
         if self.estimating:
             self.screening.audit = audit_record(
                 done, self.values, self.cumulative, self.n.exact_top, self.scored

@@ -231,6 +231,20 @@ def selection(
     return {p: both[p] - done[p] for p in PHASES}
 
 
+def within_budget(
+    phase: str, cumulative: bool, bounds: list[tuple[float, float]], todo: set[int], room: int
+) -> set[int]:
+    """At most ``room`` of the trials ``todo``, for the ops most likely in the top: by the upper end
+    of their score interval (ties by position), each op with the curve point before it where its
+    cumulative requant score needs it."""
+    chosen: set[int] = set()
+    for i in sorted(todo, key=lambda i: (-bounds[i][1], i)):
+        need = _with_points_before(phase, cumulative, {i}) & todo
+        if len(chosen | need) <= room:
+            chosen |= need
+    return chosen
+
+
 @dataclass
 class Refinement:
     """What :func:`refine` did: the float32 trials it measured and what they showed of the bound."""
@@ -247,6 +261,8 @@ class Refinement:
     ends: dict[str, list[float]] = field(default_factory=dict)
     estimate: Values = field(default_factory=dict)
     draws: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    # exact_budget: per phase that reached it, the trials the selection still needed (empty: none)
+    unsettled: dict[str, set[int]] = field(default_factory=dict)
 
 
 def estimate_error(phase: str, estimate: float, exact: float) -> float:
@@ -284,6 +300,7 @@ def refine(
     sample: int = CHECK_SAMPLE,
     audit: int = 0,
     seed: str = AUDIT_SEED,
+    budget: int | None = None,
 ) -> Refinement:
     """Measure in float32 what the selection needs, then check the bound on a sample; repeat.
 
@@ -294,7 +311,10 @@ def refine(
     sample of ``audit`` ops per phase is measured first, and the largest error it shows
     (:func:`estimate_error`), per phase and batch and at least ``ends`` (then a list: per batch, the
     estimate's own measured error scale), is the bound (absolute, not the rounding model's square
-    roots).
+    roots). ``budget``: at most this many trials per phase for the selection (:func:`within_budget`
+    picks them); a phase that reaches it selects no more and gets at most one more check sample,
+    and what it still needed is returned as ``unsettled`` (its top, and ``both``'s, may then not be
+    float32's).
     """
     fast = {p: [list(row) for row in values[p]] for p in PHASES}
     done: dict[str, set[int]] = {p: set() for p in PHASES}
@@ -341,9 +361,32 @@ def refine(
         out.widened.append({"from": out.margin_used, "to": new, "by": by})
         out.margin_used = new
 
+    capped: set[str] = set()
+
+    def noise() -> dict[str, list[float]]:
+        return {p: [out.margin_used * e for e in ends[p]] for p in PHASES}
+
+    def within(todo: dict[str, set[int]]) -> dict[str, set[int]]:
+        todo = {p: set() if p in capped else t for p, t in todo.items()}
+        if budget is None:
+            return todo
+        for p in PHASES:
+            room = budget - len(out.refined[p])
+            if len(todo[p]) > room:
+                lo_hi = PhaseValues(values[p], exact[p]).bounds(noise()[p], absolute)
+                bounds = score_bounds(p, cumulative, *lo_hi)
+                todo[p] = within_budget(p, cumulative, bounds, todo[p], room)
+                capped.add(p)
+        return todo
+
+    def settled() -> Refinement:
+        if capped:
+            still = selection(values, exact, noise(), cumulative, exact_top, done, absolute)
+            out.unsettled = {p: still[p] for p in PHASES if still[p]}
+        return out
+
     while True:
-        noise = {p: [out.margin_used * e for e in ends[p]] for p in PHASES}
-        todo = selection(values, exact, noise, cumulative, exact_top, done, absolute)
+        todo = within(selection(values, exact, noise(), cumulative, exact_top, done, absolute))
         if any(todo.values()):
             measure(todo)
             for p in PHASES:
@@ -353,11 +396,17 @@ def refine(
             if out.observed_ratio > out.margin_used:
                 widen(out.observed_ratio, "refined")
             continue
-        # the selection holds under the bound: check the bound's assumption on ops it left alone
-        pool = {p: [i for i in range(len(values[p][0])) if i not in done[p]] for p in PHASES}
+        # the selection holds under the bound: check the bound's assumption on ops it left alone (a
+        # phase at its budget is checked once: a wider bound could not select more there)
+        pool = {
+            p: []
+            if p in capped and out.checked[p]
+            else [i for i in range(len(values[p][0])) if i not in done[p]]
+            for p in PHASES
+        }
         pick = {p: set(rng.sample(pool[p], min(sample, len(pool[p])))) for p in PHASES}
         if not any(pick.values()):
-            return out
+            return settled()
         for p in PHASES:
             out.draws.setdefault(p, []).append((len(pick[p]), len(pool[p])))
         measure(pick)
@@ -367,7 +416,7 @@ def refine(
         seen = worst(pick)
         out.check_ratio = max(out.check_ratio or 0.0, seen)
         if seen <= out.margin_used:
-            return out
+            return settled()
         widen(seen, "sample")
 
 
@@ -391,10 +440,13 @@ class ScreeningRecord:
     audit: dict[str, Any] = field(default_factory=dict)
     estimate: dict[str, Any] = field(default_factory=dict)
     bound: dict[str, list[float]] = field(default_factory=dict)
+    # exact_budget set (omitted otherwise): {exact_budget, unsettled: {phase: [ops the selection still
+    # needed when the phase reached the budget]}}; an unsettled phase's top may not be float32's
+    budget: dict[str, Any] = field(default_factory=dict)
 
     def doc(self) -> dict[str, Any]:
         doc = asdict(self)
-        for key in ("audit", "estimate", "bound"):
+        for key in ("audit", "estimate", "bound", "budget"):
             if not doc[key]:
                 del doc[key]
         return doc

@@ -199,6 +199,15 @@ def past_exact_top(
     screening = report["metadata"].get("screening")
     if screening is None:
         return ""
+    unsettled = screening.get("budget", {}).get("unsettled", {})
+    if unsettled and ops:
+        note = (
+            f"; the {screening['precision']}-screened pass reached sensitivity.native.exact_budget before "
+            f"its top {screening['exact_top']} was settled ({', '.join(unsettled)}): the list may not be "
+            "the one exact trials would give (raise exact_budget)"
+        )
+        log.warning("fallback list%s", note)
+        return note
     depth, read = _depth_read(ops, p, ranking, curve)
     if depth <= screening["exact_top"]:
         return ""

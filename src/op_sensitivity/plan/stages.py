@@ -39,6 +39,7 @@ from ..engines.contract import check_scored, exclusions
 from ..engines.memory import inc_peak_gib
 from ..engines.numerics import resolve_numerics
 from ..engines.runner import host_facts, scheme_params
+from ..engines.screening import CHECK_SAMPLE
 from ..errors import InputError
 from ..fallback.policy import walk_cost
 from ..params import TARGET_SCHEMES, Params, SensitivityParams
@@ -298,13 +299,19 @@ class Planner:
             # which ops contention measures is known only after the estimate: the audit and three
             # exact_top per phase assumed, with the points before them on the cumulative curve
             exact = min(3 * (n.audit + 3 * n.exact_top), 2 * len(scored))
+            if n.exact_budget is not None:  # per phase: audit, check, budget; requant x2 (points before)
+                exact = min(exact, 3 * (n.audit + CHECK_SAMPLE + n.exact_budget))
             per_batch = model.first_order_seconds(
                 scored, n.suffix_reuse, sens.batch_size, n.first_order_points, n.first_order_probes, exact
             )
             return per_batch * sens.confidence_batches + setup, (
                 f"probe; first_order: {n.first_order_points} sweeps + {n.first_order_probes} probes a "
                 f"batch (a backward taken as 2 forwards), about {exact} exact trials a batch assumed "
-                "(all of them if the audit widens the bound)"
+                + (
+                    "(all of them if the audit widens the bound)"
+                    if n.exact_budget is None
+                    else f"(at most, with exact_budget {n.exact_budget})"
+                )
             )
         if sens.native.screening != "none":  # the probe is float32; which ops refine is known only after
             return 2 * seconds - setup, "probe; screening: at most a float32 screen + every op refined"

@@ -91,7 +91,7 @@ def screening_lines(screening: dict[str, Any] | None) -> list[str]:
     if screening is None:
         return []
     if screening["precision"] == "first_order":
-        return first_order_lines(screening)
+        return first_order_lines(screening) + budget_lines(screening)
     refined = ", ".join(f"{len(ops)} {phase}" for phase, ops in screening["refined"].items())
     return [
         f"> **Screened in {screening['precision']}**: every trial ran in {screening['precision']}, then "
@@ -101,6 +101,25 @@ def screening_lines(screening: dict[str, Any] | None) -> list[str]:
         f"worse than the two ends); below it the order is the screen's. Bound margin "
         f"{screening['margin_used']:.3g} (asked {screening['margin']:.3g}); the refined ops used at most "
         f"{screening['observed_ratio']:.3g} of the measured rounding error" + _check_words(screening) + ".",
+        "",
+        *budget_lines(screening),
+    ]
+
+
+def budget_lines(screening: dict[str, Any]) -> list[str]:
+    """Where ``exact_budget`` stopped the selection before a top was settled; nothing otherwise."""
+    unsettled = screening.get("budget", {}).get("unsettled", {})
+    if not unsettled:
+        return []
+    left = "; ".join(
+        f"{phase}: {len(ops)} ({', '.join(ops[:5])}{', ...' if len(ops) > 5 else ''})"
+        for phase, ops in unsettled.items()
+    )
+    return [
+        f"> **Top not settled**: the exact budget ({screening['budget']['exact_budget']} ops per phase, "
+        f"sensitivity.native.exact_budget) ran out while these trials could still change the top "
+        f"{screening['exact_top']} ({left}). That top, and both's, may not be the exact order: raise "
+        "exact_budget (or set it to null) to settle it.",
         "",
     ]
 
