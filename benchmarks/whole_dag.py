@@ -13,7 +13,8 @@ verbatim in the result) and ``dvc repro --single-item <stage>`` for each stage i
 runs them, each under a small wrapper that reads the kernel's peak resident set of the stage's
 process tree (``getrusage(RUSAGE_CHILDREN)``: the largest process DVC started, the stage's
 Python). Wall seconds include DVC's own work (hashing deps, caching outputs: 7.5 GB for the
-random 3B's weights) and the interpreter start.
+random 3B's weights) and the interpreter start. ``--until STAGE`` stops after that stage. The
+result is written after every stage, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main() -> None:
     ap.add_argument("-S", "--set", action="append", default=[])
     ap.add_argument("--handful", action="store_true", help="score only HANDFUL (op_name_dict)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--until", help="stop after this stage (the DAG's first stages only)")
     args = ap.parse_args()
     commit = sh(["git", "rev-parse", "HEAD"], REPO, capture_output=True).stdout.strip()
     clean = not sh(["git", "status", "--porcelain"], REPO, capture_output=True).stdout.strip()
@@ -102,6 +104,10 @@ def main() -> None:
         for line in plan.stdout.splitlines()
         if re.match(r"^(\w+|scheme_sensitivity@\w+)\s+(cpu|cuda|-)\s", line)
     ]
+    if args.until is not None:
+        if args.until not in stages:
+            raise SystemExit(f"--until {args.until}: not a stage of this plan ({', '.join(stages)})")
+        stages = stages[: stages.index(args.until) + 1]
     rows = []
     for stage in stages:
         out = sh(
@@ -114,13 +120,19 @@ def main() -> None:
             raise SystemExit(f"stage {stage} failed:\n{out.stdout}\n{out.stderr}")
         rows.append(row)
         print(f"{stage}: {row['seconds']:.1f} s, peak {row['peak_rss_gib']:.2f} GiB", flush=True)
+        write(args, overrides, plan.stdout, plan_seconds, rows, commit, clean)  # a run cut short keeps these
+
+
+def write(args, overrides: list[str], plan: str, plan_seconds: float, rows: list, commit: str, clean: bool):
+    """The result so far: the plan, the stages measured, the host and each stage's runtime file."""
     from op_sensitivity.engines.runner import host_facts
 
     doc = {
         "profile": str(args.profile),
         "overrides": overrides,
         "handful": list(HANDFUL) if args.handful else None,
-        "plan": plan.stdout,
+        "plan": plan,
+        "until": args.until,
         "plan_seconds": round(plan_seconds, 1),
         "stages": rows,
         "total_seconds": round(sum(r["seconds"] for r in rows), 1),
