@@ -14,6 +14,9 @@ from all-int8 by several percent of logit_se).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,7 +112,8 @@ def checked(small_model_dir, calibration_dir, test_dir, tmp_path_factory) -> dic
                 measurer.measure(keep),
                 same,
             )
-    return {"lists": out, "all_int8": all_int8, "model_dir": small_model_dir}
+    test_batch = {k: v.cpu() for k, v in batches[0].items()}
+    return {"lists": out, "all_int8": all_int8, "model_dir": small_model_dir, "test_batch": test_batch}
 
 
 def test_the_saved_model_quantizes_exactly_the_list_read_back_from_file_and_reloaded_modules(checked):
@@ -154,6 +158,40 @@ def test_the_runtime_facts_are_read_off_the_reloaded_model(checked):
     assert facts["inputs"].startswith("quint8 per tensor, static")
     assert f"({torch.backends.quantized.engine})" in facts["matmul"]
     assert "fx_sub_module_list" in facts["notes"][0]
+
+
+# A user's serving process, as docs/deploy.md shows it: the float model from its directory, the
+# artifact loaded, one forward of a saved batch; nothing of the project imported before.
+SERVE = """
+import sys, torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+model_dir, saved, batch, out = sys.argv[1:]
+fp32 = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+{load}
+with torch.no_grad():
+    torch.save(model(**torch.load(batch)).logits, out)
+"""
+OURS = "from op_sensitivity.quantize.inc import load_inc\nmodel = load_inc(saved, fp32)"
+INC_ALONE = "from neural_compressor.utils.pytorch import load\nmodel = load(saved, fp32)"
+
+
+def _serve(load: str, c: Checked, model_dir: Path, batch: dict, tmp_path: Path):
+    torch.save(batch, tmp_path / "batch.pt")
+    script = textwrap.dedent(SERVE).format(load=load)
+    args = [str(model_dir), str(c.path), str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt")]
+    run = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    return run, tmp_path / "logits.pt"
+
+
+def test_the_documented_call_serves_the_artifact_in_a_fresh_process(checked, tmp_path):
+    """load_inc in a new interpreter gives the stage's measured logits to the bit; INC's load alone
+    builds a model whose first forward fails in the patch embedding (engines.inc.load_q_model)."""
+    c, batch = checked["lists"]["qkv_lm_head"], checked["test_batch"]
+    run, logits = _serve(OURS, c, checked["model_dir"], batch, tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert torch.equal(torch.load(logits), c.runtime.forward(batch))
+    run, _ = _serve(INC_ALONE, c, checked["model_dir"], batch, tmp_path)
+    assert run.returncode != 0 and "'function' object has no attribute 'dtype'" in run.stderr
 
 
 def test_a_model_above_the_size_bound_is_refused_before_any_work(small_model_dir):

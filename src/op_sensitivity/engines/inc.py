@@ -448,14 +448,18 @@ def ptq_logits(
     return quantized_logits(ptq_model(model, batches, batch_size, op_name_dict, workspace).model)
 
 
-def quantized_logits(quantized: nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+def quantized_logits(
+    quantized: nn.Module, compat: bool = True
+) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     """The forward of an INC-quantized model (fresh from PTQ or reloaded by :func:`load_q_model`):
-    CPU float32 inputs, logits back on the caller's device; the patch embedding's compat patch on,
-    as during the PTQ (its Conv3d may be a quantized module)."""
+    CPU float32 inputs, logits back on the caller's device. ``compat``: the patch embedding's
+    compat patch on, as during the PTQ (its Conv3d may be a quantized module); a model from
+    :func:`load_q_model` runs without it, as a user's process runs it (its patch embedding was
+    traced under the patch)."""
 
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = batch["input_ids"].device
-        with patch_embed_compat():
+        with patch_embed_compat() if compat else contextlib.nullcontext():
             return quantized(**_on_cpu(batch)).logits.to(device)
 
     return forward
@@ -518,6 +522,13 @@ def load_q_model(out_dir: Path, fp32_model: nn.Module) -> nn.Module:
     ``fx_sub_module_list``, tracing each; the patch embedding's compat patch is on, as during the
     PTQ. The state dict must then load strictly: INC falls back to ``strict=False`` and ignores
     missing keys (a calibrated scale left at its default), so missing keys are refused here.
+
+    Why INC's ``load`` alone does not serve it: the patch embedding is one of the traced
+    sub-modules, and transformers' ``Qwen2_5_VisionPatchEmbed.forward`` reads
+    ``self.proj.weight.dtype``. Traced as written, that read stays in the graph, and on the
+    quantized Conv3d ``weight`` is a method: the first forward fails with "'function' object has no
+    attribute 'dtype'". Traced under the patch (no dtype read; the cast it skips is float32 to
+    float32), the returned model runs anywhere after, with no patch.
     """
     inc_util()
     from neural_compressor.utils.pytorch import load

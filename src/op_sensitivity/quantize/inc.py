@@ -4,8 +4,10 @@ Why: the main pass predicts (native engine, scheme ``inc_cpu``) what a keep-list
 INC's static W8A8 PTQ; validate already runs that PTQ in memory (``validation.inc_check``). A user
 deploys what INC saves: ``quantization.fit`` with the exported ``op_name_dict``
 (``fallback.exports.inc_op_name_dict``), then ``q_model.save(dir)``, then, in the serving process,
-``neural_compressor.utils.pytorch.load(dir, fp32_model)``. This target does exactly that and
-measures the reloaded model, so what is scored is what a user's process runs.
+INC's ``neural_compressor.utils.pytorch.load(dir, fp32_model)`` through :func:`load_inc` (INC's
+load alone builds a Qwen2.5-VL that fails at its first forward: ``engines.inc.load_q_model``).
+This target does exactly that and measures the reloaded model, without the compat patch, so what
+is scored is what a user's process runs.
 
 What INC 3.7.1 (2.x API, ``pytorch_fx``) writes: one file, ``best_model.pt`` (``torch.save`` of
 the quantized model's ``state_dict``: packed int8 weights with their per-channel scales, the
@@ -55,6 +57,16 @@ from ..inventory import module_name, op_inventory
 from ..model.source import load_model_dir, read_card
 from ..params import TARGET_SCHEMES
 from .base import Inputs, Runtime, Target, dir_bytes
+
+
+def load_inc(saved_dir: str | Path, fp32_model: nn.Module) -> nn.Module:
+    """Serve the ``inc`` target's artifact: INC's own loader (``neural_compressor.utils.pytorch.load``)
+    run the one way that gives a working Qwen2.5-VL, then the strict state check
+    (``engines.inc.load_q_model``, which says why INC's ``load`` alone fails on it). ``fp32_model``:
+    the model it was quantized from (``Qwen2_5_VLForConditionalGeneration.from_pretrained``); it
+    is converted in place to float32 and returned quantized, in eval mode. docs/deploy.md shows it."""
+    return load_q_model(Path(saved_dir), fp32_model)
+
 
 FORMAT = "inc-pytorch-fx"  # INC's PyTorchFXModel.save: best_model.pt (state_dict + best_configure)
 EXTRA = "neural-compressor==3.7.1 is a core dependency of this project: pip install -e ."
@@ -186,10 +198,10 @@ class Inc(Target):
 
     def load(self, out_dir: Path, inputs: Inputs) -> Runtime:
         fp32_model, _, _ = load_model_dir(inputs.model_dir)
-        model = load_q_model(out_dir, fp32_model)
+        model = load_inc(out_dir, fp32_model)
         facts = runtime_facts(model, saved_config(out_dir))
         return Runtime(
-            forward=quantized_logits(model),
+            forward=quantized_logits(model, compat=False),  # as a user's process runs it
             loader=facts["loader"],
             weights=facts["weights"],
             inputs=facts["inputs"],
