@@ -64,6 +64,8 @@ def test_metrics_and_section_read_the_document():
         "quantized": 25,
         "kept": ["lm_head"],
         "runtime": {"loader": "L", "weights": "w", "inputs": "i", "matmul": "m", "notes": ["n"]},
+        "served": True,
+        "round_trip": None,
         "runtime_differs": runtime_differs({"a", "c"}, ["a", "b"]),
         "all_int8": {"kl": 4.0},
         "agreement": {**agreement("kl", {"kl": 3.0}, {"kl": 2.0}), "bar": 0.1, "gap": "g"},
@@ -71,9 +73,10 @@ def test_metrics_and_section_read_the_document():
     assert metrics(doc) == {"kl_int8": 4.0, "kl_kept": 3.0, "kl_native": 2.0, "size_mb": 2.5}
     text = section([doc])
     assert (
-        "| compressed_tensors | int-quantized | 2.50 | 25 | 1 | kl | 3 | 2 | 1.5 | **outside** 0.1 | 4 |"
-        in text
+        "| compressed_tensors | int-quantized | its runtime | 2.50 | 25 | 1 | kl | 3 | 2 | 1.5 | "
+        "**outside** 0.1 | 4 |" in text
     )
+    assert "**not served here**" not in text
     assert "measured vs predicted **outside** its bar (0.1 relative); the gap: g" in text
     assert "- compressed_tensors (L): weights w; inputs i; matmul m; n" in text
     assert (
@@ -84,6 +87,17 @@ def test_metrics_and_section_read_the_document():
     same = section([{**doc, "runtime_differs": runtime_differs({"a", "b"}, ["a", "b"]), "agreement": close}])
     assert "the loaded runtime quantizes exactly the 25 listed ops" in same
     assert "| 2.1 | 2 | 1.05 | within 0.1 |" in same
+    # a figure read back in a round trip of the export is said to be one, with why
+    trip = section([{**doc, "target": "modelopt_int8", "served": False, "round_trip": "why"}])
+    assert "| modelopt_int8 | int-quantized | round trip, **not served here** |" in trip
+    assert "  - **not served here**: why" in trip
+
+
+def test_modelopt_figures_are_a_round_trip_and_the_served_targets_are_not():
+    from op_sensitivity.quantize.targets import TARGETS
+
+    trips = {name for name, target in TARGETS.items() if target.round_trip is not None}
+    assert trips == {"modelopt_int8", "modelopt_fp8"}
 
 
 def test_an_artifact_that_quantizes_other_ops_than_the_list_is_removed_and_refused(small_model_dir, tmp_path):

@@ -84,6 +84,9 @@ class Target(ABC):
     extra: ClassVar[str]
     bar: ClassVar[float]
     gap: ClassVar[str]
+    # None: what loads and scores the artifact is a runtime that serves it. Else why the figure is a
+    # round trip of the export instead, and what would serve it: the report says "not served here".
+    round_trip: ClassVar[str | None] = None
 
     def require(self) -> None:
         """Refuse before anything is written when the tool is not installed."""

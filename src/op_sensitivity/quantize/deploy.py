@@ -16,6 +16,10 @@ Document (``reports/quantize/<target>.json``)::
     kept: [module]              the scored ops it keeps in high precision (the prediction's list)
     runtime_differs: {readable, ignored, added}   what the loaded runtime runs quantized, against the list
     runtime: {...}              what the runtime computes for the artifact
+    served: bool                whether that runtime is one that serves the artifact; false: the
+                                figure is a round trip of the export, and round_trip says why and
+                                what would serve it (ModelOpt's checkpoints: a GPU runtime)
+    round_trip: str | null
     measured, predicted, all_int8: {kl, top1, nll, logit_se, ...}   test split, against fp32
     agreement: {metric, measured, predicted, ratio, bar, gap}   bar: the target's tolerance (relative);
                                 gap: what its runtime computes differently from the scheme
@@ -245,6 +249,8 @@ def _document(
         "quantized": len(quantize),
         "kept": keep,
         "runtime": runtime.facts(),
+        "served": target.round_trip is None,
+        "round_trip": target.round_trip,
         "runtime_differs": runtime_differs(runtime.quantized, quantize),
     }
 

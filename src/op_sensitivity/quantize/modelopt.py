@@ -138,6 +138,11 @@ class _ModelOpt(Target):
         "weight moved by one float ulp on the small model, 7e-5 relative), and float summation order"
     )
 
+    round_trip = (
+        "ModelOpt's own quantizers, fed from the checkpoint's codes and scales, check the export's round "
+        "trip; the runtimes that serve the checkpoint (vLLM, TensorRT-LLM) need a GPU and did not run "
+        "here (docs/deploy.md has the command)"
+    )
     cfg_name: ClassVar[str]
     quant_algo: ClassVar[str]
     code_dtype: ClassVar[str]  # the safetensors dtype of a quantized weight

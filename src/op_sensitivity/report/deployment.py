@@ -19,6 +19,7 @@ FIELDS = (
     "quantized",
     "kept",
     "runtime",
+    "served",
     "runtime_differs",
     "measured",
     "predicted",
@@ -48,19 +49,22 @@ def section(docs: list[dict[str, Any]]) -> str:
         "## Deployment",
         "",
         "Each target's artifact, written by its tool from the keep-list chosen on its scheme's spectrum, "
-        "loaded by the runtime that serves it and scored on the test split against fp32; beside it the "
+        "loaded by the runtime that serves it (or, where the table says so, read back in a round trip "
+        "of the export: not served here) and scored on the test split against fp32; beside it the "
         "native engine's prediction for the same list under the same scheme, and all-int8.",
         "",
-        "| target | format | size MB | quantized | kept | metric | measured | predicted | ratio | bar | "
-        "all-int8 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| target | format | measured in | size MB | quantized | kept | metric | measured | predicted | "
+        "ratio | bar | all-int8 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in docs:
         a = d["agreement"]
         ratio = "-" if a["ratio"] is None else f"{a['ratio']:.3g}"
+        where = "its runtime" if d["served"] else "round trip, **not served here**"
         lines.append(
-            f"| {d['target']} | {d['format']} | {d['artifact']['bytes'] / 1e6:.2f} | {d['quantized']} | "
-            f"{len(d['kept'])} | {a['metric']} | {a['measured']:.4g} | {a['predicted']:.4g} | {ratio} | "
+            f"| {d['target']} | {d['format']} | {where} | {d['artifact']['bytes'] / 1e6:.2f} | "
+            f"{d['quantized']} | {len(d['kept'])} | {a['metric']} | {a['measured']:.4g} | "
+            f"{a['predicted']:.4g} | {ratio} | "
             f"{'within' if within(a) else '**outside**'} {a['bar']:g} | {d['all_int8'][a['metric']]:.4g} |"
         )
     notes = []
@@ -70,6 +74,8 @@ def section(docs: list[dict[str, Any]]) -> str:
             f"- {d['target']} ({r['loader']}): weights {r['weights']}; inputs {r['inputs']}; "
             f"matmul {r['matmul']}" + "".join(f"; {n}" for n in r.get("notes", []))
         )
+        if not d["served"]:
+            notes.append(f"  - **not served here**: {d['round_trip']}")
         notes.append(f"  - {_differs(d['runtime_differs'], d['quantized'])}")
         a = d["agreement"]
         verdict = "within" if within(a) else "**outside**"
