@@ -222,11 +222,15 @@ class _Stack(nn.Module):
 @pytest.mark.parametrize("arithmetic", ["fake_quant", "int8_kernels"])
 def test_activations_run_per_trial_where_the_cpu_loops_would_split_differently(arithmetic):
     """504 SiLU elements per trial, not a multiple of 32: batched, a trial's elements would take
-    the other (vector / scalar) code path of torch's CPU loop than in its own forward."""
+    the other (vector / scalar) code path of torch's CPU loop than in its own forward. Under
+    ATen's AVX512 kernels the two paths round these values differently (the risk); under its AVX2
+    kernels (an AVX2-only CPU, or ATEN_CPU_CAPABILITY=avx2 here) they agree on them, and the same
+    equality holds with nothing at stake."""
     torch.manual_seed(0)
     model, x = _Stack(inner=36).eval(), torch.randn(2, 7, 8) * 3
     inner = torch.randn(2, 7, 36) * 4
-    assert not torch.equal(F.silu(inner.repeat(4, 1, 1))[6:], F.silu(inner))  # what batching would risk
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":  # what batching would risk
+        assert not torch.equal(F.silu(inner.repeat(4, 1, 1))[6:], F.silu(inner))
     ops = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     fq = FakeQuantModel(model, ops, reduce_range=False, arithmetic=arithmetic)
     captured = {}
