@@ -529,8 +529,8 @@ class FakeQuantModel:
     def _int8_module(self, op: _Op) -> None:
         """torch's quantized module for the op's current output qparams. Its packed int8 weight
         depends on the weight alone, so it is packed once and kept across calibrations and
-        restores (at 3B that packing was ~60 s of every batch's calibration); a weight changed in
-        place since then is packed again."""
+        restores (at 3B it was 71 s of every batch's calibration: benchmarks/calibration_3b.py);
+        a weight changed in place since then is packed again."""
         source = (op.param.data_ptr(), op.param._version)
         if op.qmodule is None or op.packed_from != source:
             op.qmodule = _quantized_module(op, self._weight(op))
