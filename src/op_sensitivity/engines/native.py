@@ -409,9 +409,7 @@ class _PassLoop:
         self.seconds["refine"] = time.perf_counter() - start
 
         def names(idx: dict[str, set[int]]) -> dict[str, list[str]]:
-            return {p: [self.scored[i] for i in sorted(idx[p])] for p in (FALLBACK, REQUANT)}
-
-        def names_of(idx: dict[str, set[int]]) -> dict[str, list[str]]:
+            """Per phase present (refined and checked hold both, in PHASES order), the op names."""
             return {p: [self.scored[i] for i in sorted(v)] for p, v in idx.items()}
 
         checked = names(done.checked)
@@ -431,7 +429,7 @@ class _PassLoop:
             done.widened,
         )
         if self.n.exact_budget is not None:
-            unsettled = names_of(done.unsettled)
+            unsettled = names(done.unsettled)
             self.screening.budget = {"exact_budget": self.n.exact_budget, "unsettled": unsettled}
         if self.estimating:
             self.screening.audit = audit_record(
