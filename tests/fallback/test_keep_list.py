@@ -107,16 +107,24 @@ def test_each_scheme_gets_its_own_list_of_the_main_policys_size(tmp_path):
 
     main = {
         "ops": [
-            {"reason": "measured_budget: ..."},
-            {"reason": "measured_budget: ..."},
-            {"reason": "always_keep"},
+            {"module": UP, "reason": "measured_budget: ..."},
+            {"module": DOWN, "reason": "measured_budget: ..."},
+            {"module": HEAD, "reason": "always_keep: lm_head"},
         ]
     }
     p = fallback_params(policy="measured_budget", always_keep=[], fused_groups=False)
-    derived, note = scheme_policy(p, main, n_scored=4)
+    derived, note = scheme_policy(p, main, {UP, DOWN, HEAD, "x"})
     assert (derived.policy, derived.settings) == ("top_k", {"k": 2})
-    assert note.startswith("measured_budget picked 2 ops on the main spectrum")
-    assert scheme_policy(p, main, n_scored=1)[0].settings == {"k": 1}
+    assert note == "measured_budget picked 2 ops on the main spectrum; the top 2 of this scheme's own ranking"
+    assert scheme_policy(p, main, {UP})[0].settings == {"k": 1}
+    # a scheme that does not score lm_head keeps one of its own ops in its place: as many ops in all
+    derived, note = scheme_policy(p, main, {UP, DOWN, "x", "y"})
+    assert derived.settings == {"k": 3}
+    assert "kept lm_head (not scored under this scheme); the top 3" in note
+    main["ops"] = main["ops"][2:]  # the default's case: the budget met by lm_head alone
+    assert scheme_policy(p, main, {UP, DOWN})[0].settings == {"k": 1}
+    assert scheme_policy(p, main, {UP, HEAD})[0].settings == {"k": 0}
+    main["ops"] = [{"module": m, "reason": "measured_budget: ..."} for m in (UP, DOWN)]
     top = fallback_params(policy="top_k", top_k={"k": 1}, always_keep=[], fused_groups=False)
     assert scheme_policy(top, main, 4) == (top, None)
     path = tmp_path / "op_sensitivity.json"

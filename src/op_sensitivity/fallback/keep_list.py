@@ -25,7 +25,9 @@ the target, and the report's Deployment section lists the targets built: reading
 ModelOpt, ONNX Runtime and llm-compressor JSON exports carry the same ``spectrum`` entry.
 A measured policy (``measured_budget``, ``bits_budget``) reads a curve measured under the main
 scheme; on another scheme's spectrum it becomes ``top_k`` with the number of ops it picked on the
-main one (``policy.derived_from`` says so), so every tool keeps as many ops, its own most sensitive.
+main one (``policy.derived_from`` says so), so every tool keeps as many ops, its own most sensitive:
+an always-kept op of the main list that the scheme does not score (``lm_head`` under ModelOpt and
+compressed-tensors) counts too, and one of the scheme's own ops takes its place.
 
 The cost (``inventory.cost``) counts ops kept fp32 by the sensitivity params as kept too, and a
 kept op at the bits of the dtype the model stores it in (the inventory's ``weight_dtype``): the
@@ -221,14 +223,26 @@ def past_exact_top(
 
 
 def scheme_policy(
-    p: FallbackParams, main: dict[str, Any], n_scored: int
+    p: FallbackParams, main: dict[str, Any], scored: set[str]
 ) -> tuple[FallbackParams, str | None]:
-    """The policy on another scheme's spectrum: a measured one becomes top_k with the main pick's size."""
+    """The policy on another scheme's spectrum (``scored``: the modules it scored): a measured one
+    becomes top_k with the main list's size. Why the always-kept ops count: the main pick was
+    measured with them kept, and a scheme that does not score one of them (ModelOpt, compressed-tensors
+    leave ``lm_head`` float anyway) would otherwise ship a smaller list, often an empty one that
+    exercises nothing of its runtime; it keeps one of its own most sensitive ops in their place."""
     if p.policy not in MEASURED_POLICIES:
         return p, None
     picked = sum(o["reason"].startswith(f"{p.policy}:") for o in main["ops"])
-    k = min(picked, n_scored)
-    note = f"{p.policy} picked {picked} ops on the main spectrum; the top {k} of this scheme's own ranking"
+    unscored = [
+        o["module"]
+        for o in main["ops"]
+        if o["reason"].startswith("always_keep") and o["module"] not in scored
+    ]
+    k = min(picked + len(unscored), len(scored))
+    note = f"{p.policy} picked {picked} ops on the main spectrum"
+    if unscored:
+        note += f" and kept {', '.join(unscored)} (not scored under this scheme)"
+    note += f"; the top {k} of this scheme's own ranking"
     return replace(p, policy="top_k", settings={"k": k}), note
 
 
@@ -241,7 +255,8 @@ def scheme_fallbacks(
     """One keep-list per scheme that was run (``spectra``: name -> (report, path))."""
     out = {}
     for name, (report, path) in spectra.items():
-        policy, note = scheme_policy(p, main, len(report["phases"]["fallback"]["ops"]))
+        scored = {o["module"] for o in report["phases"][FALLBACK]["ops"]}
+        policy, note = scheme_policy(p, main, scored)
         doc = build_fallback(report, path, inventory, policy)
         doc["policy"]["derived_from"] = note
         out[name] = doc
