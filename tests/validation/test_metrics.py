@@ -92,3 +92,27 @@ def test_per_sample_sums_add_up_to_the_split_and_leave_it_unchanged():
     assert sums.damage("top1") == [float(n - a) for n, a in zip(sums.tokens, sums.agree, strict=True)]
     assert sums.damage("nll") == [a - b for a, b in zip(sums.nll, sums.nll_fp32, strict=True)]
     assert sums.damage("kl") == sums.kl and sums.damage("logit_se") == sums.logit_se
+
+
+def test_kl_near_1e_6_moves_by_its_logits_last_bits_not_by_its_own_rounding():
+    """The docstring's figures: logits one or two ulp apart move a KL of ~2e-6 by ~4e-5 of itself in
+    float64 (what Totals computes), where float32 log-probabilities move it by ~3e-3."""
+    torch.manual_seed(0)
+    fp32 = torch.randn(1, 54, 388) * 2
+    quant = fp32 + torch.randn_like(fp32) * 2e-3
+    ulps = quant + quant.abs() * torch.randn_like(quant) * 1.2e-7  # the last bits, as a runtime's may
+    mask = torch.ones(1, 54, dtype=torch.bool)
+    ref = reference(fp32, torch.zeros(1, 54, dtype=torch.long), mask, torch.ones(1, 54))
+
+    def kl(logits: torch.Tensor) -> float:
+        t = Totals()
+        t.add(ref, logits)
+        return t.values()["kl"]
+
+    def kl32(logits: torch.Tensor) -> float:
+        p, q = (torch.log_softmax(x[0, :-1], -1) for x in (fp32, logits))
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    assert 1e-6 < kl(quant) < 3e-6
+    assert abs(kl(ulps) / kl(quant) - 1) < 2e-4
+    assert abs(kl32(ulps) / kl32(quant) - 1) > 1e-3  # float32's own rounding, what it avoids

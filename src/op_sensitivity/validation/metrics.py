@@ -13,6 +13,12 @@ Metrics and the damage each one counts (0 for the fp32 model itself):
 * ``logit_se``: INC's own measure: sum of squared logit differences against fp32 over every
   real (unpadded) position, summed over samples.
 
+The distributions are taken in float64 from the float32 logits. Why: a KL near 1e-6 (the embedded
+default's) is a difference of log-probabilities near -6, whose float32 ulp is 5e-7; taken in float32
+it moves by about 3e-3 of itself when the logits move by one ulp, and in float64 by about 4e-5
+(``tests/validation/test_metrics.py`` measures both). Two runtimes that compute the same logits
+to the last bit or two then agree in KL to that, not to the metric's own rounding.
+
 ``recovered(config) = 1 - damage(config) / damage(all-int8)``: the share of the all-int8 damage a
 configuration gives back (1 = as good as fp32, 0 = no better than all-int8).
 """
@@ -33,7 +39,7 @@ class Reference:
     """The fp32 model's outputs on one held-out batch, kept to compare every configuration against."""
 
     logits: torch.Tensor  # [B, T, V] float32, the whole batch (logit_se reads every real position)
-    log_probs: torch.Tensor  # [N, V] at the positions that predict caption tokens
+    log_probs: torch.Tensor  # [N, V] float64, at the positions that predict caption tokens
     targets: torch.Tensor  # [N] the caption tokens those positions predict
     predict_at: torch.Tensor  # [B, T] bool: position t predicts a caption token (t + 1 is one)
     real: torch.Tensor  # [B, T] bool: attention mask
@@ -46,7 +52,7 @@ def reference(
     predict_at = torch.zeros_like(target_mask)
     predict_at[:, :-1] = target_mask[:, 1:]
     targets = input_ids[:, 1:][target_mask[:, 1:]]
-    log_probs = F.log_softmax(logits[predict_at], dim=-1)
+    log_probs = F.log_softmax(logits[predict_at].double(), dim=-1)
     return Reference(logits, log_probs, targets, predict_at, attention_mask.bool())
 
 
@@ -118,7 +124,7 @@ class Totals:
 
     def add(self, ref: Reference, logits: torch.Tensor) -> None:
         logits = logits.float()
-        log_q = F.log_softmax(logits[ref.predict_at], dim=-1)
+        log_q = F.log_softmax(logits[ref.predict_at].double(), dim=-1)
         p_ref = ref.log_probs.exp()
         kl = p_ref * (ref.log_probs - log_q)  # [N, V]: its sum is the batch's, per sample by row
         agree = log_q.argmax(-1) == ref.log_probs.argmax(-1)
