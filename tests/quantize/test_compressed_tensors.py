@@ -220,3 +220,68 @@ def test_a_list_it_cannot_write_is_refused_before_anything_is_written(checked, s
             write_checkpoint(small_model_dir, ignore, previous)
     assert {f.name: f.read_bytes() for f in previous.iterdir()} == before
     assert not [p for p in previous.parent.iterdir() if TMP_TAG in p.name]
+
+
+def test_the_language_tower_as_qwen2_computes_the_vl_checkpoints_text_logits_to_the_bit(checked, tmp_path):
+    """What vLLM is given (op_sensitivity.quantize.vllm_text): the W8A8 tensors as stored under
+    Qwen2's names; on text alone the Qwen2.5-VL decoder is a Qwen2 decoder, so transformers' Qwen2
+    on the converted checkpoint computes the VL checkpoint's logits exactly."""
+    from transformers import Qwen2ForCausalLM
+
+    from op_sensitivity.quantize import vllm_text as vt
+
+    chosen = checked["chosen"]
+    written = vt.text_checkpoint(chosen.path, tmp_path / "text")
+    config = json.loads((tmp_path / "text" / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2ForCausalLM"]
+    kept_qkv = [m for m in chosen.keep if ".self_attn." in m]
+    assert len(kept_qkv) == 3 and written["dropped"] > 0  # the vision tensors are left out
+    text_kept = {m.replace("model.language_model.", "model.") for m in kept_qkv}
+    assert text_kept <= set(config["quantization_config"]["ignore"])
+    assert not text_kept & set(written["quantized"]) and "model.layers.0.mlp.up_proj" in written["quantized"]
+    assert {vt.vllm_module(m) for m in kept_qkv} == {"model.layers.0.self_attn.qkv_proj"}
+    text = Qwen2ForCausalLM.from_pretrained(tmp_path / "text", local_files_only=True).eval()
+    if hasattr(text, "ct_decompress_hook"):
+        text.hf_quantizer.compressor.decompress_model(text)
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60, 70, 80, 90]])
+    with torch.no_grad():
+        vl, qwen2 = chosen.model(input_ids=ids).logits, text(input_ids=ids).logits
+    assert torch.equal(vl, qwen2)
+    full = load_checkpoint(checked["all_int8"].path)  # a list that quantizes q/k/v computes otherwise
+    with torch.no_grad():
+        assert not torch.equal(full(input_ids=ids).logits, qwen2)
+
+
+def test_caption_logprobs_without_the_image_give_the_measurers_nll(small_model_dir, test_dir):
+    """The image and its markers are dropped, the caption kept; its log-probabilities are the
+    ones the project's NLL averages (what vLLM's prompt_logprobs are compared with)."""
+    from op_sensitivity.data.calibration import load_calibration
+    from op_sensitivity.model.batches import build_eval_batches
+    from op_sensitivity.model.source import load_model_dir
+    from op_sensitivity.quantize import vllm_text as vt
+    from op_sensitivity.validation.metrics import Totals, reference
+
+    model, processor, _ = load_model_dir(small_model_dir)
+    image = vt.image_tokens(model.config)
+    meta, records = load_calibration(test_dir, TEST)
+    (batch, mask), *_ = build_eval_batches(records[:2], test_dir, processor, meta.mode, 2)
+    split = vt.text_split([(batch, mask)], image)
+    assert len(split) == 2 and set(batch["input_ids"][0].tolist()) & image
+    one, kept = split[0]
+    ids = one["input_ids"][0].tolist()
+    assert not set(ids) & image and kept.sum() > 0
+    assert one["input_ids"][0][kept[0]].tolist() == batch["input_ids"][0][mask[0]].tolist()
+    with torch.no_grad():
+        logits = model(**one).logits
+    logprobs = vt.caption_logprobs(logits[0], ids, kept[0].tolist())
+    totals = Totals()
+    totals.add(reference(logits, one["input_ids"], kept, one["attention_mask"]), logits)
+    assert -sum(logprobs) / len(logprobs) == pytest.approx(totals.values()["nll"], rel=1e-6)
+
+
+def test_a_missing_vllm_environment_names_the_command_that_builds_it(monkeypatch, tmp_path):
+    from op_sensitivity.quantize import vllm_text as vt
+
+    monkeypatch.setenv("OP_SENSITIVITY_VLLM_PYTHON", str(tmp_path / "none" / "python"))
+    with pytest.raises(InputError, match=r"not found \(build it with `make vllm-env`\)"):
+        vt.serve(tmp_path, [[1, 2]])
