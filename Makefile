@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup lock repro restore test test-all lint clean vllm-env vllm-serve
+.PHONY: setup lock repro restore test test-all lint clean vllm-env vllm-serve example
 setup: $(VENV)/.installed
 
 # Exactly the versions of requirements.lock (`make lock` refreshes it), so a fresh clone builds
@@ -32,6 +32,13 @@ lock:
 repro: setup
 	$(BIN)/python scripts/check_params.py params.yaml
 	$(BIN)/dvc repro
+
+# docs/example/: the report and plots of the last run, for reading before running anything
+# (tests/test_example.py holds them to the outputs dvc.lock records).
+example:
+	rm -rf docs/example/plots && mkdir -p docs/example
+	cp reports/op_sensitivity.md docs/example/op_sensitivity.md
+	cp -r reports/plots docs/example/plots
 
 # Back to the last committed run after a failed `dvc repro`: dvc.lock and the git-tracked
 # metrics from HEAD, the cached outputs from DVC's cache.
