@@ -27,6 +27,12 @@ lock:
 	$(BIN)/python scripts/lock.py
 	$(MAKE) setup
 
+# `make repro V=1`: every stage's third-party log lines (INC, warnings) on the terminal too; without
+# it they go to logs/<stage>.log only, which each stage's last line names (op_sensitivity.logs).
+ifdef V
+export OP_SENSITIVITY_VERBOSE := 1
+endif
+
 # The params check (the DAG's first stage, check_params, makes it too) and the plan: what each
 # stage DVC will run does, its time and memory, and a stop when it cannot fit this machine.
 repro: setup

@@ -8,9 +8,11 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import logs
 from .atomic import committed, forget_committed
 from .errors import PipelineError
 from .lifetime import stop_with_parent
@@ -49,7 +51,9 @@ def raise_if_terminated() -> None:
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage: log to stderr, turn :class:`PipelineError` into one clear line and exit code 2.
+    """Run a stage: this project's log lines to stderr and every line to ``logs/<stage>.log``
+    (:mod:`.logs`), one summary line at the end naming that file; turn :class:`PipelineError` into
+    one clear line and exit code 2.
 
     An ``OSError`` that names a path (a file where a directory must be made, a directory where a
     file is written, no permission) is a problem with that path, not a bug: one line naming it
@@ -59,15 +63,21 @@ def run_stage(main: Callable[[], None]) -> None:
     place (``atomic.committed``), if anything. Other exceptions keep their traceback: they are
     bugs or environment failures, and hiding them would make a red run look like bad input.
     """
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
-    )
+    stage = os.environ.get("DVC_STAGE") or Path(sys.argv[0]).stem
+    log_file = logs.configure(stage)
+    start = time.perf_counter()
     previous = {signum: signal.signal(signum, _raise_terminated) for signum in CAUGHT_SIGNALS}
     _PENDING.clear()
     forget_committed()
     try:
         stop_with_parent()  # under dvc repro: a killed `dvc repro` stops this stage too
         main()
+        logging.getLogger("op_sensitivity.stage").info(
+            "%s done in %.1f s; its full log (INC, warnings): %s",
+            stage,
+            time.perf_counter() - start,
+            log_file,
+        )
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         _what_dvc_did()

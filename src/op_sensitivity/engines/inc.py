@@ -54,6 +54,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm as std_tqdm
 
+from .. import logs
 from ..cli import raise_if_terminated
 from ..errors import CaptureError, InputError
 from ..inventory import module_name
@@ -96,6 +97,8 @@ def inc_util():
         import neural_compressor
         from neural_compressor.adaptor.torch_utils import util
         from neural_compressor.strategy.mse_v2 import MSE_V2TuneStrategy  # noqa: F401
+
+        logs.adopt("neural_compressor")  # its [INFO] lines into the stage's log file, not the terminal
     except ImportError as e:
         raise InputError(
             f"neural-compressor: the 2.x API (mse_v2 strategy, adaptor.torch_utils.util) is needed; "
