@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup lock repro restore test test-all lint clean vllm-env vllm-serve example
+.PHONY: setup lock repro restore test test-all test-avx2 lint clean vllm-env vllm-serve example
 setup: $(VENV)/.installed
 
 # Exactly the versions of requirements.lock (`make lock` refreshes it), so a fresh clone builds
@@ -61,6 +61,14 @@ test: setup
 
 test-all: setup
 	$(PYTEST) -m ''
+
+# The numerics tests again with ATen's kernels held to AVX2 (what an AVX2-only CPU runs for torch's
+# float and quantized ops). It does not change fbgemm's or ONNX Runtime's own CPU dispatch, nor
+# INC's 7-bit activations (reduce_range follows the CPU's VNNI): docs/artifacts.md, "Reproducibility".
+NUMERICS := tests/engines/test_native.py tests/engines/test_trial_batch.py tests/schemes/test_agreement.py \
+	tests/quantize/test_onnx_runtime.py tests/quantize/test_modelopt.py
+test-avx2: setup
+	ATEN_CPU_CAPABILITY=avx2 $(PYTEST) $(NUMERICS)
 
 lint: setup
 	$(BIN)/ruff check src stages tests scripts benchmarks
