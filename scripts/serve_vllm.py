@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from op_sensitivity.data.calibration import load_calibration
 from op_sensitivity.engines.numerics import resolve_numerics
+from op_sensitivity.engines.runner import host_facts
 from op_sensitivity.model.batches import build_eval_batches
 from op_sensitivity.model.source import load_model_dir, read_card, weights_dir
 from op_sensitivity.params import load_params
@@ -98,7 +98,7 @@ def main() -> None:
     expected_float = {n for n in expected_float if ".layers." in n}
     float_in_vllm = vt.float_layers(served["w8a8"]["linear"])
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {platform.node()}",
+        "host": host_facts(),
         "python": sys.version.split()[0],
         "vllm": served["w8a8"]["vllm"],
         "served": vt.SERVED,
