@@ -79,8 +79,8 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def snapshot(ws: Path) -> dict[str, tuple[str, int]]:
-    """Every file the stages own, with content hash and mode (scratch and case inputs left out)."""
-    skip = {"bad", "case.yaml", ".op_sensitivity_work"}
+    """Every file the stages own, with content hash and mode (scratch, logs, case inputs left out)."""
+    skip = {"bad", "case.yaml", ".op_sensitivity_work", "logs"}
     return {
         str(p.relative_to(ws)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode)
         for p in sorted(ws.rglob("*"))

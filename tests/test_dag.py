@@ -41,7 +41,8 @@ TOOLS = (
     REPO / "scripts/check_params.py",
     REPO / "scripts/apply_profile.py",
     REPO / "scripts/params_schema.py",
-    REPO / "scripts/check_reproduced.py",  # CI's last step: the fresh clone's run against HEAD
+    REPO / "scripts/check_reproduced.py",  # CI: the fresh clone's run against HEAD
+    REPO / "scripts/serve_vllm.py",  # CI's last step: the default's checkpoint served by vLLM
 )
 
 

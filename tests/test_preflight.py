@@ -47,7 +47,7 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def snapshot(ws: Path) -> dict[str, str]:
-    skip = {"case.yaml", "bad"}
+    skip = {"case.yaml", "bad", "logs"}
     return {
         str(p.relative_to(ws)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(ws.rglob("*"))
