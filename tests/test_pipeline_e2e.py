@@ -590,3 +590,29 @@ def test_killing_dvc_repro_stops_the_stage_it_was_running(repo, tmp_path):
     # stopped, not finished: DVC removed the output before starting the stage, which never wrote it
     assert not (root / "reports/sensitivity/op_sensitivity.json").exists()
     assert not list((root / "reports/sensitivity").glob(".*.tmp-*"))
+
+
+def _python_blocks(doc: Path, section: str) -> list[str]:
+    """The ```python blocks of one ``## section`` of a Markdown page, in order."""
+    text = doc.read_text()
+    start = text.index(f"## {section}\n")
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"```python\n(.*?)```", text[start : end if end != -1 else None], re.S)
+
+
+def test_the_deploy_docs_keep_list_snippets_run_as_written_on_the_outputs(repo):
+    """Each block in a fresh interpreter from the run's root; what it built is the run's export."""
+    root = at_base(repo)
+    section = "Feeding a keep-list to your own quantizer call"
+    inc, modelopt, recipe = _python_blocks(REPO / "docs/deploy.md", section)
+    fallback = root / "reports/fallback"
+
+    def value(block: str, expr: str):
+        out = run([sys.executable, "-c", f"{block}\nimport json as _j\nprint(_j.dumps({expr}))"], root)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert value(inc, "conf.op_name_dict") == json.loads((fallback / "inc_op_name_dict.json").read_text())
+    extra = json.loads((fallback / "modelopt_quant_cfg.json").read_text())["quant_cfg"]
+    assert extra and value(modelopt, "cfg['quant_cfg'][-len(extra):]") == extra
+    ignore = json.loads((fallback / "llmcompressor_ignore.json").read_text())["ignore"]
+    assert ignore and value(recipe, "ignore") == ignore

@@ -1,0 +1,92 @@
+"""The README a newcomer reads in five minutes, its figures held to the committed run, and the docs'
+links.
+
+Why: a README drifts from the run it describes one edit at a time; the figures it states and the
+pages it points to are checked here against the files they come from.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+README = REPO / "README.md"
+DOCS = sorted((REPO / "docs").glob("*.md"))
+
+
+def prose_sentences(markdown: str) -> list[str]:
+    """Sentences of the prose: code blocks, tables, headings and images left out; a list item is a
+    paragraph of its own."""
+    text = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    text = re.sub(r"!\[[^\]]*\]\([^)]*\)", "", text)
+    paragraphs, current = [], []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith(("|", "#")):
+            paragraphs.append(" ".join(current))
+            current = []
+            continue
+        if re.match(r"\s*(- |\d+\. )", line) and current:
+            paragraphs.append(" ".join(current))
+            current = []
+        current.append(re.sub(r"^\s*(- |\d+\. )", "", line).strip())
+    paragraphs.append(" ".join(current))
+    return [s for p in paragraphs for s in re.split(r"(?<=[.!?])\s+(?=[A-Z`*\[])", p) if s.strip()]
+
+
+def test_prose_sentences_split_paragraphs_list_items_and_sentences():
+    doc = "# T\n\nOne two. Three four five.\n- item one\n  goes on.\n\n| a | b |\n```\nx. Y.\n```\n"
+    assert [len(s.split()) for s in prose_sentences(doc)] == [2, 3, 4]
+
+
+def test_the_readme_reads_in_five_minutes():
+    text = README.read_text()
+    words = [len(s.split()) for s in prose_sentences(text)]
+    assert len(text.splitlines()) <= 150
+    assert len(text.split()) <= 1300
+    assert max(words) <= 40, [s for s in prose_sentences(text) if len(s.split()) > 40]
+    assert sum(words) / len(words) <= 20
+
+
+def _seconds(figure: str) -> float:
+    m = re.fullmatch(r"(?:(\d+) min )?(\d+) s", figure)
+    assert m, figure
+    return 60 * int(m.group(1) or 0) + int(m.group(2))
+
+
+def test_the_readmes_make_repro_time_agrees_with_the_committed_runs_runtime_files():
+    """The stated pass time within 2x of the committed runtime file; the whole run at least as long
+    as the stages the runtime files time."""
+    row = next(
+        line for line in README.read_text().splitlines() if line.startswith("| `make repro` after setup")
+    )
+    stated_pass = float(re.search(r"sensitivity pass: (\d+) s", row).group(1))
+    stated_total = _seconds(row.rstrip(" |").rsplit("|", 1)[1].strip())
+    runtime = REPO / "reports/runtime"
+    recorded_pass = json.loads((runtime / "sensitivity.json").read_text())["seconds"]
+    recorded = sum(json.loads(p.read_text())["seconds"] for p in runtime.rglob("*.json"))
+    assert recorded_pass / 2 <= stated_pass <= 2 * recorded_pass
+    assert stated_total >= recorded
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation but '-' and '_' dropped, spaces to '-'."""
+    heads = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", markdown, flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+@pytest.mark.parametrize("page", [README, *DOCS], ids=lambda p: p.name)
+def test_every_relative_link_points_at_a_file_and_heading_that_exist(page: Path):
+    for target in LINK.findall(page.read_text()):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        assert dest.exists(), f"{page.name}: link to {target}: no such file"
+        if anchor and dest.suffix == ".md":
+            assert anchor in _anchors(dest.read_text()), f"{page.name}: link to {target}: no such heading"
