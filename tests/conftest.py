@@ -16,7 +16,7 @@ import torch
 from op_sensitivity.data.calibration import prepare_calibration
 from op_sensitivity.engines.artifact import build_report
 from op_sensitivity.engines.contract import PassResult
-from op_sensitivity.engines.inc import inc_util
+from op_sensitivity.engines.inc_loop import inc_util
 from op_sensitivity.engines.runner import load_inputs, run_engine
 from op_sensitivity.inventory import OpInfo, op_inventory, write_inventory
 from op_sensitivity.model.fused import fused_groups, probe_batch

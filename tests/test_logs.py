@@ -14,7 +14,7 @@ from op_sensitivity.cli import run_stage
 
 def main():
     logging.getLogger("op_sensitivity.engines.runner").info("ours: wrote the report")
-    from op_sensitivity.engines.inc import inc_util
+    from op_sensitivity.engines.inc_loop import inc_util
     inc_util()
     from neural_compressor.utils import logger
     logger.info("INC: Adaptor has 5 recipes.")

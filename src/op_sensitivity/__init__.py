@@ -10,7 +10,7 @@ in this list (``tests/test_dag.py`` checks it):
 * ``report``: scores, Markdown report, plots, engine comparison
 * ``fallback``: keep-list policies, the keep-list document, exports per quantizer
 
-Only :mod:`op_sensitivity.engines.inc` knows Intel Neural Compressor's internals.
+Only :mod:`op_sensitivity.engines.inc_loop` knows Intel Neural Compressor's internals.
 """
 
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ def test_inc_export_builds_a_config_inc_honours(small_model_dir, calibration_dir
     from neural_compressor import PostTrainingQuantConfig
 
     from op_sensitivity.data.calibration import load_calibration
-    from op_sensitivity.engines.inc import CalibrationLoader, build_strategy, initial_tune_cfg, kept_fp32
+    from op_sensitivity.engines.inc_loop import CalibrationLoader, build_strategy, initial_tune_cfg, kept_fp32
     from op_sensitivity.model.batches import build_batches
     from op_sensitivity.model.source import load_model_dir
 

@@ -64,7 +64,7 @@ def test_every_scored_op_of_a_real_torch_onnx_export_resolves(calibration_dir, s
     from dataclasses import replace
 
     from op_sensitivity.engines.runner import load_inputs
-    from op_sensitivity.quantize.onnx_runtime import export_onnx
+    from op_sensitivity.quantize.onnx_export import export_onnx
     from tests.helpers import sensitivity_params
 
     params = replace(sensitivity_params(), engine="native")

@@ -38,22 +38,15 @@ import onnx  # noqa: E402  (after the skip)
 from onnx import numpy_helper  # noqa: E402
 from onnxruntime.quantization.calibrate import load_tensors_data  # noqa: E402
 
+from op_sensitivity.quantize.onnx_export import export_onnx, feed, session, signature  # noqa: E402
+from op_sensitivity.quantize.onnx_ranges import CACHE_FILE, cache_for, merge_roles, node_roles, ranges_by_role  # noqa: E402
 from op_sensitivity.quantize.onnx_runtime import (  # noqa: E402
-    CACHE_FILE,
     EXPORT_FILE,
     MODEL_FILE,
     OrtQdq,
-    cache_for,
-    export_onnx,
-    feed,
     load_fp32,
-    merge_roles,
-    node_roles,
     quantize_graph,
     quantized_nodes,
-    ranges_by_role,
-    session,
-    signature,
 )
 
 GATE = "model.language_model.layers.0.mlp.gate_proj"  # kept; shares its input with up_proj

@@ -64,14 +64,8 @@ import onnx
 import torch
 from onnxruntime.quantization import QuantFormat, quantize_static
 
-from op_sensitivity.quantize.onnx_runtime import (
-    CACHE_FILE,
-    FP32_FILE,
-    OP_TYPES,
-    export_onnx,
-    feeds_reader,
-    session,
-)
+from op_sensitivity.quantize.onnx_export import FP32_FILE, OP_TYPES, export_onnx, feeds_reader, session
+from op_sensitivity.quantize.onnx_ranges import CACHE_FILE
 
 Spectrum = dict  # {"fallback": {module_name: float}, "requant": {module_name: float}, "all_int8": float}
 

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import InputError
 from ..inventory import OpInfo
 from ..params import SensitivityParams
-from ..schemes import Scheme, inc, load
+from ..schemes import Scheme, inc_cpu, load
 
 OpKey = tuple[str, str]  # (op name, op type)
 FP32 = {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}}
@@ -73,7 +73,7 @@ class PassSpec:
     batches: tuple[dict[str, torch.Tensor], ...]  # one per confidence batch, in use order
     params: SensitivityParams
     model_sha256: str | None = None  # the model card's hash, when the runner knows it (resume keys on it)
-    scheme: Scheme = field(default_factory=inc.describe)  # the numerics measured (sensitivity.native.scheme)
+    scheme: Scheme = field(default_factory=inc_cpu.describe)  # the numerics measured (native.scheme)
 
     @property
     def module_order(self) -> list[str]:
@@ -123,7 +123,7 @@ class PassResult:
     details: dict[str, Any] = field(default_factory=dict)  # settings that shape the numbers (device, dtype)
     runtime: dict[str, Any] = field(default_factory=dict)  # seconds and memory: never in a versioned artifact
     scheme: Scheme = field(
-        default_factory=inc.describe
+        default_factory=inc_cpu.describe
     )  # the deployment scheme the values were measured under
     screening: dict[str, Any] | None = None  # native screening: precision, bound, ops refined in float32
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..schemes import Scheme
-from ..schemes import inc as inc_scheme
+from ..schemes import inc_cpu as inc_scheme
 from .schemed import SchemeQuant
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..phases import FALLBACK, REQUANT
-from ..schemes import inc as inc_scheme
+from ..schemes import inc_cpu as inc_scheme
 from .contract import Capture, HelperCall, PassResult, PassSpec
 from .distributed import ONE_PROCESS, Shard, run_sharded
 from .fakequant import FakeQuantModel

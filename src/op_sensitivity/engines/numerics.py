@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import InputError
 from ..params import SensitivityParams
 from ..schemes import Scheme
-from ..schemes import inc as inc_scheme
+from ..schemes import inc_cpu as inc_scheme
 from ..schemes import load as load_scheme
 from .distributed import check_processes
 from .schemed import check_kernels

@@ -72,7 +72,7 @@ def engine(name: str) -> Engine:
     surface as an ImportError, which is not what the user did.
     """
     if name == "inc":
-        from .inc import inc_util, run_pass
+        from .inc_loop import inc_util, run_pass
 
         inc_util()
     else:

@@ -1,5 +1,8 @@
 """An ONNX Runtime QDQ model of a keep-list (``quantize_static``), and ORT running it.
 
+Three modules: the fp32 export, its sessions and batch layouts in :mod:`.onnx_export`; the
+activation ranges in :mod:`.onnx_ranges`; the target (quantize, write, read back, load) here.
+
 Why: the native engine *predicts* what a keep-list costs under ``ort_qdq``; this writes the model a
 user gets from ONNX Runtime's own tools (``torch.onnx.export``, then ``quantize_static`` with the
 list's complement as ``nodes_to_quantize`` and the kept modules' nodes as ``nodes_to_exclude``)
@@ -62,15 +65,11 @@ here: the numbers are arithmetic from the parameter count, not measurements.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import time
-import warnings
 from collections import Counter
-from collections.abc import Iterable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -83,22 +82,26 @@ from ..errors import InputError
 from ..fallback.exports import node_module
 from ..params import TARGET_SCHEMES
 from .base import Batch, Inputs, Runtime, Target, dir_bytes
+from .onnx_export import (
+    FP32_FILE,
+    OP_TYPES,
+    OPSET,
+    export_onnx,
+    feed,
+    is_large,
+    module_nodes,
+    session,
+    shapes,
+    signature,
+)
+from .onnx_ranges import CACHE_FILE, ROLES_FILE, cache_for, calibrate, node_roles, read_roles, save_roles
 
 log = logging.getLogger(__name__)
 
 EXTRA = "pip install -e '.[ort]'"
-OP_TYPES = ["MatMul", "Gemm", "Conv"]
 SCORED_TYPES = (torch.nn.Linear, torch.nn.Conv3d)  # the ort_qdq scheme's op_types (schemes.ort)
-OPSET = 17
 MODEL_FILE = "model.onnx"
-FP32_FILE = "model_fp32.onnx"
-CACHE_FILE = "calibration_ranges.json"
 EXPORT_FILE = "export.json"
-ROLES_FILE = "ranges_by_node.json"  # the same ranges by node and role, for another layout's export
-PROTOBUF_LIMIT = 2**31  # bytes: protobuf's limit on one serialized graph
-# external data from here: a margin under the limit for what the exporter adds to the parameters
-# (constant-folded copies, e.g. the transposed weight of a tied lm_head)
-LARGE = PROTOBUF_LIMIT * 3 // 4
 # ORT's int8 kernels for a fused QDQ group (the optimized graph's op types)
 INT8_KERNELS = (
     "QLinearMatMul",
@@ -109,304 +112,6 @@ INT8_KERNELS = (
     "DynamicQuantizeMatMul",
     "ConvInteger",
 )
-
-
-def param_bytes(model: torch.nn.Module) -> int:
-    """The float32 bytes of the model's parameters and buffers (what the export stores, about)."""
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * 4 for t in tensors.values())
-
-
-def is_large(model: torch.nn.Module) -> bool:
-    """The export may pass protobuf's 2 GB: initializers go to external data."""
-    return param_bytes(model) >= LARGE
-
-
-def save_onnx(proto: Any, path: Path, large: bool) -> None:
-    """``proto`` at ``path``; its initializers in one ``<name>.data`` beside it when ``large``."""
-    import onnx
-
-    if large:
-        onnx.save(proto, str(path), save_as_external_data=True, location=f"{path.name}.data")
-    else:
-        onnx.save(proto, str(path))
-
-
-def export_onnx(model: torch.nn.Module, batch: Batch, path: Path, large: bool | None = None) -> list[str]:
-    """``model(**batch).logits`` as an ONNX graph at ``path`` (output ``logits``); its input names.
-
-    The model itself is exported (its forward swapped for a positional one for the call), so the
-    node names carry the module paths from the root, exactly as a user exporting the HF model gets.
-    ``large`` (default: :func:`is_large`): write the initializers as external data.
-    """
-    import onnx
-
-    names = list(batch)
-    forward = type(model).forward
-    large = is_large(model) if large is None else large
-
-    def positional(*args: torch.Tensor) -> torch.Tensor:
-        return forward(model, **dict(zip(names, args, strict=True)), use_cache=False).logits
-
-    model.forward = positional
-    raw = Path(
-        tempfile.mkdtemp(prefix=".export-", dir=path.parent)
-    )  # the exporter's files, whatever they are
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                tuple(batch[k] for k in names),
-                str(raw / path.name),
-                input_names=names,
-                output_names=["logits"],
-                opset_version=OPSET,
-                dynamo=False,
-            )
-        proto = onnx.load(str(raw / path.name))  # above 2 GB the exporter wrote external data: read in
-        inline_constant_identities(proto)
-        save_onnx(proto, path, large)
-    finally:
-        del model.forward
-        shutil.rmtree(raw, ignore_errors=True)
-    return [i.name for i in proto.graph.input]
-
-
-def inline_constant_identities(proto: Any) -> int:
-    """Replace ``Identity(initializer)`` nodes by a copy of the initializer; how many there were.
-
-    The TorchScript exporter stores equal initializers once and feeds the others through an
-    Identity (the tiny model's all-zero biases), and ``quantize_static`` leaves a Gemm bias that is
-    not an initializer float ("Bias of Gemm node ... is not constant"). Inlined, every Gemm bias is
-    quantized the way a distinct one would be.
-    """
-    import onnx
-
-    inits = {i.name: i for i in proto.graph.initializer}
-    keep, count = [], 0
-    for node in proto.graph.node:
-        if node.op_type == "Identity" and node.input[0] in inits:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(inits[node.input[0]])
-            copy.name = node.output[0]
-            proto.graph.initializer.append(copy)
-            count += 1
-        else:
-            keep.append(node)
-    if count:
-        del proto.graph.node[:]
-        proto.graph.node.extend(keep)
-    return count
-
-
-def module_nodes(graph: Any, modules: Iterable[str]) -> dict[str, list[str]]:
-    """Each of ``modules``' MatMul / Gemm / Conv nodes, by the module its name scopes it under
-    (``fallback.exports.node_module``, the rule a user's ``nodes_to_exclude`` export follows)."""
-    wanted = {m: [] for m in modules}
-    for n in graph.node:
-        if n.op_type in OP_TYPES and node_module(n.name) in wanted:
-            wanted[node_module(n.name)].append(n.name)
-    return wanted
-
-
-def session(path: Path, optimized: bool = True, threads: int = 1, optimized_model: Path | None = None) -> Any:
-    """An ORT CPU session on ``path``. ``optimized=False``: graph optimizations off (the literal
-    QuantizeLinear / DequantizeLinear float graph). ``threads`` 0: ORT's default (every core).
-    ``optimized_model``: where ORT writes the graph it runs (its fused kernels, read back)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    if not optimized:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if optimized_model is not None:
-        opts.optimized_model_filepath = str(optimized_model)
-        opts.add_session_config_entry(
-            "session.optimized_model_external_initializers_file_name", f"{optimized_model.name}.data"
-        )
-        opts.add_session_config_entry(
-            "session.optimized_model_external_initializers_min_size_in_bytes", str(PROTOBUF_LIMIT // 4)
-        )
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def feeds_reader(feeds: list[dict[str, np.ndarray]]) -> Any:
-    """A ``CalibrationDataReader`` over ``feeds`` (ORT's calibrator pulls them one by one)."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Feeds(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._items = iter(feeds)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._items, None)
-
-    return Feeds()
-
-
-def feed(batch: Batch, names: list[str]) -> dict[str, np.ndarray]:
-    """The graph's inputs from a model batch: float inputs as float32 (the graph's dtype)."""
-    return {
-        k: (batch[k].detach().cpu().float() if batch[k].is_floating_point() else batch[k].cpu()).numpy()
-        for k in names
-    }
-
-
-def signature(batch: Batch) -> str:
-    """What one exported graph holds for: every input's name, dtype and shape, and the values of
-    the integer inputs (the traced Python reads them: rope positions from ``attention_mask`` and the
-    image-token layout, the grid from ``image_grid_thw``). Two batches with the same signature run
-    the same graph; the text's token ids are included too, erring on the side of a new export."""
-    h = hashlib.sha256()
-    for k in sorted(batch):
-        t = batch[k].detach().cpu()
-        h.update(f"{k}:{t.dtype if not t.is_floating_point() else 'float'}:{list(t.shape)};".encode())
-        if not t.is_floating_point():
-            h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def shapes(batch: Batch) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in batch.items()}
-
-
-def _calibrate_one(fp32: Path, feeds: list[dict[str, np.ndarray]], workdir: Path, large: bool) -> Any:
-    """ORT's MinMax ranges of ``fp32``'s MatMul/Gemm/Conv tensors over ``feeds`` (``TensorsData``),
-    by the calibrator ``quantize_static`` itself builds."""
-    from onnxruntime.quantization import CalibrationMethod
-    from onnxruntime.quantization.calibrate import create_calibrator
-
-    calibrator = create_calibrator(
-        fp32,
-        OP_TYPES,
-        augmented_model_path=str(workdir / "augmented_model.onnx"),
-        calibrate_method=CalibrationMethod.MinMax,
-        use_external_data_format=large,
-        providers=["CPUExecutionProvider"],
-    )
-    calibrator.collect_data(feeds_reader(feeds))
-    return calibrator.compute_data()
-
-
-Roles = dict[str, tuple[str, str]]  # node name -> (its activation input, its output): tensor names
-
-
-def node_roles(graph: Any, modules: Iterable[str]) -> Roles:
-    """The activation input and output tensor of each of ``modules``' MatMul / Gemm / Conv nodes.
-
-    Why by node: a node's name is its module's scope (``/model/visual/blocks.1/attn/proj/Gemm``),
-    the same in every export, while the tensors between them are named by a counter per scope
-    (``/model/visual/blocks.1/attn/Reshape_7_output_0``) that moves with the traced loop's length
-    (one attention call per window: another image grid, another count). Ranges are carried from
-    one export to another by node and role, never by tensor name."""
-    wanted = {n for nodes in module_nodes(graph, modules).values() for n in nodes}  # one pass over the graph
-    return {node.name: (node.input[0], node.output[0]) for node in graph.node if node.name in wanted}
-
-
-def ranges_by_role(data: Any, roles: Roles) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
-    """``TensorsData`` read as ``{(node, "input" | "output"): (lowest, highest)}``."""
-    out = {}
-    for node, tensors in roles.items():
-        for role, tensor in zip(("input", "output"), tensors, strict=True):
-            low, high = data[tensor].range_value
-            out[(node, role)] = (np.asarray(low), np.asarray(high))
-    return out
-
-
-def merge_roles(per_layout: list[dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]]) -> dict:
-    """One range per node and role over every layout, as the calibrator merges batches
-    (moving_average off: min of minima, max of maxima). Every layout's export must have the same
-    nodes (a node only some have would get a range from part of the data)."""
-    keys = [set(r) for r in per_layout]
-    if any(k != keys[0] for k in keys):
-        odd = sorted({n for n, _ in set.union(*keys) - set.intersection(*keys)})
-        raise RuntimeError(
-            f"the exports of the calibration batches' layouts have different Linear/Conv nodes ({odd[:5]}); "
-            "their ranges cannot be merged into one cache"
-        )
-    return {
-        k: (
-            np.minimum.reduce([r[k][0] for r in per_layout]),
-            np.maximum.reduce([r[k][1] for r in per_layout]),
-        )
-        for k in per_layout[0]
-    }
-
-
-def cache_for(merged: dict, roles: Roles) -> Any:
-    """The ranges as ``quantize_static``'s calibration cache of one export (its tensor names). A
-    tensor two nodes share (q/k/v's input) gets the same range from each."""
-    from onnxruntime.quantization import CalibrationMethod
-    from onnxruntime.quantization.calibrate import TensorData, TensorsData
-
-    data = {}
-    for node, tensors in roles.items():
-        if (node, "input") not in merged:
-            raise RuntimeError(f"no calibrated range for node {node} (not in the calibration exports)")
-        for role, tensor in zip(("input", "output"), tensors, strict=True):
-            low, high = merged[(node, role)]
-            data[tensor] = TensorData(lowest=low, highest=high)
-    return TensorsData(CalibrationMethod.MinMax, data)
-
-
-def calibrate(
-    model: torch.nn.Module, batches: list[Batch], modules: list[str], workdir: Path, cache: Path, large: bool
-) -> tuple[Path, list[str], Batch, dict]:
-    """Write ``cache`` (``quantize_static``'s calibration cache of the first layout's export) from
-    every calibration batch, merged by node and role (:func:`node_roles`).
-
-    Returns the fp32 export of the first batch's layout (kept: ``model.onnx`` is quantized from it),
-    its input names, that batch, and the merged ranges by node and role (stored beside, so that
-    another layout's export gets its own cache). Each other layout's export is removed once calibrated.
-    """
-    import onnx
-    from onnxruntime.quantization.calibrate import save_tensors_data
-
-    layouts: dict[str, list[Batch]] = {}
-    for b in batches:
-        layouts.setdefault(signature(b), []).append(b)
-    per_layout, first = [], None
-    for i, (key, group) in enumerate(layouts.items()):
-        where = workdir / f"calibrate-{i}-{key}"
-        where.mkdir(parents=True)
-        fp32 = where / FP32_FILE
-        names = export_onnx(model, group[0], fp32, large)
-        roles = node_roles(onnx.load(str(fp32), load_external_data=False).graph, modules)
-        data = _calibrate_one(fp32, [feed(b, names) for b in group], where, large)
-        per_layout.append(ranges_by_role(data, roles))
-        (where / "augmented_model.onnx").unlink(missing_ok=True)
-        if first is None:
-            first = (fp32, names, group[0], roles)
-        else:
-            shutil.rmtree(where)
-    assert first is not None
-    merged = merge_roles(per_layout)
-    save_tensors_data(cache_for(merged, first[3]), cache)
-    return first[0], first[1], first[2], merged
-
-
-def save_roles(merged: dict, path: Path) -> None:
-    rows = [
-        {"node": n, "role": r, "lowest": low.tolist(), "highest": high.tolist()}
-        for (n, r), (low, high) in sorted(merged.items())
-    ]
-    path.write_text(json.dumps(rows, indent=1) + "\n")
-
-
-def read_roles(path: Path) -> dict:
-    try:
-        rows = json.loads(path.read_text())
-        return {
-            (r["node"], r["role"]): (
-                np.asarray(r["lowest"], np.float32),
-                np.asarray(r["highest"], np.float32),
-            )
-            for r in rows
-        }
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{path}: not readable ranges by node and role ({e})") from e
 
 
 def _nodes(graph: Any, quantize: list[str], kept: list[str], where: str) -> tuple[list[str], list[str]]:

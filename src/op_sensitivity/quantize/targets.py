@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import Target
 from .compressed_tensors import CompressedTensors
-from .inc import Inc
+from .inc_ptq import Inc
 from .modelopt import ModeloptFp8, ModeloptInt8
 from .onnx_runtime import OrtQdq
 

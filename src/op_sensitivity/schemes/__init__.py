@@ -23,12 +23,12 @@ from collections.abc import Callable
 
 from ..errors import InputError
 from ..params import SCHEMES
-from . import catalog, compressed_tensors, inc, modelopt, ort
+from . import catalog, compressed_tensors, inc_cpu, modelopt, ort
 from .qdq import fake_quant, observe
 from .spec import QuantSpec, Scheme
 
 DESCRIBE: dict[str, Callable[[], Scheme]] = {
-    "inc_cpu": inc.describe,
+    "inc_cpu": inc_cpu.describe,
     "modelopt_int8": lambda: modelopt.describe("INT8_DEFAULT_CFG", "modelopt_int8"),
     "modelopt_fp8": lambda: modelopt.describe("FP8_DEFAULT_CFG", "modelopt_fp8"),
     "llmcompressor_w8a8": compressed_tensors.describe,

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from ..engines.inc import ptq_logits
+from ..engines.inc_loop import ptq_logits
 from ..model.carve import Carve, load_carved
 from ..params import CrosscheckParams, SensitivityParams
 from ..report.comparison import whole_model

@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch import nn
 
-from op_sensitivity.engines.inc import (
+from op_sensitivity.engines.inc_loop import (
     SAVED_MODEL,
     int8_and_fp32,
     load_q_model,
@@ -38,7 +38,7 @@ from op_sensitivity.inventory import read_inventory
 from op_sensitivity.model.source import load_model_dir, read_card
 from op_sensitivity.params import TARGET_SCHEMES
 from op_sensitivity.quantize.base import Inputs, Runtime
-from op_sensitivity.quantize.inc import (
+from op_sensitivity.quantize.inc_ptq import (
     FORMAT,
     Inc,
     check_size,
@@ -171,7 +171,7 @@ fp32 = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch
 with torch.no_grad():
     torch.save(model(**torch.load(batch)).logits, out)
 """
-OURS = "from op_sensitivity.quantize.inc import load_inc\nmodel = load_inc(saved, fp32)"
+OURS = "from op_sensitivity.quantize.inc_ptq import load_inc\nmodel = load_inc(saved, fp32)"
 INC_ALONE = "from neural_compressor.utils.pytorch import load\nmodel = load(saved, fp32)"
 
 
@@ -185,7 +185,7 @@ def _serve(load: str, c: Checked, model_dir: Path, batch: dict, tmp_path: Path):
 
 def test_the_documented_call_serves_the_artifact_in_a_fresh_process(checked, tmp_path):
     """load_inc in a new interpreter gives the stage's measured logits to the bit; INC's load alone
-    builds a model whose first forward fails in the patch embedding (engines.inc.load_q_model)."""
+    builds a model whose first forward fails in the patch embedding (engines.inc_loop.load_q_model)."""
     c, batch = checked["lists"]["qkv_lm_head"], checked["test_batch"]
     run, logits = _serve(OURS, c, checked["model_dir"], batch, tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]

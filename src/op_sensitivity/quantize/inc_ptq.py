@@ -5,7 +5,7 @@ INC's static W8A8 PTQ; validate already runs that PTQ in memory (``validation.in
 deploys what INC saves: ``quantization.fit`` with the exported ``op_name_dict``
 (``fallback.exports.inc_op_name_dict``), then ``q_model.save(dir)``, then, in the serving process,
 INC's ``neural_compressor.utils.pytorch.load(dir, fp32_model)`` through :func:`load_inc` (INC's
-load alone builds a Qwen2.5-VL that fails at its first forward: ``engines.inc.load_q_model``).
+load alone builds a Qwen2.5-VL that fails at its first forward: ``engines.inc_loop.load_q_model``).
 This target does exactly that and measures the reloaded model, without the compat patch, so what
 is scored is what a user's process runs.
 
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_dir
-from ..engines.inc import (
+from ..engines.inc_loop import (
     SAVED_MODEL,
     int8_and_fp32,
     load_q_model,
@@ -62,7 +62,7 @@ from .base import Inputs, Runtime, Target, dir_bytes
 def load_inc(saved_dir: str | Path, fp32_model: nn.Module) -> nn.Module:
     """Serve the ``inc`` target's artifact: INC's own loader (``neural_compressor.utils.pytorch.load``)
     run the one way that gives a working Qwen2.5-VL, then the strict state check
-    (``engines.inc.load_q_model``, which says why INC's ``load`` alone fails on it). ``fp32_model``:
+    (``engines.inc_loop.load_q_model``, which says why INC's ``load`` alone fails on it). ``fp32_model``:
     the model it was quantized from (``Qwen2_5_VLForConditionalGeneration.from_pretrained``); it
     is converted in place to float32 and returned quantized, in eval mode. docs/deploy.md shows it."""
     return load_q_model(Path(saved_dir), fp32_model)

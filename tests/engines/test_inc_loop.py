@@ -11,7 +11,7 @@ import torch
 
 from op_sensitivity.engines.artifact import validate
 from op_sensitivity.engines.contract import Capture, HelperCall
-from op_sensitivity.engines.inc import capture_mse, check_capture, inc_util
+from op_sensitivity.engines.inc_loop import capture_mse, check_capture, inc_util
 from op_sensitivity.errors import CaptureError, InputError
 from op_sensitivity.inventory import module_name
 from tests.helpers import EXCLUDED
