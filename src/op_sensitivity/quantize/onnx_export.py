@@ -6,7 +6,6 @@ graph on it."""
 from __future__ import annotations
 
 import hashlib
-import logging
 import shutil
 import tempfile
 import warnings
@@ -19,9 +18,6 @@ import torch
 
 from ..fallback.exports import node_module
 from .base import Batch
-
-log = logging.getLogger(__name__)
-
 
 OP_TYPES = ["MatMul", "Gemm", "Conv"]
 OPSET = 17

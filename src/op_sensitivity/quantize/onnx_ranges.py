@@ -5,7 +5,6 @@ quantized from the same ranges (:mod:`.onnx_runtime` says why the tensor names m
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,8 +16,6 @@ import torch
 from ..errors import InputError
 from .base import Batch
 from .onnx_export import FP32_FILE, OP_TYPES, export_onnx, feed, feeds_reader, module_nodes, signature
-
-log = logging.getLogger(__name__)
 
 CACHE_FILE = "calibration_ranges.json"
 ROLES_FILE = "ranges_by_node.json"  # the same ranges by node and role, for another layout's export
