@@ -19,6 +19,7 @@ import argparse
 import warnings
 from pathlib import Path
 
+from op_sensitivity import logs
 from op_sensitivity.cli import run_stage
 from op_sensitivity.params import load_params
 from op_sensitivity.plan.model import describe
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)  # torch's deprecations, from the probe
     p = load_params(args.params)
     check_inputs(p)  # the check_params stage's own check
-    print(f"{args.params}: ok (model source {p.model.source}, engine {p.sensitivity.engine})")
+    out = logs.terminal_out()  # the plan is this project's output; libraries' prints go to the log
+    print(f"{args.params}: ok (model source {p.model.source}, engine {p.sensitivity.engine})", file=out)
     # what DVC would run applies to the project's own params.yaml; another file: a run from scratch
     ours = args.params.resolve() == Path("params.yaml").resolve()
     stages = None if args.all or not ours else stages_to_run(Path.cwd())
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     up_to_date = "load_model" not in stages and (MODEL_DIR / "config.json").is_file()
     facts = describe(p.model, MODEL_DIR if up_to_date else None)
     plan = build_plan(p, facts, stages, runtime_dir=RUNTIME_DIR, probe_forward=not args.no_probe)
-    print("\n".join(plan.lines()), flush=True)
+    print("\n".join(plan.lines()), file=out, flush=True)
     check(plan)
 
 

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         args.workspace,
     )
     dump_json(agreement(result), args.metrics)  # after crosscheck.json, as its summary
-    for line in summary_lines(result):
+    verdict, *details = summary_lines(result)
+    for line in [*details, verdict]:  # the verdict last: the stage's summary line repeats it
         logging.getLogger("crosscheck").info(line)
 
 

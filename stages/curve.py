@@ -12,7 +12,7 @@ from op_sensitivity.engines.artifact import read_report
 from op_sensitivity.inventory import read_inventory
 from op_sensitivity.params import load_params
 from op_sensitivity.report.scores import phase_scores
-from op_sensitivity.validation.curve import curve_table, measure_curve, write_curve
+from op_sensitivity.validation.curve import measure_curve, write_curve
 from op_sensitivity.validation.inputs import open_measurer, scored_and_excluded
 from op_sensitivity.validation.measure import SELECTION
 
@@ -46,12 +46,12 @@ def main(argv: list[str] | None = None) -> None:
         doc = measure_curve(measurer, rankings, excluded, inventory, params.curve)
     write_curve(doc, args.out, args.csv)
     logging.getLogger("curve").info(
-        "%d ops, %d curve points, %d random lists -> %s\n%s",
+        "%d ops, %d curve points, %d random lists -> %s (the table: %s)",
         len(doc["ops"]),
         len(doc["points"]),
         sum(r["lists"] for r in doc["random"]),
         args.out,
-        curve_table(doc).head(8).to_string(index=False),
+        args.csv,
     )
 
 

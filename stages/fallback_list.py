@@ -83,13 +83,14 @@ def main(argv: list[str] | None = None) -> None:
     write_fallback(
         doc, inventory, graph, args.out_dir, args.metrics, scheme_docs, params.where("onnx_model"), deploy
     )
+    kept = [o["module"] for o in doc["ops"]]
     logging.getLogger("fallback_list").info(
-        "%s/%s on %s: keep %d ops in fp32 (%s) -> %s",
+        "%s on the %s ranking: keep %d of %d ops in high precision (%s) -> %s",
         params.policy,
-        params.settings,
         params.phase,
-        len(doc["ops"]),
-        doc["totals"],
+        len(kept),
+        doc["totals"]["ops_scored"],
+        ", ".join(kept) if len(kept) <= 3 else f"{', '.join(kept[:3])}, ...",
         args.out_dir,
     )
 

@@ -81,12 +81,14 @@ def main(argv: list[str] | None = None) -> None:
     for name, row in rankings_metrics(doc, params.curve.crossings).items():
         dump_json(row, args.rankings_dir / f"{name}.json")
     m = doc["metric"]
+    random = f"{doc['random']['recovered'][m]['mean']:.1%}" if doc["random"] else "none drawn"
     logging.getLogger("validate").info(
-        "keep-list of %d ops gives back %s of all-int8's %s damage (random lists of its size: %s)",
+        "the keep-list (%d ops) gives back %.1f%% of all-int8's %s damage on the test split (random lists "
+        "of its size: %s)",
         len(keep),
-        doc["chosen"]["recovered"][m],
+        100 * doc["chosen"]["recovered"][m],
         m,
-        doc["random"]["recovered"][m]["mean"] if doc["random"] else None,
+        random,
     )
 
 

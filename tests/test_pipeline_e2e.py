@@ -56,10 +56,12 @@ OUTPUTS = (
 )
 
 
-def _ran(stdout: str) -> set[str]:
+def _ran(output: str) -> set[str]:
     """The stages DVC reproduced: run, or restored from its run cache (a test that repeats another
-    test's params, in any order, finds them there)."""
-    return set(re.findall(r"(?:Running stage|Stage) '([^']+)'(?:| is cached)(?=:| -|$)", stdout, re.M))
+    test's params, in any order, finds them there). DVC's lines, or under ``scripts/repro.py``
+    (``make repro``, which drops them) each stage's summary line."""
+    dvc = re.findall(r"(?:Running stage|Stage) '([^']+)'(?:| is cached)(?=:| -|$)", output, re.M)
+    return {*dvc, *re.findall(r" op_sensitivity\.stage INFO (\S+) done in ", output)}
 
 
 def _digest(root, rel):
@@ -89,14 +91,19 @@ def repo(tmp_path_factory, small_model_dir):
     data["sensitivity"]["confidence_batches"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     run(["git", "commit", "-qam", "small params, a local snapshot"], repo)
-    assert _planned(repo) == set(STAGES)  # a fresh clone: every stage, as DVC runs them next
+    # make repro's two commands: the plan, then dvc repro through scripts/repro.py
+    planned = run([sys.executable, "scripts/check_params.py"], repo)
+    plan = planned.stdout + planned.stderr
+    assert _plan_stages(planned.stdout) == set(STAGES)  # a fresh clone: every stage, as DVC runs them next
     reads = base / "params-reads"
     reads.mkdir()
-    first = run(["dvc", "repro"], repo, env={TRACE_ENV: str(reads)})
+    first = run(
+        [sys.executable, "scripts/repro.py"], repo, env={TRACE_ENV: str(reads), "OP_SENSITIVITY_VERBOSE": ""}
+    )
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "first run"], repo)
     run(["git", "tag", "base"], repo)
-    return repo, first.stdout
+    return repo, plan + first.stdout + first.stderr
 
 
 def _snapshot(root: Path) -> str:
@@ -117,10 +124,37 @@ def at_base(repo) -> Path:
 def _planned(root, probe: bool = True) -> set[str]:
     """The stages `make repro`'s plan lists (scripts/check_params.py reads DVC's status)."""
     out = run([sys.executable, "scripts/check_params.py", *([] if probe else ["--no-probe"])], root).stdout
+    return _plan_stages(out)
+
+
+def _plan_stages(out: str) -> set[str]:
     names = {line.split()[0] for line in out.splitlines() if line.split()}
     if "nothing to run: every stage is up to date" in out:
         return set()
     return names & set(STAGES)
+
+
+# what DVC itself prints at the end of a run (a fresh dvc.lock: the git hint too)
+DVC_HINTS = {
+    "Use `dvc push` to send your updates to remote storage.",
+    *("To track the changes with git, run:", "git add dvc.lock"),
+    *("To enable auto staging, run:", "dvc config core.autostage true"),
+}
+
+
+def test_make_repros_terminal_is_the_plan_and_one_line_per_stage(repo):
+    """What `make repro` shows: the plan, then one summary line per stage (progress bars erase
+    themselves), DVC's closing hint, no warning; everything else went to logs/<stage>.log."""
+    _, output = repo
+    shown = [line.rsplit("\r", 1)[-1] for line in output.split("\n")]  # what a terminal keeps of a line
+    shown = [line for line in shown if line.strip()]
+    summaries = [line for line in shown if " op_sensitivity.stage INFO " in line]
+    assert len(summaries) == len(STAGES) + 1  # check_params twice: make repro's plan, then its stage
+    after_plan = shown[shown.index(summaries[0]) + 1 :]
+    assert {line.strip() for line in after_plan if line not in summaries} <= DVC_HINTS
+    assert all(re.search(r" done in [\d.]+ s(: .+)?; full log: logs/\S+\.log$", line) for line in summaries)
+    assert not [line for line in shown if "warn" in line.lower()]
+    assert len(shown) <= 60
 
 
 def test_repro_runs_all_stages_and_writes_both_phases(repo):
@@ -135,7 +169,7 @@ def test_repro_runs_all_stages_and_writes_both_phases(repo):
         ops = report["phases"][phase]["ops"]
         assert len(ops) == n_ops  # every op scored, Conv3d included
         assert all(isinstance(o["mse"], float) and o["mse"] >= 0 for o in ops)
-    assert report["metadata"]["measured_at"] == "lm_head.module"
+    assert report["metadata"]["measured_at"] == "lm_head"
     assert report["metadata"]["calibration"]["samples_used"] == 1
     model = report["metadata"]["model"]  # the snapshot's, loaded from where it lies
     assert (model["source"], model["random_weights"], model["origin"]) == ("hf_dir", False, _snapshot(root))
@@ -189,9 +223,17 @@ def test_repro_runs_all_stages_and_writes_both_phases(repo):
             members = {o["name"] for o in inventory["ops"] if o["fused_group"] == op["fused_group"]}
             assert members <= kept or not members & kept
     runtime = json.loads((root / "reports/runtime/sensitivity.json").read_text())["passes"][0]
-    assert runtime["engine"] == "inc" and runtime["seconds"]["fallback"] > 0
-    crosscheck_runtime = json.loads((root / "reports/runtime/crosscheck.json").read_text())
-    assert crosscheck_runtime["passes"][0]["engine"] == "native"
+    assert runtime["engine"] == "native" and runtime["seconds"]["fallback"] > 0
+    # the default's crosscheck: both engines on the carved copy, the first confidence batch
+    passes = json.loads((root / "reports/runtime/crosscheck.json").read_text())["passes"]
+    assert [(p["engine"], p["model"], p["batches"]) for p in passes] == [
+        ("native", "carved", 1),
+        ("inc", "carved", 1),
+    ]
+    crosscheck = json.loads((root / "reports/sensitivity/crosscheck.json").read_text())
+    assert crosscheck["compared"]["model"] == "carved" and crosscheck["passes_bar"] is True
+    for phase in ("fallback", "requant"):
+        assert crosscheck["phases"][phase]["max_rel_diff"] == 0.0  # INC's values to the bit
 
 
 HEADLINE = {

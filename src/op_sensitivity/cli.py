@@ -71,11 +71,14 @@ def run_stage(main: Callable[[], None]) -> None:
     forget_committed()
     try:
         stop_with_parent()  # under dvc repro: a killed `dvc repro` stops this stage too
-        main()
-        logging.getLogger("op_sensitivity.stage").info(
-            "%s done in %.1f s; its full log (INC, warnings): %s",
+        with logs.third_party_output():
+            main()
+        said = logs.last_line()
+        logging.getLogger(logs.SUMMARY).info(
+            "%s done in %.1f s%s; full log: %s",
             stage,
             time.perf_counter() - start,
+            f": {said}" if said else "",
             log_file,
         )
     except PipelineError as e:

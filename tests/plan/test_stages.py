@@ -30,7 +30,10 @@ def _params(**blocks):
 
 
 def _full_size(size: str = "3b", **sensitivity):
-    p = _params(model={"source": "full_size_random", "full_size": size})
+    """The published architecture with the profiles' crosscheck (profiles/*.yaml): INC on the
+    carved copy above whole_max_params, two layers and two vision blocks, every batch."""
+    crosscheck = {"scope": "auto", "carve_layers": 2, "carve_vision_blocks": 2, "batches": None}
+    p = _params(model={"source": "full_size_random", "full_size": size}, crosscheck=crosscheck)
     sens = replace(p.sensitivity, engine="native", max_ops=600, **sensitivity)
     return replace(p, sensitivity=sens)
 
@@ -73,7 +76,7 @@ def test_embedded_default_plan_lists_every_stage_with_its_work():
     work = _work(plan)
     assert work["check_params"] == "check params.yaml and the paths it names"
     # 29 ops: patch embedding + 2 vision blocks x 5 + merger 2 + embedding + 2 layers x 7 + lm_head
-    assert work["sensitivity"] == "INC pass: 29 ops x 2 phases x 2 batches: 116 per-op model copies"
+    assert work["sensitivity"] == "native (inc_cpu): 29 ops x 2 phases x 2 batches of 1: 118 trials"
     # ModelOpt: the 14 text Linears (its stock config skips *visual* and *lm_head*);
     # llm-compressor: every Linear but lm_head (26); ONNX Runtime: all but the Embedding (28)
     for scheme, n in (
@@ -85,7 +88,22 @@ def test_embedded_default_plan_lists_every_stage_with_its_work():
         assert work[f"scheme_sensitivity@{scheme}"] == (
             f"native ({scheme}): {n} ops x 2 phases x 2 batches of 1: {2 * (2 * n + 1)} trials"
         )
-    assert work["crosscheck"] == "native rerun on the whole model: 29 ops x 2 phases x 2 batches"
+    # the default's INC check: one decoder layer and one vision block (every op kind), one batch
+    assert work["crosscheck"] == (
+        "INC and native on a carved copy (1 of 2 layers, 1 of 2 vision blocks, ~142,976 params): "
+        "17 ops x 2 phases x 1 batches each"
+    )
+    # INC's whole pass, one param away; the crosscheck then reruns the native engine whole
+    inc = replace(
+        p,
+        sensitivity=replace(p.sensitivity, engine="inc"),
+        crosscheck=replace(p.crosscheck, scope="auto", batches=None),
+    )
+    inc_work = _work(build_plan(inc, facts, ["sensitivity", "crosscheck"], CPU_24GB, probe_forward=False))
+    assert inc_work == {
+        "sensitivity": "INC pass: 29 ops x 2 phases x 2 batches: 116 per-op model copies",
+        "crosscheck": "native rerun on the whole model: 29 ops x 2 phases x 2 batches",
+    }
     # every n (29 <= 32): 3 references + 29 single-op + 3 rankings x 28 + 5 random x 28
     assert work["curve"].startswith("29 ops, 30 sizes: <= 256 configurations")
     # measured_budget's walk: the shipped lists from n = 0 up to the first meeting the budget, at
@@ -216,7 +234,7 @@ def test_only_the_stages_dvc_will_run_are_planned():
 def test_a_runtime_file_of_this_machine_gives_the_time_of_the_same_pass(tmp_path):
     """INC's loop is not probed: its time comes from a runtime file of the same machine, engine,
     model and number of ops (reports/runtime/sensitivity.json as the stage writes it)."""
-    p = _params()
+    p = _params(sensitivity={"engine": "inc"})
     facts = describe(p.model)
     host = {"machine": "x86_64", "cpu": CPU_24GB.cpu, "cpu_count": CPU_24GB.cores, "gpu": None}
     doc = {"engine": "inc", "seconds_per_op": 0.5, "ops": 29, "batches": 2, "model_params": facts.params}

@@ -144,7 +144,7 @@ def _op_loop(desc: str) -> Callable[[Iterable], Iterator]:
     """Stand-in for INC's ``tqdm``: a labelled progress bar that frees each op's copy before the next."""
 
     def loop(items: Iterable) -> Iterator:
-        for item in std_tqdm(items, desc=desc, leave=False):
+        for item in std_tqdm(items, desc=desc, leave=False, file=logs.terminal_err()):
             yield item
             release_quantization_caches()
             raise_if_terminated()  # a kill INC's own bare excepts swallowed during this op

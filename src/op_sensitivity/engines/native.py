@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import logs
 from ..phases import FALLBACK, REQUANT
 from ..schemes import inc_cpu as inc_scheme
 from .contract import Capture, HelperCall, PassResult, PassSpec
@@ -188,7 +189,7 @@ class _PassLoop:
         self.keep_outputs(False)
         self.batched_fallback(b, batch, ref, names, precision)
         out = []
-        for name in tqdm(names, desc=f"native fallback batch {b}", leave=False):
+        for name in tqdm(names, desc=f"native fallback batch {b}", leave=False, file=logs.terminal_err()):
             self.fq.set(name, False)
             out.append(self.trial(self.phase_key(FALLBACK, b, name, precision), batch, ref))
             self.fq.set(name, True)
@@ -229,7 +230,7 @@ class _PassLoop:
             self.fq.set(other, True)
         out = []
         desc = f"native requant ({self.n.requant_mode}) batch {b}"
-        for name in tqdm(names, desc=desc, leave=False):
+        for name in tqdm(names, desc=desc, leave=False, file=logs.terminal_err()):
             if self.cumulative:
                 for other in self.scored[on : index[name] + 1]:
                     self.fq.set(other, True)

@@ -29,6 +29,7 @@ MODEL_SOURCES = ("tiny", "hf_dir", "full_size_random")
 FULL_SIZES = ("3b", "7b")  # published architectures full_size_random builds
 DTYPES = ("float32", "bfloat16", "float16")
 ENGINES = ("inc", "native")
+CROSSCHECK_SCOPES = ("auto", "carved")
 DEVICES = ("auto", "cpu", "cuda")
 ARITHMETICS = ("auto", "int8_kernels", "fp8_kernels", "fake_quant")
 REQUANT_MODES = ("cumulative", "isolated")

@@ -28,6 +28,7 @@ from .base import (
     ARITHMETICS,
     CALIBRATION_MODES,
     CAPTIONS_PER_IMAGE,
+    CROSSCHECK_SCOPES,
     DEVICES,
     DTYPES,
     ENGINES,
@@ -545,9 +546,28 @@ class CrosscheckParams(ParamsBlock):
         default=2, description="Carved copy: the first decoder layers kept (real weights)."
     )
     carve_vision_blocks: Int1 = Field(default=2, description="Carved copy: the first vision blocks kept.")
+    scope: Literal[CROSSCHECK_SCOPES] = Field(
+        default="auto",
+        description="auto: the crosscheck compares INC with the native engine on the whole model up to "
+        "whole_max_params, on the carved copy above; carved: on the carved copy at any size (a minute "
+        "instead of two on the embedded default; every op kind is still in it).",
+    )
+    batches: Annotated[Int1 | None, Expect("an integer >= 1 or null (every confidence batch)")] = Field(
+        default=None,
+        description="The crosscheck compares the first this-many confidence batches (INC's loop costs a "
+        "model copy per op per batch); null: every batch of the pass.",
+    )
 
     def carves(self, params: int) -> bool:
+        """Whether INC's PTQ (validate, target inc) must use the carved copy: the model is too big."""
         return params > self.whole_max_params
+
+    def carves_crosscheck(self, params: int) -> bool:
+        """Whether the crosscheck compares the engines on the carved copy."""
+        return self.scope == "carved" or self.carves(params)
+
+    def checked_batches(self, confidence_batches: int) -> int:
+        return confidence_batches if self.batches is None else min(self.batches, confidence_batches)
 
 
 @dataclass(frozen=True, config=_CONFIG)

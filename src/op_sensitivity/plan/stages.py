@@ -147,6 +147,10 @@ class Plan:
         return [*out, "", self.table(), "", summary]
 
 
+def _params_words(n: int) -> str:
+    return f"~{n / 1e6:.0f} M params" if n >= 10**6 else f"~{n:,} params"
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -258,9 +262,9 @@ class Planner:
         if self.runtime_dir is None or name is None:
             return None
         path = self.runtime_dir / name
-        try:
-            doc = json.loads(path.read_text())["passes"][0]  # engines.runner.runtime_file
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
+        try:  # engines.runner.runtime_file; the carved crosscheck's holds both engines' passes
+            doc = next(d for d in json.loads(path.read_text())["passes"] if d.get("engine") == engine)
+        except (OSError, ValueError, KeyError, StopIteration, TypeError, AttributeError):
             return None
         host, here = doc.get("host") or {}, self.machine
         ran = doc.get("model_params")
@@ -388,12 +392,12 @@ class Planner:
 
     def crosscheck(self) -> StagePlan:
         sens, check, f = self.p.sensitivity, self.p.crosscheck, self.facts
-        b = sens.confidence_batches
-        if check.carves(f.params):
+        b = check.checked_batches(sens.confidence_batches)
+        if check.carves_crosscheck(f.params):
             params, n = self.carved()
             what = (
                 f"INC and native on a carved copy ({check.carve_layers} of {self.layers} layers, "
-                f"{check.carve_vision_blocks} of {self.blocks} vision blocks, ~{params / 1e6:.0f} M params): "
+                f"{check.carve_vision_blocks} of {self.blocks} vision blocks, {_params_words(params)}): "
                 f"{n} ops x 2 phases x {b} batches each"
             )
         else:
@@ -404,8 +408,8 @@ class Planner:
         per_op = self.runtime_seconds_per_op("crosscheck", "inc", params, "cpu", n)
         seconds, basis = (per_op * 2 * b * n, "runtime file") if per_op else (None, "not estimated (INC)")
         peak = inc_peak_gib(params)
-        if not check.carves(f.params) and sens.engine == "inc":  # the rerun is the native pass
-            seconds, basis = self.native_seconds(sens, self.scored(sens))
+        if not check.carves_crosscheck(f.params) and sens.engine == "inc":  # the rerun is the native pass
+            seconds, basis = self.native_seconds(replace(sens, confidence_batches=b), self.scored(sens))
             peak = native_peak_gib(f, self.scored(sens))
         return StagePlan("crosscheck", what, "cpu", seconds, basis, peak)
 
@@ -532,7 +536,7 @@ class Planner:
 
     def _stop(self, s: StagePlan, need: str) -> str:
         p, params = self.p, self.facts.params
-        whole = not p.crosscheck.carves(params)
+        whole = not p.crosscheck.carves_crosscheck(params)
         if s.stage == "crosscheck" and whole:
             return (
                 f"{p.crosscheck.where('whole_max_params')}: INC on the whole model ({params:,} "

@@ -1,15 +1,21 @@
 """The crosscheck stage's work: INC and the native engine on the same inputs, compared.
 
-Two ways, chosen by the model's size (``crosscheck.whole_max_params``):
+Two ways, chosen by the model's size (``crosscheck.whole_max_params``) or by
+``crosscheck.scope: carved``:
 
 * **whole** (up to the bound): the engine the report was not made with reruns the pass on the
   whole model, and its values are compared with the report's;
-* **carved** (above it): INC's per-op loop cannot finish on the whole model (at 3B width ~45 s
+* **carved** (above it, or asked for): INC's per-op loop cannot finish on the whole model (at 3B width ~45 s
   per op on 2 cores and 50-75 GB), so both engines run on a copy carved from the same weights
   (``model.carve``: the first decoder layers and vision blocks, real widths, the same
   calibration batches) and score every op of the copy. Equivalence is a property of the
   arithmetic per op type and width, which the copy has; the report's own values are not
-  compared (they are the full model's).
+  compared (they are the full model's). The embedded default asks for it: its one-layer copy
+  holds every op kind and costs INC half the ops.
+
+``crosscheck.batches`` compares the first that-many confidence batches only: INC's loop costs a
+model copy per op and batch, so one batch halves the default's check. Where the whole-model check
+then covers fewer batches than the report, the native engine reruns on those (``native_rerun``).
 
 Both engines are compared in INC's own numerics, scheme inc_cpu with the cumulative requant
 curve, whatever ``sensitivity.native.scheme`` / ``requant_mode`` say: where the report was measured
@@ -70,12 +76,15 @@ def run_crosscheck(
     check_op_dicts(params, read_inventory(inventory_path), inventory_path)  # before any work
     stored = read_report(report_path)
     params = replace(params, native=replace(params.native, requant_mode="cumulative"))  # INC's mode
+    batches = check.checked_batches(params.confidence_batches)
+    cut = batches < params.confidence_batches
+    params = replace(params, confidence_batches=batches)
     card = read_card(model_dir)
-    if check.carves(card.params):
+    if check.carves_crosscheck(card.params):
         doc, runtime = _carved(params, check, cal_dir, model_dir, workspace)
         doc["native_rerun"] = None
     else:
-        doc, runtime = _whole(params, stored, cal_dir, model_dir, inventory_path, workspace)
+        doc, runtime = _whole(params, stored, cal_dir, model_dir, inventory_path, workspace, cut)
         doc["compared"] = whole_model(stored, check.whole_max_params)
     doc["checked_scheme"] = "inc_cpu"
     doc["checked_requant_mode"] = "cumulative"
@@ -92,10 +101,17 @@ def _whole(
     model_dir: Path,
     inventory_path: Path,
     workspace: Path,
+    cut: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The other engine on the whole model, against the stored report (or a native rerun in INC's
-    numerics, :func:`native_rerun`)."""
+    numerics, :func:`native_rerun`; ``cut``: on fewer batches than the report's)."""
     rerun = native_rerun(stored)
+    if rerun is None and cut:
+        rerun = (
+            f"crosscheck.batches compares the first {params.confidence_batches} confidence batches of "
+            f"the report's {stored['metadata']['calibration']['confidence_batches']}, so the native "
+            "engine reran the pass on those and that run was compared"
+        )
     if rerun is not None:
         params = replace(inc_numerics(params), engine="native")
         model, spec, inventory, metadata = load_inputs(params, cal_dir, model_dir, inventory_path)

@@ -74,6 +74,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .. import logs
 from ..atomic import atomic_file, dump_json, read_json
 from ..errors import InputError
 from ..inventory import OpInfo, cost
@@ -216,7 +217,12 @@ def measure_curve(
     inner = [n for n in sizes if 0 < n < len(ops)]
     pool, rule = single_op_pool(ops, rankings, params.single_op)
     budget = curve_cost(len(ops), params)
-    bar = tqdm(total=budget["total_max"], desc="curve: configurations measured", leave=False)
+    bar = tqdm(
+        total=budget["total_max"],
+        desc="curve: configurations measured",
+        leave=False,
+        file=logs.terminal_err(),
+    )
     log.info(
         "curve: %d ops, %d sizes, single-op damage of %s; at most %d configurations",
         len(ops),
