@@ -122,24 +122,34 @@ def third_party_output() -> Iterator[None]:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = {fd: os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8") for fd in (1, 2)}
+    # a copy of each descriptor the Python stream writes to; a stream that is not fd 1 / 2 (a test's
+    # StringIO) is out of dup2's reach and stays the terminal as it is
+    saved = {fd: os.dup(fd) for fd, stream in ((1, sys.stdout), (2, sys.stderr)) if _writes_to(stream, fd)}
+    _TERMINAL.update({1: sys.stdout, 2: sys.stderr})
+    _TERMINAL.update({fd: os.fdopen(copy, "w", buffering=1, encoding="utf-8") for fd, copy in saved.items()})
     log_fd = _FILE[0].stream.fileno()  # shares the handler's file offset: nothing overwritten
-    for fd in (1, 2):
+    for fd in saved:
         os.dup2(log_fd, fd)
-    _TERMINAL.update(saved)
-    screen = _SCREEN[0].setStream(saved[2]) if _SCREEN else None
+    screen = _SCREEN[0].setStream(_TERMINAL[2]) if _SCREEN else None
     try:
         yield
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        for fd, stream in saved.items():
-            os.dup2(stream.fileno(), fd)
-        if _SCREEN:
+        if _SCREEN and screen is not None:
             _SCREEN[0].setStream(screen)
+        for fd in saved:
+            _TERMINAL[fd].flush()
+            os.dup2(_TERMINAL[fd].fileno(), fd)
+            _TERMINAL[fd].close()
         _TERMINAL.clear()
-        for stream in saved.values():
-            stream.close()
+
+
+def _writes_to(stream: TextIO, fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
 
 
 def terminal_out() -> TextIO:
