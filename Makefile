@@ -9,18 +9,21 @@ setup: $(VENV)/.installed
 
 # Exactly the versions of requirements.lock (`make lock` refreshes it), so a fresh clone builds
 # the environment that wrote dvc.lock, whatever was released since.
-# -qq: errors only. Bytecode is compiled at install (pip's default): --no-compile halves setup
-# (29 s instead of 63 s) but the stages then compile what they import, and a fresh clone's
-# `make repro` took longer in all (4 min 6 s against about 3 min 30 s, 2-core EPYC, 2026-12-03).
+# pip installs pip, uv and torch (torch on its own, so no resolver step can pull a multi-GB CUDA
+# build: the lock records torch's version, pip's configuration picks the build, here the CPU one
+# from this machine's disk). uv installs the rest of the lock: parallel downloads and bytecode
+# compiled on both cores, 26 s where pip took 58 s (2-core EPYC, 2026-12-03; docs/install.md).
+# Bytecode is compiled at install, not on first import: a machine with PYTHONDONTWRITEBYTECODE
+# set (this one, CI) would otherwise compile what every stage imports, in every stage.
+# uv reads UV_INDEX_URL / UV_EXTRA_INDEX_URL, not pip.conf: set them where the index is private.
 PIP_INSTALL := $(BIN)/python -m pip install -qq
+UV_INSTALL := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) "$$(grep '^pip==' requirements.lock)"
-	# torch first, on its own, so no resolver step can pull a multi-GB CUDA build (the lock
-	# records torch's version; this step picks the build: the CPU one from this machine's disk).
+	$(PIP_INSTALL) "$$(grep '^pip==' requirements.lock)" "$$(grep '^uv==' requirements.lock)"
 	$(PIP_INSTALL) "$$(grep '^torch==' requirements.lock)"
-	$(PIP_INSTALL) --no-deps -r requirements.lock
-	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
+	$(UV_INSTALL) --no-deps -r requirements.lock
+	$(UV_INSTALL) --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
 	touch $@
 
