@@ -69,7 +69,7 @@ def test_make_setup_installs_the_lock_without_resolving_again():
     make = (REPO / "Makefile").read_text()
     assert "UV_INSTALL := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode" in make
     assert "$(UV_INSTALL) --no-deps -r requirements.lock" in make
-    assert '$(PIP_INSTALL) "$$(grep \'^torch==\' requirements.lock)"' in make  # pip's config picks the build
+    assert "$(PIP_INSTALL) \"$$(grep '^torch==' requirements.lock)\"" in make  # pip's config picks the build
     assert "$(VENV)/.installed: pyproject.toml requirements.lock" in make
     assert "pip check" in make
 
