@@ -71,13 +71,14 @@ test: setup
 test-all: setup
 	$(PYTEST) -m ''
 
-# The numerics tests again with ATen's kernels held to AVX2 (what an AVX2-only CPU runs for torch's
-# float and quantized ops). It does not change fbgemm's or ONNX Runtime's own CPU dispatch, nor
-# INC's 7-bit activations (reduce_range follows the CPU's VNNI): docs/artifacts.md, "Reproducibility".
+# The numerics tests again as on a CPU without AVX512-VNNI (engines/cpu_kind.py): ATen's kernels held
+# to AVX2, fbgemm's GEMM to its saturating AVX2 kernels, INC and the native engine to 7-bit
+# activations. ONNX Runtime keeps its VNNI kernels (no switch): docs/artifacts.md, "Reproducibility".
 NUMERICS := tests/engines/test_native.py tests/engines/test_trial_batch.py tests/schemes/test_agreement.py \
-	tests/quantize/test_onnx_runtime.py tests/quantize/test_modelopt.py
+	tests/quantize/test_onnx_runtime.py tests/quantize/test_modelopt.py tests/engines/test_cpu_kind.py
+AVX2_ENV := OP_SENSITIVITY_EMULATE_CPU=avx2 ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 test-avx2: setup
-	ATEN_CPU_CAPABILITY=avx2 $(PYTEST) $(NUMERICS)
+	$(AVX2_ENV) $(PYTEST) $(NUMERICS)
 
 lint: setup
 	$(BIN)/ruff check src stages tests scripts benchmarks

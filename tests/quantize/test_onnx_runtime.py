@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 
+from op_sensitivity.engines import cpu_kind
 from op_sensitivity.errors import InputError
 from op_sensitivity.fallback.exports import node_module
 from op_sensitivity.inventory import read_inventory
@@ -28,7 +29,7 @@ from op_sensitivity.quantize.base import Inputs, Runtime
 from op_sensitivity.quantize.deploy import to_quantize
 from op_sensitivity.validation.inputs import open_measurer
 from op_sensitivity.validation.measure import TEST
-from tests.helpers import engine_reports, sensitivity_params
+from tests.helpers import ORT_NEEDS_VNNI, engine_reports, sensitivity_params
 from tests.threads import torch_threads
 
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (.[ort])")
@@ -166,6 +167,7 @@ def test_ort_runs_int8_kernels_and_reports_what_it_fused(deployed):
     assert facts["notes"][1].startswith("other layouts: 3 exported")  # the 3 test batches
 
 
+@ORT_NEEDS_VNNI
 def test_measured_in_ort_agrees_with_the_native_prediction(deployed):
     """Bar: logit_se and KL within 0.1% of the prediction, nll within 1e-5, top1 equal (measured:
     logit_se ratio 1.000006, KL ratio 1.0, nll equal to 1e-15). Both sides put one Q/DQ pair on each
@@ -268,3 +270,14 @@ def test_ranges_move_between_exports_by_node_and_role_not_by_tensor_name():
     assert [float(v) for v in cache.data["/attn/Reshape_9_output_0"].range_value] == [-5.0, 3.0]
     with pytest.raises(RuntimeError, match="different Linear/Conv nodes"):
         merge_roles([ranges_by_role(data[0], roles[0]), {}])
+
+
+def test_the_gap_says_when_this_cpu_runs_kernels_the_prediction_does_not_model(monkeypatch):
+    """ORT reads CPUID; on a CPU without VNNI the report's gap names the saturation instead of
+    claiming the bar bounds it."""
+    target = OrtQdq()
+    monkeypatch.setattr(cpu_kind, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
+    assert target.gap_here() == OrtQdq.gap
+    monkeypatch.setattr(cpu_kind, "cpu_flags", lambda: {"avx2"})
+    here = target.gap_here()
+    assert here.startswith(OrtQdq.gap) and "lacks AVX512-VNNI" in here and "saturating int16" in here

@@ -19,7 +19,7 @@ from op_sensitivity.engines.artifact import build_report
 from op_sensitivity.engines.contract import VISION_FP32
 from op_sensitivity.engines.runner import load_inputs, run_engine
 from op_sensitivity.phases import FALLBACK, REQUANT
-from tests.helpers import sensitivity_params
+from tests.helpers import ORT_NEEDS_VNNI, sensitivity_params
 from tests.schemes.library_spectra import compressed_tensors_spectrum, modelopt_spectrum
 from tests.schemes.ort_spectrum import ort_spectrum
 from tests.threads import torch_threads
@@ -87,6 +87,7 @@ def test_compressed_tensors_gap_is_the_2d_vision_activations(calibration_dir, sm
     assert lib["requant"][vision[-1]] > values[REQUANT][vision[-1]]
 
 
+@ORT_NEEDS_VNNI
 def test_ort_scheme_agrees_with_onnx_runtime_quantize_static(calibration_dir, small_model_dir, tmp_path):
     values, all_int8, model, batch = ours(calibration_dir, small_model_dir, "ort_qdq", tmp_path)
     scored = list(values[FALLBACK])

@@ -92,7 +92,13 @@ def _qparams(obs) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """
     device = obs.histogram.device
     scale, zero_point = obs.cpu().calculate_qparams()
-    qmin, qmax = obs.quant_min, obs.quant_max
+    # The clamp is the dtype's range, not the observer's: ``reduce_range`` halves the range the
+    # scale is computed for (0..127), but torch's quantize_per_tensor, which INC's converted
+    # model runs, clamps to all of quint8 (0..255), so a value above the histogram's clipping
+    # point keeps codes 128..255 there. Clamping at 127 moved the 7-bit default's requant
+    # curve by up to 25 % against INC (issue 31).
+    info = torch.iinfo(obs.dtype)
+    qmin, qmax = info.min, info.max
     return (
         scale.float().reshape(()).to(device),
         zero_point.to(torch.int32).reshape(()).to(device),

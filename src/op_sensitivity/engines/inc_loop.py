@@ -60,6 +60,7 @@ from ..errors import CaptureError, InputError
 from ..inventory import module_name
 from ..model.compat import pixels_keep_their_dtype
 from ..phases import FALLBACK, PHASES, REQUANT
+from . import cpu_kind
 from .contract import Capture, ExcludedOp, HelperCall, OpKey, PassResult, PassSpec
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ def inc_util():
     """INC's adaptor helpers module, or a clear error when this INC lacks the 2.x API."""
     try:
         import neural_compressor
+
+        _as_this_cpu_kind()
         from neural_compressor.adaptor.torch_utils import util
         from neural_compressor.strategy.mse_v2 import MSE_V2TuneStrategy  # noqa: F401
 
@@ -111,6 +114,21 @@ def inc_util():
                 f"adaptor.torch_utils.util.{name} not found; expected neural-compressor=={REQUIRED_INC}"
             )
     return util
+
+
+def _as_this_cpu_kind() -> None:
+    """Under the AVX2 emulation (``engines.cpu_kind``), INC computes as on an AVX2-only CPU: it reads
+    VNNI from CPUID once (``CpuInfo``, a singleton) and fixes ``REDUCE_RANGE`` from it when its
+    PyTorch adaptor is imported; ``torch_utils.util`` asks ``CpuInfo().vnni`` at each call. Both
+    answer "no VNNI" after this, whichever of them was imported first."""
+    if cpu_kind.emulated_cpu() != "avx2":
+        return
+    from neural_compressor.utils.utility import CpuInfo
+
+    CpuInfo()._vnni = False
+    import neural_compressor.adaptor.pytorch as adaptor
+
+    adaptor.REDUCE_RANGE = True
 
 
 def inc_op_names(op_name_dict: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,20 +19,13 @@ from ..params import SensitivityParams
 from ..schemes import Scheme
 from ..schemes import inc_cpu as inc_scheme
 from ..schemes import load as load_scheme
+from .cpu_kind import cpu_has_avx512_vnni
 from .distributed import check_processes
 from .schemed import check_kernels
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cpu_has_avx512_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """What INC checks (CPUID leaf 7, ECX bit 11) to decide ``reduce_range``, read from Linux's flags."""
-    try:
-        return "avx512_vnni" in cpuinfo.read_text().split()
-    except OSError:
-        return False
 
 
 def resolve_reduce_range(setting: str) -> bool:

@@ -55,6 +55,7 @@ from ..model.source import load_model_dir, read_card
 from ..params import SchemesParams, SensitivityParams
 from ..phases import FALLBACK
 from ..schemes import load as load_scheme
+from . import cpu_kind
 from .artifact import build_report, write_report
 from .contract import Capture, Engine, PassResult, PassSpec, build_spec, check_op_dicts
 from .schemed import kernel_for
@@ -201,6 +202,8 @@ def host_facts() -> dict[str, Any]:
         cpu = names[0] if names else cpu
         flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
     isa = [torch.backends.cpu.get_cpu_capability(), *(f for f in ISA_FLAGS if f in flags)]
+    if cpu_kind.emulated_cpu() == "avx2":  # the kind the values follow, not the silicon's
+        isa = [torch.backends.cpu.get_cpu_capability(), "avx2", "(emulated: OP_SENSITIVITY_EMULATE_CPU)"]
     return {
         "machine": platform.machine(),
         "cpu": cpu,

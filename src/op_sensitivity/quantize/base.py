@@ -88,6 +88,11 @@ class Target(ABC):
     # round trip of the export instead, and what would serve it: the report says "not served here".
     round_trip: ClassVar[str | None] = None
 
+    def gap_here(self) -> str:
+        """``gap`` as it stands on this machine: a target whose runtime computes differently on
+        some CPU kinds, in a way the prediction does not model, says so here."""
+        return self.gap
+
     def require(self) -> None:
         """Refuse before anything is written when the tool is not installed."""
         for module in self.requires:

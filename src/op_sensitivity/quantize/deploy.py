@@ -207,7 +207,7 @@ def quantize_target(
         doc["agreement"] = {
             **agreement(params.curve.metric, measured, predicted),
             "bar": target.bar,
-            "gap": target.gap,
+            "gap": target.gap_here(),
         }
         pairs = []
         for file, path, content in (("document.json", doc_path, doc), ("metrics.json", metrics_path, None)):
