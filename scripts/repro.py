@@ -22,6 +22,7 @@ CHATTER = {
     "Running stage '%s':",
     "%s %s",  # "> <the stage's command>"
     "Updating lock file '%s'",
+    "Generating lock file '%s'",  # the first run's (a fresh clone that has no dvc.lock)
     "Stage '%s' didn't change, skipping",
     "'%s' didn't change, skipping",
     "",  # the blank line after each stage

@@ -124,9 +124,15 @@ def venv_env() -> dict[str, str]:
 
 
 def run(
-    cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None
+    cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None, keep_cr: bool = False
 ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env={**venv_env(), **(env or {})}, capture_output=True, text=True)
+    """``keep_cr``: the output as a terminal gets it, carriage returns kept (text mode turns each
+    into a newline, so a progress bar's redraws would read as lines of their own)."""
+    proc = subprocess.run(
+        cmd, cwd=cwd, env={**venv_env(), **(env or {})}, capture_output=True, text=not keep_cr
+    )
+    if keep_cr:
+        proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -1127,13 +1127,14 @@ def test_leftovers_of_killed_runs_are_removed_at_the_next_write(workspace):
 SIGNAL_SCRIPT = """
 import sys, time
 from pathlib import Path
+from op_sensitivity import logs
 from op_sensitivity.atomic import atomic_dir
 from op_sensitivity.cli import run_stage
 
 def main():
     with atomic_dir(Path(sys.argv[1])) as tmp:
         (tmp / "half.bin").write_bytes(b"x" * 1000)
-        print("ready", flush=True)
+        print("ready", flush=True, file=logs.terminal_out())  # stdout is the stage's log file
         time.sleep(60)
 
 run_stage(main)
@@ -1153,6 +1154,7 @@ def test_a_killed_stage_unwinds_through_the_same_cleanup(tmp_path, signum):
     (out / "good.txt").write_text("previous run")
     proc = subprocess.Popen(
         [sys.executable, "-c", SIGNAL_SCRIPT, str(out)],
+        cwd=tmp_path,  # its logs/ there, not in the checkout
         env=venv_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -1279,7 +1281,7 @@ def _total_memory_gib() -> float:
             {
                 "model": {"source": "full_size_random", "full_size": "3b"},
                 "sensitivity": {"max_ops": 500},
-                "crosscheck": {"whole_max_params": 10**10},
+                "crosscheck": {"whole_max_params": 10**10, "scope": "auto"},
             },
             "error: case.yaml: crosscheck.whole_max_params: INC on the whole model (3,754,622,976 "
             "parameters) needs ~71 GiB",

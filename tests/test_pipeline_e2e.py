@@ -98,7 +98,10 @@ def repo(tmp_path_factory, small_model_dir):
     reads = base / "params-reads"
     reads.mkdir()
     first = run(
-        [sys.executable, "scripts/repro.py"], repo, env={TRACE_ENV: str(reads), "OP_SENSITIVITY_VERBOSE": ""}
+        [sys.executable, "scripts/repro.py"],
+        repo,
+        env={TRACE_ENV: str(reads), "OP_SENSITIVITY_VERBOSE": ""},
+        keep_cr=True,
     )
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "first run"], repo)
