@@ -50,7 +50,7 @@ def writer_kind() -> dict[str, str | None]:
 
 
 def vnni(isa: str | None) -> bool:
-    """What INC's ``reduce_range`` follows (engines.numerics.cpu_has_avx512_vnni): 8-bit
+    """What INC's ``reduce_range`` follows (engines.cpu_kind.cpu_has_avx512_vnni): 8-bit
     activations with AVX512-VNNI, 7-bit without."""
     return "avx512_vnni" in (isa or "").split()
 

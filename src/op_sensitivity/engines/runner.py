@@ -194,13 +194,15 @@ def host_facts() -> dict[str, Any]:
     machine kind for reproducibility: the same one gives the same artifact bytes (``cpu``, a model
     name, may be masked by a VM)."""
     cpu = platform.processor() or platform.machine()
-    flags: set[str] = set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        lines = cpuinfo.read_text().splitlines()
-        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
-        flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
+    flags = cpu_kind.cpu_flags(cpuinfo)
     isa = [torch.backends.cpu.get_cpu_capability(), *(f for f in ISA_FLAGS if f in flags)]
     if cpu_kind.emulated_cpu() == "avx2":  # the kind the values follow, not the silicon's
         isa = [torch.backends.cpu.get_cpu_capability(), "avx2", "(emulated: OP_SENSITIVITY_EMULATE_CPU)"]
