@@ -30,19 +30,54 @@ CHATTER = {
 LOGGERS = ("dvc.stage.run", "dvc.dvcfile", "dvc.stage", "dvc.repo.reproduce")
 
 
+RAN = "Running stage '%s':"
+UNCHANGED = "Stage '%s' didn't change, skipping"
+
+
 class _Quiet(logging.Filter):
+    """Drops DVC's chatter and remembers which stages ran and which DVC found unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ran: list[str] = []
+        self.unchanged: list[str] = []
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == RAN and record.args:
+            self.ran.append(str(record.args[0]))
+        elif record.msg == UNCHANGED and record.args:
+            self.unchanged.append(str(record.args[0]))
         return record.levelno > logging.INFO or record.msg not in CHATTER
+
+
+def unchanged_line(quiet: _Quiet) -> str | None:
+    """One line for the stages the plan listed but DVC did not run, so none goes unmentioned.
+
+    A fresh clone's plan lists every stage (no output is there yet); a stage whose outputs are in
+    git (crosscheck, check_params) is skipped once its regenerated inputs hash as dvc.lock records
+    them, and its summary line never comes. With nothing run, DVC's own "up to date" line says it.
+    """
+    if not quiet.ran or not quiet.unchanged:
+        return None
+    return (
+        f"not rerun, inputs as dvc.lock records them (the committed outputs stand): "
+        f"{', '.join(quiet.unchanged)}"
+    )
 
 
 def main(argv: list[str]) -> int:
     from dvc.cli import main as dvc_main
 
-    if os.environ.get("OP_SENSITIVITY_VERBOSE", "") in ("", "0"):
-        quiet = _Quiet()
-        for name in LOGGERS:
-            logging.getLogger(name).addFilter(quiet)
-    return dvc_main(["repro", *argv])
+    if os.environ.get("OP_SENSITIVITY_VERBOSE", "") not in ("", "0"):
+        return dvc_main(["repro", *argv])
+    quiet = _Quiet()
+    for name in LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
+    rc = dvc_main(["repro", *argv])
+    line = unchanged_line(quiet)
+    if line:
+        print(line, flush=True)
+    return rc
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import configparser
 import importlib.util
 import re
 from importlib import metadata
+from pathlib import Path
 
 import tomllib
 from packaging.requirements import Requirement
@@ -69,9 +70,21 @@ def test_make_setup_installs_the_lock_without_resolving_again():
     make = (REPO / "Makefile").read_text()
     assert "UV_INSTALL := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode" in make
     assert "$(UV_INSTALL) --no-deps -r requirements.lock" in make
-    assert "$(PIP_INSTALL) \"$$(grep '^torch==' requirements.lock)\"" in make  # pip's config picks the build
+    # pip's config picks torch's build; pip only unpacks it, compileall compiles it on every core
+    assert "$(PIP_INSTALL) --no-compile \"$$(grep '^torch==' requirements.lock)\"" in make
+    assert "$(BIN)/python -m compileall -q -j 0 -x 'py312_intrinsics\\.py$$' \"$(SITE_PACKAGES)\"" in make
     assert "$(VENV)/.installed: pyproject.toml requirements.lock" in make
     assert "pip check" in make
+
+
+def test_setup_compiled_torchs_bytecode():
+    """pip unpacks torch without compiling it (make setup): compileall must have written every .pyc,
+    or each stage would compile torch again on a machine with PYTHONDONTWRITEBYTECODE set."""
+    for package in ("torch", "torchgen", "functorch"):
+        root = Path(importlib.util.find_spec(package).submodule_search_locations[0])
+        sources = [p for p in root.rglob("*.py") if p.name != "py312_intrinsics.py"]
+        missing = [p for p in sources if not Path(importlib.util.cache_from_source(str(p))).exists()]
+        assert sources and not missing, f"{package}: {len(missing)} of {len(sources)} without bytecode"
 
 
 def test_pixi_pins_every_locked_package_at_the_same_version():
