@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 # pip installs pip, uv and torch (torch on its own, so no resolver step can pull a multi-GB CUDA
 # build: the lock records torch's version, pip's configuration picks the build, here the CPU one
 # from this machine's disk). uv installs the rest of the lock: parallel downloads and bytecode
-# compiled on both cores, 26 s where pip took 58 s (2-core EPYC, 2026-12-03; docs/install.md).
+# compiled on both cores: setup 42 s (2-core EPYC, 2026-12-04; docs/install.md).
 # Bytecode is compiled at install, not on first import: a machine with PYTHONDONTWRITEBYTECODE
 # set (this one, CI) would otherwise compile what every stage imports, in every stage.
 # torch's bytecode: pip compiles on one core (21 s of its 27 s here), so pip only unpacks the wheel

@@ -58,7 +58,8 @@ def _seconds(figure: str) -> float:
 
 def test_the_readmes_make_repro_time_agrees_with_the_committed_runs_runtime_files():
     """The stated INC check within 2x of the committed runtime file; the whole run at least as long
-    as the stages the runtime files time, and a fresh clone's run at least setup plus those stages."""
+    as the stages the runtime files time; a fresh clone's run at least setup plus those stages but
+    crosscheck (DVC keeps its git-tracked result), and with crosscheck rerun, at least all of them."""
     rows = [line for line in README.read_text().splitlines() if line.startswith("| ")]
 
     def time_of(prefix: str) -> int:
@@ -75,9 +76,9 @@ def test_the_readmes_make_repro_time_agrees_with_the_committed_runs_runtime_file
     recorded = sum(json.loads(p.read_text())["seconds"] for p in runtime.rglob("*.json"))
     assert recorded_inc / 2 <= stated_inc <= 2 * recorded_inc
     assert time_of("| `make repro` after setup") >= recorded
-    fresh = time_of("| `make repro` from a fresh clone")
-    assert time_of("| `make repro` after setup") < fresh
-    assert fresh >= time_of("| setup") + recorded
+    kept = json.loads((runtime / "crosscheck.json").read_text())["seconds"]
+    assert time_of("| `make repro` from a fresh clone") >= time_of("| setup") + recorded - kept
+    assert time_of("| the same fresh clone on an AVX2 CPU") >= time_of("| setup") + recorded
 
 
 LINK = re.compile(r"\]\(([^)\s]+)\)")
