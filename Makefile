@@ -15,9 +15,10 @@ setup: $(VENV)/.installed
 # compiled on both cores: setup 42 s (2-core EPYC, 2026-12-04; docs/install.md).
 # Bytecode is compiled at install, not on first import: a machine with PYTHONDONTWRITEBYTECODE
 # set (this one, CI) would otherwise compile what every stage imports, in every stage.
-# torch's bytecode: pip compiles on one core (21 s of its 27 s here), so pip only unpacks the wheel
-# and compileall compiles what it wrote (torch, torchgen, functorch) on every core (6 s). The one
-# file it skips is written for Python 3.12.
+# torch's bytecode: pip compiles on one core, so pip only unpacks the wheel and compileall compiles
+# what it wrote (torch, torchgen, functorch) on every core: torch's step 24.4 s against 30.7 s
+# (compile 10.0 s against 16.3 s; 2-core EPYC, benchmarks/torch_bytecode.py). The one file it
+# skips is written for Python 3.12.
 # uv reads UV_INDEX_URL / UV_EXTRA_INDEX_URL, not pip.conf: set them where the index is private.
 PIP_INSTALL := $(BIN)/python -m pip install -qq
 UV_INSTALL := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode

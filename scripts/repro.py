@@ -51,11 +51,12 @@ class _Quiet(logging.Filter):
 
 
 def unchanged_line(quiet: _Quiet) -> str | None:
-    """One line for the stages the plan listed but DVC did not run, so none goes unmentioned.
+    """One line for every stage DVC found unchanged in a run where some other stage ran.
 
     A fresh clone's plan lists every stage (no output is there yet); a stage whose outputs are in
     git (crosscheck, check_params) is skipped once its regenerated inputs hash as dvc.lock records
-    them, and its summary line never comes. With nothing run, DVC's own "up to date" line says it.
+    them, and its summary line never comes; in a later run, the stages whose inputs did not move
+    are named too. With nothing run, DVC's own "up to date" line says it.
     """
     if not quiet.ran or not quiet.unchanged:
         return None
