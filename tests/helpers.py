@@ -222,3 +222,16 @@ def run_script(script: Path, args: list[str], cwd: Path) -> tuple[int, str]:
         sys.argv = old_argv
         os.chdir(old_cwd)
     return code, err.getvalue()
+
+
+def profiled_params_files(tmp_path: Path) -> list[tuple[str, Path]]:
+    """params.yaml, and each profile applied to a copy of it (the way scripts/apply_profile.py does)."""
+    from op_sensitivity.plan.profile import apply, read_profile
+
+    files = [("params.yaml", REPO / "params.yaml")]
+    for profile in sorted((REPO / "profiles").glob("*.yaml")):
+        path = tmp_path / f"{profile.stem}.yaml"
+        shutil.copy(REPO / "params.yaml", path)
+        apply(path, read_profile(profile))  # validates the merged file with the models
+        files.append((profile.name, path))
+    return files

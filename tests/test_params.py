@@ -15,9 +15,8 @@ from op_sensitivity.params import (
     json_schema,
     load_params,
 )
-from op_sensitivity.plan.profile import apply, read_profile
 from tests.handmade import fallback_params
-from tests.helpers import REPO, run_script
+from tests.helpers import REPO, profiled_params_files, run_script
 
 
 def _write(tmp_path: Path, mutate) -> Path:
@@ -300,19 +299,8 @@ def test_checked_in_schema_and_reference_table_are_current():
     )
 
 
-def _merged_files(tmp_path) -> list[tuple[str, Path]]:
-    """params.yaml, and each profile applied to a copy of it (the way scripts/apply_profile.py does)."""
-    files = [("params.yaml", REPO / "params.yaml")]
-    for profile in sorted((REPO / "profiles").glob("*.yaml")):
-        path = tmp_path / f"{profile.stem}.yaml"
-        shutil.copy(REPO / "params.yaml", path)
-        apply(path, read_profile(profile))  # validates the merged file with the models
-        files.append((profile.name, path))
-    return files
-
-
 def test_params_and_every_profile_pass_the_models(tmp_path):
-    files = _merged_files(tmp_path)
+    files = profiled_params_files(tmp_path)
     assert len(files) == 1 + len(list((REPO / "profiles").glob("*.yaml"))) > 1
     for _, path in files:
         load_params(path)
@@ -321,7 +309,7 @@ def test_params_and_every_profile_pass_the_models(tmp_path):
 def test_params_and_every_profile_validate_against_the_schema(tmp_path):
     import jsonschema  # a dev dependency: the editor's validator, run here
 
-    files = _merged_files(tmp_path)
+    files = profiled_params_files(tmp_path)
     validator = jsonschema.Draft202012Validator(json.loads((REPO / "params.schema.json").read_text()))
     for name, path in files:
         errors = [e.message for e in validator.iter_errors(yaml.safe_load(path.read_text()))]

@@ -4,14 +4,16 @@ The pass itself is the session fixture ``inc_small_run`` (conftest), shared with
 engine's equivalence test.
 """
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
 
 from op_sensitivity.engines.artifact import validate
 from op_sensitivity.engines.contract import Capture, HelperCall
-from op_sensitivity.engines.inc_loop import capture_mse, check_capture, inc_util
+from op_sensitivity.engines.inc_loop import capture_mse, check_capture, heap_frozen, inc_util
 from op_sensitivity.errors import CaptureError, InputError
 from op_sensitivity.inventory import module_name
 from tests.helpers import EXCLUDED
@@ -103,3 +105,33 @@ def test_inc_without_the_2x_helpers_is_named(monkeypatch):
         InputError, match=r"get_mse_order_per_int8 not found; expected neural-compressor==3.7.1"
     ):
         inc_util()
+
+
+class _Cycle:
+    """A reference cycle: only the cyclic collector frees it, as it frees INC's per-op copies."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_heap_frozen_hides_the_old_heap_and_still_frees_what_dies_inside():
+    old = _Cycle()
+    old_ref = weakref.ref(old)
+    with heap_frozen():
+        assert gc.get_freeze_count() > 0  # the heap before the pass is out of the collector's sight
+        young = _Cycle()
+        young_ref = weakref.ref(young)
+        del young
+        gc.collect()
+        assert young_ref() is None  # a per-op copy made inside is freed op by op
+        del old
+        gc.collect()
+        assert old_ref() is not None  # frozen: a collection inside does not walk it
+    assert gc.get_freeze_count() == 0
+    assert old_ref() is None  # freed on exit
+
+
+def test_heap_frozen_unfreezes_when_the_pass_fails():
+    with pytest.raises(RuntimeError, match="INC failed"), heap_frozen():
+        raise RuntimeError("INC failed")
+    assert gc.get_freeze_count() == 0

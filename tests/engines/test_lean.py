@@ -6,18 +6,21 @@ through the real sensitivity stage, in subprocesses (each its own peak RSS, real
 
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import yaml
 
+from op_sensitivity.engines import trial_log
 from op_sensitivity.engines.fakequant import FakeQuantModel
 from op_sensitivity.engines.numerics import resolve_numerics
 from op_sensitivity.engines.runner import load_inputs
-from op_sensitivity.engines.trial_log import TRIAL_LOG, TrialLog
+from op_sensitivity.engines.trial_log import TRIAL_LOG, TrialLog, code_digest, pass_fingerprint
 from op_sensitivity.inventory import read_inventory
 from tests.helpers import REPO, sensitivity_params, sensitivity_stage, venv_env
 
@@ -129,3 +132,25 @@ def test_a_log_of_another_pass_is_ignored_and_said_so(tmp_path, caplog):
     assert other.values == {} and "belongs to another pass" in caplog.text
     other.close()
     assert json.loads(path.read_text().splitlines()[0]) == {"fingerprint": "fingerprint-b"}
+
+
+def test_a_log_written_by_other_code_is_not_resumed(small_model_dir, calibration_dir, tmp_path, monkeypatch):
+    """The same pass after a change to the library's source: its log is another pass's, so an
+    engine fixed since never resumes the old code's values."""
+    root = tmp_path / "op_sensitivity"
+    package = Path(trial_log.__file__).resolve().parents[1]
+    shutil.copytree(package, root, ignore=shutil.ignore_patterns("*.pyc"))
+    before = code_digest(root)
+    assert code_digest(root) == before  # the same source, the same digest
+    engine = root / "engines" / "native.py"
+    engine.write_text(engine.read_text() + "\n# a fix\n")
+    fixed = code_digest(root)
+    (root / "new_module.py").write_text("")
+    assert len({before, fixed, code_digest(root)}) == 3
+    params = sensitivity_params(engine="native")
+    inventory = small_model_dir.parent / "op_inventory.json"
+    _, spec, _, _ = load_inputs(params, calibration_dir, small_model_dir, inventory)
+    num = resolve_numerics(params)
+    now = pass_fingerprint(spec, num)
+    monkeypatch.setattr(trial_log, "this_code", lambda: fixed)
+    assert pass_fingerprint(spec, num) != now

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from op_sensitivity.engines.contract import VISION_FP32
 from op_sensitivity.engines.runner import run_sensitivity
-from op_sensitivity.params import CrosscheckParams
+from op_sensitivity.params import CrosscheckParams, load_params
 from op_sensitivity.report.comparison import summary_lines
 from op_sensitivity.report.crosscheck import carved_pass, inc_numerics, run_crosscheck
-from tests.helpers import sensitivity_params
+from tests.helpers import profiled_params_files, sensitivity_params
 
 
 def _stored_then_checked(native: dict, calibration_dir, model_dir, tmp_path) -> tuple[dict, Path, dict]:
@@ -77,3 +77,16 @@ def test_the_native_side_runs_in_inc_numerics_whatever_the_main_pass_asked():
         )
     kept = replace(p, native=replace(p.native, arithmetic="fake_quant", requant_mode="isolated"))
     assert inc_numerics(kept).native == replace(kept.native, requant_mode="cumulative")  # inc_cpu's own kept
+
+
+def test_every_profiles_crosscheck_pass_builds(tmp_path):
+    """A profile that screens with an exact_budget (3b-cpu) still gets its crosscheck: INC has no
+    screening, so the comparison pass measures every op and drops the budget of a screened pass."""
+    budgets = set()
+    for name, path in profiled_params_files(tmp_path):
+        sens = load_params(path).sensitivity
+        budgets.add(sens.native.exact_budget)
+        for q in (inc_numerics(sens), carved_pass(sens)):
+            got = (q.native.screening, q.native.exact_budget, q.native.scheme)
+            assert got == ("none", None, "inc_cpu"), name
+    assert budgets - {None}  # some profile sets a budget: the case this test exists for

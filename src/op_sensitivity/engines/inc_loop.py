@@ -158,6 +158,28 @@ def release_quantization_caches() -> None:
     gc.collect()
 
 
+@contextlib.contextmanager
+def heap_frozen() -> Iterator[None]:
+    """Collections inside see only what was allocated inside: the per-op model copies INC makes.
+
+    :func:`release_quantization_caches` collects after every op; a full collection scans the
+    whole heap (torch, transformers, sympy, the model). ``gc.freeze`` moves what exists now out of
+    the collector's sight, so each collection walks only the young objects, and every per-op copy
+    is still freed op by op. What was alive before stays alive during the pass anyway (the model,
+    INC's strategy); the garbage left before is collected first, and whatever of the old heap dies
+    inside is freed on exit. ``benchmarks/inc_gc_freeze.py`` (2-core EPYC), the same values both
+    ways: the default's crosscheck pass 15.9 s frozen against 25.8 s, the same peak; the 3B's
+    carved copy 265 s against 254 s (forwards dominate), peak 3.64 GiB against 4.18 GiB.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.collect()
+
+
 def _op_loop(desc: str) -> Callable[[Iterable], Iterator]:
     """Stand-in for INC's ``tqdm``: a labelled progress bar that frees each op's copy before the next."""
 
@@ -386,7 +408,7 @@ def run_pass(
         len(excluded),
         spec.confidence_batches,
     )
-    with capture_mse(on_call) as capture, patch_embed_compat() as conv_note:
+    with heap_frozen(), capture_mse(on_call) as capture, patch_embed_compat() as conv_note:
         for phase, cfg, extra in (
             (FALLBACK, tune_cfg, {}),
             (REQUANT, all_fp32, {"requantize_cfgs": tune_cfg["op"]}),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -78,6 +80,28 @@ def _json_line(line: str) -> dict | None:
         return None
 
 
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def code_digest(root: Path) -> str:
+    """The library's source (every ``.py`` under ``root``, path and bytes). A log outlives its pass
+    (a rerun of the same pass measures nothing again), so without this an engine fixed since, with
+    the same params, model and batches, would resume the old code's values: DVC reruns the stage
+    for the changed source and the spectrum would stay stale."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@functools.cache
+def this_code() -> str:
+    """:func:`code_digest` of the running library, read once per process."""
+    return code_digest(PACKAGE)
+
+
 def pass_fingerprint(spec: PassSpec, num: Numerics) -> str:
-    """What a trial log must match to be resumed: the spec's and the numerics that shape values."""
-    return spec.fingerprint("native", {**num.details(), "reduce_range": num.reduce_range})
+    """What a trial log must match to be resumed: the spec's, the numerics that shape values and
+    the code that measured them."""
+    details = {**num.details(), "reduce_range": num.reduce_range, "code": this_code()}
+    return spec.fingerprint("native", details)

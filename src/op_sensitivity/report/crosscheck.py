@@ -167,7 +167,8 @@ def inc_numerics(params: SensitivityParams) -> SensitivityParams:
     native = params.native
     if native.scheme != "inc_cpu":
         native = replace(native, scheme="inc_cpu", arithmetic="auto")
-    return replace(params, native=replace(native, requant_mode="cumulative", screening="none"))
+    native = replace(native, requant_mode="cumulative", screening="none", exact_budget=None)
+    return replace(params, native=native)  # exact_budget caps a screened pass only: none measures all
 
 
 def _carved(
