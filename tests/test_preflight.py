@@ -246,6 +246,24 @@ def test_good_params_pass_both_checks(workspace):
     assert code == 0, err
 
 
+def test_ops_kept_fp32_by_op_name_dict_pass_both_checks(workspace):
+    """Sweep of 983f34b: an op_name_dict that keeps ops fp32 (a first 3B run's advice) made
+    check_params end in an AttributeError traceback before any stage ran."""
+    data = good_params()
+    data["sensitivity"]["op_name_dict"] = {
+        "lm_head": {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}}
+    }
+    (workspace / "case.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    try:
+        args = ["--params", "case.yaml", "--out", "reports/params_check.json"]
+        code, err = run_script(STAGE, args, workspace)
+        code2, err2 = run_script(SCRIPT, ["case.yaml", "--no-probe"], workspace)
+    finally:
+        (workspace / "case.yaml").unlink()
+    assert (code, code2) == (0, 0), (err, err2)
+    assert "Traceback" not in err + err2
+
+
 def test_check_params_refuses_what_prepare_captions_refuses_with_the_same_line(workspace):
     """One rule, one function: the stage's own line and check_params's are the same."""
     data = good_params()

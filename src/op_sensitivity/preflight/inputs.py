@@ -81,7 +81,7 @@ def check_inputs(p: Params) -> None:
         sens, kept_fp32, _ = exclusions(sens, ops, c.mode)
         check_scored(sens, len(ops) - len(kept_fp32))
         if i == 0:  # the main pass: the one the keep-list is chosen on
-            excluded = {e.name for e in kept_fp32}
+            excluded = {e.op_name for e in kept_fp32}
     check_keep_list_params(p, ops, excluded)
 
 
