@@ -102,7 +102,7 @@ def main() -> None:
     stages = [
         line.split()[0]
         for line in plan.stdout.splitlines()
-        if re.match(r"^(\w+|scheme_sensitivity@\w+)\s+(cpu|cuda|-)\s", line)
+        if re.match(r"^(\w+(?:@\w+)?)\s+(cpu|cuda|-)\s", line)
     ]
     if args.until is not None:
         if args.until not in stages:
