@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from op_sensitivity.engines.artifact import build_report
 from op_sensitivity.engines.fakequant import FakeQuantModel
@@ -361,3 +362,30 @@ def test_the_sweep_keeps_no_upcast_copy_of_a_stored_weight():
     assert (torch.float32, weight_b) not in saved  # no float32 copy of it
     # the same gradient as the plain float32 op: c_1 (op a alone) from the sweep's own forward
     assert est.curve[0] > 0 and est.first_order[1] != 0
+
+
+def test_the_sweep_keeps_no_upcast_copy_of_an_op_kept_in_full_precision():
+    """An op the params keep fp32 is computed like a scored op in float: a pass that keeps most
+    ops (a first 3B run) held each one's float32 copy through the backward, 22.7 GiB at 3B."""
+    model = _Chain()
+    for m in (model.a, model.b):
+        m.weight.data = m.weight.data.to(torch.bfloat16)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    fq = FakeQuantModel(model, ["a"], reduce_range=False, arithmetic="fake_quant", kept=["b"])
+    fq.calibrate([{"x": x}])
+    with torch.no_grad():
+        fq.set_all(False)
+        ref = model(x).float()
+        plain = F.linear(model.a(x), fq.kept["b"].param.float(), model.b.bias)
+    assert torch.equal(ref, plain)  # the kept op's forward is the float32 op's, bit for bit
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        est = estimate_batch(fq, lambda: model(x).float(), ref, ["a"], points=1, probes=1, seed=0)
+    weight_b = tuple(fq.kept["b"].param.shape)
+    assert (torch.bfloat16, weight_b) in saved and (torch.float32, weight_b) not in saved
+    assert est.curve[0] > 0 and est.first_order[0] != 0

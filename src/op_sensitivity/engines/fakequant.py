@@ -455,8 +455,12 @@ class FakeQuantModel:
         self._last_read = (name, x)
 
     def _kept_forward(self, op: _Op):
+        """The op in full precision; in a gradient sweep without a float32 copy held for the backward
+        (:meth:`_float_for_grad`): a pass that keeps most ops fp32 held the whole model twice
+        (the bf16 3B with 412 of 417 ops kept: 22.7 GiB, 11.6 GiB so, the same report)."""
+
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            return _functional(op, x, self._weight(op))
+            return self._float_for_grad(op, x)
 
         return forward
 
