@@ -134,9 +134,10 @@ def test_a_log_of_another_pass_is_ignored_and_said_so(tmp_path, caplog):
     assert json.loads(path.read_text().splitlines()[0]) == {"fingerprint": "fingerprint-b"}
 
 
-def test_a_log_written_by_other_code_is_not_resumed(small_model_dir, calibration_dir, tmp_path, monkeypatch):
-    """The same pass after a change to the library's source: its log is another pass's, so an
-    engine fixed since never resumes the old code's values."""
+def test_other_code_is_another_pass(small_model_dir, calibration_dir, tmp_path, monkeypatch):
+    """The same pass after a change to the library's source has another fingerprint, so its log is
+    another pass's (ignored: test_a_log_of_another_pass_is_ignored_and_said_so) and an engine fixed
+    since never resumes the old code's values."""
     root = tmp_path / "op_sensitivity"
     package = Path(trial_log.__file__).resolve().parents[1]
     shutil.copytree(package, root, ignore=shutil.ignore_patterns("*.pyc"))
