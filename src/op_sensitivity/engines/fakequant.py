@@ -44,6 +44,7 @@ from ..errors import InputError
 from ..schemes import Scheme
 from ..schemes import inc_cpu as inc_scheme
 from .schemed import SchemeQuant
+from .weight_copies import WeightCopies
 
 
 def _fq_tensor(x: torch.Tensor, qp: tuple[torch.Tensor, torch.Tensor, int, int]) -> torch.Tensor:
@@ -190,15 +191,15 @@ class _UpcastLinear(torch.autograd.Function):
     second upcast in the backward. Only the input's gradient is computed: no weight is trained."""
 
     @staticmethod
-    def forward(ctx, x, stored, bias, dtype):
+    def forward(ctx, x, stored, bias, dtype, copies):
         ctx.save_for_backward(stored)
-        ctx.dtype = dtype
-        return F.linear(x, stored.to(dtype), bias)
+        ctx.dtype, ctx.copies = dtype, copies
+        return F.linear(x, copies.upcast(stored, dtype), bias)
 
     @staticmethod
     def backward(ctx, grad):
         (stored,) = ctx.saved_tensors
-        return grad.matmul(stored.to(ctx.dtype)), None, None, None
+        return grad.matmul(ctx.copies.upcast(stored, ctx.dtype)), None, None, None, None
 
 
 def by_trial(
@@ -272,6 +273,7 @@ class FakeQuantModel:
         self.reduce_range = reduce_range
         self.arithmetic = arithmetic
         self.compute_dtype = compute_dtype
+        self.copies = WeightCopies()  # the per-call weight copies' buffers
         self.observing = False
         self.trace: list[str] | None = None  # names of scored ops as they run (SuffixCache.learn)
         self.trial_count: int | None = None  # T while batched trials run (:meth:`trials`)
@@ -284,7 +286,7 @@ class FakeQuantModel:
         for name in op_names:
             op = self._wrap(modules[name], name)
             if generic:
-                op.sq = SchemeQuant(self.scheme, self._weight(op), arithmetic, op.type)
+                op.sq = SchemeQuant(self.scheme, self._weight(op), arithmetic, op.type, self.copies)
                 op.module.forward = self._scheme_forward(op)
                 self.ops[name] = op
                 continue
@@ -307,8 +309,9 @@ class FakeQuantModel:
         return op
 
     def _weight(self, op: _Op) -> torch.Tensor:
-        """The stored weight in the compute dtype: a copy for this call only when the dtypes differ."""
-        return op.param.detach().to(self.compute_dtype)
+        """The stored weight in the compute dtype: a copy for this call only when the dtypes differ
+        (written into a reused buffer where one may be: :mod:`.weight_copies`)."""
+        return self.copies.upcast(op.param.detach(), self.compute_dtype)
 
     def _quantize_weight(self, op: _Op) -> None:
         """INC's weight quantization of this op, kept compact; bit-identical to a resident fake-quant copy."""
@@ -376,7 +379,7 @@ class FakeQuantModel:
         the backward (:class:`_UpcastLinear`); a scheme's float op is the plain one (its bias
         placement changes the last bits only, which a gradient does not read)."""
         if isinstance(op.module, nn.Linear) and x.requires_grad:
-            return _UpcastLinear.apply(x, op.param.detach(), op.module.bias, self.compute_dtype)
+            return _UpcastLinear.apply(x, op.param.detach(), op.module.bias, self.compute_dtype, self.copies)
         return _functional(op, x, self._weight(op))
 
     def _parts(self, op: _Op) -> Callable[[torch.Tensor], dict[str, Any]] | None:

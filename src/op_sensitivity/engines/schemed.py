@@ -25,6 +25,7 @@ from ..errors import InputError
 from ..schemes import Scheme
 from ..schemes.qdq import MinMax, QParams, dequantize, observe, qparams, quantize
 from ..schemes.spec import QuantSpec
+from .weight_copies import WeightCopies
 
 KERNELS = {"int8_kernels": ("int8",), "fp8_kernels": ("fp8_e4m3",)}
 
@@ -51,8 +52,16 @@ def check_kernels(scheme: Scheme, arithmetic: str, where: str) -> None:
 class SchemeQuant:
     """The quantizers of one op: weight codes, input and output activation quantizers."""
 
-    def __init__(self, scheme: Scheme, weight: torch.Tensor, arithmetic: str, op_type: str):
+    def __init__(
+        self,
+        scheme: Scheme,
+        weight: torch.Tensor,
+        arithmetic: str,
+        op_type: str,
+        copies: WeightCopies | None = None,
+    ):
         self.scheme = scheme
+        self.copies = copies  # where the per-call dequantized weight is written (weight_copies)
         self.op_type = op_type
         self.kernel = arithmetic if arithmetic in KERNELS and op_type == "Linear" else None
         w = weight.detach().float()
@@ -66,6 +75,8 @@ class SchemeQuant:
         self.static: dict[str, QParams] = {}
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.copies is not None:
+            return self.copies.dequantized(self.w_codes, self.w_qp, dtype)
         return dequantize(self.w_codes, self.w_qp, dtype)
 
     def start(self) -> None:

@@ -68,9 +68,11 @@ class ForwardCosts:
     """Seconds of a forward by unit, with every op of the unit int8 and with every op in high
     precision (the stored weight upcast per call, as the engine computes kept ops), each split
     into a part per call and a part per sample (the probe times batches of 1 and 2): on a CPU
-    the per-call weight upcast is most of a float32 layer, and the int8 kernels are several times
-    faster than float32, so a pass that scores a handful of ops costs far more per trial than
-    one that scores all of them, and a batch of two costs far less than two batches of one."""
+    the per-call part (every weight read, and upcast from its stored dtype into a reused buffer:
+    ``engines.weight_copies``) weighs heavily in a float32 layer at a few dozen tokens, and the
+    int8 kernels are several times faster than float32, so a pass that scores a handful of ops
+    costs far more per trial than one that scores all of them, and a batch of two costs far less
+    than two batches of one."""
 
     int8: dict[str, Cost]  # unit kind -> (per call, per sample); one block of a kind that repeats
     fp32: dict[str, Cost]

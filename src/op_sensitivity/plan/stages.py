@@ -11,8 +11,9 @@ figures documented in docs/benchmarks.md ("What each family member needs", "Whol
   quantized-module packing, observers, the allocator) the int8 copies (1 byte per scored
   Linear / Conv parameter) and dequantized tables (4 bytes per scored Embedding parameter), plus
   the largest weight of the model in float32, twice (its per-call upcast, whether scored or
-  kept), plus 0.5 GiB for the interpreter and libraries; a deployment scheme's pass adds the
-  largest scored weight once more in float32 (dequantized from its codes per call). Fit to CPU
+  kept: the buffer ``engines.weight_copies`` keeps for it, and a fresh copy where it is held),
+  plus 0.5 GiB for the interpreter and libraries; a deployment scheme's pass adds the largest
+  scored weight once more in float32 (dequantized from its codes per call). Fit to CPU
   measurements of the full-size 3B: every op scored (17.3 GiB; 19.1 estimated; 16.1-17.5 GiB
   measured on an H100), five ops (9.5 GiB; 10.5 estimated), five ops under ONNX Runtime's
   scheme (11.5 GiB; 11.6 estimated): it errs high, by less than 2 GiB;

@@ -96,13 +96,26 @@ def quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     return q.to(CODE_DTYPES[spec.dtype])
 
 
-def dequantize(codes: torch.Tensor, qp: QParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    q = codes.float()
+def dequantize(
+    codes: torch.Tensor, qp: QParams, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The codes' values in ``dtype``. ``out``: a float32 tensor of the codes' shape to compute
+    them in, in place, with the same operations (``engines.weight_copies``: no fresh pages)."""
+    if out is None:
+        q = codes.float()
+        if qp.spec.dtype == "fp8_e4m3":
+            return (q * (1 / qp.mult)).to(dtype)
+        if qp.mult is not None:
+            return (q / qp.mult).to(dtype)
+        return ((q - qp.zero_point) * qp.scale).to(dtype)
+    q = out.copy_(codes)
     if qp.spec.dtype == "fp8_e4m3":
-        return (q * (1 / qp.mult)).to(dtype)
-    if qp.mult is not None:
-        return (q / qp.mult).to(dtype)
-    return ((q - qp.zero_point) * qp.scale).to(dtype)
+        q.mul_(1 / qp.mult)
+    elif qp.mult is not None:
+        q.div_(qp.mult)
+    else:
+        q.sub_(qp.zero_point).mul_(qp.scale)
+    return q.to(dtype)
 
 
 def fake_quant(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
