@@ -52,9 +52,16 @@ def test_no_buffer_while_autograd_records():
     assert torch.equal(fresh, a.to(torch.float32))
 
 
-@pytest.mark.parametrize("scheme", ["modelopt_int8", "modelopt_fp8", "llmcompressor_w8a8", "ort_qdq"])
-def test_dequantized_in_a_buffer_equals_the_out_of_place_values(scheme):
-    spec = load(scheme).weights
+# every scheme's weights (symmetric: a multiplier, or fp8), and an asymmetric spec (scale and zero
+# point: ONNX Runtime's activations), so each in-place branch of dequantize is held to its out-of-place one
+SPECS = [(s, "weights") for s in ("modelopt_int8", "modelopt_fp8", "llmcompressor_w8a8", "ort_qdq")]
+
+
+@pytest.mark.parametrize(("scheme", "role"), [*SPECS, ("ort_qdq", "inputs")])
+def test_dequantized_in_a_buffer_equals_the_out_of_place_values(scheme, role):
+    spec = getattr(load(scheme), role)
+    if role == "inputs":
+        assert not spec.symmetric  # the zero-point branch
     w = torch.randn(48, 40, generator=torch.Generator().manual_seed(3)) * 3
     qp = qparams(spec, *observe(w, spec))
     codes = quantize(w, qp)
