@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import combinations
 
 import pytest
 import torch
@@ -148,3 +149,33 @@ def test_probe_of_the_embedded_default_times_every_unit_in_both_states():
     assert costs.arithmetic == "inc_cpu int8_kernels" and costs.device == "cpu"
     model = CostModel(costs, facts.ops, 2, 2)
     assert model.pass_seconds([op.name for op in facts.ops], True) > 0
+
+
+def test_the_dearest_configuration_bounds_every_kept_list_of_its_size():
+    """Units of unequal ops: a decoder layer of two ops (10 and 30 params) and lm_head (40), the
+    rest of one op each. The bound is the all-int8 split plus the largest additions; every kept
+    list of that size costs at most that, and the dearest one costs exactly that."""
+    params = {"model.language_model.layers.0.mlp.down_proj": 30, "lm_head": 40}
+    names = [*OPS, "model.language_model.layers.0.mlp.up_proj"]
+    ops = [OpInfo(n, "Linear", [1], params.get(n, 10), "text", None) for n in names]
+    costs = _costs(per_sample=0.1)
+    costs.fp32["head"] = (3.0, 0.1)  # lm_head: float 3 s a call against 0.5 int8
+    model = CostModel(costs, ops, layers=2, blocks=1)
+    # 5 samples in forwards of 2 (two calls of 2, one of 1): the all-int8 split
+    floor = model.split_seconds(set(names), 5, 2)
+    # by hand: keeping lm_head adds (3 - 0.5) per call, 3 calls = 7.5; then a one-op unit its whole
+    # (1 - 0.5) x 3 = 1.5 (down_proj, the larger op, adds only its 30/40 of its layer's: 1.125)
+    assert model.dearest_split_seconds(names, 0, 5, 2) == pytest.approx(floor)
+    assert model.dearest_split_seconds(names, 1, 5, 2) == pytest.approx(floor + 7.5)
+    assert model.dearest_split_seconds(names, 2, 5, 2) == pytest.approx(floor + 7.5 + 1.5)
+    for k in range(len(names) + 1):
+        bound = model.dearest_split_seconds(names, k, 5, 2)
+        costs_k = [model.split_seconds(set(names) - set(kept), 5, 2) for kept in combinations(names, k)]
+        assert max(costs_k) == pytest.approx(bound)  # attained, never exceeded
+    # under fake quant the int8 op may be the dearer: keeping it then saves; the bound keeps the cheapest
+    slow = _costs()
+    slow.int8.update(dict.fromkeys(UNITS, (2.0, 0.0)))
+    model = CostModel(slow, ops, layers=2, blocks=1)
+    for k in range(len(names) + 1):
+        costs_k = [model.split_seconds(set(names) - set(kept), 1, 1) for kept in combinations(names, k)]
+        assert max(costs_k) == pytest.approx(model.dearest_split_seconds(names, k, 1, 1))

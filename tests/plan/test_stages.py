@@ -11,7 +11,10 @@ from op_sensitivity.errors import InputError
 from op_sensitivity.params import load_params
 from op_sensitivity.plan.model import describe
 from op_sensitivity.plan.pending import all_stages
-from op_sensitivity.plan.stages import Machine, build_plan, check, native_peak_gib, target_gib
+from op_sensitivity.plan.probe import UNITS, ForwardCosts
+from op_sensitivity.plan.stages import Machine, Planner, build_plan, check, native_peak_gib, target_gib
+from op_sensitivity.validation.curve import curve_cost
+from op_sensitivity.validation.validate import validate_cost
 from tests.helpers import REPO
 
 PARAMS = f"{REPO / 'params.yaml'}: "  # how every message names the file
@@ -245,3 +248,56 @@ def test_a_runtime_file_of_this_machine_gives_the_time_of_the_same_pass(tmp_path
         (tmp_path / "sensitivity.json").write_text(json.dumps({"passes": [{**doc, "host": host, **other}]}))
         plan = build_plan(p, facts, ["sensitivity"], CPU_24GB, tmp_path, probe_forward=False)
         assert (plan.stages[0].seconds, plan.stages[0].basis) == (None, "not estimated"), other
+
+
+def _unit_costs(int8: float) -> ForwardCosts:
+    """Every unit 1 s a call in float, ``int8`` s a call in int8, nothing per sample."""
+    return ForwardCosts(
+        int8=dict.fromkeys(UNITS, (int8, 0.0)),
+        fp32=dict.fromkeys(UNITS, (1.0, 0.0)),
+        observe_factor=2.0,
+        setup_per_param=0.0,
+        device="cpu",
+        arithmetic="inc_cpu int8_kernels",
+        probe_seconds=0.0,
+        image_tokens=0,
+        text_tokens=0,
+    )
+
+
+def test_the_measurers_seconds_count_each_configuration_by_what_it_keeps():
+    """The 3B's curve, walk and validate (417 ops, log-spaced grid). With int8 as dear as float
+    every configuration costs one forward a call, so the seconds count the configurations the
+    stages' own cost functions bound; with cheap int8 kernels each costs between all-int8 and
+    float (its dearest choice of kept ops: tests/plan/test_probe.py)."""
+    p = _full_size("3b")
+    facts = describe(p.model)
+    planner = Planner(p, facts, CPU_24GB)
+    planner.forward_costs = lambda sens=None: _unit_costs(int8=1.0)
+    bs, c = p.curve.batch_size, p.captions.count
+    sel, test = p.captions.selection_count, p.captions.test_count
+    forward = planner.cost_model().forward(set())  # every unit once: 1 s each
+
+    def split(samples: int) -> float:
+        return -(-samples // bs) * forward  # forwards of curve.batch_size
+
+    def setup(held_out: int) -> float:  # calibration (observers x 2), fp32 references on both splits
+        return 2 * split(c) + split(c) + split(held_out)
+
+    cost = curve_cost(417, p.curve)
+    cal_configs = cost["single_op_max"] + 1
+    flat = {s.stage: s.seconds for s in (planner.curve(), planner.fallback_list(), planner.validate())}
+    assert flat["curve"] == pytest.approx(
+        setup(sel) + (cost["total_max"] - cal_configs) * split(sel) + cal_configs * split(c)
+    )
+    assert flat["fallback_list"] == pytest.approx(setup(sel) + 72 * split(sel))
+    assert flat["validate"] == pytest.approx(
+        setup(test) + validate_cost(417, p.curve)["total_max"] * split(test)
+    )
+    planner.forward_costs = lambda sens=None: _unit_costs(int8=0.1)
+    cheap = {s.stage: s.seconds for s in (planner.curve(), planner.fallback_list(), planner.validate())}
+    for stage, seconds in cheap.items():
+        held_out = test if stage == "validate" else sel
+        configs = (flat[stage] - setup(held_out)) / split(held_out)  # each config's forwards, as if held out
+        floor = setup(held_out) + configs * 0.1 * split(held_out)  # every config all int8
+        assert floor < seconds < flat[stage], stage

@@ -184,6 +184,27 @@ class CostModel:
         full = calls * self.forward(int8, batch_size)
         return full + (self.forward(int8, left) if left else 0.0)
 
+    def dearest_split_seconds(self, scored: list[str], kept: int, samples: int, batch_size: int) -> float:
+        """The most a configuration keeping ``kept`` of ``scored`` in high precision can cost over a
+        split, whichever ops they are (the curve's and validate's lists are known only after the
+        ranking). A forward is linear in which ops are int8: each kept op moves its unit's cost
+        from int8 toward float by its share of the unit's parameters. So the dearest choice keeps
+        the ``kept`` ops that add the most (with int8 kernels the largest; under fake quant, where
+        the float op may be the cheaper, the least negative)."""
+        calls, left = divmod(samples, batch_size)
+        sizes = [batch_size] * calls + ([left] if left else [])
+        add = []
+        for op in scored:
+            u = self.unit.get(op)
+            if u not in self.unit_params or not self.unit_params[u]:
+                add.append(0.0)
+                continue
+            rise = sum(
+                self.costs.seconds("fp32", u[0], b) - self.costs.seconds("int8", u[0], b) for b in sizes
+            )
+            add.append(rise * self.params[op] / self.unit_params[u])
+        return self.split_seconds(set(scored), samples, batch_size) + sum(sorted(add, reverse=True)[:kept])
+
 
 def probe_sample(
     config: Qwen2_5_VLConfig, image: tuple[int, int], min_pixels: int, max_pixels: int

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -42,9 +43,10 @@ from ..engines.numerics import resolve_numerics
 from ..engines.runner import host_facts, scheme_params
 from ..engines.screening import CHECK_SAMPLE
 from ..errors import InputError
-from ..fallback.policy import walk_cost
+from ..fallback.policy import SCAN_MAX, walk_cost
 from ..params import TARGET_SCHEMES, Params, SensitivityParams
-from ..validation.curve import curve_cost
+from ..phases import RANKINGS
+from ..validation.curve import curve_cost, curve_sizes, refinement_steps, widest_gap
 from ..validation.validate import validate_cost
 from .model import ModelFacts, carved_facts
 from .probe import CostModel, ForwardCosts, probe, typical_image
@@ -55,6 +57,8 @@ PROCESS_GIB = 0.5  # Python, torch and transformers loaded: what a tiny model's 
 LOAD_PEAK_PER_STORED_BYTE = 1.4  # load_model of full_size_random 3B: 10.2 GiB peak, 7.5 GB written
 DEFAULT_PIXELS = (56 * 56, 28 * 28 * 1280)  # Qwen2VLImageProcessor's own bounds
 CARVED_VOCAB_PER_SAMPLE = 64  # vocabulary rows a carved copy keeps, at most, per sample (plus specials)
+GROUP_MAX = 3  # ops of the largest fused group (q/k/v) a kept op widens to in a shipped list
+Kept = int | tuple[int, int]  # ops a configuration keeps: a count, or a range (lo, hi) of counts
 RUNTIME_FILES = {"sensitivity": "sensitivity.json", "crosscheck": "crosscheck.json"}
 RUNTIME_PARAMS_TOLERANCE = 0.05  # a runtime file of a model this close in size counts as the same model
 LIGHT_STAGES = {
@@ -160,6 +164,11 @@ def _duration(seconds: float | None) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def inside(gap: tuple[int, int]) -> tuple[int, int]:
+    """The counts a bisection can measure strictly inside a grid gap."""
+    return gap[0] + 1, max(gap[0] + 1, gap[1] - 1)
 
 
 def native_peak_gib(facts: ModelFacts, scored: list[str], scheme: str = "inc_cpu") -> float:
@@ -415,35 +424,48 @@ class Planner:
         return StagePlan("crosscheck", what, "cpu", seconds, basis, peak)
 
     def measurer_seconds(
-        self, scored: list[str], held_out_configs: int, calibration_configs: int, held_out: int
+        self, scored: list[str], held_out: list[Kept], calibration: list[Kept], samples: int
     ) -> tuple[float | None, str]:
-        """The curve's and validate's measurer: calibrated once over the calibration split, fp32
-        references on both splits (the held-out one has ``held_out`` samples: selection for the
-        curve, test for validate), then the split in forwards of ``curve.batch_size`` per
-        configuration (a configuration keeps some ops in high precision: counted halfway
-        between all-int8 and fp32; a single-op one, with one op int8, as fp32)."""
+        """The curve's, fallback_list's and validate's measurer: calibrated once over the
+        calibration split, fp32 references on both splits (the held-out one has ``samples``:
+        selection for the curve and the walk, test for validate), then each configuration over
+        its split in forwards of ``curve.batch_size``. A configuration is costed by how many ops
+        it keeps in high precision (``Kept``: a count, or a range of counts where only the range
+        is known, costed at its dearer end), and as the dearest ops of that count
+        (:meth:`CostModel.dearest_split_seconds`: which ops is known only after the ranking). The
+        estimate errs high, as a bound should."""
         model = self.cost_model()
         if model is None:
             return None, "not estimated"
-        c, e, bs = self.p.captions.count, held_out, self.p.curve.batch_size
-        none, every = set(), set(scored)
+        c, bs = self.p.captions.count, self.p.curve.batch_size
+        seen: dict[tuple[int, int], float] = {}
 
-        def split(samples: int, int8: set[str]) -> float:
-            return model.split_seconds(int8, samples, bs)
+        def config(n: int, split: int) -> float:
+            if (n, split) not in seen:
+                seen[n, split] = model.dearest_split_seconds(scored, n, split, bs)
+            return seen[n, split]
 
-        setup = split(c, none) * model.costs.observe_factor + split(c, none) + split(e, none)
-        setup += model.costs.setup_per_param * sum(model.params[n] for n in scored)
-        mixed = (split(e, none) + split(e, every)) / 2
-        return setup + held_out_configs * mixed + calibration_configs * split(c, none), "probe"
+        def kept(k: Kept, split: int) -> float:
+            return config(k, split) if isinstance(k, int) else max(config(k[0], split), config(k[1], split))
+
+        n = len(scored)
+        setup = config(n, c) * model.costs.observe_factor + config(n, c) + config(n, samples)
+        setup += model.costs.setup_per_param * sum(model.params[m] for m in scored)
+        configs = sum(kept(k, samples) for k in held_out) + sum(kept(k, c) for k in calibration)
+        return setup + configs, "probe; each configuration by the ops it keeps (the dearer ones)"
 
     def curve(self) -> StagePlan:
         sens, cp = self.p.sensitivity, self.p.curve
         scored = self.scored(sens)
         n = len(scored)
         cost = curve_cost(n, cp)
-        selection_configs = cost["total_max"] - cost["single_op_max"] - 1
+        sizes = curve_sizes(n, cp.max_points)
+        inner = [k for k in sizes if 0 < k < n]
+        held_out: list[Kept] = [0, n, *inner * (len(RANKINGS) + cp.random_lists)]
+        held_out += [inside(widest_gap(sizes))] * cost["refinement_max"]
+        # the references and the single-op damage (each op int8 alone) on the calibration split
         seconds, basis = self.measurer_seconds(
-            scored, selection_configs, cost["single_op_max"] + 1, self.p.captions.selection_count
+            scored, held_out, [0] + [n - 1] * cost["single_op_max"], self.p.captions.selection_count
         )
         return StagePlan(
             "curve",
@@ -459,13 +481,20 @@ class Planner:
 
     def fallback_list(self) -> StagePlan:
         """Light, but for measured_budget: it measures the lists it would ship on the selection
-        split (the curve's model and measurer, at most :func:`walk_cost` lists)."""
+        split (the curve's model and measurer, at most :func:`walk_cost` lists: n = 0 up, then
+        the curve's largest sizes at most)."""
         if self.p.fallback.policy != "measured_budget":
             return StagePlan("fallback_list", LIGHT_STAGES["fallback_list"])
         sens = self.p.sensitivity
         scored = self.scored(sens)
-        lists = walk_cost(len(scored))
-        seconds, basis = self.measurer_seconds(scored, lists, 0, self.p.captions.selection_count)
+        n, lists = len(scored), walk_cost(len(scored))
+        # a shipped list of the top k: always_keep's ops added and every fused group widened (at
+        # most GROUP_MAX ops an op); the distinct lists from k = 0 up, then the curve's sizes
+        forced = GROUP_MAX * sum(any(fnmatchcase(m, g) for g in self.p.fallback.always_keep) for m in scored)
+        tops = list(range(min(n + 1, SCAN_MAX)))
+        tops += curve_sizes(n, self.p.curve.max_points)[::-1][: lists - len(tops)]
+        walk: list[Kept] = [min(n, forced + GROUP_MAX * k) for k in tops]
+        seconds, basis = self.measurer_seconds(scored, walk, [], self.p.captions.selection_count)
         return StagePlan(
             "fallback_list",
             f"measured_budget: <= {lists} shipped lists x {self.p.captions.selection_count} selection "
@@ -480,8 +509,15 @@ class Planner:
     def validate(self) -> StagePlan:
         sens, check, f = self.p.sensitivity, self.p.crosscheck, self.facts
         scored = self.scored(sens)
-        cost = validate_cost(len(scored), self.p.curve)
-        seconds, basis = self.measurer_seconds(scored, cost["total_max"], 0, self.p.captions.test_count)
+        n, cp = len(scored), self.p.curve
+        cost = validate_cost(n, cp)
+        sizes = curve_sizes(n, cp.max_points)
+        steps = len(cp.crossings) * refinement_steps(sizes)
+        row = [k for k in sizes if 0 < k < n] + [inside(widest_gap(sizes))] * steps
+        # the list's size is known only after fallback_list: anywhere from none to every op
+        held_out: list[Kept] = [0, n, *[(0, n)] * (cost["keep_list"] - 2)]
+        held_out += row * (len(RANKINGS) + cp.random_lists)
+        seconds, basis = self.measurer_seconds(scored, held_out, [], self.p.captions.test_count)
         work = (
             f"<= {cost['total_max']} test configurations ({cost['keep_list']} for the list, <= "
             f"{cost['rankings_max']} for the rankings' crossings)"

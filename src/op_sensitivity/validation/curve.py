@@ -132,10 +132,15 @@ def single_op_pool(
     return [m for m in ops if m in pool], f"the top {k} of the {names} rankings ({len(pool)} ops)"
 
 
+def widest_gap(sizes: list[int]) -> tuple[int, int]:
+    """The grid's widest gap (its two sizes): where one bisection costs the most configurations."""
+    return max(zip(sizes, sizes[1:], strict=False), key=lambda g: g[1] - g[0], default=(0, 1))
+
+
 def refinement_steps(sizes: list[int]) -> int:
     """Most extra configurations one bisection costs on this grid (its widest gap)."""
-    gap = max((b - a for a, b in zip(sizes, sizes[1:], strict=False)), default=1)
-    return math.ceil(math.log2(gap)) if gap > 1 else 0
+    lo, hi = widest_gap(sizes)
+    return math.ceil(math.log2(hi - lo)) if hi - lo > 1 else 0
 
 
 def curve_cost(n_ops: int, params: CurveParams) -> dict[str, int]:
