@@ -108,7 +108,8 @@ def test_the_script_applies_a_profile_and_says_what_changed(tmp_path):
     assert code == 0, err
     data = yaml.safe_load((tmp_path / "params.yaml").read_text())
     assert data["sensitivity"]["native"]["device"] == "cpu" and data["model"]["input"] == "x"
-    assert data["captions"]["count"] == 8 and data["curve"]["random_lists"] == 3
+    assert data["captions"]["count"] == 8 and data["curve"]["random_lists"] == 2
+    assert data["schemes"]["arithmetic"] == "kernels" and data["curve"]["crossings"] == [0.5, 0.9]
     assert data["sensitivity"]["confidence_batches"] == 8
     code, err = run_script(REPO / "scripts/apply_profile.py", [str(PROFILES / "nope.yaml")], tmp_path)
     assert code == 2 and "profiles/nope.yaml: profile not found" in err
