@@ -44,9 +44,12 @@ def one_torch_thread():
         yield
 
 
-def _costs(observe: float = 2.0, setup: float = 0.01, per_sample: float = 0.0) -> ForwardCosts:
+def _costs(
+    observe: float = 2.0, setup: float = 0.01, per_sample: float = 0.0, int8: float = 0.5
+) -> ForwardCosts:
+    """Every unit 1 s a call in float, ``int8`` s a call in int8, plus ``per_sample`` a sample."""
     return ForwardCosts(
-        int8=dict.fromkeys(UNITS, (0.5, per_sample)),
+        int8=dict.fromkeys(UNITS, (int8, per_sample)),
         fp32=dict.fromkeys(UNITS, (1.0, per_sample)),
         observe_factor=observe,
         setup_per_param=setup,

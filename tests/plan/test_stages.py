@@ -11,11 +11,11 @@ from op_sensitivity.errors import InputError
 from op_sensitivity.params import load_params
 from op_sensitivity.plan.model import describe
 from op_sensitivity.plan.pending import all_stages
-from op_sensitivity.plan.probe import UNITS, ForwardCosts
 from op_sensitivity.plan.stages import Machine, Planner, build_plan, check, native_peak_gib, target_gib
 from op_sensitivity.validation.curve import curve_cost
 from op_sensitivity.validation.validate import validate_cost
 from tests.helpers import REPO
+from tests.plan.test_probe import _costs
 
 PARAMS = f"{REPO / 'params.yaml'}: "  # how every message names the file
 CPU_24GB = Machine("test CPU", 2, 23.5, None, None)  # the reference machine: 2 cores, 24 GB
@@ -250,21 +250,6 @@ def test_a_runtime_file_of_this_machine_gives_the_time_of_the_same_pass(tmp_path
         assert (plan.stages[0].seconds, plan.stages[0].basis) == (None, "not estimated"), other
 
 
-def _unit_costs(int8: float) -> ForwardCosts:
-    """Every unit 1 s a call in float, ``int8`` s a call in int8, nothing per sample."""
-    return ForwardCosts(
-        int8=dict.fromkeys(UNITS, (int8, 0.0)),
-        fp32=dict.fromkeys(UNITS, (1.0, 0.0)),
-        observe_factor=2.0,
-        setup_per_param=0.0,
-        device="cpu",
-        arithmetic="inc_cpu int8_kernels",
-        probe_seconds=0.0,
-        image_tokens=0,
-        text_tokens=0,
-    )
-
-
 def test_the_measurers_seconds_count_each_configuration_by_what_it_keeps():
     """The 3B's curve, walk and validate (417 ops, log-spaced grid). With int8 as dear as float
     every configuration costs one forward a call, so the seconds count the configurations the
@@ -273,7 +258,7 @@ def test_the_measurers_seconds_count_each_configuration_by_what_it_keeps():
     p = _full_size("3b")
     facts = describe(p.model)
     planner = Planner(p, facts, CPU_24GB)
-    planner.forward_costs = lambda sens=None: _unit_costs(int8=1.0)
+    planner.forward_costs = lambda sens=None: _costs(setup=0.0, int8=1.0)
     bs, c = p.curve.batch_size, p.captions.count
     sel, test = p.captions.selection_count, p.captions.test_count
     forward = planner.cost_model().forward(set())  # every unit once: 1 s each
@@ -294,7 +279,7 @@ def test_the_measurers_seconds_count_each_configuration_by_what_it_keeps():
     assert flat["validate"] == pytest.approx(
         setup(test) + validate_cost(417, p.curve)["total_max"] * split(test)
     )
-    planner.forward_costs = lambda sens=None: _unit_costs(int8=0.1)
+    planner.forward_costs = lambda sens=None: _costs(setup=0.0, int8=0.1)
     cheap = {s.stage: s.seconds for s in (planner.curve(), planner.fallback_list(), planner.validate())}
     for stage, seconds in cheap.items():
         held_out = test if stage == "validate" else sel
