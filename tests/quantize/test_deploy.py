@@ -91,6 +91,36 @@ def test_metrics_and_section_read_the_document():
     trip = section([{**doc, "target": "modelopt_int8", "served": False, "round_trip": "why"}])
     assert "| modelopt_int8 | int-quantized | round trip, **not served here** |" in trip
     assert "  - **not served here**: why" in trip
+    assert "cause measured alone" not in text  # no cause: no line
+
+
+def test_the_section_states_the_causes_and_the_bar_they_give():
+    """The 3B ModelOpt INT8 figures of 2026-12-04 (bf16 as stored): the bar derived from the stored
+    dtype's cause holds a measured figure the fixed floor called outside."""
+    from op_sensitivity.quantize.causes import Cause, derived_bar
+
+    cause = Cause("stored dtype bfloat16", 6.668e-4, "the float model as stored")
+    a = {**agreement("kl", {"kl": 6.939e-3}, {"kl": 6.255e-3}), **derived_bar("kl", 1e-3, 6.255e-3, [cause])}
+    doc = {
+        "target": "modelopt_int8",
+        "format": "f",
+        "artifact": {"bytes": 1},
+        "quantized": 242,
+        "kept": ["x"],
+        "runtime": {"loader": "L", "weights": "w", "inputs": "i", "matmul": "bfloat16"},
+        "served": False,
+        "round_trip": "why",
+        "runtime_differs": runtime_differs({"a"}, ["a"]),
+        "all_int8": {"kl": 0.025},
+        "agreement": {**a, "gap": "g"},
+    }
+    text = section([doc])
+    assert "| 0.006939 | 0.006255 | 1.11 | within 0.761 | 0.025 |" in text
+    assert (
+        "    - cause measured alone: stored dtype bfloat16, kl 0.0006668 (the float model as stored)" in text
+    )
+    assert "    - bar 0.001 (floor) + 0.004751 / 0.006255 (their bound: floor + (K + 2 sqrt" in text
+    assert "predicted + the causes = 0.006922, measured / that = 1.002" in text
 
 
 def test_modelopt_figures_are_a_round_trip_and_the_served_targets_are_not():

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import InputError
+from .causes import Cause
 
 Batch = dict[str, torch.Tensor]
 Forward = Callable[[Batch], torch.Tensor]  # model inputs -> logits [batch, tokens, vocab]
@@ -48,7 +49,7 @@ class Runtime:
     """An artifact loaded by the runtime that serves it: its logits, and what it computes (read off
     the loaded object, not assumed), for the report. ``quantized``: the modules the loaded runtime
     runs quantized, where it can be read off it (None: not readable); a runtime that drops or adds
-    some is a finding the report states, not an error."""
+    some is a finding the report states, not an error. ``dtype``: what its float arithmetic runs in."""
 
     forward: Forward
     loader: str
@@ -57,6 +58,10 @@ class Runtime:
     matmul: str
     notes: list[str] = field(default_factory=list)
     quantized: set[str] | None = None
+    dtype: str = "float32"
+    # the causes of its gap the runtime measures on itself (``quantize.causes``): (the test split's
+    # scorer, the headline metric) -> causes; none by default
+    causes: Callable[[Any, str], list[Cause]] = lambda scorer, metric: []
     close: Callable[[], None] = lambda: None
 
     def facts(self) -> dict[str, Any]:
@@ -75,7 +80,10 @@ class Target(ABC):
     command that installs them (named in the error when one is missing). ``bar``: how far the
     runtime's measured damage may sit from the prediction (relative, on ``curve.metric``), and
     ``gap`` why it is not zero: what the runtime computes differently from the scheme. A result
-    outside the bar is a finding the report states, not an error."""
+    outside the bar is a finding the report states, not an error. ``bar`` is the floor of the bar
+    each run derives (``quantize.causes``); ``runs_stored_dtype``: the runtime computes in the
+    model's stored dtype (a bf16 snapshot in bf16), a cause the stage measures when it is not the
+    prediction's."""
 
     name: ClassVar[str]
     scheme: ClassVar[str]
@@ -87,6 +95,7 @@ class Target(ABC):
     # None: what loads and scores the artifact is a runtime that serves it. Else why the figure is a
     # round trip of the export instead, and what would serve it: the report says "not served here".
     round_trip: ClassVar[str | None] = None
+    runs_stored_dtype: ClassVar[bool] = False
 
     def gap_here(self) -> str:
         """``gap`` as it stands on this machine: a target whose runtime computes differently on

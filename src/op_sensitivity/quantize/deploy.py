@@ -21,8 +21,10 @@ Document (``reports/quantize/<target>.json``)::
                                 what would serve it (ModelOpt's checkpoints: a GPU runtime)
     round_trip: str | null
     measured, predicted, all_int8: {kl, top1, nll, logit_se, ...}   test split, against fp32
-    agreement: {metric, measured, predicted, ratio, bar, gap}   bar: the target's tolerance (relative);
-                                gap: what its runtime computes differently from the scheme
+    agreement: {metric, measured, predicted, ratio, bar, floor, causes, [bound], derivation, gap}
+                                bar: the relative tolerance this run derived (``quantize.causes``):
+                                the target's floor plus the bound of the causes measured on the run
+                                ({name, value, how} each); gap: what its runtime computes differently
 
 Metrics (``reports/deploy/<target>.json``, DVC; ``m`` = ``curve.metric``): ``m_int8``, ``m_kept``
 (measured in the runtime), ``m_native`` (the native prediction), ``size_mb``.
@@ -54,6 +56,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..atomic import check_writable, commit, private_tmp, staging
 from ..cli import raise_if_terminated
 from ..engines.artifact import scheme_name
@@ -61,10 +65,13 @@ from ..engines.contract import check_scored
 from ..errors import InputError
 from ..fallback.keep_list import check_keep_list_ops
 from ..inventory import OpInfo
+from ..model.source import load_model_dir
 from ..params import FUSED_TARGETS, MAIN_PASS_TARGETS, TARGET_SCHEMES, Params, SensitivityParams
 from ..validation.inputs import open_measurer, scored_and_excluded
 from ..validation.measure import TEST, Scorer
 from .base import Batch, Inputs, Runtime, Target, dir_bytes
+from .causes import Cause, derived_bar
+from .hf_checkpoint import logits_of
 
 log = logging.getLogger(__name__)
 
@@ -199,14 +206,18 @@ def quantize_target(
         inputs = Inputs(dirs["model"], quantize, calibration, work, params.crosscheck.whole_max_params)
         target.write(inputs, built)
         _check_artifact(target, built, quantize)
+        metric = params.curve.metric
+        causes = stored_dtype_causes(target, dirs["model"], sens.native.dtype, scorer, metric)
         provenance = {"target": name, "scheme": target.scheme, **sources, "quantize": quantize, "keep": keep}
         (built / PROVENANCE).write_text(_json_text(provenance))
-        runtime, measured = measure_artifact(target, built, inputs, scorer)
+        runtime, measured, own = measure_artifact(target, built, inputs, scorer, metric)
         doc = _document(name, target, out_dir, dir_bytes(built), sources, quantize, keep, runtime)
         doc.update(measured=measured, predicted=predicted, all_int8=all_int8)
+        check_runtime_dtype(target, runtime, causes)
+        causes += own
         doc["agreement"] = {
-            **agreement(params.curve.metric, measured, predicted),
-            "bar": target.bar,
+            **agreement(metric, measured, predicted),
+            **derived_bar(metric, target.bar, predicted[metric], causes),
             "gap": target.gap_here(),
         }
         pairs = []
@@ -216,7 +227,6 @@ def quantize_target(
                 pairs.append((stage / file, path))
         raise_if_terminated()  # a stop a library swallowed: nothing is committed
         commit([*pairs, (built, out_dir)])  # the artifact last: what a user deploys describes itself
-    metric = params.curve.metric
     log.info(
         "%s: %d of %d ops kept, %.2f MB; %s measured %.6g, predicted %.6g",
         name,
@@ -267,14 +277,53 @@ def _predict(
         return predicted, all_int8, m.scorer().cpu(), calibration
 
 
+def stored_dtype_causes(
+    target: Target, model_dir: Path, predicted_in: str, scorer: Scorer, metric: str
+) -> list[Cause]:
+    """The stored dtype as a cause (``quantize.causes``): a target whose runtime computes in the
+    model's stored dtype (a published bf16 snapshot runs in bf16) where the prediction computes in
+    ``predicted_in`` (``sensitivity.native.dtype``) is off by what that dtype does alone, measured
+    here: the float model as stored, scored on the test split against the float32 reference.
+    Measured before the runtime loads, so the two models are never held together (at 3B: 7.5 GB
+    each in bf16). None for a target that computes in float32 or a model stored in ``predicted_in``."""
+    if not target.runs_stored_dtype:
+        return []
+    model, _, _ = load_model_dir(model_dir)
+    try:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        if dtype == predicted_in:
+            return []
+        forward = logits_of(model)
+        with torch.no_grad():
+            value = scorer.score(lambda batch: forward(batch).float())[metric]
+    finally:
+        del model
+    how = f"the float model as stored ({dtype}, nothing quantized) against the float32 reference, test split"
+    return [Cause(f"stored dtype {dtype}", value, how)]
+
+
+def check_runtime_dtype(target: Target, runtime: Runtime, causes: list[Cause]) -> None:
+    """The runtime computes in the dtype whose cause was measured (read off the loaded model)."""
+    if not target.runs_stored_dtype:
+        return
+    expected = causes[0].name.removeprefix("stored dtype ") if causes else None
+    if expected is not None and runtime.dtype != expected:
+        raise RuntimeError(
+            f"{target.name}: the runtime computes in {runtime.dtype}, the stored dtype's cause was measured "
+            f"in {expected}: the bar would not follow from what ran"
+        )
+
+
 def measure_artifact(
-    target: Target, built: Path, inputs: Inputs, scorer: Scorer
-) -> tuple[Runtime, dict[str, float]]:
-    """The artifact loaded by its runtime and scored on the test split; the runtime is closed
-    (its facts stay readable). The last step before the commit: a stop here leaves the previous set."""
+    target: Target, built: Path, inputs: Inputs, scorer: Scorer, metric: str
+) -> tuple[Runtime, dict[str, float], list[Cause]]:
+    """The artifact loaded by its runtime and scored on the test split, and the causes of its gap
+    the runtime measures (``Runtime.causes``); the runtime is closed (its facts stay readable).
+    The last step before the commit: a stop here leaves the previous set."""
     runtime = target.load(built, inputs)
     try:
-        return runtime, scorer.score(runtime.forward)
+        measured = scorer.score(runtime.forward)
+        return runtime, measured, runtime.causes(scorer, metric)
     finally:
         runtime.close()
 

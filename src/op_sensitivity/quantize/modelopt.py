@@ -132,10 +132,13 @@ class _ModelOpt(Target):
     """A ModelOpt stock config's unified HF checkpoint; see the module doc."""
 
     bar = 1e-3
+    runs_stored_dtype = True  # the restored model runs in the dtype load_model_dir gives: as stored
     gap = (
-        "none in the arithmetic: ModelOpt's own quantizers run the checkpoint's codes and scales; the "
-        "exporter's scale = amax / maxbound does not give every amax back to the bit (int8: one row's "
-        "weight moved by one float ulp on the small model, 7e-5 relative), and float summation order"
+        "ModelOpt's own quantizers run the checkpoint's codes and scales. A model stored in float32 "
+        "leaves nothing in the arithmetic: the exporter's scale = amax / maxbound does not give every "
+        "amax back to the bit (int8: one row's weight moved by one float ulp on the small model, 7e-5 "
+        "relative), and float summation order. A model stored in bf16 (a published snapshot) runs in "
+        "bf16 where the prediction computes in float32: a cause measured on the run"
     )
 
     round_trip = (
@@ -252,7 +255,10 @@ class _ModelOpt(Target):
             for name in quantized:
                 self._set(model.get_submodule(name), **tensors[name])
         facts = self._runtime(model, sorted(quantized))
-        return Runtime(forward=_logits(model), quantized=w8a8_modules(enabled_quantizers(model)), **facts)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        return Runtime(
+            forward=_logits(model), quantized=w8a8_modules(enabled_quantizers(model)), dtype=dtype, **facts
+        )
 
     @staticmethod
     def _quantized_tensors(out_dir: Path, modules: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:

@@ -65,7 +65,7 @@ def section(docs: list[dict[str, Any]]) -> str:
             f"| {d['target']} | {d['format']} | {where} | {d['artifact']['bytes'] / 1e6:.2f} | "
             f"{d['quantized']} | {len(d['kept'])} | {a['metric']} | {a['measured']:.4g} | "
             f"{a['predicted']:.4g} | {ratio} | "
-            f"{'within' if within(a) else '**outside**'} {a['bar']:g} | {d['all_int8'][a['metric']]:.4g} |"
+            f"{'within' if within(a) else '**outside**'} {a['bar']:.3g} | {d['all_int8'][a['metric']]:.4g} |"
         )
     notes = []
     for d in docs:
@@ -80,9 +80,31 @@ def section(docs: list[dict[str, Any]]) -> str:
         a = d["agreement"]
         verdict = "within" if within(a) else "**outside**"
         notes.append(
-            f"  - measured vs predicted {verdict} its bar ({a['bar']:g} relative); the gap: {a['gap']}"
+            f"  - measured vs predicted {verdict} its bar ({a['bar']:.3g} relative); the gap: {a['gap']}"
         )
+        notes.extend(_causes(a))
     return "\n".join([*lines, "", *notes, ""])
+
+
+def _causes(agreement: dict[str, Any]) -> list[str]:
+    """The causes this run measured and the bar they give (``quantize.causes``); none: nothing."""
+    causes = agreement.get("causes") or []
+    if not causes:
+        return []
+    metric, p = agreement["metric"], agreement["predicted"]
+    lines = [
+        f"    - cause measured alone: {c['name']}, {metric} {c['value']:.4g} ({c['how']})" for c in causes
+    ]
+    if "bound" in agreement:
+        total = p + sum(c["value"] for c in causes)
+        lines.append(
+            f"    - bar {agreement['floor']:g} (floor) + {agreement['bound']:.4g} / {p:.4g} (their bound: "
+            f"{agreement['derivation']}); predicted + the causes = {total:.4g}, measured / that = "
+            f"{agreement['measured'] / total:.4g}"
+        )
+    else:
+        lines.append(f"    - bar: {agreement['derivation']}")
+    return lines
 
 
 def within(agreement: dict[str, Any]) -> bool:

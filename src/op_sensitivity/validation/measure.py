@@ -18,7 +18,7 @@ from torch import nn
 
 from ..engines.fakequant import FakeQuantModel
 from ..engines.numerics import Numerics
-from .metrics import Reference, SampleSums, Totals, reference
+from .metrics import Reference, SampleSums, Totals, rebase, reference
 
 EvalBatch = tuple[dict[str, torch.Tensor], torch.Tensor]  # model inputs, caption target mask
 CALIBRATION, SELECTION, TEST = "calibration", "selection", "test"
@@ -38,6 +38,13 @@ class Scorer:
 
     def score(self, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> dict[str, float]:
         return self.totals(forward).values()
+
+    @torch.no_grad()
+    def against(self, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> Scorer:
+        """The same split with ``forward``'s logits as the reference instead of fp32's: what one
+        runtime differs from another by (a deployment target's cause, ``quantize.causes``)."""
+        refs = [rebase(r, forward(b)) for b, r in zip(self.batches, self.refs, strict=True)]
+        return Scorer(self.batches, refs)
 
     @torch.no_grad()
     def totals(

@@ -56,6 +56,13 @@ def reference(
     return Reference(logits, log_probs, targets, predict_at, attention_mask.bool())
 
 
+def rebase(ref: Reference, logits: torch.Tensor) -> Reference:
+    """``ref``'s positions, targets and mask with other logits as the reference."""
+    logits = logits.float()
+    log_probs = F.log_softmax(logits[ref.predict_at].double(), dim=-1)
+    return Reference(logits, log_probs, ref.targets, ref.predict_at, ref.real)
+
+
 @dataclass
 class SampleSums:
     """Per held-out sample, the sums :class:`Totals` adds over the whole split, so any subset of
