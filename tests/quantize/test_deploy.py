@@ -56,8 +56,9 @@ def test_a_list_that_splits_a_fused_group_is_refused_before_anything_is_written(
     assert members[0] not in unfused and set(members[1:]) <= set(unfused)  # ORT, INC: a split is theirs
 
 
-def test_metrics_and_section_read_the_document():
-    doc = {
+def _doc(**fields) -> dict:
+    """A quantize document with the fields the section reads (``fields`` replace them)."""
+    return {
         "target": "compressed_tensors",
         "format": "int-quantized",
         "artifact": {"bytes": 2_500_000},
@@ -69,7 +70,12 @@ def test_metrics_and_section_read_the_document():
         "runtime_differs": runtime_differs({"a", "c"}, ["a", "b"]),
         "all_int8": {"kl": 4.0},
         "agreement": {**agreement("kl", {"kl": 3.0}, {"kl": 2.0}), "bar": 0.1, "gap": "g"},
+        **fields,
     }
+
+
+def test_metrics_and_section_read_the_document():
+    doc = _doc()
     assert metrics(doc) == {"kl_int8": 4.0, "kl_kept": 3.0, "kl_native": 2.0, "size_mb": 2.5}
     text = section([doc])
     assert (
@@ -101,19 +107,7 @@ def test_the_section_states_the_causes_and_the_bar_they_give():
 
     cause = Cause("stored dtype bfloat16", 6.668e-4, "the float model as stored")
     a = {**agreement("kl", {"kl": 6.939e-3}, {"kl": 6.255e-3}), **derived_bar("kl", 1e-3, 6.255e-3, [cause])}
-    doc = {
-        "target": "modelopt_int8",
-        "format": "f",
-        "artifact": {"bytes": 1},
-        "quantized": 242,
-        "kept": ["x"],
-        "runtime": {"loader": "L", "weights": "w", "inputs": "i", "matmul": "bfloat16"},
-        "served": False,
-        "round_trip": "why",
-        "runtime_differs": runtime_differs({"a"}, ["a"]),
-        "all_int8": {"kl": 0.025},
-        "agreement": {**a, "gap": "g"},
-    }
+    doc = _doc(target="modelopt_int8", all_int8={"kl": 0.025}, agreement={**a, "gap": "g"})
     text = section([doc])
     assert "| 0.006939 | 0.006255 | 1.11 | within 0.761 | 0.025 |" in text
     assert (

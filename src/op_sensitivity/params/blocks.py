@@ -623,6 +623,13 @@ class CurveParams(ParamsBlock):
         "every ranking where the grid is log-spaced (the report and measured_budget read them; validate "
         "finds them again on the test split).",
     )
+    crossing_tolerance: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.0,
+        description="Bisection of a crossing stops once it is bracketed within this fraction of the scored "
+        "ops (at least 1): 0 finds the smallest n exactly; 0.05 stops within 5 % and reports the "
+        "bracket's upper end, a size that reaches the share (curve and validate; the bisections near "
+        "fp32 are the dearest configurations at the 3B size).",
+    )
     random_lists: Int1 = Field(
         default=5, description="Random keep-lists per size: the baseline a ranking must beat (seeded)."
     )

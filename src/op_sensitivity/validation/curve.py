@@ -49,9 +49,11 @@ Artifact ``reports/validation/curve.json`` (stage ``curve``)::
                                                   (the pool's ops: single_op_pool)
     single_op_pool: {rule: str, ops: int}         which ops were measured alone
     sizes: [n]                                    the grid (every ranking, random lists, curve.csv)
-    targets: [{ranking, metric, share, n}]        the crossings (curve.crossings, headline metric):
-                                                  the smallest n reaching the share (bisected on a
-                                                  log-spaced grid); null if none does
+    targets: [{ranking, metric, share, n, within}]   the crossings (curve.crossings, headline
+                                                  metric): the smallest n reaching the share (bisected
+                                                  on a log-spaced grid until bracketed within
+                                                  ``within`` ops: curve.crossing_tolerance; 1 = exact,
+                                                  else n is at most within - 1 above it); null if none
     points: [{ranking, n, kept: [module], cost: {params_kept, params_total, share_params_kept,
               effective_weight_bits, kept_weight_bits}, values: Values, recovered: {metric: share}}]
                                                   the grid's sizes and the bisection's, per ranking
@@ -137,10 +139,16 @@ def widest_gap(sizes: list[int]) -> tuple[int, int]:
     return max(zip(sizes, sizes[1:], strict=False), key=lambda g: g[1] - g[0], default=(0, 1))
 
 
-def refinement_steps(sizes: list[int]) -> int:
-    """Most extra configurations one bisection costs on this grid (its widest gap)."""
+def bisection_stop(n_ops: int, tolerance: float) -> int:
+    """The bracket a bisection stops at (``curve.crossing_tolerance`` of the ops, at least 1 op)."""
+    return max(1, math.ceil(tolerance * n_ops))
+
+
+def refinement_steps(sizes: list[int], stop: int = 1) -> int:
+    """Most extra configurations one bisection costs on this grid (its widest gap), stopping once
+    the bracket is ``stop`` ops wide (each step leaves at most half the gap, rounded up)."""
     lo, hi = widest_gap(sizes)
-    return math.ceil(math.log2(hi - lo)) if hi - lo > 1 else 0
+    return math.ceil(math.log2((hi - lo) / stop)) if hi - lo > stop else 0
 
 
 def curve_cost(n_ops: int, params: CurveParams) -> dict[str, int]:
@@ -160,7 +168,8 @@ def curve_cost(n_ops: int, params: CurveParams) -> dict[str, int]:
         "single_op_max": pool,
         "ranking_points": len(RANKINGS) * inner,
         "random_lists": params.random_lists * inner,
-        "refinement_max": len(curve_targets(params)) * refinement_steps(sizes),
+        "refinement_max": len(curve_targets(params))
+        * refinement_steps(sizes, bisection_stop(n_ops, params.crossing_tolerance)),
     }
     cost["total_max"] = sum(v for k, v in cost.items() if k != "sizes")
     return cost
@@ -268,8 +277,15 @@ def measure_curve(
     for name in RANKINGS:
         for n in sizes:
             point(name, n)
+    stop = bisection_stop(len(ops), params.crossing_tolerance)
     crossings = [
-        {"ranking": r, "metric": m, "share": s, "n": bisect_crossing(point, r, m, s, sizes)}
+        {
+            "ranking": r,
+            "metric": m,
+            "share": s,
+            "n": bisect_crossing(point, r, m, s, sizes, stop),
+            "within": stop,
+        }
         for r, m, s in targets
     ]
     baseline = []
@@ -300,8 +316,11 @@ def _reaches(p: dict[str, Any], metric: str, share: float) -> bool:
     return got is None or got >= share - 1e-12  # None: all-int8 did no damage, nothing to give back
 
 
-def bisect_crossing(point, ranking: str, metric: str, share: float, sizes: list[int]) -> int | None:
-    """The smallest n reaching ``share`` on the grid, then bisected down inside its grid gap.
+def bisect_crossing(
+    point, ranking: str, metric: str, share: float, sizes: list[int], stop: int = 1
+) -> int | None:
+    """The smallest n reaching ``share`` on the grid, then bisected down inside its grid gap until
+    the bracket is ``stop`` ops wide (1: exact); the bracket's upper end, a size that reaches it.
 
     ``point(ranking, n)`` is called lazily (a dict with ``recovered: {metric: share}``), from the
     grid's small end: only the sizes up to the first that reaches the share, then the bisection's."""
@@ -311,7 +330,7 @@ def bisect_crossing(point, ranking: str, metric: str, share: float, sizes: list[
     lo = max((n for n in sizes if n < hi), default=None)
     if lo is None:
         return hi
-    while hi - lo > 1:  # invariant: lo misses the share, hi reaches it
+    while hi - lo > stop:  # invariant: lo misses the share, hi reaches it
         mid = (lo + hi) // 2
         if _reaches(point(ranking, mid), metric, share):
             hi = mid
