@@ -211,14 +211,14 @@ def test_the_section_says_when_there_is_no_interval(measured, planted):
 def test_validate_cost_bounds_the_configurations():
     cost = validate_cost(17, PARAMS)  # every n: 16 inner sizes per row, 3 rankings + 5 random lists
     assert cost == {"keep_list": 8, "rankings_max": 8 * 16, "total_max": 8 + 128}
-    # the 3B grid (25 inner sizes, widest gap 83): 7 bisection steps a crossing, 2 within 21 ops
+    # the 3B grid (25 inner sizes, widest gap 83): 7 bisection steps a crossing, 3 within 5 %
     exact, loose = (
         validate_cost(417, replace(PARAMS, max_points="auto")),
         validate_cost(417, replace(PARAMS, max_points="auto", crossing_tolerance=0.05)),
     )
     rows, crossings = 3 + PARAMS.random_lists, len(PARAMS.crossings)
     assert exact["rankings_max"] == rows * (25 + crossings * 7)
-    assert loose["rankings_max"] == rows * (25 + crossings * 2)
+    assert loose["rankings_max"] == rows * (25 + crossings * 3)
 
 
 def test_a_list_no_better_than_random_is_called_out(measured, planted):

@@ -625,10 +625,10 @@ class CurveParams(ParamsBlock):
     )
     crossing_tolerance: Annotated[float, Field(ge=0, lt=1)] = Field(
         default=0.0,
-        description="Bisection of a crossing stops once it is bracketed within this fraction of the scored "
-        "ops (at least 1): 0 finds the smallest n exactly; 0.05 stops within 5 % and reports the "
-        "bracket's upper end, a size that reaches the share (curve and validate; the bisections near "
-        "fp32 are the dearest configurations at the 3B size).",
+        description="Bisection of a crossing stops once it is bracketed within this fraction of the "
+        "bracket's upper end (at least 1 op): 0 finds the smallest n exactly; 0.05 stops within 5 % of n "
+        "and reports the upper end, a size that reaches the share (curve and validate; the bisections "
+        "near fp32 are the dearest configurations at the 3B size).",
     )
     random_lists: Int1 = Field(
         default=5, description="Random keep-lists per size: the baseline a ranking must beat (seeded)."

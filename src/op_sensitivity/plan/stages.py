@@ -46,7 +46,7 @@ from ..errors import InputError
 from ..fallback.policy import SCAN_MAX, walk_cost
 from ..params import TARGET_SCHEMES, Params, SensitivityParams
 from ..phases import RANKINGS
-from ..validation.curve import bisection_stop, curve_cost, curve_sizes, refinement_steps, widest_gap
+from ..validation.curve import curve_cost, curve_sizes, refinement_steps, widest_gap
 from ..validation.validate import validate_cost
 from .model import ModelFacts, carved_facts
 from .probe import CostModel, ForwardCosts, probe, typical_image
@@ -512,7 +512,7 @@ class Planner:
         n, cp = len(scored), self.p.curve
         cost = validate_cost(n, cp)
         sizes = curve_sizes(n, cp.max_points)
-        steps = len(cp.crossings) * refinement_steps(sizes, bisection_stop(n, cp.crossing_tolerance))
+        steps = len(cp.crossings) * refinement_steps(sizes, cp.crossing_tolerance)
         row = [k for k in sizes if 0 < k < n] + [inside(widest_gap(sizes))] * steps
         # the list's size is known only after fallback_list: anywhere from none to every op
         held_out: list[Kept] = [0, n, *[(0, n)] * (cost["keep_list"] - 2)]

@@ -52,8 +52,9 @@ Artifact ``reports/validation/curve.json`` (stage ``curve``)::
     targets: [{ranking, metric, share, n, within}]   the crossings (curve.crossings, headline
                                                   metric): the smallest n reaching the share (bisected
                                                   on a log-spaced grid until bracketed within
-                                                  ``within`` ops: curve.crossing_tolerance; 1 = exact,
-                                                  else n is at most within - 1 above it); null if none
+                                                  curve.crossing_tolerance of n: ``within`` ops, 1 =
+                                                  exact, else n is at most within - 1 above it);
+                                                  null if none does
     points: [{ranking, n, kept: [module], cost: {params_kept, params_total, share_params_kept,
               effective_weight_bits, kept_weight_bits}, values: Values, recovered: {metric: share}}]
                                                   the grid's sizes and the bisection's, per ranking
@@ -139,16 +140,21 @@ def widest_gap(sizes: list[int]) -> tuple[int, int]:
     return max(zip(sizes, sizes[1:], strict=False), key=lambda g: g[1] - g[0], default=(0, 1))
 
 
-def bisection_stop(n_ops: int, tolerance: float) -> int:
-    """The bracket a bisection stops at (``curve.crossing_tolerance`` of the ops, at least 1 op)."""
-    return max(1, math.ceil(tolerance * n_ops))
+def bisection_stop(n: int, tolerance: float) -> int:
+    """The bracket a bisection whose upper end is ``n`` may stop at: ``curve.crossing_tolerance``
+    of ``n``, at least 1 op (exact)."""
+    return max(1, math.ceil(tolerance * n))
 
 
-def refinement_steps(sizes: list[int], stop: int = 1) -> int:
-    """Most extra configurations one bisection costs on this grid (its widest gap), stopping once
-    the bracket is ``stop`` ops wide (each step leaves at most half the gap, rounded up)."""
-    lo, hi = widest_gap(sizes)
-    return math.ceil(math.log2((hi - lo) / stop)) if hi - lo > stop else 0
+def refinement_steps(sizes: list[int], tolerance: float = 0.0) -> int:
+    """Most extra configurations one bisection costs on this grid: the most over its gaps (each step
+    leaves at most half the gap, rounded up; a bracket's upper end stays above the gap's lower one)."""
+    steps = 0
+    for lo, hi in zip(sizes, sizes[1:], strict=False):
+        stop = bisection_stop(lo + 1, tolerance)
+        if hi - lo > stop:
+            steps = max(steps, math.ceil(math.log2((hi - lo) / stop)))
+    return steps
 
 
 def curve_cost(n_ops: int, params: CurveParams) -> dict[str, int]:
@@ -168,8 +174,7 @@ def curve_cost(n_ops: int, params: CurveParams) -> dict[str, int]:
         "single_op_max": pool,
         "ranking_points": len(RANKINGS) * inner,
         "random_lists": params.random_lists * inner,
-        "refinement_max": len(curve_targets(params))
-        * refinement_steps(sizes, bisection_stop(n_ops, params.crossing_tolerance)),
+        "refinement_max": len(curve_targets(params)) * refinement_steps(sizes, params.crossing_tolerance),
     }
     cost["total_max"] = sum(v for k, v in cost.items() if k != "sizes")
     return cost
@@ -277,17 +282,11 @@ def measure_curve(
     for name in RANKINGS:
         for n in sizes:
             point(name, n)
-    stop = bisection_stop(len(ops), params.crossing_tolerance)
-    crossings = [
-        {
-            "ranking": r,
-            "metric": m,
-            "share": s,
-            "n": bisect_crossing(point, r, m, s, sizes, stop),
-            "within": stop,
-        }
-        for r, m, s in targets
-    ]
+    crossings = []
+    for r, m, s in targets:
+        n = bisect_crossing(point, r, m, s, sizes, params.crossing_tolerance)
+        within = None if n is None else bisection_stop(n, params.crossing_tolerance)
+        crossings.append({"ranking": r, "metric": m, "share": s, "n": n, "within": within})
     baseline = []
     for n in inner:
         baseline.append(random_baseline(measurer, ops, n, params, all_int8, cost_of))
@@ -317,10 +316,12 @@ def _reaches(p: dict[str, Any], metric: str, share: float) -> bool:
 
 
 def bisect_crossing(
-    point, ranking: str, metric: str, share: float, sizes: list[int], stop: int = 1
+    point, ranking: str, metric: str, share: float, sizes: list[int], tolerance: float = 0.0
 ) -> int | None:
     """The smallest n reaching ``share`` on the grid, then bisected down inside its grid gap until
-    the bracket is ``stop`` ops wide (1: exact); the bracket's upper end, a size that reaches it.
+    the bracket is within ``tolerance`` of its upper end (:func:`bisection_stop`; 0: exact); the
+    bracket's upper end, a size that reaches it and at most ``bisection_stop(n) - 1`` above the
+    smallest that does (where the curve rises monotonically in the gap).
 
     ``point(ranking, n)`` is called lazily (a dict with ``recovered: {metric: share}``), from the
     grid's small end: only the sizes up to the first that reaches the share, then the bisection's."""
@@ -330,7 +331,7 @@ def bisect_crossing(
     lo = max((n for n in sizes if n < hi), default=None)
     if lo is None:
         return hi
-    while hi - lo > stop:  # invariant: lo misses the share, hi reaches it
+    while hi - lo > bisection_stop(hi, tolerance):  # invariant: lo misses the share, hi reaches it
         mid = (lo + hi) // 2
         if _reaches(point(ranking, mid), metric, share):
             hi = mid

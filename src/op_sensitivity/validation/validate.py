@@ -40,10 +40,10 @@ Artifact ``reports/validation/validation.json`` (stage ``validate``; its headlin
                            split; random: the mean over curve.random_lists seeded random lists of
                            each size. Found on curve.json's grid of sizes, then bisected inside the
                            grid gap (``curve.bisect_crossing``: exact where the curve rises
-                           monotonically in that gap, or within ``rankings_within`` ops of it);
+                           monotonically in that gap, or within ``rankings_tolerance`` of it);
                            null if no size reaches it (ranking_crossings)
-    rankings_within: int   the bracket the bisections stop at (curve.crossing_tolerance of the
-                           scored ops, at least 1: 1 = exact; else each n is at most this - 1 above)
+    rankings_tolerance: float   curve.crossing_tolerance: 0 = exact; else each n is at most
+                           ``curve.bisection_stop(n, tolerance) - 1`` above the smallest
 
 The rankings' numbers are also written one small file per row, ``reports/rankings/
 <ranking>.json`` = ``{"n50": n, "n90": n, "n99": n}`` (:func:`rankings_metrics`; the same keys in
@@ -64,7 +64,6 @@ from ..params import CurveParams
 from ..phases import FALLBACK, MEASURED, METRICS, RANKINGS, REQUANT
 from .curve import (
     bisect_crossing,
-    bisection_stop,
     curve_sizes,
     random_baseline,
     random_lists,
@@ -131,7 +130,7 @@ def validate_keep_list(
         "reference": {"all_int8": all_int8, "fp32": fp32},
         "inc_ptq": None,
         "rankings": ranking_crossings(measurer, curve, params, all_int8, fp32),
-        "rankings_within": bisection_stop(len(ops), params.crossing_tolerance),
+        "rankings_tolerance": params.crossing_tolerance,
     }
 
 
@@ -156,9 +155,7 @@ def validate_cost(n_ops: int, params: CurveParams) -> dict[str, int]:
     ranking and each random list)."""
     sizes = curve_sizes(n_ops, params.max_points)
     inner = len([n for n in sizes if 0 < n < n_ops])
-    per_row = inner + len(params.crossings) * refinement_steps(
-        sizes, bisection_stop(n_ops, params.crossing_tolerance)
-    )
+    per_row = inner + len(params.crossings) * refinement_steps(sizes, params.crossing_tolerance)
     rows = len(RANKINGS) + params.random_lists
     cost = {"keep_list": 3 + params.random_lists, "rankings_max": rows * per_row}
     cost["total_max"] = cost["keep_list"] + cost["rankings_max"]
@@ -203,9 +200,11 @@ def ranking_crossings(
             points[name, n] = {"recovered": {metric: statistics.fmean(got) if got else None}}
         return points[name, n]
 
-    stop = bisection_stop(len(ops), params.crossing_tolerance)
+    tolerance = params.crossing_tolerance
     return {
-        name: {share_key(s): bisect_crossing(point, name, metric, s, sizes, stop) for s in params.crossings}
+        name: {
+            share_key(s): bisect_crossing(point, name, metric, s, sizes, tolerance) for s in params.crossings
+        }
         for name in ROWS
     }
 
