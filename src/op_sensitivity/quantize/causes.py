@@ -14,8 +14,10 @@ matrix at ``r``), so measured - predicted is ``a^T F b + 1/2 b^T F b`` and, by C
 
     |measured - predicted| <= K + 2 sqrt(predicted K),   K = 1/2 b^T F b,
 
-where ``K`` is the cause's own KL, measured alone: the runtime's float model with the cause and
-nothing quantized, on the same split. Several causes: ``sqrt K <= sum sqrt K_c``. For
+where ``K`` is the cause's own KL, measured alone on the same split: for the stored dtype, the
+float model as stored against the float32 reference; for a cause inside a runtime, the runtime as
+served against itself with that cause removed (its own switch: ORT's graph optimizations off,
+compressed-tensors' 2-D inputs fed per row). Several causes: ``sqrt K <= sum sqrt K_c``. For
 ``logit_se`` (squared logit error, ``F = I``) the same inequality holds exactly, with ``K`` the
 cause's own squared error. ``top1`` and ``nll`` have no such bound: their bar stays the target's
 floor and the document says so.
@@ -36,8 +38,8 @@ BOUNDED = ("kl", "logit_se")  # the metrics whose gap the bound covers (module d
 
 @dataclass(frozen=True)
 class Cause:
-    """One cause of a target's gap, measured alone on the test split against the float32
-    reference (``value``: the headline metric of the float model with only that cause)."""
+    """One cause of a target's gap, measured alone on the test split (``value``: the headline
+    metric between a model with the cause and the same without it; ``how`` says which two)."""
 
     name: str
     value: float
