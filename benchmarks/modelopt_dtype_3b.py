@@ -90,7 +90,7 @@ def main() -> None:
     print(f"predicted {metric} {predicted[metric]:.6g}", flush=True)
 
     start = time.perf_counter()
-    [cause] = deploy.stored_dtype_causes(target, dirs["model"], "float32", scorer, metric)
+    _, [cause] = deploy.stored_dtype_causes(target, dirs["model"], "float32", scorer, metric)
     out["cause"] = {"name": cause.name, "value": cause.value, "how": cause.how}
     out["seconds"]["cause"] = time.perf_counter() - start
     print(f"{cause.name}: {metric} {cause.value:.6g}", flush=True)

@@ -198,17 +198,19 @@ def test_a_bf16_model_runs_in_bf16_and_the_stored_dtype_is_measured_as_the_cause
         scorer = measurer.scorer().cpu()
         quantize = list(measurer.scored)
     metric = "logit_se"
-    causes = stored_dtype_causes(target, bf16_model_dir, "float32", scorer, metric)
-    assert [c.name for c in causes] == ["stored dtype bfloat16"] and causes[0].value > 0
-    assert stored_dtype_causes(target, bf16_model_dir, "bfloat16", scorer, metric) == []
-    assert stored_dtype_causes(OrtQdq(), bf16_model_dir, "float32", scorer, metric) == []  # runs float32
+    stored, causes = stored_dtype_causes(target, bf16_model_dir, "float32", scorer, metric)
+    assert (
+        stored == "bfloat16" and [c.name for c in causes] == ["stored dtype bfloat16"] and causes[0].value > 0
+    )
+    assert stored_dtype_causes(target, bf16_model_dir, "bfloat16", scorer, metric) == ("bfloat16", [])
+    assert stored_dtype_causes(OrtQdq(), bf16_model_dir, "float32", scorer, metric) == (None, [])  # float32
     inputs = Inputs(bf16_model_dir, quantize, calibration, tmp_path, 10**9)
     target.write(inputs, tmp_path / "artifact")
     runtime, measured, own = measure_artifact(target, tmp_path / "artifact", inputs, scorer, metric)
     assert runtime.dtype == "bfloat16" and runtime.facts()["matmul"].startswith("bfloat16") and own == []
-    check_runtime_dtype(target, runtime, causes)
-    with pytest.raises(RuntimeError, match="computes in bfloat16, the stored dtype's cause was measured in"):
-        check_runtime_dtype(target, runtime, [replace(causes[0], name="stored dtype float16")])
+    check_runtime_dtype(target, runtime, stored)
+    with pytest.raises(RuntimeError, match="computes in bfloat16, the stored dtype's cause was measured for"):
+        check_runtime_dtype(target, runtime, "float16")
     m, p = measured[metric], predicted[metric]
     bar = derived_bar(metric, target.bar, p, causes)
     assert abs(m / p - 1) > target.bar  # the floor alone would call it outside

@@ -66,7 +66,7 @@ def derived_bar(metric: str, floor: float, predicted: float, causes: list[Cause]
         }
     bound = gap_bound(predicted, causes)
     if predicted <= 0:
-        return {**doc, "bar": floor, "bound": bound, "derivation": "prediction 0: within means equal"}
+        return {"bar": floor, **doc, "bound": bound, "derivation": "prediction 0: within means equal"}
     return {
         "bar": floor + bound / predicted,
         **doc,

@@ -207,13 +207,13 @@ def quantize_target(
         target.write(inputs, built)
         _check_artifact(target, built, quantize)
         metric = params.curve.metric
-        causes = stored_dtype_causes(target, dirs["model"], sens.native.dtype, scorer, metric)
+        stored, causes = stored_dtype_causes(target, dirs["model"], sens.native.dtype, scorer, metric)
         provenance = {"target": name, "scheme": target.scheme, **sources, "quantize": quantize, "keep": keep}
         (built / PROVENANCE).write_text(_json_text(provenance))
         runtime, measured, own = measure_artifact(target, built, inputs, scorer, metric)
         doc = _document(name, target, out_dir, dir_bytes(built), sources, quantize, keep, runtime)
         doc.update(measured=measured, predicted=predicted, all_int8=all_int8)
-        check_runtime_dtype(target, runtime, causes)
+        check_runtime_dtype(target, runtime, stored)
         causes += own
         doc["agreement"] = {
             **agreement(metric, measured, predicted),
@@ -279,38 +279,37 @@ def _predict(
 
 def stored_dtype_causes(
     target: Target, model_dir: Path, predicted_in: str, scorer: Scorer, metric: str
-) -> list[Cause]:
+) -> tuple[str | None, list[Cause]]:
     """The stored dtype as a cause (``quantize.causes``): a target whose runtime computes in the
     model's stored dtype (a published bf16 snapshot runs in bf16) where the prediction computes in
     ``predicted_in`` (``sensitivity.native.dtype``) is off by what that dtype does alone, measured
     here: the float model as stored, scored on the test split against the float32 reference.
     Measured before the runtime loads, so the two models are never held together (at 3B: 7.5 GB
-    each in bf16). None for a target that computes in float32 or a model stored in ``predicted_in``."""
+    each in bf16). Returns the dtype the runtime must compute in (None: a target that computes in
+    float32 whatever is stored) and the causes (none where the model is stored in ``predicted_in``)."""
     if not target.runs_stored_dtype:
-        return []
+        return None, []
     model, _, _ = load_model_dir(model_dir)
     try:
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         if dtype == predicted_in:
-            return []
+            return dtype, []
         forward = logits_of(model)
         with torch.no_grad():
             value = scorer.score(lambda batch: forward(batch).float())[metric]
     finally:
         del model
     how = f"the float model as stored ({dtype}, nothing quantized) against the float32 reference, test split"
-    return [Cause(f"stored dtype {dtype}", value, how)]
+    return dtype, [Cause(f"stored dtype {dtype}", value, how)]
 
 
-def check_runtime_dtype(target: Target, runtime: Runtime, causes: list[Cause]) -> None:
-    """The runtime computes in the dtype whose cause was measured (read off the loaded model)."""
-    if not target.runs_stored_dtype:
-        return
-    expected = causes[0].name.removeprefix("stored dtype ") if causes else None
+def check_runtime_dtype(target: Target, runtime: Runtime, expected: str | None) -> None:
+    """The runtime computes in the dtype the stored-dtype cause was measured for (read off the
+    loaded model); None: nothing to check."""
     if expected is not None and runtime.dtype != expected:
         raise RuntimeError(
             f"{target.name}: the runtime computes in {runtime.dtype}, the stored dtype's cause was measured "
-            f"in {expected}: the bar would not follow from what ran"
+            f"for {expected}: the bar would not follow from what ran"
         )
 
 
