@@ -23,6 +23,8 @@ import argparse
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -52,23 +54,61 @@ def sh(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
     """Run with this interpreter's environment first on PATH (``dvc``, and ``python`` in stage cmds)
     and the copy's own library first on the import path: the code DVC hashes is the code that runs,
     whatever happens to the checkout meanwhile."""
+    return subprocess.run(cmd, cwd=cwd, check=True, text=True, env=environment(cwd), **kw)
+
+
+def environment(cwd: Path) -> dict[str, str]:
+    """This environment with this interpreter's folder first on PATH and ``cwd/src`` first on the
+    import path (after it, any PYTHONPATH already set: packages carried to a machine, say)."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = dict(os.environ, PATH=path, PYTHONPATH=str(cwd / "src"))
-    return subprocess.run(cmd, cwd=cwd, check=True, text=True, env=env, **kw)
+    pythonpath = os.pathsep.join(p for p in (str(cwd / "src"), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PATH=path, PYTHONPATH=pythonpath)
+
+
+def is_git_checkout() -> bool:
+    return shutil.which("git") is not None and (REPO / ".git").exists()
+
+
+def checkout_files() -> list[str]:
+    """What a clone has: git's tracked and untracked-not-ignored files; without git (a copy of the
+    working tree, as the GPU machine gets it) every file but the carried wheels and caches."""
+    if is_git_checkout():
+        files = sh(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard"], REPO, capture_output=True
+        )
+        return files.stdout.split()
+    skip = {".whl", ".git", "__pycache__", ".venv"}
+    rels = (p.relative_to(REPO) for p in REPO.rglob("*") if p.is_file())
+    return [
+        str(r)
+        for r in rels
+        if not skip & set(r.parts) and r.parts[:2] not in {(".dvc", "cache"), (".dvc", "tmp")}
+    ]
 
 
 def copy_checkout(dest: Path) -> None:
-    files = sh(["git", "ls-files", "--cached", "--others", "--exclude-standard"], REPO, capture_output=True)
     dest.mkdir(parents=True, exist_ok=False)
-    for rel in files.stdout.split():
+    for rel in checkout_files():
         src = REPO / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             (dest / rel).write_bytes(src.read_bytes())
     (dest / "dvc.lock").unlink(missing_ok=True)  # a run from scratch
+    if shutil.which("git") is None:  # DVC without an SCM: the same stages, no git needed
+        config = dest / ".dvc/config"
+        config.write_text(config.read_text().replace("[core]\n", "[core]\n    no_scm = true\n", 1))
+        return
     sh(["git", "init", "-q"], dest)
     sh(["git", "add", "-A"], dest)
     sh(["git", "-c", "user.name=bench", "-c", "user.email=bench@local", "commit", "-qm", "copy"], dest)
+
+
+def source_commit() -> tuple[str, bool | None]:
+    """The checkout's commit and whether it is clean; off git, ``OP_SENSITIVITY_COMMIT`` (unknown: None)."""
+    if not is_git_checkout():
+        return os.environ.get("OP_SENSITIVITY_COMMIT", "unknown"), None
+    commit = sh(["git", "rev-parse", "HEAD"], REPO, capture_output=True).stdout.strip()
+    return commit, not sh(["git", "status", "--porcelain"], REPO, capture_output=True).stdout.strip()
 
 
 def main() -> None:
@@ -79,48 +119,84 @@ def main() -> None:
     ap.add_argument("--handful", action="store_true", help="score only HANDFUL (op_name_dict)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--until", help="stop after this stage (the DAG's first stages only)")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on in an existing --workdir after the stages --out already holds (a run cut short)",
+    )
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        help="seconds from the start: the stage running then is killed and recorded as cut short",
+    )
     args = ap.parse_args()
-    commit = sh(["git", "rev-parse", "HEAD"], REPO, capture_output=True).stdout.strip()
-    clean = not sh(["git", "status", "--porcelain"], REPO, capture_output=True).stdout.strip()
-    copy_checkout(args.workdir)
+    commit, clean = source_commit()
     overrides = list(args.set)
     if args.handful:
         overrides.append(f"sensitivity.op_name_dict={json.dumps({HANDFUL_KEY: FP32})}")
-    sh(
-        [
-            sys.executable,
-            "scripts/apply_profile.py",
-            str(REPO / args.profile),
-            *sum((["-S", o] for o in overrides), []),
-        ],
-        args.workdir,
-    )
-    start = time.perf_counter()
-    plan = sh([sys.executable, "scripts/check_params.py"], args.workdir, capture_output=True)
-    plan_seconds = time.perf_counter() - start
-    print(plan.stdout, flush=True)
+    previous = json.loads(args.out.read_text()) if args.resume else None
+    if previous is None:
+        copy_checkout(args.workdir)
+        sh(
+            [
+                sys.executable,
+                "scripts/apply_profile.py",
+                str(REPO / args.profile),
+                *sum((["-S", o] for o in overrides), []),
+            ],
+            args.workdir,
+        )
+        start = time.perf_counter()
+        plan = sh([sys.executable, "scripts/check_params.py"], args.workdir, capture_output=True).stdout
+        plan_seconds = time.perf_counter() - start
+    else:  # the plan of the run this one continues (a new plan would list only the stages left)
+        plan, plan_seconds = previous["plan"], previous["plan_seconds"]
+    print(plan, flush=True)
     stages = [
-        line.split()[0]
-        for line in plan.stdout.splitlines()
-        if re.match(r"^(\w+(?:@\w+)?)\s+(cpu|cuda|-)\s", line)
+        line.split()[0] for line in plan.splitlines() if re.match(r"^(\w+(?:@\w+)?)\s+(cpu|cuda|-)\s", line)
     ]
     if args.until is not None:
         if args.until not in stages:
             raise SystemExit(f"--until {args.until}: not a stage of this plan ({', '.join(stages)})")
         stages = stages[: stages.index(args.until) + 1]
-    rows = []
-    for stage in stages:
-        out = sh(
-            [sys.executable, "-c", MEASURE, "dvc", "repro", "--single-item", stage],
-            args.workdir,
-            capture_output=True,
-        )
-        row = {"stage": stage, **json.loads(out.stdout.strip().splitlines()[-1])}
-        if row["code"] != 0:
-            raise SystemExit(f"stage {stage} failed:\n{out.stdout}\n{out.stderr}")
+    rows = [r for r in (previous or {}).get("stages", []) if r["stage"] in stages and r["code"] == 0]
+    deadline = None if args.deadline is None else time.monotonic() + args.deadline
+    for stage in stages[len(rows) :]:
+        row = measure(stage, args.workdir, deadline)
         rows.append(row)
+        write(args, overrides, plan, plan_seconds, rows, commit, clean)  # a run cut short keeps these
+        if row["code"] != 0:
+            raise SystemExit(f"stage {stage}: {row.get('killed') or 'failed'} (log: {args.workdir}/logs/)")
         print(f"{stage}: {row['seconds']:.1f} s, peak {row['peak_rss_gib']:.2f} GiB", flush=True)
-        write(args, overrides, plan.stdout, plan_seconds, rows, commit, clean)  # a run cut short keeps these
+
+
+def measure(stage: str, workdir: Path, deadline: float | None) -> dict:
+    """One ``dvc repro --single-item`` in its own process group; past ``deadline`` the group is killed
+    (DVC, the stage and its workers) and the row says so, so ``--resume`` can go on from there."""
+    cmd = [sys.executable, "-c", MEASURE, sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=workdir,
+        env=environment(workdir),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=None if deadline is None else max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        seconds = time.perf_counter() - start
+        print(f"{stage}: killed at the deadline after {seconds:.1f} s", flush=True)
+        return {"stage": stage, "code": -9, "seconds": seconds, "killed": "deadline"}
+    lines = out.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        print(out, err, sep="\n", file=sys.stderr, flush=True)
+        return {"stage": stage, "code": proc.returncode or 1, "seconds": time.perf_counter() - start}
+    return {"stage": stage, **json.loads(lines[-1])}
 
 
 def write(args, overrides: list[str], plan: str, plan_seconds: float, rows: list, commit: str, clean: bool):
@@ -135,7 +211,7 @@ def write(args, overrides: list[str], plan: str, plan_seconds: float, rows: list
         "until": args.until,
         "plan_seconds": round(plan_seconds, 1),
         "stages": rows,
-        "total_seconds": round(sum(r["seconds"] for r in rows), 1),
+        "total_seconds": round(sum(r["seconds"] for r in rows), 1),  # a killed stage included
         "host": host_facts(),
         "commit": commit,
         "checkout_clean": clean,
