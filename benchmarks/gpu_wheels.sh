@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The wheels benchmarks/gpu_whole_dag.sh installs on a GPU machine that reaches no registry:
 # requirements.lock's pins that its image lacks (benchmarks/gpu_wheels.txt: the lock less the
-# image's packages - its CUDA torch, numpy, pandas, ... stay - and less the dev tools; transformers
+# image's packages - its CUDA torch, numpy, pandas, ... stay - and less the dev tools; pulp because ModelOpt's quantization module imports it; transformers
 # because the image's is older than the lock's), for CPython 3.12 on x86-64,
 # into .whl/ (git ignores it), and the commit they go with in .whl/commit.
 #   bash benchmarks/gpu_wheels.sh
