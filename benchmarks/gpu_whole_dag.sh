@@ -25,7 +25,7 @@ if [ "$MODE" = start ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
 fi
-export PYTHONPATH="$PWD/src:/tmp/site" PYTHONUNBUFFERED=1 OP_SENSITIVITY_COMMIT="$(cat .whl/commit 2>/dev/null)"
+export PYTHONPATH="$PWD/src:/tmp/site" PYTHONUNBUFFERED=1 OP_SENSITIVITY_COMMIT="$(cat .whl/commit 2>/dev/null || echo unknown)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, numpy, dvc, neural_compressor; print('torch', torch.__version__,
 'transformers', transformers.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name())" || exit 1

@@ -104,8 +104,9 @@ def copy_checkout(dest: Path) -> None:
 
 
 def source_commit() -> tuple[str, bool | None]:
-    """The checkout's commit and whether it is clean; off git, ``OP_SENSITIVITY_COMMIT`` (unknown: None)."""
-    if not is_git_checkout():
+    """The checkout's commit and whether it is clean; ``OP_SENSITIVITY_COMMIT`` where set (a copy of the
+    working tree whose ``.git``, if any, is not its own: the GPU machine's), clean then unknown (None)."""
+    if "OP_SENSITIVITY_COMMIT" in os.environ or not is_git_checkout():
         return os.environ.get("OP_SENSITIVITY_COMMIT", "unknown"), None
     commit = sh(["git", "rev-parse", "HEAD"], REPO, capture_output=True).stdout.strip()
     return commit, not sh(["git", "status", "--porcelain"], REPO, capture_output=True).stdout.strip()
@@ -159,12 +160,16 @@ def main() -> None:
         if args.until not in stages:
             raise SystemExit(f"--until {args.until}: not a stage of this plan ({', '.join(stages)})")
         stages = stages[: stages.index(args.until) + 1]
-    rows = [r for r in (previous or {}).get("stages", []) if r["stage"] in stages and r["code"] == 0]
+    earlier = (previous or {}).get("stages", []) + (previous or {}).get("cut_short", [])
+    rows = [r for r in earlier if r["stage"] in stages and r["code"] == 0]
+    cut_short = [r for r in earlier if r["code"] != 0]  # each resumed later: its seconds are not in a row
     deadline = None if args.deadline is None else time.monotonic() + args.deadline
     for stage in stages[len(rows) :]:
         row = measure(stage, args.workdir, deadline)
-        rows.append(row)
-        write(args, overrides, plan, plan_seconds, rows, commit, clean)  # a run cut short keeps these
+        (rows if row["code"] == 0 else cut_short).append(row)
+        write(
+            args, overrides, plan, plan_seconds, rows, cut_short, commit, clean
+        )  # a run cut short keeps these
         if row["code"] != 0:
             raise SystemExit(f"stage {stage}: {row.get('killed') or 'failed'} (log: {args.workdir}/logs/)")
         print(f"{stage}: {row['seconds']:.1f} s, peak {row['peak_rss_gib']:.2f} GiB", flush=True)
@@ -199,7 +204,16 @@ def measure(stage: str, workdir: Path, deadline: float | None) -> dict:
     return {"stage": stage, **json.loads(lines[-1])}
 
 
-def write(args, overrides: list[str], plan: str, plan_seconds: float, rows: list, commit: str, clean: bool):
+def write(
+    args,
+    overrides: list[str],
+    plan: str,
+    plan_seconds: float,
+    rows: list,
+    cut_short: list,
+    commit: str,
+    clean: bool,
+):
     """The result so far: the plan, the stages measured, the host and each stage's runtime file."""
     from op_sensitivity.engines.runner import host_facts
 
@@ -211,7 +225,9 @@ def write(args, overrides: list[str], plan: str, plan_seconds: float, rows: list
         "until": args.until,
         "plan_seconds": round(plan_seconds, 1),
         "stages": rows,
-        "total_seconds": round(sum(r["seconds"] for r in rows), 1),  # a killed stage included
+        "cut_short": cut_short,
+        "total_seconds": round(sum(r["seconds"] for r in rows), 1),  # the stages that finished
+        "cut_short_seconds": round(sum(r["seconds"] for r in cut_short), 1),  # before each was resumed
         "host": host_facts(),
         "commit": commit,
         "checkout_clean": clean,
