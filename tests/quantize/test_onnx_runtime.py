@@ -214,6 +214,8 @@ def test_the_fused_kernels_are_measured_as_the_cause_and_the_bar_follows(deploye
     m, p = deployed.measured["logit_se"], deployed.predicted["logit_se"]
     [cause] = deployed.runtime.causes(deployed.scorer, "logit_se")
     assert cause.name == "ORT's fused int8 kernels" and cause.value > 0
+    # the unfused sessions ran the served QDQ files: no layout exported or quantized again for them
+    assert not [p for p in (deployed.inputs.workspace / "ort_load_unoptimized").iterdir() if p.is_dir()]
     assert (
         abs(m - p) <= gap_bound(p, [cause])
         and abs(m / p - 1) <= derived_bar("logit_se", 1e-3, p, [cause])["bar"]

@@ -353,7 +353,7 @@ def _kernels_cause(
     -> QuantizeLinear, the float arithmetic the prediction rounds, so the two sessions differ by
     what the kernels do alone (their int32 requantization; without VNNI, their saturating u8 x s8
     pairs too)."""
-    plain = _Graphs(out_dir, export, inputs, optimized=False)
+    plain = _Graphs(out_dir, export, inputs, optimized=False, served=served)
     try:
         value = scorer.against(plain.forward).score(served.forward)[metric]
     finally:
@@ -384,12 +384,23 @@ def _read_export(out_dir: Path) -> dict[str, Any]:
 
 class _Graphs:
     """One ORT session per input layout: the stored ``model.onnx`` for its own, a graph exported
-    and quantized with the stored cache (in the workspace) for every other."""
+    and quantized with the stored cache (in the workspace) for every other. ``served``: sessions
+    over the graphs another ``_Graphs`` made (the kernels' cause opens the served QDQ files
+    unoptimized rather than exporting and quantizing each layout again)."""
 
-    def __init__(self, out_dir: Path, export: dict[str, Any], inputs: Inputs, optimized: bool = True):
+    def __init__(
+        self,
+        out_dir: Path,
+        export: dict[str, Any],
+        inputs: Inputs,
+        optimized: bool = True,
+        served: _Graphs | None = None,
+    ):
         import onnx
 
         self.out_dir, self.export, self.inputs, self.optimized = out_dir, export, inputs, optimized
+        self.served = served
+        self.files: dict[str, tuple[Path, list[str]]] = {}  # each layout's QDQ graph and input names
         self.work = inputs.workspace / ("ort_load" if optimized else "ort_load_unoptimized")
         self.work.mkdir(parents=True, exist_ok=True)
         self.model: torch.nn.Module | None = None  # loaded on the first new layout
@@ -409,6 +420,7 @@ class _Graphs:
         self.notes.append("other layouts: none seen yet")
 
     def _open(self, key: str, path: Path, names: list[str]) -> None:
+        self.files[key] = (path, names)
         if not self.optimized:  # the literal QDQ float graph: nothing fused to count
             self.sessions[key] = (session(path, optimized=False, threads=0), names)
             self.fused[key] = {"dq_float_q": 0}
@@ -458,7 +470,11 @@ class _Graphs:
 
     def forward(self, batch: Batch) -> torch.Tensor:
         key = signature(batch)
-        if key not in self.sessions:
+        if key not in self.sessions and self.served is not None:
+            if key not in self.served.files:
+                self.served._new_layout(key, batch)
+            self._open(key, *self.served.files[key])
+        elif key not in self.sessions:
             self._new_layout(key, batch)
         sess, names = self.sessions[key]
         logits = sess.run(["logits"], feed(batch, names))[0]
