@@ -64,3 +64,44 @@ def test_target_mask_covers_exactly_the_caption_tokens(small_model_dir, calibrat
             positions = mask[b].nonzero().flatten()
             assert positions.min() > 0 or mode == "text_only"
             assert (positions.diff() == 1).all()
+
+
+def test_image_batches_give_the_model_its_3d_rotary_positions(small_model_dir, calibration_dir):
+    """The batch marks the image's tokens (``mm_token_type_ids``, as transformers' own processor
+    does), so Qwen2.5-VL places each image token at its (time, height, width) position. Without
+    it transformers 5.24 passes no positions to the decoder, which then numbers every token in
+    sequence: the logits differ, and the model is not the one deployed."""
+    model, processor, _ = load_model_dir(small_model_dir)
+    _, records = load_calibration(calibration_dir)
+    images = [Image.open(calibration_dir / r.image).convert("RGB") for r in records[:2]]
+    batch = processor.encode([r.caption for r in records[:2]], images)
+    ids = batch["input_ids"]
+    assert torch.equal(batch["mm_token_type_ids"], (ids == model.config.image_token_id).long())
+    n_image = [int(g.prod()) // processor.merge_size**2 for g in batch["image_grid_thw"]]
+    assert batch["mm_token_type_ids"].sum(dim=1).tolist() == n_image
+
+    seen = {}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.update(position_ids=kw.get("position_ids")), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            logits = model(**batch).logits
+            without = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+            sequential = model(**without).logits
+            assert seen["position_ids"] is None  # transformers' fallback: 0, 1, 2, ... on all 3 axes
+            model(**batch)
+    finally:
+        hook.remove()
+    expected, _ = model.model.get_rope_index(
+        ids,
+        image_grid_thw=batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+    )
+    positions = seen["position_ids"]
+    assert positions.shape == (3, *ids.shape) and torch.equal(positions, expected)
+    image = batch["mm_token_type_ids"][0].bool()
+    # an image's tokens share their time position and spread over height and width
+    assert positions[0, 0, image].unique().numel() == 1 and positions[1, 0, image].unique().numel() > 1
+    assert not torch.allclose(logits, sequential)

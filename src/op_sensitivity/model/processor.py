@@ -70,6 +70,12 @@ def calibration_messages(caption: str, with_image: bool) -> list[dict]:
     ]
 
 
+def image_token_types(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """``mm_token_type_ids``: 1 where a token is the image's (``<|image_pad|>``), 0 elsewhere, as
+    ``ProcessorMixin.create_mm_token_type_ids`` marks it (int64, as its batch returns it)."""
+    return (input_ids == image_token_id).long()
+
+
 @dataclass
 class ImageTextProcessor:
     tokenizer: PreTrainedTokenizerBase
@@ -111,8 +117,12 @@ class ImageTextProcessor:
         """Batch-encode calibration samples.
 
         With ``images`` (mode ``image_caption``) each sample is the chat prompt with its image;
-        without (mode ``text_only``) it is the caption alone. Right padding; the model derives
-        its 3-axis rotary positions from ``attention_mask``.
+        without (mode ``text_only``) it is the caption alone. Right padding. With images the batch
+        carries ``mm_token_type_ids`` (1 on the image's tokens, 0 elsewhere), as transformers'
+        ``Qwen2_5_VLProcessor`` returns it: Qwen2.5-VL derives its 3-axis rotary positions (time,
+        height, width of each image token) from it, ``image_grid_thw`` and ``attention_mask``.
+        Without it transformers 5.24 gives every token sequential positions, silently: the model
+        would not run as deployed.
         """
         return self.encode_with_targets(captions, images)[0]
 
@@ -141,8 +151,16 @@ class ImageTextProcessor:
             mask[b] &= enc["attention_mask"][b].bool()
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if vis is not None:
-            batch.update(pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
+            batch.update(
+                pixel_values=vis["pixel_values"],
+                image_grid_thw=vis["image_grid_thw"],
+                mm_token_type_ids=image_token_types(enc["input_ids"], self.image_token_id),
+            )
         return batch, mask
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids(IMAGE_PAD))
 
     def check_bounds(self, where: str) -> None:
         """Refuse pixel bounds that contradict each other once the snapshot's own values fill the gaps.

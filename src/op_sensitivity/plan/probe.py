@@ -38,6 +38,7 @@ from ..engines.numerics import Numerics
 from ..errors import InputError
 from ..inventory import op_inventory
 from ..model.carve import TEXT_TOKEN_FIELDS, TOKEN_FIELDS, carved_config
+from ..model.processor import image_token_types
 
 TEXT_TOKENS = 40  # chat template + a COCO caption, about (both towers' token counts are probed)
 TIMED_FORWARDS = 2  # after one warm-up forward
@@ -230,11 +231,13 @@ def probe_sample(
     generator = torch.Generator().manual_seed(0)
     width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
     pixels = torch.randn(patches, width, generator=generator)
+    input_ids = torch.tensor([ids])
     return {
-        "input_ids": torch.tensor([ids]),
+        "input_ids": input_ids,
         "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
         "pixel_values": pixels,
         "image_grid_thw": torch.tensor([grid]),
+        "mm_token_type_ids": image_token_types(input_ids, config.image_token_id),
     }
 
 
