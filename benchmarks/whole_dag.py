@@ -167,9 +167,8 @@ def main() -> None:
     for stage in stages[len(rows) :]:
         row = measure(stage, args.workdir, deadline)
         (rows if row["code"] == 0 else cut_short).append(row)
-        write(
-            args, overrides, plan, plan_seconds, rows, cut_short, commit, clean
-        )  # a run cut short keeps these
+        # written after every stage: a run cut short keeps what it measured
+        write(args, overrides, plan, plan_seconds, rows, cut_short, commit, clean)
         if row["code"] != 0:
             raise SystemExit(f"stage {stage}: {row.get('killed') or 'failed'} (log: {args.workdir}/logs/)")
         print(f"{stage}: {row['seconds']:.1f} s, peak {row['peak_rss_gib']:.2f} GiB", flush=True)
@@ -198,10 +197,14 @@ def measure(stage: str, workdir: Path, deadline: float | None) -> dict:
         print(f"{stage}: killed at the deadline after {seconds:.1f} s", flush=True)
         return {"stage": stage, "code": -9, "seconds": seconds, "killed": "deadline"}
     lines = out.strip().splitlines()
-    if proc.returncode != 0 or not lines:
+    row = (
+        {"stage": stage, **json.loads(lines[-1])}
+        if proc.returncode == 0 and lines
+        else {"stage": stage, "code": proc.returncode or 1, "seconds": time.perf_counter() - start}
+    )
+    if row["code"] != 0:  # DVC's and the stage's own words
         print(out, err, sep="\n", file=sys.stderr, flush=True)
-        return {"stage": stage, "code": proc.returncode or 1, "seconds": time.perf_counter() - start}
-    return {"stage": stage, **json.loads(lines[-1])}
+    return row
 
 
 def write(
