@@ -216,7 +216,7 @@ def test_the_fused_kernels_are_measured_as_the_cause_and_the_bar_follows(deploye
     [cause] = deployed.runtime.causes(deployed.scorer, "logit_se")
     assert cause.name == "ORT's fused int8 kernels" and cause.value >= 0
     # the unfused sessions ran the served QDQ files: no layout exported or quantized again for them
-    assert not [p for p in (deployed.inputs.workspace / "ort_load_unoptimized").iterdir() if p.is_dir()]
+    assert not [d for d in (deployed.inputs.workspace / "ort_load_unoptimized").iterdir() if d.is_dir()]
     assert (
         abs(m - p) <= gap_bound(p, [cause]) + 1e-3 * p  # the bound from the cause, plus the floor
         and abs(m / p - 1) <= derived_bar("logit_se", 1e-3, p, [cause])["bar"]
