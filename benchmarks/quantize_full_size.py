@@ -17,6 +17,15 @@ caption: it runs and its logits are finite (the weights are random, so no damage
 The model directory is built first in a child process (``load_model``'s ``materialize_model``),
 so its memory is not this process's. The weights are random: the sizes and memory are the real
 model's, the logits are not a model's.
+
+``--layers N --vision-blocks M``: the published widths with only the first N decoder layers and M
+vision blocks (``model.carve.carved_config``), for a target that does not fit whole here
+(``ort_qdq`` exports float32): its memory per float32 byte, measured at the real width, with
+images up to 224 x 224 as ``profiles/3b-cpu.yaml`` bounds them (4 attention windows an image). The
+runtime then also serves a second image of another size and caption (another input layout), and
+for ``ort_qdq`` the float32 serving graph is then checked against transformers on both layouts.
+
+    python benchmarks/quantize_full_size.py --work /tmp/o3b --target ort_qdq --layers 2 --vision-blocks 8
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from engines import _machine  # this directory is on sys.path when run as a scri
 from op_sensitivity.engines.contract import scheme_exclusion
 from op_sensitivity.engines.memory import _status_gib, current_rss_gib, reset_peak_rss
 from op_sensitivity.inventory import op_inventory
+from op_sensitivity.model.source import read_card
 from op_sensitivity.quantize.base import Inputs, dir_bytes
 from op_sensitivity.quantize.hf_checkpoint import meta_model
 from op_sensitivity.quantize.targets import TARGETS
@@ -48,6 +58,12 @@ from op_sensitivity.model.source import materialize_model
 from op_sensitivity.params import load_params
 model = replace(load_params('params.yaml').model, source='full_size_random', full_size=sys.argv[2],
                 input=Path('data/calibration'))
+layers, blocks = int(sys.argv[3]), int(sys.argv[4])
+if layers:  # the published widths, cut in depth; images up to 224x224 (profiles/3b-cpu.yaml)
+    model = replace(model, max_pixels=50176)
+    from op_sensitivity.model import carve, full_size
+    published = full_size.full_size_config
+    full_size.full_size_config = lambda *a, **k: carve.carved_config(published(*a, **k), layers, blocks)
 materialize_model(model, Path(sys.argv[1]))
 """
 
@@ -68,22 +84,31 @@ def main() -> None:
     ap.add_argument("--size", default="3b", choices=["3b", "7b"])
     ap.add_argument("--target", default="compressed_tensors", choices=sorted(TARGETS))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--layers", type=int, default=0, help="decoder layers kept (0: all)")
+    ap.add_argument("--vision-blocks", type=int, default=0, help="vision blocks kept (with --layers)")
     args = ap.parse_args()
+    if bool(args.layers) != bool(args.vision_blocks):
+        ap.error("--layers and --vision-blocks go together")
     model_dir, out_dir = args.work / "model", args.work / args.target
     record: dict = {
         "machine": _machine(),
         "size": args.size,
         "target": args.target,
         "torch_threads": torch.get_num_threads(),
+        "layers": args.layers or "all",
+        "vision_blocks": args.vision_blocks or "all",
     }
     if not model_dir.exists():
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", BUILD, str(model_dir), args.size], check=True)
+        build = [str(model_dir), args.size, str(args.layers), str(args.vision_blocks)]
+        subprocess.run([sys.executable, "-c", BUILD, *build], check=True)
         record["build_model_dir_seconds"] = round(time.perf_counter() - start, 1)
     record["model_dir_bytes"] = dir_bytes(model_dir)
+    record["params"] = read_card(model_dir).params
     target = TARGETS[args.target]()
     quantize = scheme_ops(model_dir, target.scheme)
     inputs = Inputs(model_dir, quantize, [_one_batch(model_dir)], args.work, 10**12)
+    other = _one_batch(model_dir, (336, 224), "Two grey squares beside a small green triangle on white.")
     reset_peak_rss()
     start = time.perf_counter()
     written = target.write(inputs, out_dir)
@@ -105,6 +130,21 @@ def main() -> None:
     finite = bool(logits.isfinite().all())
     record["logits"] = {"shape": list(logits.shape), "dtype": str(logits.dtype), "finite": finite}
     record["runtime"] = runtime.facts()
+    if args.layers:
+        with torch.no_grad():
+            logits = runtime.forward(other)
+        record["other_layout"] = {
+            "input_ids": list(other["input_ids"].shape),
+            "image_grid_thw": other["image_grid_thw"].tolist(),
+            "logits_shape": list(logits.shape),
+            "finite": bool(logits.isfinite().all()),
+        }
+        record["runtime"] = runtime.facts()  # its notes now count both layouts
+        runtime.close()
+        del runtime
+        if args.target == "ort_qdq":  # after the measured phases: its memory is not theirs
+            batches = [inputs.calibration[0], other]
+            record["fp32_graph_vs_torch"] = _check_serving_graph(model_dir, batches, args.work)
     text = json.dumps(record, indent=2)
     print(text)
     if args.out:
@@ -120,16 +160,47 @@ def scheme_ops(model_dir: Path, scheme: str) -> list[str]:
     return [op.name for op in ops if scheme_exclusion(spec, op.name, op.type) is None]
 
 
-def _one_batch(model_dir: Path) -> dict[str, torch.Tensor]:
-    """One random 448x448 image and a caption through the model directory's own processor."""
+def _one_batch(
+    model_dir: Path, size: tuple[int, int] = (448, 448), caption: str = "A red circle on a blue background."
+) -> dict[str, torch.Tensor]:
+    """One random image (``size``: width, height) and a caption through the model directory's own
+    processor."""
     import numpy as np
     from PIL import Image
 
     from op_sensitivity.model.processor import ImageTextProcessor
 
     processor = ImageTextProcessor.load(model_dir)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8))
-    return processor.encode(["A red circle on a blue background."], [image])
+    pixels = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    return processor.encode([caption], [Image.fromarray(pixels)])
+
+
+def _check_serving_graph(model_dir: Path, batches: list[dict[str, torch.Tensor]], work: Path) -> dict:
+    """The float32 serving graph (``quantize.onnx_serving``), traced on the first batch, against
+    transformers on every batch: the largest absolute logit difference, per batch."""
+    from op_sensitivity.quantize.onnx_export import is_large, session
+    from op_sensitivity.quantize.onnx_runtime import load_fp32
+    from op_sensitivity.quantize.onnx_serving import export_serving, graph_inputs, read_config
+
+    model, config = load_fp32(model_dir), read_config(model_dir)
+    where = work / "fp32_check"
+    where.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    names = export_serving(model, config, batches[0], where / "model.onnx", is_large(model))
+    out: dict = {"export_seconds": round(time.perf_counter() - start, 1), "max_abs_diff": []}
+    sess = session(where / "model.onnx", threads=0)
+    for b in batches:
+        with torch.no_grad():
+            ref = model(**b, use_cache=False).logits
+        got = torch.from_numpy(sess.run(["logits"], graph_inputs(config, b, names))[0])
+        out["max_abs_diff"].append(float((got - ref).abs().max()))
+        out.setdefault("max_abs_logit", []).append(float(ref.abs().max()))
+    del sess, model
+    for f in where.iterdir():
+        f.unlink()
+    where.rmdir()
+    gc.collect()
+    return out
 
 
 if __name__ == "__main__":

@@ -52,3 +52,19 @@ def test_target_estimates_cover_the_recorded_3b_peak_and_scale_with_the_weights(
     assert measured <= est <= 1.15 * measured, (target, est, measured)
     ratio = facts["7b"].stored_bytes / facts["3b"].stored_bytes
     assert target_gib(target, facts["7b"]) == pytest.approx(est * ratio, rel=1e-12)
+
+
+@pytest.mark.parametrize("layers", [2, 6])
+def test_the_ort_estimate_covers_the_peaks_measured_at_the_3b_width(facts, layers):
+    """ort_qdq's rule (a base plus a multiple of the float32 bytes) against the two carved 3B-width
+    runs it was fitted to, read from their files: within [measured, measured + 2 %]; the whole 3B's
+    estimate is above this 24 GB machine, which is why the plan stops it here."""
+    from dataclasses import replace
+
+    path = RESULTS / f"cpu-2026-12-04/quantize_3b_width_ort_qdq_{layers}layers.json"
+    doc = json.loads(path.read_text())
+    assert doc["target"] == "ort_qdq" and doc["layers"] == layers and doc["vision_blocks"] == 8
+    measured = doc["write"]["peak_rss_gib"]
+    est = target_gib("ort_qdq", replace(facts["3b"], params=doc["params"]))
+    assert measured <= est <= 1.02 * measured, (est, measured)
+    assert target_gib("ort_qdq", facts["3b"]) > 24
