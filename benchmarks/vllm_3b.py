@@ -9,6 +9,16 @@
 ``compressed_tensors`` target writes it (``quantize.compressed_tensors.write_checkpoint``, with its
 ``op_sensitivity_source.json``), then runs ``scripts/serve_vllm.py`` on it; the peak resident set of
 each step is read from the kernel (``getrusage``), the vLLM process's included.
+
+``--layers N``: first build, beside the workdir, a copy whose model has the same published widths
+but only N decoder layers (and one vision block, which vLLM does not serve here): the same
+params, data and tokenizer (trained on the same captions), weights seeded the same way, its
+inventory written as ``load_model`` writes it. A depth sweep then shows how the gap and its
+named causes grow through the random layers:
+
+    python benchmarks/vllm_3b.py --workdir /tmp/dag3b_pos --layers 2 \
+        --keep model.language_model.layers.0.self_attn.o_proj \
+        --out benchmarks/results/cpu-2026-12-04/vllm_3b_width_2layers.json
 """
 
 from __future__ import annotations
@@ -36,8 +46,9 @@ def main() -> None:
     )
     ap.add_argument("--artifact", type=Path, help="where to write the checkpoint (default: in the workdir)")
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--layers", type=int, default=0, help="decoder layers of a cut copy (0: the model as is)")
     args = ap.parse_args()
-    work = args.workdir
+    work = carved_workdir(args.workdir, args.layers) if args.layers else args.workdir
     model_dir = work / "models" / "qwen2_5_vl"
     artifact = args.artifact or work / "models" / "quantized" / "compressed_tensors_vllm"
     inventory = read_inventory(work / "reports" / "model" / "op_inventory.json")
@@ -83,6 +94,7 @@ def main() -> None:
     )  # fmt: skip
     result = {
         "model": str(model_dir),
+        "layers": args.layers or "all",
         "keep": keep,
         "checkpoint": {"bytes": record["bytes"], "seconds": written, "dtype": record["dtype"]},
         "peak_rss_gib": {
@@ -100,6 +112,38 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("w8a8", "float", "all_int8", "float_layers")}, indent=1))
+
+
+def carved_workdir(work: Path, layers: int) -> Path:
+    """``work``'s params and data with a model of the same widths and ``layers`` decoder layers."""
+    from dataclasses import replace
+
+    from op_sensitivity.inventory import op_inventory, write_inventory
+    from op_sensitivity.model import carve, full_size
+    from op_sensitivity.model.fused import fused_groups, probe_batch
+    from op_sensitivity.model.source import materialize_model
+    from op_sensitivity.params import load_params
+
+    out = work.parent / f"{work.name}_{layers}layers"
+    model_dir = out / "models" / "qwen2_5_vl"
+    if model_dir.exists():
+        return out
+    out.mkdir(exist_ok=True)
+    (out / "params.yaml").write_text((work / "params.yaml").read_text())
+    if not (out / "data").exists():
+        (out / "data").symlink_to((work / "data").resolve())
+    params = load_params(work / "params.yaml").model
+    published = full_size.full_size_config
+    full_size.full_size_config = lambda *a, **k: carve.carved_config(published(*a, **k), layers, 1)
+    try:
+        model, processor, card = materialize_model(replace(params, input=work / params.input), model_dir)
+    finally:
+        full_size.full_size_config = published
+    groups = fused_groups(model, probe_batch(processor))
+    inventory = out / "reports" / "model" / "op_inventory.json"
+    inventory.parent.mkdir(parents=True, exist_ok=True)
+    write_inventory(op_inventory(model, groups), card.model_type, inventory)
+    return out
 
 
 if __name__ == "__main__":

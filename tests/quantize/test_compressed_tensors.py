@@ -312,3 +312,40 @@ def test_a_missing_vllm_environment_names_the_command_that_builds_it(monkeypatch
     monkeypatch.setenv("OP_SENSITIVITY_VLLM_PYTHON", str(tmp_path / "none" / "python"))
     with pytest.raises(InputError, match=r"not found \(build it with `make vllm-env`\)"):
         vt.serve(tmp_path, [[1, 2]])
+
+
+def test_vllms_reciprocal_rounding_differs_from_qdq_only_at_ties_that_bf16_inputs_hit():
+    """vLLM's per-token quantizer multiplies by 1 / scale, compressed-tensors' QDQ divides. The two
+    give other codes only where the exact quotient 127 x / amax is k + 0.5: a tie that each float32
+    evaluation misses by an ulp, one on each side.
+    Inputs made from bfloat16 values (a normalized bf16 embedding row, as at the 3B size) hit such
+    ties; float32 Gaussian inputs of the same shape hit none."""
+    from op_sensitivity.quantize.vllm_text import _per_token_int8
+
+    g = torch.Generator().manual_seed(0)
+    bf16_rows = torch.randn(64, 2048, generator=g).bfloat16().float() * 1.37
+    fp32_rows = torch.randn(64, 2048, generator=g)
+    counts = []
+    for x in (bf16_rows, fp32_rows):
+        (qdq,) = _per_token_int8(127.0)(None, (x,))
+        (vllm,) = _per_token_int8(127.0, reciprocal=True)(None, (x,))
+        scale = x.abs().amax(-1, keepdim=True) / 127.0
+        differ = qdq != vllm
+        exact = (x.double() * 127 / x.double().abs().amax(-1, keepdim=True))[differ]
+        assert torch.equal(exact - exact.floor(), torch.full_like(exact, 0.5))
+        step = (vllm[differ] - qdq[differ]).abs() / scale.expand_as(x)[differ]
+        torch.testing.assert_close(step, torch.ones_like(step), rtol=1e-5, atol=0)  # one code apart
+        counts.append(int(differ.sum()))
+    assert counts[0] > 10 and counts[1] == 0, counts
+
+
+def test_the_ulp_jitter_moves_every_input_by_one_ulp_the_same_way_per_seed():
+    from op_sensitivity.quantize.vllm_text import _ulp_jitter
+
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1))
+    (a,) = _ulp_jitter(7)(None, (x,))
+    (b,) = _ulp_jitter(7)(None, (x,))
+    (c,) = _ulp_jitter(8)(None, (x,))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    up, down = torch.nextafter(x, x + 1), torch.nextafter(x, x - 1)
+    assert bool(((a == up) | (a == down)).all()) and 0.3 < float((a == up).float().mean()) < 0.7

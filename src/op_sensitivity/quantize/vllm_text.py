@@ -288,14 +288,29 @@ VLLM_DIVISOR = 127.0  # vLLM's dynamic per-token scale: amax / 127 (compressed-t
 
 
 def emulated_logprobs(
-    float_dir: Path, w8a8_dir: Path, prompts: list[list[int]], masks: list[list[bool]], divisor: float
+    float_dir: Path,
+    w8a8_dir: Path,
+    prompts: list[list[int]],
+    masks: list[list[bool]],
+    divisor: float,
+    reciprocal: bool = False,
+    jitter_seed: int | None = None,
 ) -> list[list[float]]:
     """Caption log-probabilities of the W8A8 text checkpoint computed in torch as vLLM's CPU kernel
     does it, one cause at a time: the stored int8 codes x scales as weights, each input quantized
     per token with scale ``amax / divisor`` (rounded half to even, clamped to int8), the matmul in
-    float32. ``divisor`` 127.5 is compressed-tensors' QDQ (the native prediction's arithmetic),
-    127 vLLM's (``_custom_ops.onednn_scaled_int8_quant``): the difference between the two runs is
-    what the scale costs, what is left against vLLM its int32 GEMM and summation order."""
+    float32. ``divisor`` 127.5 and ``x / scale`` are compressed-tensors' QDQ (the native
+    prediction's arithmetic); 127 and ``reciprocal`` (``x * (1 / scale)``) vLLM's
+    (``_custom_ops.onednn_scaled_int8_quant``, matched code for code on a 3B-width layer's input
+    here). The two differ only where the exact quotient ``127 x / amax`` is a tie (k + 0.5), which
+    each float32 evaluation misses by an ulp on its own side: activations made from bfloat16
+    weights hit such ties often, float32 ones almost never. What is left against vLLM
+    is its int32 GEMM and summation order.
+
+    ``jitter_seed``: each quantized input first moved by one float32 ulp up or down (seeded, per
+    element), the size of a difference in summation order. Against the run without it, this is the
+    floor below which no emulation can match another float32 implementation: a value within an ulp
+    of a rounding boundary flips its code, and the flip propagates."""
     from transformers import Qwen2ForCausalLM
 
     model = Qwen2ForCausalLM.from_pretrained(float_dir, dtype=torch.float32, local_files_only=True).eval()
@@ -306,7 +321,9 @@ def emulated_logprobs(
             linear = model.get_submodule(name)
             codes, scale = f.get_tensor(f"{name}.weight"), f.get_tensor(f"{name}.weight_scale")
             linear.weight.data = codes.float() * scale.float()
-            hooks.append(linear.register_forward_pre_hook(_per_token_int8(divisor)))
+            if jitter_seed is not None:
+                hooks.append(linear.register_forward_pre_hook(_ulp_jitter(jitter_seed)))
+            hooks.append(linear.register_forward_pre_hook(_per_token_int8(divisor, reciprocal)))
     out = []
     try:
         with torch.no_grad():
@@ -319,11 +336,23 @@ def emulated_logprobs(
     return out
 
 
-def _per_token_int8(divisor: float):
+def _ulp_jitter(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+
+    def hook(_module, args):
+        (x,) = args
+        up = torch.randint(0, 2, x.shape, generator=generator, dtype=torch.bool)
+        return (torch.where(up, torch.nextafter(x, x + 1), torch.nextafter(x, x - 1)),)
+
+    return hook
+
+
+def _per_token_int8(divisor: float, reciprocal: bool = False):
     def hook(_module, args):
         (x,) = args
         scale = x.abs().amax(dim=-1, keepdim=True) / divisor
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        return (torch.clamp(torch.round(x / scale), -128, 127) * scale,)
+        scaled = x * (1.0 / scale) if reciprocal else x / scale
+        return (torch.clamp(torch.round(scaled), -128, 127) * scale,)
 
     return hook
