@@ -1,7 +1,9 @@
-"""The fp32 ONNX export of a Qwen2.5-VL batch and ONNX Runtime sessions on it: what the
-``ort_qdq`` target (:mod:`.onnx_runtime`, whose docstring says what the export and ORT do) and the
-``ort_qdq`` scheme's tests build on. Tracing freezes a batch's layout, so :func:`signature` keys a
-graph on it."""
+"""ONNX Runtime sessions and graph helpers the ``ort_qdq`` target builds on (:mod:`.onnx_runtime`,
+whose docstring says what the export and ORT do), and the plain fp32 export of one batch: what a
+user's own ``torch.onnx.export`` of the HF model gives (the node names ``fallback.onnx_model``
+resolves, the ``ort_qdq`` scheme's tests). That export freezes the batch's layout (the image grid
+and the rope positions are computed in Python), so :func:`signature` names a layout; the target
+exports the serving graph of :mod:`.onnx_serving` instead, which takes any."""
 
 from __future__ import annotations
 
@@ -163,14 +165,6 @@ def feeds_reader(feeds: list[dict[str, np.ndarray]]) -> Any:
     return Feeds()
 
 
-def feed(batch: Batch, names: list[str]) -> dict[str, np.ndarray]:
-    """The graph's inputs from a model batch: float inputs as float32 (the graph's dtype)."""
-    return {
-        k: (batch[k].detach().cpu().float() if batch[k].is_floating_point() else batch[k].cpu()).numpy()
-        for k in names
-    }
-
-
 def signature(batch: Batch) -> str:
     """What one exported graph holds for: every input's name, dtype and shape, and the values of
     the integer inputs (the traced Python reads them: rope positions from ``attention_mask`` and the
@@ -183,7 +177,3 @@ def signature(batch: Batch) -> str:
         if not t.is_floating_point():
             h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def shapes(batch: Batch) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in batch.items()}
