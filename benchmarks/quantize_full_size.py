@@ -180,9 +180,9 @@ def _check_serving_graph(model_dir: Path, batches: list[dict[str, torch.Tensor]]
     transformers on every batch: the largest absolute logit difference, per batch."""
     from op_sensitivity.quantize.onnx_export import is_large, session
     from op_sensitivity.quantize.onnx_runtime import load_fp32
-    from op_sensitivity.quantize.onnx_serving import export_serving, graph_inputs, read_config
+    from op_sensitivity.quantize.onnx_serving import export_serving, graph_inputs
 
-    model, config = load_fp32(model_dir), read_config(model_dir)
+    model, config = load_fp32(model_dir)(model_dir)
     where = work / "fp32_check"
     where.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -28,6 +28,7 @@ from op_sensitivity.engines import cpu_kind
 from op_sensitivity.errors import InputError
 from op_sensitivity.fallback.exports import node_module
 from op_sensitivity.inventory import read_inventory
+from op_sensitivity.model.source import load_config
 from op_sensitivity.quantize.base import Inputs, Runtime
 from op_sensitivity.quantize.deploy import to_quantize
 from op_sensitivity.validation.inputs import open_measurer
@@ -45,7 +46,6 @@ from onnxruntime.quantization.calibrate import load_tensors_data  # noqa: E402
 from op_sensitivity.quantize.onnx_export import session, signature  # noqa: E402
 from op_sensitivity.quantize.onnx_ranges import CACHE_FILE  # noqa: E402
 from op_sensitivity.quantize.onnx_runtime import (  # noqa: E402
-    CONFIG_FILE,
     EXPORT_FILE,
     MODEL_FILE,
     OrtQdq,
@@ -53,7 +53,7 @@ from op_sensitivity.quantize.onnx_runtime import (  # noqa: E402
     quantize_graph,
     quantized_nodes,
 )
-from op_sensitivity.quantize.onnx_serving import export_serving, graph_inputs, read_config  # noqa: E402
+from op_sensitivity.quantize.onnx_serving import export_serving, graph_inputs  # noqa: E402
 
 GATE = "model.language_model.layers.0.mlp.gate_proj"  # kept; shares its input with up_proj
 VISION_PROJ = "model.visual.blocks.0.attn.proj"  # kept
@@ -171,7 +171,7 @@ def test_the_artifact_quantizes_exactly_the_list_and_keeps_the_rest_float(deploy
     assert export["quantize"] == d.inputs.quantize and export["external_data"] is False
     assert set(export["nodes_to_exclude"]) >= {by_module[GATE][0].name, by_module[VISION_PROJ][0].name}
     assert export["opset"] == 17 and export["inputs"]["position_ids"] == {"1": "batch", "2": "sequence"}
-    assert (d.out / CONFIG_FILE).read_text() == (d.inputs.model_dir / CONFIG_FILE).read_text()
+    assert load_config(d.out).to_dict() == load_config(d.inputs.model_dir).to_dict()  # stored with it
     assert load_tensors_data(d.out / CACHE_FILE).calibration_method.name == "MinMax"
     sess = session(d.out / MODEL_FILE)
     assert [i.name for i in sess.get_inputs()] == list(export["inputs"])
@@ -278,7 +278,7 @@ def test_a_graph_over_the_protobuf_limit_is_written_with_external_data(deployed,
     model = load_fp32(d.inputs.model_dir)
     fp32 = tmp_path / "fp32" / "model_fp32.onnx"
     fp32.parent.mkdir()
-    config = read_config(d.inputs.model_dir)
+    config = load_config(d.inputs.model_dir)
     names = export_serving(model, config, d.calibration[0], fp32, large=True)
     out = tmp_path / MODEL_FILE
     quantize_graph(fp32, out, d.inputs.quantize, d.keep, d.out / CACHE_FILE, large=True)

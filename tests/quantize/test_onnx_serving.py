@@ -11,7 +11,7 @@ import torch
 from op_sensitivity.data.calibration import load_calibration
 from op_sensitivity.errors import InputError
 from op_sensitivity.model.batches import build_eval_batches
-from op_sensitivity.model.source import load_model_dir
+from op_sensitivity.model.source import load_config, load_model_dir
 from op_sensitivity.quantize.onnx_export import module_nodes, session, signature
 from op_sensitivity.quantize.onnx_serving import (
     AXES,
@@ -19,7 +19,6 @@ from op_sensitivity.quantize.onnx_serving import (
     VISION_INPUTS,
     export_serving,
     graph_inputs,
-    read_config,
     serving_forwards,
 )
 
@@ -37,7 +36,7 @@ def served(default_model_dir, test_dir, tmp_path_factory):
     # the captions, and by them the token layouts, differ per batch
     assert len({signature(b) for b in batches}) == len(batches) == 3
     assert len({str(b["image_grid_thw"].tolist()) for b in batches}) > 1  # and so do the image grids
-    config = read_config(default_model_dir)
+    config = load_config(default_model_dir)
     path = tmp_path_factory.mktemp("serving") / "model.onnx"
     names = export_serving(model, config, batches[0], path, large=False)
     with torch.no_grad():

@@ -63,12 +63,13 @@ from ..atomic import atomic_dir
 from ..engines import cpu_kind
 from ..errors import InputError
 from ..fallback.exports import node_module
+from ..model.source import load_config
 from ..params import TARGET_SCHEMES
 from .base import Batch, Inputs, Runtime, Target, dir_bytes
 from .causes import Cause
 from .onnx_export import OP_TYPES, OPSET, is_large, module_nodes, session, signature
 from .onnx_ranges import CACHE_FILE, calibrate
-from .onnx_serving import AXES, graph_inputs, read_config
+from .onnx_serving import AXES, graph_inputs
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ EXTRA = "pip install -e '.[ort]'"
 SCORED_TYPES = (torch.nn.Linear, torch.nn.Conv3d)  # the ort_qdq scheme's op_types (schemes.ort)
 MODEL_FILE = "model.onnx"
 EXPORT_FILE = "export.json"
-CONFIG_FILE = "config.json"  # the model's, copied: graph_inputs reads it
+CONFIG_FILE = "config.json"  # the model's config, stored: graph_inputs reads it
 # ORT's int8 kernels for a fused QDQ group (the optimized graph's op types)
 INT8_KERNELS = (
     "QLinearMatMul",
@@ -255,7 +256,7 @@ class OrtQdq(Target):
         model = load_fp32(inputs.model_dir)
         kept = kept_modules(model, inputs.quantize, f"{inputs.model_dir}: quantize")
         large = is_large(model)
-        config = read_config(inputs.model_dir)
+        config = load_config(inputs.model_dir)  # a snapshot's own for hf_dir: the model dir holds none
         work = inputs.workspace / "ort_write"
         work.mkdir(parents=True, exist_ok=True)
         with atomic_dir(out_dir) as tmp:
@@ -264,7 +265,7 @@ class OrtQdq(Target):
             nodes = quantize_graph(fp32, tmp / MODEL_FILE, inputs.quantize, kept, cache, large)
             shutil.rmtree(work)
             # graph_inputs' glue reads the config: the artifact serves without the model directory
-            shutil.copyfile(inputs.model_dir / CONFIG_FILE, tmp / CONFIG_FILE)
+            config.to_json_file(tmp / CONFIG_FILE)
             doc = {
                 "inputs": {k: AXES[k] for k in names},
                 "outputs": {"logits": AXES["logits"]},
@@ -363,7 +364,7 @@ class _Served:
         import onnx
 
         path, self.names = out_dir / MODEL_FILE, list(export["inputs"])
-        self.config = read_config(out_dir)
+        self.config = load_config(out_dir)
         self.layouts: set[str] = set()
         self.traced_on = export.get("traced_on")
         if optimized:

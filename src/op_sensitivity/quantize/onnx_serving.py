@@ -28,8 +28,8 @@ The root and ``model`` forwards are swapped for the call (so node names keep the
 the root, ``/model/visual/blocks.0/attn/qkv/Gemm``, ``/lm_head/MatMul``: the names a user's
 ``nodes_to_exclude`` reads); nothing else of the model changes.
 
-:func:`graph_inputs` is the glue a user runs per batch: it needs the model's ``config.json``, no
-weights (the artifact stores a copy).
+:func:`graph_inputs` is the glue a user runs per batch: it needs the model's config, no weights
+(the artifact stores it as ``config.json``).
 """
 
 from __future__ import annotations
@@ -70,13 +70,6 @@ AXES = {
 def input_names(batch: Batch) -> list[str]:
     """The graph's inputs for batches like ``batch``: with the vision inputs when it has an image."""
     return TEXT_INPUTS + (VISION_INPUTS if "pixel_values" in batch else [])
-
-
-def read_config(model_dir: Path) -> Qwen2_5_VLConfig:
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise InputError(f"{path}: not found (graph_inputs reads the model's config: image token, grid)")
-    return Qwen2_5_VLConfig.from_pretrained(model_dir)
 
 
 def _rope_index(config: Qwen2_5_VLConfig, batch: Batch) -> torch.Tensor:
