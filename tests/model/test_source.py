@@ -128,3 +128,17 @@ def test_a_damaged_model_dir_is_a_clear_error(tmp_path, small_model_dir, breaks,
     breaks(model_dir)
     with pytest.raises(InputError, match=message):
         load_model_dir(model_dir)
+
+
+def test_a_directory_without_config_json_is_refused_not_given_a_default_config(tmp_path, small_model_dir):
+    """transformers 5.24's ``from_pretrained`` on a directory without config.json returns the
+    default Qwen2.5-VL config (image token 151655) without a word; load_config names the file."""
+    from transformers import Qwen2_5_VLConfig
+
+    from op_sensitivity.model.source import load_config
+
+    (tmp_path / "export.json").write_text("{}")
+    assert Qwen2_5_VLConfig.from_pretrained(tmp_path, local_files_only=True).image_token_id == 151655
+    with pytest.raises(InputError, match=r"config\.json: not found"):
+        load_config(tmp_path)
+    assert load_config(small_model_dir).image_token_id != 151655  # the model's own, through its card

@@ -106,3 +106,23 @@ def test_an_image_batch_without_its_grid_is_refused(served):
     bad = {k: v for k, v in batches[0].items() if k != "image_grid_thw"}
     with pytest.raises(InputError, match=r"image_grid_thw"):
         graph_inputs(config, bad)
+
+
+def test_a_text_only_graph_serves_captions_of_other_lengths(served, default_model_dir, test_dir, tmp_path):
+    """Mode ``text_only``: no vision inputs, positions numbered in sequence as the model numbers
+    them without a grid (padding included); traced on one batch, the graph serves the others."""
+    model, config, *_ = served
+    _, processor, _ = load_model_dir(default_model_dir)
+    _, records = load_calibration(test_dir, "test")
+    batches = [b for b, _ in build_eval_batches(records, test_dir, processor, "text_only", 2)]
+    assert "pixel_values" not in batches[0] and len({b["input_ids"].shape[1] for b in batches}) > 1
+    assert any(bool((b["attention_mask"] == 0).any()) for b in batches)  # a padded caption
+    path = tmp_path / "text.onnx"
+    names = export_serving(model, config, batches[0], path, large=False)
+    assert names == TEXT_INPUTS
+    sess = session(path)
+    for b in batches:
+        with torch.no_grad():
+            ref = model(**b, use_cache=False).logits
+        logits = sess.run(["logits"], graph_inputs(config, b, names))[0]
+        torch.testing.assert_close(torch.from_numpy(logits), ref, rtol=0, atol=2e-6)

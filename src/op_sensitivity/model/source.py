@@ -249,6 +249,8 @@ def load_config(model_dir: Path) -> Qwen2_5_VLConfig:
     ``load_model``'s output (a snapshot's own config for ``hf_dir``: that output holds none), else
     the directory's own ``config.json`` (a checkpoint a quantize target wrote)."""
     source = weights_dir(model_dir, read_card(model_dir)) if (model_dir / CARD).is_file() else model_dir
+    if not (source / "config.json").is_file():  # transformers 5.24 would return a default config
+        raise InputError(f"{source / 'config.json'}: not found (a model or artifact directory holds one)")
     try:
         return Qwen2_5_VLConfig.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as e:
