@@ -13,7 +13,7 @@ from op_sensitivity.engines.fakequant import FakeQuantModel
 from op_sensitivity.engines.first_order import curve_points, estimate_batch, peer_scores
 from op_sensitivity.engines.native import run_pass
 from op_sensitivity.engines.runner import load_inputs
-from op_sensitivity.engines.screening import audit_record, refine
+from op_sensitivity.engines.screening import CHECK_SAMPLE, audit_record, check_sample, refine
 from op_sensitivity.fallback.policy import choose
 from op_sensitivity.inventory import read_inventory
 from op_sensitivity.phases import BOTH, FALLBACK, PHASES, REQUANT
@@ -183,6 +183,30 @@ def test_a_blind_op_is_caught_only_if_audited_and_the_stated_escape_chance_holds
     assert 0.6 < chance < 0.9  # about 1 - 8/40 less what contention takes
     se = (chance * (1 - chance) / 400) ** 0.5
     assert abs(escaped / 400 - chance) < 4 * se
+
+
+@pytest.mark.parametrize("audit", [2, 3, 20])
+def test_the_check_draws_as_many_ops_as_the_audit_at_most_8(audit):
+    """The pass sizes the check by the audit (screening.check_sample): after the audit's draw, every
+    check draw is min(audit, 8) ops of those not measured, and the stated escape chance counts them."""
+    n = 60
+    truth = [float(i % 7 + 1) for i in range(n)]  # a flat spectrum: the bound keeps most in contention
+    values = {FALLBACK: [[-1.1 * v for v in truth]], REQUANT: [[1.1 * v for v in truth]]}
+    exact = {p: [[False] * n] for p in PHASES}
+
+    def measure(todo):
+        for p, idx in todo.items():
+            for i in idx:
+                values[p][0][i] = -truth[i] if p == FALLBACK else truth[i]
+                exact[p][0][i] = True
+
+    sample = check_sample(audit)
+    done = refine(values, exact, [0.0], False, 1, 1.0, measure, sample=sample, audit=audit, budget=2)
+    for p in PHASES:
+        draws = done.draws[p]
+        assert draws[0] == (audit, n)  # the audit, of all ops
+        assert len(draws) > 1 and all(d == min(audit, CHECK_SAMPLE) for d, _ in draws[1:])
+    assert check_sample(0) == CHECK_SAMPLE  # bfloat16 / tf32 screening: no audit, the fixed check
 
 
 def test_an_audited_blind_op_widens_the_bound_and_enters_the_top():

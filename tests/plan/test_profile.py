@@ -62,7 +62,8 @@ def test_each_profile_applies_and_fits_its_machine(tmp_path, name, machine, ops,
     sens = next(s for s in plan.stages if s.stage == "sensitivity")
     assert sens.work.startswith(f"native (inc_cpu): {ops} ops x 2 phases x {batches} batches")
     # the 3B profiles estimate every op (at least 8 batches affordable); the 7B ones measure one batch
-    estimated = "estimated (4 forward+backward sweeps a batch), exact where it decides"
+    sweeps = p.sensitivity.native.first_order_points
+    estimated = f"estimated ({sweeps} forward+backward sweeps a batch), exact where it decides"
     assert (estimated in sens.work) == (batches >= 8) == (p.sensitivity.native.screening == "first_order")
     assert sens.device == ("cuda" if machine.gpu else "cpu")
     text = path.read_text()  # comments kept: what the file says of each field survives
@@ -108,8 +109,8 @@ def test_the_script_applies_a_profile_and_says_what_changed(tmp_path):
     assert code == 0, err
     data = yaml.safe_load((tmp_path / "params.yaml").read_text())
     assert data["sensitivity"]["native"]["device"] == "cpu" and data["model"]["input"] == "x"
-    assert data["captions"]["count"] == 8 and data["curve"]["random_lists"] == 2
-    assert data["schemes"]["arithmetic"] == "kernels" and data["curve"]["crossings"] == [0.5, 0.9]
+    assert data["captions"]["count"] == 8 and data["curve"]["random_lists"] == 1
+    assert data["schemes"]["arithmetic"] == "kernels" and data["curve"]["crossings"] == [0.5]
     assert data["sensitivity"]["confidence_batches"] == 8
     code, err = run_script(REPO / "scripts/apply_profile.py", [str(PROFILES / "nope.yaml")], tmp_path)
     assert code == 2 and "profiles/nope.yaml: profile not found" in err

@@ -44,7 +44,7 @@ from .first_order import estimate_batch
 from .memory import current_rss_gib, peak_memory, reset_peak_rss
 from .numerics import Numerics, resolve_numerics
 from .reuse import SuffixCache, vision_cache
-from .screening import ScreeningRecord, audit_record, fast_precision, refine
+from .screening import ScreeningRecord, audit_record, check_sample, fast_precision, refine
 from .trial_batch import batchable, decoder_layers, fallback_states, plan, run_trials
 from .trial_log import TRIAL_LOG, TrialLog, pass_fingerprint
 from .vision_attention import batched_window_attention
@@ -404,6 +404,7 @@ class _PassLoop:
             self.n.exact_top,
             self.n.screening_margin,
             measure,
+            sample=check_sample(audit),
             audit=audit,
             budget=self.n.exact_budget,
         )

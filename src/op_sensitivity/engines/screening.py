@@ -70,6 +70,16 @@ log = logging.getLogger(__name__)
 
 WIDEN = 1.5  # a violated bound is widened to the observed ratio times this
 CHECK_SAMPLE = 8  # unrefined ops per phase measured in float32 to check the bound's assumption
+
+
+def check_sample(audit: int) -> int:
+    """The check's draw per phase: :data:`CHECK_SAMPLE`, or with first_order's ``audit`` (> 0) at most
+    the audit. Why: there the check is a second, fresh draw against the bound the audit set, and each
+    drawn op costs a float32 trial per batch; one param then sizes both, so a profile that keeps the
+    audit small to save exact trials keeps the check small too."""
+    return min(audit, CHECK_SAMPLE) if audit > 0 else CHECK_SAMPLE
+
+
 CHECK_SEED = "op_sensitivity.screening.check"  # the sample's seed: the same pass checks the same ops
 # first_order's audit, per phase: the same pass audits the same ops
 AUDIT_SEED = "op_sensitivity.screening.audit"

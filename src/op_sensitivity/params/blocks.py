@@ -370,7 +370,8 @@ class NativeParams:
     audit: Int1 = Field(
         default=16,
         description="screening first_order: ops per phase drawn (seeded) and measured exactly first; the "
-        "largest error they show is the estimate's bound, and they give the run's Spearman.",
+        "largest error they show is the estimate's bound, and they give the run's Spearman. The check "
+        "after the selection draws as many fresh ops, at most 8.",
     )
     exact_budget: Int1 | None = Field(
         default=None,

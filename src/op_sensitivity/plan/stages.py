@@ -41,7 +41,7 @@ from ..engines.contract import check_scored, exclusions
 from ..engines.memory import inc_peak_gib
 from ..engines.numerics import resolve_numerics
 from ..engines.runner import host_facts, scheme_params
-from ..engines.screening import CHECK_SAMPLE
+from ..engines.screening import check_sample
 from ..errors import InputError
 from ..fallback.policy import SCAN_MAX, walk_cost
 from ..params import TARGET_SCHEMES, Params, SensitivityParams
@@ -319,7 +319,7 @@ class Planner:
             # exact_top per phase assumed, with the points before them on the cumulative curve
             exact = min(3 * (n.audit + 3 * n.exact_top), 2 * len(scored))
             if n.exact_budget is not None:  # per phase: audit, check, budget; requant x2 (points before)
-                exact = min(exact, 3 * (n.audit + CHECK_SAMPLE + n.exact_budget))
+                exact = min(exact, 3 * (n.audit + check_sample(n.audit) + n.exact_budget))
             per_batch = model.first_order_seconds(
                 scored, n.suffix_reuse, sens.batch_size, n.first_order_points, n.first_order_probes, exact
             )
