@@ -188,7 +188,7 @@ def test_a_blind_op_is_caught_only_if_audited_and_the_stated_escape_chance_holds
 @pytest.mark.parametrize("audit", [2, 3, 20])
 def test_the_check_draws_as_many_ops_as_the_audit_at_most_8(audit):
     """The pass sizes the check by the audit (screening.check_sample): after the audit's draw, every
-    check draw is min(audit, 8) ops of those not measured, and the stated escape chance counts them."""
+    check draw is min(audit, 8) ops of those not measured."""
     n = 60
     truth = [float(i % 7 + 1) for i in range(n)]  # a flat spectrum: the bound keeps most in contention
     values = {FALLBACK: [[-1.1 * v for v in truth]], REQUANT: [[1.1 * v for v in truth]]}
