@@ -18,7 +18,13 @@ from importlib import resources
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
+from transformers.initialization import no_init_weights
 
 CONFIG_FILES = {"3b": "qwen2_5_vl_3b_instruct.json", "7b": "qwen2_5_vl_7b_instruct.json"}
 TOKEN_FIELDS = {
@@ -50,9 +56,34 @@ def build_full_size_model(
 ) -> Qwen2_5_VLForConditionalGeneration:
     """~3.75 B parameters in bfloat16, as the published checkpoint stores them (7.5 GB): transformers
     initialises the language model in the config's bfloat16 and the vision tower in float32, and
-    the whole model is then cast. Takes minutes to initialise."""
+    the whole model is then cast."""
     config = full_size_config(tokenizer, size)
+    with no_init_weights():
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    init_like_transformers(model, seed)
+    return model.to(torch.bfloat16).eval()
+
+
+def init_like_transformers(model: PreTrainedModel, seed: int) -> None:
+    """transformers' own init (``init_weights``: normal(0, initializer_range) weights, zero biases,
+    unit norms, tied lm_head) without torch's ``reset_parameters`` before it.
+
+    Why: a model built the plain way runs torch's kaiming_uniform_ on every Linear and Conv, and
+    transformers then overwrites every one of those weights: at 3B that wasted pass was 30 of the
+    48 s of the build on 2 cores (benchmarks/full_size_build.py). The model is built under
+    transformers' ``no_init_weights`` (uninitialised memory), so every parameter is set to NaN
+    first: one that ``init_weights`` leaves alone (a transformers change, a new module) stops the
+    build here instead of shipping whatever the memory held.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    return model.to(torch.bfloat16).eval()
+        model.init_weights()
+    missed = [n for n, p in model.named_parameters() if bool(torch.isnan(p).any())]
+    if missed:
+        raise RuntimeError(
+            f"transformers' init_weights left {len(missed)} parameters unset (first: {missed[:3]}): "
+            "the random full-size model would hold uninitialised memory"
+        )
