@@ -69,8 +69,8 @@ def init_like_transformers(model: PreTrainedModel, seed: int) -> None:
     unit norms, tied lm_head) without torch's ``reset_parameters`` before it.
 
     Why: a model built the plain way runs torch's kaiming_uniform_ on every Linear and Conv, and
-    transformers then overwrites every one of those weights: at 3B that wasted pass was 30 of the
-    48 s of the build on 2 cores (benchmarks/full_size_build.py). The model is built under
+    transformers then overwrites every one of those weights: at 3B on 2 cores the build took 46 s
+    with that pass and 28 s without (benchmarks/full_size_build.py). The model is built under
     transformers' ``no_init_weights`` (uninitialised memory), so every parameter is set to NaN
     first: one that ``init_weights`` leaves alone (a transformers change, a new module) stops the
     build here instead of shipping whatever the memory held.
