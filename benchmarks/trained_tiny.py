@@ -11,8 +11,9 @@ mask of the caption's own tokens). Loss: next-token cross entropy on the caption
 seeded, a fixed order (a seeded permutation per epoch), ``STEPS`` steps on 1 torch thread (the
 weights must not depend on the caller's thread count). The result is a model dir as the fixture's
 (``save_pretrained``, the card re-hashed, the inventory beside it), cached under the system temp
-dir by the base model's hash and the training settings, so a rerun reuses it; ``training.json``
-beside it holds the loss before and after, chance (ln of the vocabulary size) and the curve.
+dir by the base model's hash, the training settings and the code that builds the batches, so a
+rerun reuses it; ``training.json`` beside it holds the loss before and after, chance (ln of the
+vocabulary size) and the curve.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ CACHE = Path(tempfile.gettempdir()) / "op_sensitivity_trained_tiny"
 SETTINGS = {"steps": 300, "batch_size": 8, "lr": 3e-3, "weight_decay": 0.01, "seed": 0}
 SPLIT_IMAGES = (8, 6)  # images of the calibration and selection splits; the test split takes the rest
 TRAINING = "training.json"
+# What the training reads besides the data: a change here (e.g. the batches gaining the 3-D rotary
+# positions' token types) must not reuse a model trained the old way.
+CODE = (
+    Path(__file__),
+    REPO / "src/op_sensitivity/model/batches.py",
+    REPO / "src/op_sensitivity/model/processor.py",
+    REPO / "src/op_sensitivity/data/calibration.py",
+    REPO / "src/op_sensitivity/data/coco.py",
+)
 
 
 # -- the data ------------------------------------------------------------------------------------
@@ -161,6 +171,7 @@ def trained_model(repo_params, base: Path, settings: dict[str, Any] = SETTINGS) 
     """The model dir (inventory beside it) of ``base`` trained as above: cached, built on a miss."""
     card = read_card(base)
     data = {"annotations": dir_sha256(SAMPLE_ANNOTATIONS.parent), "split_images": SPLIT_IMAGES}
+    data["code"] = hashlib.sha256(b"".join(f.read_bytes() for f in CODE)).hexdigest()
     key = json.dumps({"base": card.sha256, **data, **settings})
     home = CACHE / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (home / TRAINING).is_file():
