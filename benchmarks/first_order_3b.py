@@ -161,6 +161,7 @@ def profile_params(work: Path, batches: int):
         "model.input": str(CALIBRATION),
         "sensitivity.confidence_batches": batches,
         "sensitivity.native.screening": "none",
+        "sensitivity.native.exact_budget": None,  # the profile's cap is for a screened pass
     }
     apply(path, values)
     return load_params(path)
