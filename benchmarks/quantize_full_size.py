@@ -51,20 +51,22 @@ from op_sensitivity.quantize.targets import TARGETS
 from op_sensitivity.schemes import load as load_scheme
 
 BUILD = """
+import contextlib
 import sys
 from dataclasses import replace
 from pathlib import Path
+from op_sensitivity.model.carve import carved_full_size
 from op_sensitivity.model.source import materialize_model
 from op_sensitivity.params import load_params
 model = replace(load_params('params.yaml').model, source='full_size_random', full_size=sys.argv[2],
                 input=Path('data/calibration'))
 layers, blocks = int(sys.argv[3]), int(sys.argv[4])
+depth = contextlib.nullcontext()
 if layers:  # the published widths, cut in depth; images up to 224x224 (profiles/3b-cpu.yaml)
     model = replace(model, max_pixels=50176)
-    from op_sensitivity.model import carve, full_size
-    published = full_size.full_size_config
-    full_size.full_size_config = lambda *a, **k: carve.carved_config(published(*a, **k), layers, blocks)
-materialize_model(model, Path(sys.argv[1]))
+    depth = carved_full_size(layers, blocks)
+with depth:
+    materialize_model(model, Path(sys.argv[1]))
 """
 
 

@@ -119,7 +119,7 @@ def carved_workdir(work: Path, layers: int) -> Path:
     from dataclasses import replace
 
     from op_sensitivity.inventory import op_inventory, write_inventory
-    from op_sensitivity.model import carve, full_size
+    from op_sensitivity.model.carve import carved_full_size
     from op_sensitivity.model.fused import fused_groups, probe_batch
     from op_sensitivity.model.source import materialize_model
     from op_sensitivity.params import load_params
@@ -133,12 +133,8 @@ def carved_workdir(work: Path, layers: int) -> Path:
     if not (out / "data").exists():
         (out / "data").symlink_to((work / "data").resolve())
     params = load_params(work / "params.yaml").model
-    published = full_size.full_size_config
-    full_size.full_size_config = lambda *a, **k: carve.carved_config(published(*a, **k), layers, 1)
-    try:
+    with carved_full_size(layers, 1):
         model, processor, card = materialize_model(replace(params, input=work / params.input), model_dir)
-    finally:
-        full_size.full_size_config = published
     groups = fused_groups(model, probe_batch(processor))
     inventory = out / "reports" / "model" / "op_inventory.json"
     inventory.parent.mkdir(parents=True, exist_ok=True)

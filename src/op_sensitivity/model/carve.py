@@ -23,9 +23,10 @@ a copy carved from the same weights:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,23 @@ def carved_config(config: Qwen2_5_VLConfig, layers: int, vision_blocks: int) -> 
     vision.depth = vision_blocks
     vision.fullatt_block_indexes = [i for i in vision.fullatt_block_indexes if i < vision_blocks]
     return out
+
+
+@contextlib.contextmanager
+def carved_full_size(layers: int, vision_blocks: int) -> Iterator[None]:
+    """Inside, a ``full_size_random`` model is built at the published widths with only ``layers``
+    decoder layers and ``vision_blocks`` vision blocks. Why: benchmarks that export or serve a
+    3B-width model (benchmarks/quantize_full_size.py, vllm_3b.py) cannot hold all 36 layers on
+    the machines they run on; the pipeline never calls this. Not thread-safe: it swaps
+    ``full_size.full_size_config`` for the duration."""
+    from . import full_size
+
+    published = full_size.full_size_config
+    full_size.full_size_config = lambda *a, **k: carved_config(published(*a, **k), layers, vision_blocks)
+    try:
+        yield
+    finally:
+        full_size.full_size_config = published
 
 
 def _renumber(config: Qwen2_5_VLConfig, new_id: dict[int, int]) -> None:
