@@ -49,8 +49,8 @@ def _plan(p, machine):
     [
         ("3b-cpu", CPU_24GB, 417, "3b", 8),
         ("3b-gpu", H100, 417, "3b", 8),
-        ("7b-cpu", CPU_24GB, 163, "7b", 1),
-        ("7b-gpu", H100, 361, "7b", 1),
+        ("7b-cpu", CPU_24GB, 163, "7b", 8),
+        ("7b-gpu", H100, 361, "7b", 8),
     ],
 )
 def test_each_profile_applies_and_fits_its_machine(tmp_path, name, machine, ops, size, batches):
@@ -61,7 +61,7 @@ def test_each_profile_applies_and_fits_its_machine(tmp_path, name, machine, ops,
     assert plan.stops == [], plan.stops
     sens = next(s for s in plan.stages if s.stage == "sensitivity")
     assert sens.work.startswith(f"native (inc_cpu): {ops} ops x 2 phases x {batches} batches")
-    # the 3B profiles estimate every op (at least 8 batches affordable); the 7B ones measure one batch
+    # every real-size profile estimates every op from gradients: 8 batches are affordable
     sweeps = p.sensitivity.native.first_order_points
     estimated = f"estimated ({sweeps} forward+backward sweeps a batch), exact where it decides"
     assert (estimated in sens.work) == (batches >= 8) == (p.sensitivity.native.screening == "first_order")
