@@ -14,7 +14,8 @@ runs them, each under a small wrapper that reads the kernel's peak resident set 
 process tree (``getrusage(RUSAGE_CHILDREN)``: the largest process DVC started, the stage's
 Python). Wall seconds include DVC's own work (hashing deps, caching outputs: 7.5 GB for the
 random 3B's weights) and the interpreter start. ``--until STAGE`` stops after that stage. The
-result is written after every stage, so a run cut short keeps what it measured.
+result is written after every stage, so a run cut short keeps what it measured; beside the times
+it keeps what the run concluded (``outcome``: the metrics, screening blocks and stability verdict).
 """
 
 from __future__ import annotations
@@ -207,6 +208,28 @@ def measure(stage: str, workdir: Path, deadline: float | None) -> dict:
     return row
 
 
+def outcome(reports: Path) -> dict:
+    """What the run concluded, kept beside its times so that a doc's figures have a raw source: every
+    DVC metrics file, each pass's screening block (audit Spearman, recall, escape chance) and the
+    stability verdict without its per-op rows. Files a cut-short run did not reach are absent."""
+
+    def read(path: Path):
+        return json.loads(path.read_text())
+
+    doc: dict = {"metrics": {}, "screening": {}, "stability": None}
+    for path in (
+        sorted(reports.rglob("*metrics*.json"))
+        + sorted(reports.glob("deploy/*.json"))
+        + sorted(reports.glob("sensitivity/agreement.json"))
+    ):
+        doc["metrics"][str(path.relative_to(reports))] = read(path)
+    for path in sorted(reports.rglob("op_sensitivity.json")):
+        doc["screening"][str(path.relative_to(reports))] = read(path)["metadata"].get("screening")
+    if (reports / "rank/stability.json").is_file():
+        doc["stability"] = {k: v for k, v in read(reports / "rank/stability.json").items() if k != "phases"}
+    return doc
+
+
 def write(
     args,
     overrides: list[str],
@@ -238,6 +261,7 @@ def write(
             p.name: json.loads(p.read_text())
             for p in sorted((args.workdir / "reports/runtime").rglob("*.json"))
         },
+        "outcome": outcome(args.workdir / "reports"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
